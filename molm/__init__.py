@@ -1,0 +1,1 @@
+"""molm: a fast, faithful ModuleFormer / MoLM implementation."""
