@@ -1,1 +1,10 @@
-"""molm: a fast, faithful ModuleFormer / MoLM implementation."""
+"""molm: a fast, faithful ModuleFormer / MoLM implementation (IBM's sparse mixture-of-modules language models)."""
+
+from .cache import KVCache
+from .config import PRESETS, ModuleFormerConfig
+from .loading import CheckpointError, load, save_pretrained
+from .model import ModelOutput, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification, ModuleFormerModel
+
+__version__ = "0.1.0"
+__all__ = ["KVCache", "PRESETS", "ModuleFormerConfig", "CheckpointError", "load", "save_pretrained", "ModelOutput",
+           "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification", "ModuleFormerModel"]

@@ -20,17 +20,21 @@ def route_topk_ref(logits: torch.Tensor, k: int):
     slot_positions [M] int64 (inverse permutation: where slot n*k+j sits in sorted order),
     expert_offsets [E+1] int64 (rows of expert e are sorted positions offsets[e] .. offsets[e+1]).
     """
-    n_tokens, n_experts = logits.shape
     probs = torch.softmax(logits, dim=-1)  # [N, E]
     gates, experts = torch.topk(probs, k, dim=-1)  # [N, k] each
+    return (probs, gates, experts) + sort_by_expert(experts, logits.shape[1])
+
+
+def sort_by_expert(experts: torch.Tensor, n_experts: int):
+    """Stable sort of the (token, slot) pairs by expert: experts [N, k] -> sorted_slots, slot_positions, offsets."""
     flat = experts.reshape(-1)  # [M]
     sorted_slots = torch.sort(flat, stable=True).indices  # [M]
     slot_positions = torch.empty_like(sorted_slots)
     slot_positions[sorted_slots] = torch.arange(flat.numel(), device=flat.device)
     counts = torch.bincount(flat, minlength=n_experts)  # [E]
-    expert_offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=logits.device)
+    expert_offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=experts.device)
     expert_offsets[1:] = torch.cumsum(counts, 0)
-    return probs, gates, experts, sorted_slots, slot_positions, expert_offsets
+    return sorted_slots, slot_positions, expert_offsets
 
 
 def gather_rows_ref(x: torch.Tensor, index: torch.Tensor, group: int = 1) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""KV cache: preallocated per-layer buffers [B, S_max, A], one tensor per layer when K = V (MoLM)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Static cache written by position. `append` returns views of the first S = length + T positions.
+
+    `length` is a host integer: shapes stay known on the host, so no step needs a device sync. If more positions
+    arrive than were reserved, the buffers grow by doubling (a reallocation, never per step).
+    """
+
+    def __init__(self, n_layer: int, batch: int, max_length: int, width: int, shared_kv: bool,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.shared_kv = shared_kv
+        self.length = 0
+        self._pending = 0
+        shape = (batch, max(1, max_length), width)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.values = None if shared_kv else [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_length: int) -> "KVCache":
+        config = model.config
+        param = model.transformer.wte.weight
+        return cls(config.n_layer, batch, max_length, config.att_hidden, config.identity_kv, param.dtype, param.device)
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.capacity)
+
+        def grown(buf):
+            new = buf.new_empty(buf.shape[0], capacity, buf.shape[2])
+            new[:, : self.length] = buf[:, : self.length]
+            return new
+
+        self.keys = [grown(b) for b in self.keys]
+        if self.values is not None:
+            self.values = [grown(b) for b in self.values]
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor | None):
+        """keys/values [B, T, A] for the new positions -> (K, V) [B, S, A] (V is None when K = V)."""
+        B, T, _ = keys.shape
+        if B != self.batch:
+            raise ValueError(f"KVCache: batch {B} does not match the cache's batch {self.batch}")
+        end = self.length + T
+        if end > self.capacity:
+            self._grow(end)
+        self.keys[layer][:, self.length:end] = keys.detach()
+        if self.values is not None:
+            self.values[layer][:, self.length:end] = values.detach()
+        self._pending = T
+        k = self.keys[layer][:, :end]
+        v = None if self.values is None else self.values[layer][:, :end]
+        return k, v
+
+    def advance(self) -> None:
+        """Called once after all layers have appended the same T positions."""
+        self.length += self._pending
+        self._pending = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: keep batch rows `index` (index_select on dim 0 of every buffer)."""
+        self.keys = [b.index_select(0, index) for b in self.keys]
+        if self.values is not None:
+            self.values = [b.index_select(0, index) for b in self.values]
+
+    def to_legacy(self):
+        """The original's format: a tuple over layers of (K, V), each [B, S, A] (the same tensor when K = V)."""
+        values = self.keys if self.values is None else self.values
+        return tuple((k[:, : self.length], v[:, : self.length]) for k, v in zip(self.keys, values))
+
+    @classmethod
+    def from_legacy(cls, past, shared_kv: bool) -> "KVCache":
+        """Build a cache holding the given legacy (K, V) tuple."""
+        k0 = past[0][0]
+        cache = cls(len(past), k0.shape[0], k0.shape[1], k0.shape[2], shared_kv, k0.dtype, k0.device)
+        for layer, (k, v) in enumerate(past):
+            cache.append(layer, k, None if shared_kv else v)
+        cache.advance()
+        return cache

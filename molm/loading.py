@@ -1,0 +1,236 @@
+"""Load and save Hugging Face-format ModuleFormer directories.
+
+Reads `pytorch_model.bin` (weights_only, memory-mapped), sharded `.bin` + index, `model.safetensors` and sharded
+safetensors + index. The model is built on the meta device and each tensor is converted and assigned as it is
+read, so a checkpoint never sits in memory twice. Writes config.json + (sharded) safetensors with the original
+key names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+import zipfile
+from collections.abc import Iterator
+
+import torch
+
+from .config import ModuleFormerConfig
+from .model import ARCHITECTURES, ModuleFormerForCausalLM, ModuleFormerPreTrainedModel
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# Persistent buffers of the original attention: never read by its forward; accepted and dropped.
+UNUSED_KEYS = re.compile(r"^transformer\.h\.\d+\.attn\.(mask|cum_weight)$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be loaded; the message names the file and the problem."""
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """A local directory, or a hub id resolved through huggingface_hub when it is installed and reachable."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path} is a file: pass the model directory that holds config.json and the weights")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise CheckpointError(f"{path!r} is not a local directory and huggingface_hub is not installed: "
+                                  "download the model and pass its local directory") from None
+        try:
+            return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"])
+        except Exception as exc:  # network errors, missing repos, auth: all end the same way for the user
+            raise CheckpointError(f"could not fetch {path!r} from the Hugging Face hub ({type(exc).__name__}: "
+                                  f"{exc}); pass a local directory instead") from None
+    raise CheckpointError(f"model directory {path!r} does not exist")
+
+
+def _shard_path(directory: str, name: str, index_file: str) -> str:
+    """A shard named in an index must be a plain file inside the directory (no '..', no absolute path, no link out)."""
+    if not isinstance(name, str) or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise CheckpointError(f"{index_file}: shard name {name!r} points outside the model directory")
+    full = os.path.join(directory, name)
+    if not os.path.realpath(full).startswith(os.path.realpath(directory) + os.sep):
+        raise CheckpointError(f"{index_file}: shard {name!r} resolves outside the model directory")
+    if not os.path.isfile(full):
+        raise CheckpointError(f"{index_file}: shard {name!r} is missing")
+    return full
+
+
+def weight_files(directory: str) -> list[str]:
+    """The weight files of a directory, safetensors preferred."""
+    for single, index in ((SAFE_SINGLE, SAFE_INDEX), (BIN_SINGLE, BIN_INDEX)):
+        index_path = os.path.join(directory, index)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index_path}: not a valid index ({exc!r})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: weight_map must be an object")
+            return [_shard_path(directory, name, index) for name in sorted(set(weight_map.values()))]
+        if os.path.isfile(os.path.join(directory, single)):
+            return [os.path.join(directory, single)]
+    raise CheckpointError(f"{directory} holds no weights: expected {SAFE_SINGLE}, {BIN_SINGLE} or a sharded "
+                          f"index ({SAFE_INDEX} / {BIN_INDEX})")
+
+
+def _read_bin(path: str) -> dict[str, torch.Tensor]:
+    try:
+        mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # UnpicklingError for hostile pickles, RuntimeError/EOFError for truncation
+        raise CheckpointError(f"{path}: cannot be loaded safely ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated'})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found a {type(state).__name__}")
+    return state
+
+
+def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(key, tensor, file) for every tensor of every file, one file open at a time."""
+    for path in files:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key), path
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+        else:
+            for key, tensor in _read_bin(path).items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise CheckpointError(f"{path}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
+                yield key, tensor, path
+
+
+def _stored_dtype(config: ModuleFormerConfig, files: list[str]) -> torch.dtype:
+    if config.torch_dtype in DTYPES:
+        return DTYPES[config.torch_dtype]
+    for _, tensor, _ in iter_tensors(files[:1]):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", backend: str | None = None,
+         cls: type[ModuleFormerPreTrainedModel] | None = None, progress: bool = False) -> ModuleFormerPreTrainedModel:
+    """Load an HF-format ModuleFormer directory (or hub id) as the class named in `architectures`.
+
+    dtype=None keeps the stored dtype (bf16 for the released MoLM models); pass torch.float32 to upcast as
+    transformers' from_pretrained does by default. `cls` forces a head (a causal-LM checkpoint loaded as a
+    classifier gets a freshly initialised `score`, as in the original).
+    """
+    directory = resolve(path)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{directory} has no config.json")
+    config = ModuleFormerConfig.from_json_file(config_path)
+    files = weight_files(directory)
+    if cls is None:
+        names = config.architectures or ["ModuleFormerForCausalLM"]
+        if names[0] not in ARCHITECTURES:
+            raise CheckpointError(f"{config_path}: unknown architecture {names[0]!r}; molm knows "
+                                  f"{sorted(ARCHITECTURES)}")
+        cls = ARCHITECTURES[names[0]]
+    dtype = dtype or _stored_dtype(config, files)
+    with torch.device("meta"):
+        model = cls(config, backend=backend)
+    expected = {k: v for k, v in model.state_dict().items()}
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected, mis_shaped, seen_in = [], [], {}
+    tensors = iter_tensors(files)
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, total=len(expected), desc="loading", unit="tensor")
+    for key, tensor, file in tensors:
+        if key in seen_in:
+            raise CheckpointError(f"tensor {key!r} appears in both {seen_in[key]} and {file}")
+        seen_in[key] = file
+        if UNUSED_KEYS.match(key):
+            continue
+        if key not in expected:
+            unexpected.append(f"{key} {list(tensor.shape)}")
+            continue
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            mis_shaped.append(f"{key}: checkpoint {list(tensor.shape)} vs model {list(expected[key].shape)}")
+            continue
+        if not tensor.is_floating_point():
+            mis_shaped.append(f"{key}: dtype {tensor.dtype} is not floating point")
+            continue
+        loaded[key] = tensor.to(device=device, dtype=dtype)
+    missing = [f"{k} {list(v.shape)}" for k, v in expected.items() if k not in loaded]
+    swapped_head = _head_swap(cls, missing, unexpected)
+    if missing or unexpected or mis_shaped:
+        parts = [f"{name} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+                 if keys]
+        raise CheckpointError(f"{directory}: the weights do not match the config: " + "; ".join(parts))
+    model.load_state_dict(loaded, strict=False, assign=True)
+    for name in swapped_head:  # the new head's weights, initialised as the original would
+        module = model.get_submodule(name)
+        module.to_empty(device=device)
+        module.to(dtype)
+        with torch.no_grad():
+            module.weight.normal_(0.0, config.initializer_range)
+    return model.eval()
+
+
+def _head_swap(cls, missing: list[str], unexpected: list[str]) -> list[str]:
+    """A causal-LM checkpoint loaded as a classifier: drop lm_head, initialise score (the original's behaviour)."""
+    if cls is not ModuleFormerForCausalLM and any(k.startswith("lm_head.weight") for k in unexpected):
+        unexpected[:] = [k for k in unexpected if not k.startswith("lm_head.weight")]
+        if any(k.startswith("score.weight") for k in missing):
+            missing[:] = [k for k in missing if not k.startswith("score.weight")]
+            warnings.warn("score.weight is not in the checkpoint: initialised randomly; finetune before use")
+            return ["score"]
+    return []
+
+
+def save_pretrained(model: ModuleFormerPreTrainedModel, directory, max_shard_size: int = 5 * 2**30,
+                    safe_serialization: bool = True) -> None:
+    """config.json + model.safetensors (sharded with an index above max_shard_size), original key names."""
+    from safetensors.torch import save_file
+
+    if not safe_serialization:
+        raise ValueError("molm writes safetensors only (pickle checkpoints can execute code when loaded)")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    config = model.config.replace(architectures=[type(model).__name__],
+                                  torch_dtype=str(model.dtype).removeprefix("torch."))
+    config.save_pretrained(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, SAFE_SINGLE), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(directory, name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(directory, SAFE_INDEX), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

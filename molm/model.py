@@ -1,0 +1,268 @@
+"""ModuleFormer / MoLM (IBM, arXiv 2306.04640): the trunk, the causal-LM head and the sequence-classification head.
+
+Reproduces `ModuleFormerForCausalLM` of github:IBM/ModuleFormer (spec: shared/docs/moduleformer-spec.md) with the
+same state_dict keys. No positional encoding; stick-breaking mixture-of-attention; sparse MoE MLP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModuleFormerConfig
+from .modules import BACKENDS, Block, ParallelExperts, Router, backend_ops
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # float32: [B, T, V] (causal LM) or [B, num_labels] (classification)
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # sum over all 2 * n_layer routers
+    past_key_values: Any = None  # KVCache, or the legacy tuple when one was passed in
+    hidden_states: torch.Tensor | None = None  # final (ln_f) hidden states [B, T, C]
+
+
+def default_backend() -> str:
+    """'extension' when molm's compiled ops are importable, else 'reference'."""
+    try:
+        from . import ops
+    except ImportError:
+        return "reference"
+    return "extension" if ops.extension_available() else "reference"
+
+
+class ModuleFormerModel(nn.Module):
+    def __init__(self, config: ModuleFormerConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+
+    def padding_bias(self, attention_mask: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | None:
+        """attention_mask [B, S] (1 keep, 0 pad) -> additive float32 bias [B, S]: 0 or the model dtype's min."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, total):
+            raise ValueError(f"attention_mask must have shape [batch, past + new] = [{batch}, {total}], "
+                             f"got {list(attention_mask.shape)}")
+        dtype_min = torch.finfo(self.wte.weight.dtype).min
+        return (1.0 - attention_mask.to(torch.float32)) * dtype_min
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, token_type_ids=None,
+                ops=None, want_aux_loss: bool = True):
+        """input_ids [B, T] -> (hidden [B, T, C], aux loss or None). Appends to `cache` when given."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        bias = self.padding_bias(attention_mask, B, past + T)
+        x = self.wte(input_ids)  # [B, T, C]
+        if token_type_ids is not None:
+            x = x + self.wte(token_type_ids)
+        x = self.drop(x)
+        aux = None
+        for layer, block in enumerate(self.h):
+            x, block_aux = block(x, bias, cache, layer, ops, want_aux_loss)
+            if want_aux_loss:
+                aux = block_aux if aux is None else aux + block_aux
+        if cache is not None:
+            cache.advance()
+        return self.ln_f(x), aux
+
+
+class ModuleFormerPreTrainedModel(nn.Module):
+    """Shared plumbing: config, backend switch, input checks, cache handling, init, save/load."""
+
+    def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.set_backend(backend or default_backend())
+
+    def set_backend(self, backend: str) -> "ModuleFormerPreTrainedModel":
+        """'reference' (pure torch, the original algorithm) or 'extension' (molm's kernels)."""
+        self._ops = backend_ops(backend)
+        self.backend = backend
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.wte.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> "ModuleFormerPreTrainedModel":
+        """The original initialisation: normal(0, initializer_range) for Linear/Embedding, zero biases, unit
+        LayerNorms, uniform(-1/in, 1/in) for expert weights."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, ParallelExperts):
+                bound = 1.0 / module.weight.shape[1]
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) * 2 * bound - bound)
+            elif isinstance(module, Router) and module.gate_type == "gmm":
+                module.expert_centroids.copy_(torch.randn(module.expert_centroids.shape, generator=generator))
+                module.temperature.zero_()
+        return self
+
+    def check_input_ids(self, input_ids) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an int64 tensor, got {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, length], got {list(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}): give at least one token")
+        if input_ids.device.type == "cpu":  # on an accelerator this check would be a host sync
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
+
+    def _run_trunk(self, input_ids, attention_mask, past_key_values, use_cache, token_type_ids, want_aux_loss):
+        self.check_input_ids(input_ids)
+        legacy = isinstance(past_key_values, (tuple, list))
+        cache = past_key_values
+        if legacy:
+            cache = KVCache.from_legacy(past_key_values, self.config.identity_kv) if past_key_values else None
+        if cache is None and use_cache:
+            cache = KVCache.for_model(self, input_ids.shape[0], input_ids.shape[1])
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"past_key_values must be a molm KVCache or a tuple of (K, V), got {type(cache).__name__}")
+        hidden, aux = self.transformer(input_ids, attention_mask, cache, token_type_ids, self._ops, want_aux_loss)
+        if cache is not None and legacy:
+            cache = cache.to_legacy()
+        return hidden, aux, (cache if (use_cache or past_key_values is not None) else None)
+
+    def num_parameters(self, active: bool = False) -> int:
+        """All parameters, or the parameters one token uses (k of E experts per MoE site)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        c = self.config
+        for block in self.transformer.h:
+            for moe, k in ((block.attn.q_proj, c.k_att), (block.mlpf, c.k_mlp)):
+                for experts in (moe.experts, moe.output_experts):
+                    e = experts.weight.shape[0]
+                    total -= experts.weight.numel() * (e - k) // e
+        return total
+
+    def save_pretrained(self, directory, max_shard_size: int = 5 * 2**30, safe_serialization: bool = True) -> None:
+        from .loading import save_pretrained
+
+        save_pretrained(self, directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu", backend=None):
+        from .loading import load
+
+        model = load(path, dtype=dtype, device=device, backend=backend)
+        if not isinstance(model, cls):
+            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+
+class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel):
+    def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
+        super().__init__(config, backend)
+        self.transformer = ModuleFormerModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
+                token_type_ids=None, return_aux_loss: bool = True, logits_to_keep: int = 0) -> ModelOutput:
+        """input_ids [B, T]; attention_mask [B, past + T]; labels [B, T] (-100 = ignore, shifted inside).
+
+        `logits_to_keep` > 0 computes logits for the last positions only (generation); aux loss is skipped when
+        return_aux_loss=False and no labels need it.
+        """
+        want_aux = return_aux_loss or (labels is not None and self.config.aux_loss_weight > 0)
+        hidden, aux, cache = self._run_trunk(input_ids, attention_mask, past_key_values, use_cache,
+                                             token_type_ids, want_aux)
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+        logits = self.lm_head(kept).float()  # [B, T, V]
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, "
+                                 f"got {list(labels.shape)}")
+            if logits_to_keep:
+                raise ValueError("labels need logits at every position: do not pass logits_to_keep")
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+            loss = loss.to(hidden.dtype)
+            if self.config.aux_loss_weight > 0:
+                loss = loss + aux * self.config.aux_loss_weight
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, past_key_values=cache, hidden_states=hidden)
+
+
+class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
+    """Scores every position, pools the one at (count of non-pad tokens) - 1: assumes right padding, as the
+    original does."""
+
+    def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
+        super().__init__(config, backend)
+        if not config.num_labels:
+            config.num_labels = 2
+        self.num_labels = config.num_labels
+        self.transformer = ModuleFormerModel(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
+                token_type_ids=None, return_aux_loss: bool = True) -> ModelOutput:
+        hidden, aux, cache = self._run_trunk(input_ids, attention_mask, past_key_values, use_cache,
+                                             token_type_ids, return_aux_loss)
+        logits = self.score(hidden).float()  # [B, T, L]
+        B = input_ids.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None:
+            if B != 1:
+                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+            last = torch.full((B,), -1, dtype=torch.long, device=logits.device)
+        else:
+            last = input_ids.ne(pad).sum(-1) - 1
+        pooled = logits[torch.arange(B, device=logits.device), last]  # [B, L]
+        loss = None
+        if labels is not None:
+            loss = self._loss(pooled, labels)
+        return ModelOutput(logits=pooled, loss=loss, aux_loss=aux, past_key_values=cache, hidden_states=hidden)
+
+    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            return F.mse_loss(pooled.squeeze(), labels.squeeze().float()) if self.num_labels == 1 \
+                else F.mse_loss(pooled, labels.float())
+        if problem == "single_label_classification":
+            return F.cross_entropy(pooled.view(-1, self.num_labels), labels.view(-1))
+        if problem == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(pooled, labels.float())
+        raise ValueError(f"config.problem_type must be regression, single_label_classification or "
+                         f"multi_label_classification, got {problem!r}")
+
+
+ARCHITECTURES = {
+    "ModuleFormerForCausalLM": ModuleFormerForCausalLM,
+    "ModuleFormerForSequenceClassification": ModuleFormerForSequenceClassification,
+}
+__all__ = ["ModelOutput", "ModuleFormerModel", "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification",
+           "ARCHITECTURES", "BACKENDS"]

@@ -1,0 +1,203 @@
+"""The building blocks of ModuleFormer: Router, MoE (experts + router), MoA (stick-breaking mixture of attention), Block.
+
+Parameter names follow the original checkpoints exactly (spec §2.2). Every op goes through a backend namespace
+(`reference` = pure torch mirroring the original algorithm, `extension` = molm's C++/CUDA kernels), so the math
+below is written once. Shape alphabet: B batch, T new positions, S cached + new, N = B*T tokens, k slots per token,
+M = N*k rows, E experts, C model width, A att_hidden, H heads, D head size, F ffd_hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference
+from .config import ModuleFormerConfig
+
+OP_NAMES = ("route_topk", "gather_rows", "scatter_ksum", "expert_gemm", "sb_attention")
+BACKENDS = ("reference", "extension")
+
+
+def backend_ops(name: str) -> SimpleNamespace:
+    """The five ops of one backend, by name."""
+    if name == "reference":
+        return SimpleNamespace(**{op: getattr(reference, op + "_ref") for op in OP_NAMES})
+    if name == "extension":
+        from . import ops
+
+        if not ops.extension_available():
+            raise RuntimeError(f"molm backend 'extension' is not available: {ops.extension_error()}; "
+                               "build it with `pip install --no-build-isolation -e .` or use backend='reference'")
+        return SimpleNamespace(**{op: getattr(ops, op) for op in OP_NAMES})
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+class Routing(SimpleNamespace):
+    """Routing of one MoE site, computed once and shared by its two expert GEMMs."""
+
+
+class ParallelExperts(nn.Module):
+    """E bias-free linear maps stored as one tensor [E, in, out] (y = x @ weight[e])."""
+
+    def __init__(self, num_experts: int, input_size: int, output_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, input_size, output_size))
+
+    def extra_repr(self) -> str:
+        e, i, o = self.weight.shape
+        return f"num_experts={e}, input_size={i}, output_size={o}"
+
+
+class Router(nn.Module):
+    """Router MLP -> softmax over all experts -> top-k of the probabilities (gate = raw probability) + MI aux loss."""
+
+    def __init__(self, config: ModuleFormerConfig, num_experts: int, top_k: int):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.gate_type, self.aux_loss_type = config.gate_type, config.aux_loss_type
+        self.sample_topk = config.sample_topk
+        C, G = config.n_embd, config.gating_size
+        if config.gate_type == "mlp":
+            self.w_gate = nn.Sequential(nn.Linear(C, G), nn.GELU(), nn.Dropout(config.moe_pdrop),
+                                        nn.Linear(G, num_experts, bias=False))
+        elif config.gate_type == "linear":
+            self.w_gate = nn.Sequential(nn.Linear(C, num_experts, bias=False))
+        else:  # "gmm": cosine similarity to learned centroids with a learned temperature
+            self.w_gate = nn.Linear(C, G, bias=False)
+            self.expert_centroids = nn.Parameter(torch.empty(num_experts, G))
+            self.temperature = nn.Parameter(torch.zeros(1))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_type != "gmm":
+            return self.w_gate(x)  # [N, E]
+        z = F.normalize(self.w_gate(x), p=2, dim=-1)
+        centroids = F.normalize(self.expert_centroids, p=2, dim=-1)
+        return (z @ centroids.t()) * self.temperature.exp()
+
+    def forward(self, x: torch.Tensor, ops: SimpleNamespace, want_aux_loss: bool = True):
+        """x [N, C] -> (Routing, aux loss or None)."""
+        logits = self.logits(x)  # [N, E]
+        if self.training and self.sample_topk > 0:
+            routing = self._sampled_routing(logits)
+        else:
+            probs, gates, experts, sorted_slots, slot_positions, offsets = ops.route_topk(logits, self.top_k)
+            routing = Routing(probs=probs, gates=gates, experts=experts, sorted_slots=sorted_slots,
+                              slot_positions=slot_positions, expert_offsets=offsets, k=self.top_k)
+        aux = self.aux_loss(logits, routing) if want_aux_loss else None
+        return routing, aux
+
+    def _sampled_routing(self, logits: torch.Tensor) -> Routing:
+        """Training with sample_topk = s: top-(k-s) greedily, s more sampled from the rest (gates stay raw probs)."""
+        probs = torch.softmax(logits, dim=-1)
+        greedy = probs.topk(self.top_k - self.sample_topk, dim=-1).indices  # [N, k-s]
+        weights = (probs.detach() + 1e-6).scatter(1, greedy, 0.0)
+        experts = torch.cat([greedy, torch.multinomial(weights, self.sample_topk)], dim=-1)  # [N, k]
+        gates = probs.gather(1, experts)
+        sorted_slots, slot_positions, offsets = reference.sort_by_expert(experts, self.num_experts)
+        return Routing(probs=probs, gates=gates, experts=experts, sorted_slots=sorted_slots,
+                       slot_positions=slot_positions, expert_offsets=offsets, k=self.top_k)
+
+    def aux_loss(self, logits: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """MI loss H(e|x) - H(e) (spec §4), or switch + 0.1 * z loss for any other aux_loss_type."""
+        probs = routing.probs
+        if self.aux_loss_type == "mi":
+            neg_conditional_entropy = (probs * torch.log_softmax(logits, dim=-1)).sum() / probs.shape[0]
+            marginal = probs.mean(0)  # [E]
+            marginal_entropy = -(marginal * (marginal + 1e-8).log()).sum()
+            return -(neg_conditional_entropy + marginal_entropy)
+        freq = torch.zeros_like(probs).scatter(1, routing.experts, 1.0).sum(0)
+        switch = self.num_experts * (F.normalize(probs.sum(0), p=1, dim=0) * F.normalize(freq, p=1, dim=0)).sum()
+        z_loss = (torch.logsumexp(logits, dim=-1) ** 2).mean()
+        return switch + 0.1 * z_loss
+
+
+class MoE(nn.Module):
+    """Sparse mixture of experts: `experts` (up / query projection), `output_experts` (down / output projection)."""
+
+    def __init__(self, config: ModuleFormerConfig, num_experts: int, top_k: int, hidden_size: int):
+        super().__init__()
+        C = config.n_embd
+        self.experts = ParallelExperts(num_experts, C, hidden_size)
+        self.output_experts = ParallelExperts(num_experts, hidden_size, C)
+        self.gate = Router(config, num_experts, top_k)
+
+    def mlp(self, h: torch.Tensor, ops: SimpleNamespace, want_aux_loss: bool = True):
+        """The MoE MLP: sum_j p_j * (gelu_new(h @ W1[e_j]) @ W2[e_j]). h [N, C] -> ([N, C], aux)."""
+        r, aux = self.gate(h, ops, want_aux_loss)
+        x = ops.gather_rows(h, r.sorted_slots, r.k)  # [M, C] expert-sorted
+        x = ops.expert_gemm(x, self.experts.weight, r.expert_offsets, "gelu_new")  # [M, F]
+        y = ops.expert_gemm(x, self.output_experts.weight, r.expert_offsets, "none")  # [M, C]
+        return ops.scatter_ksum(y, r.gates, r.slot_positions), aux  # [N, C]
+
+    def map(self, h: torch.Tensor, r: Routing, ops: SimpleNamespace) -> torch.Tensor:
+        """Per-slot expert inputs projections, in slot order: h [N, C] -> [M, A] (row n*k+j = h[n] @ W[e_nj])."""
+        x = ops.gather_rows(h, r.sorted_slots, r.k)  # [M, C] expert-sorted
+        q = ops.expert_gemm(x, self.experts.weight, r.expert_offsets, "none")  # [M, A] expert-sorted
+        return ops.gather_rows(q, r.slot_positions, 1)  # [M, A] slot order
+
+    def reduce(self, o: torch.Tensor, r: Routing, ops: SimpleNamespace) -> torch.Tensor:
+        """Output projections of slot-ordered rows, gate-weighted k-sum: o [M, A] -> [N, C]."""
+        o = ops.gather_rows(o, r.sorted_slots, 1)  # [M, A] expert-sorted
+        y = ops.expert_gemm(o, self.output_experts.weight, r.expert_offsets, "none")  # [M, C]
+        return ops.scatter_ksum(y, r.gates, r.slot_positions)  # [N, C]
+
+
+class MoA(nn.Module):
+    """Mixture of stick-breaking attention experts: private Wq/Wo per expert, K and V shared by all experts."""
+
+    def __init__(self, config: ModuleFormerConfig):
+        super().__init__()
+        self.n_head, self.head_size, self.top_k = config.n_head, config.head_size, config.k_att
+        self.q_proj = MoE(config, config.n_att_experts, config.k_att, config.att_hidden)
+        if config.identity_kv:
+            self.k_proj, self.v_proj = nn.Identity(), nn.Identity()
+        else:
+            self.k_proj = nn.Linear(config.n_embd, config.att_hidden)
+            self.v_proj = nn.Linear(config.n_embd, config.att_hidden)
+        self.identity_kv = config.identity_kv
+
+    def forward(self, h: torch.Tensor, bias: torch.Tensor | None, cache, layer: int, ops: SimpleNamespace,
+                want_aux_loss: bool = True):
+        """h [B, T, C] (ln_1 output), bias [B, S] additive float32 or None -> ([B, T, C], aux)."""
+        B, T, C = h.shape
+        H, D, k = self.n_head, self.head_size, self.top_k
+        h2 = h.reshape(B * T, C)  # [N, C]
+        r, aux = self.q_proj.gate(h2, ops, want_aux_loss)
+        q = self.q_proj.map(h2, r, ops).view(B, T, k, H, D)  # [B, T, k, H, D]
+        if self.identity_kv:
+            keys, values = h, None  # K = V = ln_1 output: stored once
+        else:
+            keys, values = self.k_proj(h), self.v_proj(h)  # [B, T, A] each
+        if cache is not None:
+            keys, values = cache.append(layer, keys, values)  # [B, S, A]
+        if values is None:
+            values = keys
+        S = keys.shape[1]
+        o = ops.sb_attention(q, keys.view(B, S, H, D), values.view(B, S, H, D), bias, 1.0 / math.sqrt(D))
+        out = self.q_proj.reduce(o.reshape(B * T * k, H * D), r, ops)  # [N, C]
+        return out.view(B, T, C), aux
+
+
+class Block(nn.Module):
+    """Pre-LN block: x + MoA(ln_1(x)), then x + MoE_MLP(ln_2(x))."""
+
+    def __init__(self, config: ModuleFormerConfig):
+        super().__init__()
+        # The original ignores config.layer_norm_epsilon and builds LayerNorms with torch's default eps (1e-5).
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = MoA(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlpf = MoE(config, config.n_mlp_experts, config.k_mlp, config.ffd_hidden)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, bias, cache, layer: int, ops: SimpleNamespace, want_aux_loss: bool = True):
+        B, T, C = x.shape
+        a, att_aux = self.attn(self.ln_1(x), bias, cache, layer, ops, want_aux_loss)
+        x = x + self.resid_dropout(a)
+        m, mlp_aux = self.mlpf.mlp(self.ln_2(x).reshape(B * T, C), ops, want_aux_loss)
+        x = x + self.resid_dropout(m.view(B, T, C))
+        return x, (att_aux + mlp_aux if want_aux_loss else None)
