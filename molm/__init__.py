@@ -2,9 +2,10 @@
 
 from .cache import KVCache
 from .config import PRESETS, ModuleFormerConfig
+from .generate import generate, load_tokenizer
 from .loading import CheckpointError, load, save_pretrained
 from .model import ModelOutput, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification, ModuleFormerModel
 
 __version__ = "0.1.0"
-__all__ = ["KVCache", "PRESETS", "ModuleFormerConfig", "CheckpointError", "load", "save_pretrained", "ModelOutput",
+__all__ = ["KVCache", "PRESETS", "ModuleFormerConfig", "CheckpointError", "generate", "load", "load_tokenizer", "save_pretrained", "ModelOutput",
            "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification", "ModuleFormerModel"]

@@ -186,6 +186,7 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
         module.to(dtype)
         with torch.no_grad():
             module.weight.normal_(0.0, config.initializer_range)
+    model.name_or_path = directory
     return model.eval()
 
 

@@ -1,0 +1,209 @@
+"""Generation: prefill, decode steps on a preallocated KV cache, sampling, stopping, streaming, tokenizer glue."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+from .cache import KVCache
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """The `tokenizers` object saved as tokenizer.json next to the model."""
+    from tokenizers import Tokenizer
+
+    path = os.path.join(os.fspath(directory), "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no tokenizer.json: pass tokenizer= (a tokenizers.Tokenizer) or "
+                                "token ids as a LongTensor")
+    return Tokenizer.from_file(path)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] float32 -> next ids [B]. temperature 0 = greedy (argmax); no host sync."""
+    if temperature <= 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the smallest nucleus
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_settings(max_new_tokens, temperature, top_k, top_p):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.inference_mode()
+def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None) -> Iterator[torch.Tensor]:
+    """Yields the next token ids [B] step by step. Rows that produced eos keep producing pad_token_id.
+
+    input_ids [B, T] (left-padded when rows differ in length, with attention_mask [B, T]).
+    """
+    _check_settings(max_new_tokens, temperature, top_k, top_p)
+    model.check_input_ids(input_ids)
+    B, T = input_ids.shape
+    device = model.device
+    input_ids = input_ids.to(device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache.for_model(model, B, T + max_new_tokens)
+    full_mask = None
+    if attention_mask is not None:
+        full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
+        full_mask[:, :T] = attention_mask.to(device)
+    pad = pad_token_id if pad_token_id is not None else eos_token_id
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    tokens = input_ids
+    for step in range(max_new_tokens):
+        mask = None if full_mask is None else full_mask[:, : cache.length + tokens.shape[1]]
+        out = model(tokens, attention_mask=mask, past_key_values=cache, use_cache=True, return_aux_loss=False,
+                    logits_to_keep=1)
+        next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)  # [B]
+        if eos_token_id is not None:
+            next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
+            finished |= next_ids == eos_token_id
+        yield next_ids
+        if eos_token_id is not None and bool(finished.all()):
+            return
+        tokens = next_ids[:, None]
+
+
+def _encode_batch(tokenizer, prompts: list[str], pad_id: int):
+    encoded = [tokenizer.encode(p).ids for p in prompts]
+    for text, ids in zip(prompts, encoded):
+        if not ids:
+            raise ValueError(f"prompt {text!r} encodes to no tokens")
+    T = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for row, ids in enumerate(encoded):  # left padding: the newest token of every row sits at the end
+        input_ids[row, T - len(ids):] = torch.tensor(ids)
+        mask[row, T - len(ids):] = 1
+    return input_ids, (mask if any(len(ids) < T for ids in encoded) else None)
+
+
+class _TextStream:
+    """Incremental detokenisation: yields only complete new text (waits on a split UTF-8 character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+def _truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, stop: str | list[str] | None = None,
+             tokenizer=None, stream: bool = False, attention_mask: torch.Tensor | None = None):
+    """Generate from a ModuleFormerForCausalLM.
+
+    prompt: LongTensor [B, T] -> LongTensor [B, T + n] (prompt included; rows that stopped at eos are padded with
+    eos), or str / list[str] -> the generated text (str / list[str], prompt excluded). Batched text prompts of
+    different lengths are left-padded with an attention mask. temperature 0 is greedy. `stop` strings end a row
+    (the stop string is cut). stream=True returns an iterator of text pieces (one str prompt) or of next-id
+    tensors [B] (tensor prompt).
+    """
+    config = model.config
+    eos = config.eos_token_id if config.eos_token_id is not None and config.eos_token_id < config.vocab_size else None
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                    eos_token_id=eos, pad_token_id=config.pad_token_id)
+    if isinstance(prompt, torch.Tensor):
+        steps = generate_ids(model, prompt, attention_mask, **settings)
+        if stream:
+            return steps
+        new = [step for step in steps]
+        if not new:
+            return prompt.clone()
+        return torch.cat([prompt.to(model.device), torch.stack(new, dim=1)], dim=1)
+    if isinstance(prompt, str):
+        prompts, single = [prompt], True
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts, single = list(prompt), False
+    else:
+        raise TypeError("prompt must be a LongTensor [B, T], a non-empty str or a non-empty list of str, got "
+                        f"{type(prompt).__name__}")
+    if tokenizer is None:
+        directory = getattr(model, "name_or_path", None)
+        if directory is None:
+            raise ValueError("text prompts need a tokenizer: pass tokenizer= or load the model with molm.load(dir)")
+        tokenizer = load_tokenizer(directory)
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    pad_id = config.pad_token_id if config.pad_token_id is not None else (eos if eos is not None else 0)
+    input_ids, mask = _encode_batch(tokenizer, prompts, pad_id)
+    steps = generate_ids(model, input_ids, mask, **settings)
+    if stream:
+        if not single:
+            raise ValueError("stream=True takes one str prompt")
+        return _stream_text(steps, tokenizer, stop, eos)
+    streams = [_TextStream(tokenizer) for _ in prompts]
+    done = [False] * len(prompts)
+    for next_ids in steps:
+        for row, token in enumerate(next_ids.tolist()):
+            if done[row] or token == eos:
+                done[row] = True
+                continue
+            streams[row].push(token)
+            if stop and _truncate_at_stop(streams[row].sent, stop)[1]:
+                done[row] = True
+        if all(done):
+            break
+    texts = [_truncate_at_stop(tokenizer.decode(s.ids), stop)[0] for s in streams]
+    return texts[0] if single else texts
+
+
+def _stream_text(steps, tokenizer, stop: list[str], eos: int | None) -> Iterator[str]:
+    text_stream = _TextStream(tokenizer)
+    held = ""  # text that could be the start of a stop string is held back until it is decided
+    for next_ids in steps:
+        token = int(next_ids[0])
+        if token == eos:
+            break
+        held += text_stream.push(token)
+        if stop:
+            cut, stopped = _truncate_at_stop(held, stop)
+            if stopped:
+                if cut:
+                    yield cut
+                return
+            keep = max((len(s) - 1 for s in stop), default=0)
+            safe = held[: max(0, len(held) - keep)]
+            held = held[len(safe):]
+            if safe:
+                yield safe
+        elif held:
+            yield held
+            held = ""
+    if held:
+        yield held
