@@ -76,8 +76,10 @@ class KVCache:
 
     def to_legacy(self):
         """The original's format: a tuple over layers of (K, V), each [B, S, A] (the same tensor when K = V)."""
-        values = self.keys if self.values is None else self.values
-        return tuple((k[:, : self.length], v[:, : self.length]) for k, v in zip(self.keys, values))
+        keys = [k[:, : self.length] for k in self.keys]
+        if self.values is None:
+            return tuple((k, k) for k in keys)
+        return tuple((k, v[:, : self.length]) for k, v in zip(keys, self.values))
 
     @classmethod
     def from_legacy(cls, past, shared_kv: bool) -> "KVCache":

@@ -171,10 +171,7 @@ class ModuleFormerPreTrainedModel(nn.Module):
     def from_pretrained(cls, path, dtype=None, device="cpu", backend=None):
         from .loading import load
 
-        model = load(path, dtype=dtype, device=device, backend=backend)
-        if not isinstance(model, cls):
-            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
+        return load(path, dtype=dtype, device=device, backend=backend, cls=cls)
 
 
 class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel):
