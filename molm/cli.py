@@ -21,7 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args) -> int:
     import molm
 
-    model = molm.load(args.model, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend)
+    model = molm.load(args.model, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend,
+                      progress=sys.stderr.isatty())
     tokenizer = molm.load_tokenizer(args.tokenizer or model.name_or_path)
     pieces = molm.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, tokenizer=tokenizer,

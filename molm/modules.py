@@ -27,8 +27,10 @@ def backend_ops(name: str) -> SimpleNamespace:
     if name == "reference":
         return SimpleNamespace(**{op: getattr(reference, op + "_ref") for op in OP_NAMES})
     if name == "extension":
-        from . import ops
-
+        try:
+            from . import ops
+        except ImportError as exc:
+            raise RuntimeError(f"molm backend 'extension' is not available: {exc}") from None
         if not ops.extension_available():
             raise RuntimeError(f"molm backend 'extension' is not available: {ops.extension_error()}; "
                                "build it with `pip install --no-build-isolation -e .` or use backend='reference'")

@@ -189,3 +189,13 @@ def test_training_mode_backward_and_aux_weight():
     out.loss.backward()
     assert model.transformer.h[0].mlpf.experts.weight.grad.abs().sum() > 0
     assert model.transformer.h[0].attn.q_proj.gate.w_gate[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_is_bitwise_repeatable(backend):
+    g = golden("molm-tiny-b")
+    model = molm.load(os.path.join(DATA, "molm-tiny-b"), dtype=torch.float32, backend=backend)
+    with torch.no_grad():
+        a = model(g["input_ids"], attention_mask=g["attention_mask"])
+        b = model(g["input_ids"], attention_mask=g["attention_mask"])
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.aux_loss, b.aux_loss)

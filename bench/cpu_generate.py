@@ -1,0 +1,110 @@
+"""CPU decode and prefill throughput of both backends on a random model with MoLM-350M-4B widths.
+
+    python bench/cpu_generate.py --layers 4 --json bench/results/cpu_generate.json
+
+Prints one row per (dtype, batch, backend): prefill tok/s, decode tok/s, and the extension/reference speedup.
+Decode is timed after a prefill of --prompt tokens, one token per sequence per step, with the KV cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+import molm
+from molm.config import PRESETS
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def decode_rate(model, batch: int, prompt: int, steps: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        cache = molm.KVCache.for_model(model, batch, prompt + steps)
+        model(ids, past_key_values=cache, use_cache=True, return_aux_loss=False, logits_to_keep=1)
+        token = ids[:, -1:]
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = model(token, past_key_values=cache, use_cache=True, return_aux_loss=False, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        return time.perf_counter() - start
+
+    run()  # warm-up
+    seconds = statistics.median(run() for _ in range(2))
+    return batch * steps / seconds
+
+
+def prefill_rate(model, batch: int, length: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
+    seconds = timed(lambda: model(ids, return_aux_loss=False, logits_to_keep=1), repeats=2)
+    return batch * length / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4, help="layers of the MoLM-350M-4B config to keep (24 = full)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--prompt", type=int, default=128, help="prompt length before decoding")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
+    parser.add_argument("--prefill", type=int, default=256, help="prefill length per sequence")
+    parser.add_argument("--json", default=None, help="write the records to this path")
+    args = parser.parse_args()
+
+    config = PRESETS["MoLM-350M-4B"]().replace(n_layer=args.layers)
+    base = molm.ModuleFormerForCausalLM(config, backend="reference").init_weights(seed=0).eval()
+    records = []
+    print(f"MoLM-350M-4B widths, {args.layers} layers, {base.num_parameters() / 1e9:.2f} B params, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    header = f"{'dtype':>9} {'batch':>5} {'backend':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode x':>9}"
+    print(header)
+    print("-" * len(header))
+    for dtype_name in args.dtypes:
+        model = base.to(getattr(torch, dtype_name))
+        for batch in args.batches:
+            rates = {}
+            for backend in ("reference", "extension"):
+                try:
+                    model.set_backend(backend)
+                except RuntimeError as exc:
+                    print(f"{dtype_name:>9} {batch:>5} {backend:>10}  unavailable: {exc}")
+                    continue
+                with torch.inference_mode():
+                    prefill = prefill_rate(model, batch, args.prefill)
+                    decode = decode_rate(model, batch, args.prompt, args.steps)
+                rates[backend] = decode
+                speedup = decode / rates["reference"]
+                print(f"{dtype_name:>9} {batch:>5} {backend:>10} {prefill:>14.1f} {decode:>13.2f} {speedup:>8.2f}x")
+                records.append({"dtype": dtype_name, "batch": batch, "backend": backend, "layers": args.layers,
+                                "prompt": args.prompt, "prefill_len": args.prefill, "prefill_tok_s": prefill,
+                                "decode_tok_s": decode, "decode_speedup_vs_reference": speedup})
+    if args.json:
+        try:
+            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            sha = ""
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
+                platform.machine(), "git": sha, "date": datetime.date.today().isoformat()}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "records": records}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
