@@ -1,0 +1,56 @@
+// Torch-free stick-breaking math (ModuleFormer variant: diagonal included, leftover mass dropped).
+// For a query at position i and keys j <= i, with logits l_j (scale and padding bias already applied):
+//   beta_j = sigmoid(l_j), log(1 - beta_j) = logsigmoid(-l_j) = -softplus(l_j),
+//   A_j = beta_j * exp(sum_{j < m <= i} log(1 - beta_m)),  o = sum_j A_j v_j.
+// Walking j from i down to 0 makes the exponent a running sum ("cum"), so every weight is known when its key is
+// read. Tested in tests/cpp/test_sb_scan.cpp against a double-precision loop.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace molm::core {
+
+// beta = sigmoid(l) and log_survive = log(1 - beta) = -softplus(l), stable for all l. A masked key (l = -inf or
+// l = finfo.min) gives beta = 0 and log_survive = 0 exactly, as the reference's masked_fill does.
+template <typename acc_t>
+inline void sb_terms(acc_t l, acc_t& beta, acc_t& log_survive) {
+  const acc_t e = std::exp(-std::abs(l));                    // in (0, 1]
+  const acc_t one = acc_t(1);
+  beta = (l >= acc_t(0) ? one : e) / (one + e);
+  log_survive = -(std::max(l, acc_t(0)) + std::log1p(e));
+}
+
+// In place: raw scores l[0..i] (q.k of keys 0..i) -> stick-breaking weights A[0..i], with the logit
+// l_j * scale + bias[j] (bias may be null); entries i+1 .. width-1 are set to 0. Returns sum_{j<=i} log(1 - beta_j).
+template <typename acc_t>
+inline acc_t sb_scan_row(acc_t* l, int64_t i, int64_t width, acc_t scale, const acc_t* bias) {
+  acc_t cum = acc_t(0);
+  for (int64_t j = i; j >= 0; --j) {
+    acc_t beta, ls;
+    sb_terms(bias ? l[j] * scale + bias[j] : l[j] * scale, beta, ls);
+    l[j] = beta * std::exp(cum);
+    cum += ls;
+  }
+  for (int64_t j = std::max<int64_t>(i + 1, 0); j < width; ++j) l[j] = acc_t(0);
+  return cum;
+}
+
+// Split-KV combine: chunks c = 0..n-1 are ordered newest (nearest the query) first; chunk c holds the partial output
+// o_c[0..d) computed with its own running sum starting at 0, and its total log-survival s_c. The result is
+// o = o_0 + exp(s_0) * (o_1 + exp(s_1) * (o_2 + ...)), accumulated newest to oldest into out[0..d).
+template <typename acc_t>
+inline void sb_combine_chunks(const acc_t* o_chunks, const acc_t* s_chunks, int64_t n_chunks, int64_t d,
+                              int64_t chunk_stride, acc_t* out) {
+  for (int64_t x = 0; x < d; ++x) out[x] = acc_t(0);
+  acc_t carried = acc_t(0);
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const acc_t w = std::exp(carried);
+    const acc_t* oc = o_chunks + c * chunk_stride;
+    for (int64_t x = 0; x < d; ++x) out[x] += w * oc[x];
+    carried += s_chunks[c];
+  }
+}
+
+}  // namespace molm::core

@@ -1,0 +1,129 @@
+// CPU grouped expert GEMM over contiguous expert segments, plus its weight-gradient helper.
+// Small segments (decode: a few rows per expert) use a streaming GEMV over the [in, out] weight, split into
+// (depth chunk x column block) items run in parallel and reduced in a fixed order; larger segments call at::mm
+// (MKL / oneDNN, itself multithreaded) on views of each segment.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../dispatch.h"
+#include "vec.h"
+
+namespace molm::cpu {
+namespace {
+
+constexpr int64_t kGemvMaxRows = 4;     // segments with at most this many rows take the GEMV path
+constexpr int64_t kGemvDepthChunk = 256;  // weight rows per work item (fixed: results do not depend on threads)
+constexpr int64_t kGemvColBlock = 512;    // output columns per work item
+
+// Reads and validates expert_offsets: offsets[0] == 0, non-decreasing, offsets[E] == M.
+std::vector<int64_t> read_offsets(const char* op, const at::Tensor& expert_offsets, int64_t m) {
+  const int64_t* p = expert_offsets.data_ptr<int64_t>();
+  std::vector<int64_t> b(p, p + expert_offsets.numel());
+  TORCH_CHECK_VALUE(b.front() == 0 && b.back() == m, op, ": expert_offsets must start at 0 and end at x.size(0) = ",
+                    m, ", got ", b.front(), " .. ", b.back());
+  for (size_t e = 0; e + 1 < b.size(); ++e)
+    TORCH_CHECK_VALUE(b[e] <= b[e + 1], op, ": expert_offsets must be non-decreasing, got offsets[", e, "] = ", b[e],
+                      " > offsets[", e + 1, "] = ", b[e + 1]);
+  return b;
+}
+
+struct Segment {
+  int64_t expert, lo, rows, compact;  // compact: first row in the packed small-segment buffers
+};
+
+// out[seg rows] = x[seg rows] @ weight[e] for all small segments, through fp32 partial sums per depth chunk.
+template <typename scalar_t>
+void gemv_segments(const at::Tensor& x, const at::Tensor& weight, const std::vector<Segment>& segs, int64_t m_small,
+                   at::Tensor& out) {
+  const int64_t depth = x.size(1), cols = weight.size(2);
+  const int64_t n_kc = (depth + kGemvDepthChunk - 1) / kGemvDepthChunk;
+  const int64_t n_cb = (cols + kGemvColBlock - 1) / kGemvColBlock;
+  at::Tensor xs = at::empty({m_small, depth}, x.options().dtype(at::kFloat));  // [M_small, K] fp32
+  for (const auto& s : segs) xs.narrow(0, s.compact, s.rows).copy_(x.narrow(0, s.lo, s.rows));
+  at::Tensor partial = at::empty({n_kc, m_small, cols}, xs.options());  // [chunks, M_small, Nout]
+  const float* xp = xs.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  const scalar_t* wp = weight.data_ptr<scalar_t>();
+  const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1);
+  const int64_t n_items = static_cast<int64_t>(segs.size()) * n_kc * n_cb;
+  at::parallel_for(0, n_items, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t it = lo; it < hi; ++it) {
+      const Segment& s = segs[it / (n_kc * n_cb)];
+      const int64_t kc = (it / n_cb) % n_kc, cb = it % n_cb;
+      const int64_t r0 = kc * kGemvDepthChunk, r1 = std::min(depth, r0 + kGemvDepthChunk);
+      const int64_t c0 = cb * kGemvColBlock, c1 = std::min(cols, c0 + kGemvColBlock);
+      float* y = pp + (kc * m_small + s.compact) * cols + c0;
+      for (int64_t r = 0; r < s.rows; ++r) std::fill(y + r * cols, y + r * cols + (c1 - c0), 0.f);
+      gemv_rows(xp + s.compact * depth + r0, depth, s.rows, r1 - r0, wp + s.expert * ws0 + r0 * ws1 + c0, ws1, y,
+                cols, c1 - c0);
+    }
+  });
+  // fixed-order reduction over depth chunks
+  scalar_t* op = out.data_ptr<scalar_t>();
+  for (const auto& s : segs) {
+    at::parallel_for(0, s.rows * cols, 4096, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t r = i / cols, c = i % cols;
+        float acc = 0.f;
+        for (int64_t kc = 0; kc < n_kc; ++kc) acc += pp[(kc * m_small + s.compact + r) * cols + c];
+        op[(s.lo + r) * cols + c] = static_cast<scalar_t>(acc);
+      }
+    });
+  }
+}
+
+at::Tensor expert_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_offsets,
+                           c10::string_view activation) {
+  check_expert_gemm(x, weight, expert_offsets, activation);
+  const int64_t m = x.size(0), n_experts = weight.size(0), cols = weight.size(2);
+  const std::vector<int64_t> b = read_offsets("molm::expert_gemm", expert_offsets, m);
+  at::Tensor out = at::empty({m, cols}, x.options());  // [M, Nout]
+  if (out.numel() == 0) return out;
+  const bool gemv_ok = weight.stride(2) == 1 && x.scalar_type() != at::kDouble && x.size(1) > 0;
+  std::vector<Segment> small;
+  int64_t m_small = 0;
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t rows = b[e + 1] - b[e];
+    if (rows == 0) continue;
+    if (gemv_ok && rows <= kGemvMaxRows) {
+      small.push_back({e, b[e], rows, m_small});
+      m_small += rows;
+    } else {
+      at::Tensor seg = out.narrow(0, b[e], rows);  // [rows, Nout], contiguous
+      at::mm_out(seg, x.narrow(0, b[e], rows), weight[e]);
+    }
+  }
+  if (!small.empty())
+    MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::expert_gemm", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) gemv_segments<scalar_t>(x, weight, small, m_small, out);
+    });
+  if (activation == "gelu_new") at::gelu_(out, "tanh");  // gelu_new == GELU with the tanh approximation
+  return out;
+}
+
+// grad_weight[e] = x[rows of e]^T @ grad_out[rows of e]; one at::mm per non-empty expert, no atomics.
+at::Tensor expert_gemm_wgrad_cpu(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& expert_offsets,
+                                 int64_t num_experts) {
+  check_expert_gemm_wgrad(x, grad_out, expert_offsets, num_experts);
+  const std::vector<int64_t> b = read_offsets("molm::expert_gemm_wgrad", expert_offsets, x.size(0));
+  at::Tensor grad_w = at::zeros({num_experts, x.size(1), grad_out.size(1)}, x.options());  // [E, K, Nout]
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t rows = b[e + 1] - b[e];
+    if (rows == 0) continue;
+    at::Tensor dst = grad_w[e];
+    at::mm_out(dst, x.narrow(0, b[e], rows).t(), grad_out.narrow(0, b[e], rows));
+  }
+  return grad_w;
+}
+
+}  // namespace
+}  // namespace molm::cpu
+
+TORCH_LIBRARY_IMPL(molm, CPU, m) {
+  m.impl("expert_gemm", &molm::cpu::expert_gemm_cpu);
+  m.impl("expert_gemm_wgrad", &molm::cpu::expert_gemm_wgrad_cpu);
+}

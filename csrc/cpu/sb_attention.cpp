@@ -1,0 +1,164 @@
+// CPU fused stick-breaking attention (ModuleFormer variant). Never materialises an S x S matrix.
+//  * direct path (decode, few new positions): per (b, t, h) the k slot queries of a token share every key read;
+//    keys are walked from the query position down to 0 in fixed-size chunks (split-KV), each chunk with its own
+//    running log-survival; chunks are combined newest to oldest (sb_combine_chunks). O(S * D) per query, one pass
+//    over K/V, no [T, S] buffer at all.
+//  * tiled path (prefill): for a tile of query rows, logits [rows, W] by one GEMM, the reverse scan per row in
+//    place (sb_scan_row), then weights @ V by a second GEMM. The largest buffer is [rows, S].
+// bf16/fp16 inputs are computed in fp32, fp64 in fp64. Chunk and tile sizes are fixed, so results do not depend on
+// the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../dispatch.h"
+#include "core/sb_core.h"
+#include "vec.h"
+
+namespace molm::cpu {
+namespace {
+
+constexpr int64_t kKeyChunk = 512;        // keys per split-KV chunk in the direct path
+constexpr int64_t kDirectMaxQueries = 4;  // T <= this takes the direct path
+constexpr int64_t kTileRows = 128;        // query rows (positions x slots) per tile in the tiled path
+
+template <typename scalar_t, typename acc_t>
+inline const acc_t* as_acc(const scalar_t* src, acc_t* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    to_float(src, buf, n);
+    return buf;
+  }
+}
+
+template <typename scalar_t>
+void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_type<scalar_t>* bias,
+               double scale_d, at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), D = q.size(4), S = k.size(1);
+  const int64_t n_chunks = (S + kKeyChunk - 1) / kKeyChunk;
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const bool kv_same = kp == vp && k.strides() == v.strides();
+  // scratch: partial outputs and log-survivals per (b, t, h, chunk, slot)
+  const int64_t n_rows = B * T * H;
+  std::vector<acc_t> o_part(n_chunks > 1 ? n_rows * n_chunks * G * D : 0);
+  std::vector<acc_t> s_part(n_chunks > 1 ? n_rows * n_chunks * G : 0);
+  at::parallel_for(0, n_rows * n_chunks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> qbuf(G * D), kbuf(D), vbuf(D), obuf(G * D), cum(G);
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t row = item / n_chunks, c = item % n_chunks;
+      const int64_t b = row / (T * H), t = (row / H) % T, h = row % H;
+      const int64_t i = S - T + t;                        // absolute query position
+      const int64_t k_hi = i + 1 - c * kKeyChunk;          // keys [k_lo, k_hi) of this chunk, newest first
+      const int64_t k_lo = std::max<int64_t>(0, k_hi - kKeyChunk);
+      std::fill(obuf.begin(), obuf.end(), acc_t(0));
+      std::fill(cum.begin(), cum.end(), acc_t(0));
+      if (k_hi > 0) {
+        for (int64_t g = 0; g < G; ++g) {
+          const scalar_t* qg = qp + b * q.stride(0) + t * q.stride(1) + g * q.stride(2) + h * q.stride(3);
+          for (int64_t d = 0; d < D; ++d) qbuf[g * D + d] = static_cast<acc_t>(qg[d]);
+        }
+        for (int64_t j = k_hi - 1; j >= k_lo; --j) {
+          const acc_t* kj = as_acc(kp + b * k.stride(0) + j * k.stride(1) + h * k.stride(2), kbuf.data(), D);
+          const acc_t* vj = kv_same ? kj : nullptr;
+          const acc_t bj = bias ? bias[b * S + j] : acc_t(0);
+          for (int64_t g = 0; g < G; ++g) {
+            acc_t beta, ls;
+            core::sb_terms(dot(qbuf.data() + g * D, kj, D) * scale + bj, beta, ls);
+            const acc_t a = beta * std::exp(cum[g]);
+            cum[g] += ls;
+            if (a == acc_t(0)) continue;  // masked or negligible key: adds exactly zero
+            if (!vj) vj = as_acc(vp + b * v.stride(0) + j * v.stride(1) + h * v.stride(2), vbuf.data(), D);
+            axpy(a, vj, obuf.data() + g * D, D);
+          }
+        }
+      }
+      if (n_chunks == 1) {
+        for (int64_t g = 0; g < G; ++g) {
+          scalar_t* o = op + (((b * T + t) * G + g) * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(obuf[g * D + d]);
+        }
+      } else {
+        for (int64_t g = 0; g < G; ++g) {
+          std::copy(obuf.begin() + g * D, obuf.begin() + (g + 1) * D,
+                    o_part.begin() + ((row * G + g) * n_chunks + c) * D);
+          s_part[(row * G + g) * n_chunks + c] = cum[g];
+        }
+      }
+    }
+  });
+  if (n_chunks == 1) return;
+  at::parallel_for(0, n_rows * G, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> obuf(D);
+    for (int64_t rg = lo; rg < hi; ++rg) {
+      const int64_t row = rg / G, g = rg % G;
+      const int64_t b = row / (T * H), t = (row / H) % T, h = row % H;
+      core::sb_combine_chunks(o_part.data() + rg * n_chunks * D, s_part.data() + rg * n_chunks, n_chunks, D, D,
+                              obuf.data());
+      scalar_t* o = op + (((b * T + t) * G + g) * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(obuf[d]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void sb_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_type<scalar_t>* bias,
+              double scale_d, at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), S = k.size(1);
+  const int64_t tile_t = std::max<int64_t>(1, kTileRows / G);  // positions per tile
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const bool kv_same = k.data_ptr() == v.data_ptr() && k.strides() == v.strides();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const at::Tensor kf = k.select(0, b).select(1, h).to(acc_dtype);               // [S, D]
+      const at::Tensor vf = kv_same ? kf : v.select(0, b).select(1, h).to(acc_dtype);  // [S, D]
+      for (int64_t t0 = 0; t0 < T; t0 += tile_t) {
+        const int64_t tn = std::min(tile_t, T - t0), rows = tn * G;
+        const int64_t width = S - T + t0 + tn;  // keys 0 .. last query position of the tile
+        const at::Tensor qt = q.select(0, b).narrow(0, t0, tn).select(2, h).to(acc_dtype).reshape({rows, -1});
+        at::Tensor logits = at::mm(qt, kf.narrow(0, 0, width).t());  // [rows, W]
+        acc_t* lp = logits.data_ptr<acc_t>();
+        const acc_t* bb = bias ? bias + b * S : nullptr;
+        at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+          for (int64_t r = lo; r < hi; ++r)
+            core::sb_scan_row(lp + r * width, S - T + t0 + r / G, width, scale, bb);
+        });
+        const at::Tensor o = at::mm(logits, vf.narrow(0, 0, width));  // [rows, D]
+        out.select(0, b).narrow(0, t0, tn).select(2, h).copy_(o.view({tn, G, -1}));
+      }
+    }
+}
+
+// o [B, T, k, H, D]: causal stick-breaking attention of the T newest positions over all S keys.
+at::Tensor sb_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& bias, double scale) {
+  check_sb_attention(q, k, v, bias);
+  at::Tensor out = at::empty(q.sizes(), q.options());  // [B, T, k, H, D]
+  if (out.numel() == 0) return out;
+  MOLM_DISPATCH_FLOATING(q.scalar_type(), "molm::sb_attention", [&] {
+    using acc_t = acc_type<scalar_t>;
+    at::Tensor bias_acc;  // [B, S] in the accumulation dtype
+    if (bias.has_value()) bias_acc = bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* bp = bias.has_value() ? bias_acc.data_ptr<acc_t>() : nullptr;
+    if (q.size(1) <= kDirectMaxQueries)
+      sb_direct<scalar_t>(q, k, v, bp, scale, out);
+    else
+      sb_tiled<scalar_t>(q, k, v, bp, scale, out);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace molm::cpu
+
+TORCH_LIBRARY_IMPL(molm, CPU, m) { m.impl("sb_attention", &molm::cpu::sb_attention_cpu); }

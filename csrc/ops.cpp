@@ -1,0 +1,20 @@
+// Every molm op schema, once. Implementations live beside their kernels: csrc/cpu/<family>.cpp (and later
+// csrc/cuda/<family>/) each end with their own TORCH_LIBRARY_IMPL. Python wrappers, fakes and autograd: molm/ops.py.
+// Semantics of every op: its `<name>_ref` twin in molm/reference.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(molm, m) {
+  // softmax over E, top-k of the probabilities (ties -> lower expert), stable counting sort of the N*k slots by expert
+  m.def("route_topk(Tensor logits, int k) -> (Tensor probs, Tensor gates, Tensor experts, Tensor sorted_slots, "
+        "Tensor slot_positions, Tensor expert_offsets)");
+  // out[i] = x[index[i] // group]
+  m.def("gather_rows(Tensor x, Tensor index, int group) -> Tensor");
+  // out[n] = sum_{j=0..k-1} gates[n, j] * y[slot_positions[n*k + j]], fp32 accumulation in slot order, no atomics
+  m.def("scatter_ksum(Tensor y, Tensor gates, Tensor slot_positions) -> Tensor");
+  // out[rows of e] = act(x[rows of e] @ weight[e]) over contiguous expert segments; activation "none" | "gelu_new"
+  m.def("expert_gemm(Tensor x, Tensor weight, Tensor expert_offsets, str activation) -> Tensor");
+  // backward helper: grad_weight[e] = x[rows of e]^T @ grad_out[rows of e] (zeros for an empty expert), [E, K, Nout]
+  m.def("expert_gemm_wgrad(Tensor x, Tensor grad_out, Tensor expert_offsets, int num_experts) -> Tensor");
+  // fused causal stick-breaking attention (ModuleFormer variant), q [B,T,k,H,D], k/v [B,S,H,D], bias [B,S] -> [B,T,k,H,D]
+  m.def("sb_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> Tensor");
+}

@@ -1,0 +1,276 @@
+"""The molm op catalogue: typed wrappers over the `torch.ops.molm.*` kernels of the `molm._C` extension.
+
+Each op has, in this order: a shape helper (shared with the fake, restating the shape relations with
+`torch._check`), the wrapper (same signature and outputs as `<name>_ref` in `molm.reference`), its fake (meta)
+kernel for `torch.compile`, and its autograd formula. Schemas: `csrc/ops.cpp`; CPU kernels: `csrc/cpu/`.
+Shapes: N tokens, k slots, E experts, M = N*k rows, C/D widths, B batch, T new positions, S cached + new.
+
+Importing this module never fails: without the extension `extension_available()` is False and every wrapper
+raises a RuntimeError that carries the original import error (see `extension_error()`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (importing registers torch.ops.molm.*)
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # the extension is not built; the reference backend still works
+    _C = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def extension_available() -> bool:
+    """True when the compiled kernels (`molm._C`) could be imported."""
+    return _C is not None
+
+
+def extension_error() -> str | None:
+    """Why `molm._C` could not be imported (None when it could)."""
+    return _IMPORT_ERROR
+
+
+def _require_extension() -> None:
+    if _C is None:
+        raise RuntimeError(f"molm extension (molm._C) is not available: {_IMPORT_ERROR}. "
+                           "Build it with `pip install --no-build-isolation -e .`")
+
+
+# ---------------------------------------------------------------------------------------------------- route_topk
+def _route_topk_shapes(logits: torch.Tensor, k: int):
+    """-> shapes of (probs, gates/experts, sorted_slots/slot_positions, expert_offsets)."""
+    torch._check(logits.dim() == 2, lambda: f"route_topk: logits must be [N, E], got {tuple(logits.shape)}")
+    n_tokens, n_experts = logits.shape
+    torch._check(1 <= k, lambda: f"route_topk: k must be >= 1, got {k}")
+    torch._check(k <= n_experts, lambda: f"route_topk: k must be <= E = {n_experts}, got {k}")
+    return (n_tokens, n_experts), (n_tokens, k), (n_tokens * k,), (n_experts + 1,)
+
+
+def route_topk(logits: torch.Tensor, k: int):
+    """softmax over E experts, top-k of the probabilities (gate = raw probability), stable sort by expert.
+
+    logits [N, E] -> probs [N, E], gates [N, k] (logits dtype), experts [N, k] int64, sorted_slots [M],
+    slot_positions [M], expert_offsets [E+1] (all int64). Probabilities equal torch.softmax bitwise; equal
+    probabilities rank the lower expert index first.
+    """
+    _require_extension()
+    return torch.ops.molm.route_topk(logits, k)
+
+
+if _C is not None:
+    @torch.library.register_fake("molm::route_topk")
+    def _route_topk_fake(logits, k):
+        p_shape, g_shape, m_shape, o_shape = _route_topk_shapes(logits, k)
+        return (logits.new_empty(p_shape), logits.new_empty(g_shape),
+                logits.new_empty(g_shape, dtype=torch.int64), logits.new_empty(m_shape, dtype=torch.int64),
+                logits.new_empty(m_shape, dtype=torch.int64), logits.new_empty(o_shape, dtype=torch.int64))
+
+    def _route_topk_setup(ctx, inputs, output):
+        probs, _, experts = output[:3]
+        ctx.save_for_backward(probs, experts)
+
+    def _route_topk_backward(ctx, d_probs, d_gates, *_int_grads):
+        """Gates are gathered probabilities: fold d_gates into d_probs, then the softmax backward."""
+        probs, experts = ctx.saved_tensors
+        g = torch.zeros_like(probs) if d_probs is None else d_probs
+        if d_gates is not None:
+            g = g.scatter_add(1, experts, d_gates.to(g.dtype))  # [N, E]
+        return torch._softmax_backward_data(g, probs, -1, probs.dtype), None
+
+    torch.library.register_autograd("molm::route_topk", _route_topk_backward, setup_context=_route_topk_setup)
+
+
+# ---------------------------------------------------------------------------------------------------- gather_rows
+def _gather_rows_shape(x: torch.Tensor, index: torch.Tensor, group: int):
+    torch._check(x.dim() == 2, lambda: f"gather_rows: x must be [R, C], got {tuple(x.shape)}")
+    torch._check(index.dim() == 1, lambda: f"gather_rows: index must be [M], got {tuple(index.shape)}")
+    torch._check(group >= 1, lambda: f"gather_rows: group must be >= 1, got {group}")
+    return index.shape[0], x.shape[1]
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """out[i] = x[index[i] // group]. x [R, C], index [M] int64 in 0 .. R*group-1 -> [M, C]."""
+    _require_extension()
+    return torch.ops.molm.gather_rows(x, index, group)
+
+
+if _C is not None:
+    @torch.library.register_fake("molm::gather_rows")
+    def _gather_rows_fake(x, index, group):
+        return x.new_empty(_gather_rows_shape(x, index, group))
+
+    def _gather_rows_setup(ctx, inputs, output):
+        x, index, group = inputs
+        ctx.save_for_backward(index)
+        ctx.n_rows, ctx.group = x.shape[0], group
+
+    def _gather_rows_backward(ctx, grad):
+        """Rows that read the same source row (group > 1: the k slots of a token) sum, in fp32."""
+        (index,) = ctx.saved_tensors
+        rows = torch.div(index, ctx.group, rounding_mode="floor")  # [M]
+        dx = grad.new_zeros((ctx.n_rows, grad.shape[1]), dtype=torch.promote_types(grad.dtype, torch.float32))
+        return dx.index_add_(0, rows, grad.to(dx.dtype)).to(grad.dtype), None, None
+
+    torch.library.register_autograd("molm::gather_rows", _gather_rows_backward, setup_context=_gather_rows_setup)
+
+
+# ---------------------------------------------------------------------------------------------------- scatter_ksum
+def _scatter_ksum_shape(y: torch.Tensor, gates: torch.Tensor, slot_positions: torch.Tensor):
+    torch._check(y.dim() == 2, lambda: f"scatter_ksum: y must be [M, C], got {tuple(y.shape)}")
+    torch._check(gates.dim() == 2, lambda: f"scatter_ksum: gates must be [N, k], got {tuple(gates.shape)}")
+    torch._check(gates.shape[0] * gates.shape[1] == y.shape[0],
+                 lambda: f"scatter_ksum: gates {tuple(gates.shape)} must have N*k == y.shape[0] = {y.shape[0]}")
+    torch._check(slot_positions.dim() == 1 and slot_positions.shape[0] == y.shape[0],
+                 lambda: f"scatter_ksum: slot_positions must be [M = {y.shape[0]}]")
+    return gates.shape[0], y.shape[1]
+
+
+def scatter_ksum(y: torch.Tensor, gates: torch.Tensor, slot_positions: torch.Tensor) -> torch.Tensor:
+    """out[n] = sum_j gates[n, j] * y[slot_positions[n*k + j]], in slot order j = 0..k-1, accumulated in fp32.
+
+    y [M, C] expert-sorted, gates [N, k], slot_positions [M] int64 -> [N, C] in y's dtype. No atomics: bitwise
+    repeatable.
+    """
+    _require_extension()
+    return torch.ops.molm.scatter_ksum(y, gates, slot_positions)
+
+
+if _C is not None:
+    @torch.library.register_fake("molm::scatter_ksum")
+    def _scatter_ksum_fake(y, gates, slot_positions):
+        return y.new_empty(_scatter_ksum_shape(y, gates, slot_positions))
+
+    def _scatter_ksum_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _scatter_ksum_backward(ctx, grad):
+        """d y[slot_positions[n*k+j]] = gates[n, j] * grad[n];  d gates[n, j] = <grad[n], y[slot_positions[n*k+j]]>."""
+        y, gates, slot_positions = ctx.saved_tensors
+        n_tokens, k = gates.shape
+        acc = torch.promote_types(y.dtype, torch.float32)
+        g = grad.to(acc)  # [N, C]
+        d_y = d_gates = None
+        if ctx.needs_input_grad[0]:
+            d_slot = (gates.to(acc)[:, :, None] * g[:, None, :]).reshape(n_tokens * k, -1)  # [M, C] slot order
+            d_y = torch.empty_like(d_slot).index_copy_(0, slot_positions, d_slot).to(y.dtype)  # expert-sorted
+        if ctx.needs_input_grad[1]:
+            rows = y[slot_positions].to(acc).view(n_tokens, k, -1)  # [N, k, C]
+            d_gates = (rows * g[:, None, :]).sum(-1).to(gates.dtype)  # [N, k]
+        return d_y, d_gates, None
+
+    torch.library.register_autograd("molm::scatter_ksum", _scatter_ksum_backward, setup_context=_scatter_ksum_setup)
+
+
+# ---------------------------------------------------------------------------------------------------- expert_gemm
+def _expert_gemm_shape(x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch.Tensor):
+    torch._check(x.dim() == 2, lambda: f"expert_gemm: x must be [M, K], got {tuple(x.shape)}")
+    torch._check(weight.dim() == 3, lambda: f"expert_gemm: weight must be [E, K, Nout], got {tuple(weight.shape)}")
+    torch._check(weight.shape[1] == x.shape[1],
+                 lambda: f"expert_gemm: weight {tuple(weight.shape)} must have K == x.shape[1] = {x.shape[1]}")
+    torch._check(expert_offsets.dim() == 1 and expert_offsets.shape[0] == weight.shape[0] + 1,
+                 lambda: f"expert_gemm: expert_offsets must be [E+1 = {weight.shape[0] + 1}]")
+    return x.shape[0], weight.shape[2]
+
+
+def expert_gemm(x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch.Tensor,
+                activation: str = "none") -> torch.Tensor:
+    """Grouped GEMM over contiguous expert segments: out[rows of e] = act(x[rows of e] @ weight[e]).
+
+    x [M, K] expert-sorted, weight [E, K, Nout] ([expert, in, out]; a transposed view [E, Nout, K].mT is fine),
+    expert_offsets [E+1] int64, activation "none" | "gelu_new" -> [M, Nout].
+    """
+    _require_extension()
+    return torch.ops.molm.expert_gemm(x, weight, expert_offsets, activation)
+
+
+if _C is not None:
+    @torch.library.register_fake("molm::expert_gemm")
+    def _expert_gemm_fake(x, weight, expert_offsets, activation):
+        torch._check(activation in reference.ACTIVATIONS,
+                     lambda: f"expert_gemm: activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+        return x.new_empty(_expert_gemm_shape(x, weight, expert_offsets))
+
+    @torch.library.register_fake("molm::expert_gemm_wgrad")
+    def _expert_gemm_wgrad_fake(x, grad_out, expert_offsets, num_experts):
+        torch._check(grad_out.shape[0] == x.shape[0], lambda: "expert_gemm_wgrad: x and grad_out need the same M")
+        torch._check(expert_offsets.shape[0] == num_experts + 1, lambda: "expert_gemm_wgrad: offsets must be [E+1]")
+        return x.new_empty((num_experts, x.shape[1], grad_out.shape[1]))
+
+    def _expert_gemm_setup(ctx, inputs, output):
+        x, weight, expert_offsets, activation = inputs
+        ctx.save_for_backward(x, weight, expert_offsets)
+        ctx.activation = activation
+
+    def _expert_gemm_backward(ctx, grad):
+        """dX = dZ @ W[e]^T per segment (the forward op on transposed weights), dW[e] = X_e^T dZ_e (no atomics);
+        for gelu_new the pre-activation Z is recomputed, dZ = gelu_new'(Z) * grad."""
+        x, weight, expert_offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        if ctx.activation == "gelu_new":
+            pre = torch.ops.molm.expert_gemm(x, weight, expert_offsets, "none")  # [M, Nout]
+            grad = torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
+        d_x = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_x = torch.ops.molm.expert_gemm(grad, weight.transpose(1, 2), expert_offsets, "none")  # [M, K]
+        if ctx.needs_input_grad[1]:
+            d_w = torch.ops.molm.expert_gemm_wgrad(x, grad, expert_offsets, weight.shape[0])  # [E, K, Nout]
+        return d_x, d_w, None, None
+
+    torch.library.register_autograd("molm::expert_gemm", _expert_gemm_backward, setup_context=_expert_gemm_setup)
+
+
+# ---------------------------------------------------------------------------------------------------- sb_attention
+def _sb_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+    torch._check(q.dim() == 5, lambda: f"sb_attention: q must be [B, T, k, H, D], got {tuple(q.shape)}")
+    torch._check(k.dim() == 4 and v.dim() == 4, lambda: "sb_attention: k and v must be [B, S, H, D]")
+    torch._check(k.shape == v.shape, lambda: f"sb_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    torch._check(k.shape[0] == q.shape[0] and k.shape[2] == q.shape[3] and k.shape[3] == q.shape[4],
+                 lambda: f"sb_attention: k {tuple(k.shape)} does not match q {tuple(q.shape)} in B, H, D")
+    torch._check(q.shape[1] <= k.shape[1], lambda: "sb_attention: q has more positions T than keys S")
+    if bias is not None:
+        torch._check(bias.dim() == 2 and bias.shape[0] == k.shape[0] and bias.shape[1] == k.shape[1],
+                     lambda: f"sb_attention: bias must be [B, S] = {tuple(k.shape[:2])}")
+    return q.shape
+
+
+def sb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                 scale: float) -> torch.Tensor:
+    """Fused causal stick-breaking attention (ModuleFormer variant, spec §3.5), fp32 math for 16-bit inputs.
+
+    q [B, T, k, H, D] (the last T of the S positions), k/v [B, S, H, D], bias [B, S] additive or None
+    -> o [B, T, k, H, D] in q's dtype. Never materialises an S x S matrix; decode (T = 1) is O(S * D) per query.
+    """
+    _require_extension()
+    return torch.ops.molm.sb_attention(q, k, v, bias, scale)
+
+
+if _C is not None:
+    @torch.library.register_fake("molm::sb_attention")
+    def _sb_attention_fake(q, k, v, bias, scale):
+        return q.new_empty(_sb_attention_shape(q, k, v, bias))
+
+    def _sb_attention_setup(ctx, inputs, output):
+        q, k, v, bias, scale = inputs
+        ctx.save_for_backward(q, k, v, bias)
+        ctx.scale = scale
+
+    def _sb_attention_backward(ctx, grad):
+        """FALLBACK (no C++ backward kernel yet): recompute the pure-torch reference in fp32 (fp64 for fp64 inputs)
+        under autograd and differentiate it. Memory O(T * S) per (B, k, H) like the reference."""
+        q, k, v, bias = ctx.saved_tensors
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        needs = ctx.needs_input_grad[:4]
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().to(acc).requires_grad_(n) for t, n in zip((q, k, v, bias), needs)]
+            out = reference.sb_attention_ref(*leaves, ctx.scale)
+            wanted = [t for t, n in zip(leaves, needs) if n]
+            grads = iter(torch.autograd.grad(out, wanted, grad.to(acc)) if wanted else ())
+        return tuple(next(grads).to(t.dtype) if n else None for t, n in zip((q, k, v, bias), needs)) + (None,)
+
+    torch.library.register_autograd("molm::sb_attention", _sb_attention_backward, setup_context=_sb_attention_setup)
