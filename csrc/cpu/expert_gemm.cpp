@@ -1,7 +1,9 @@
 // CPU grouped expert GEMM over contiguous expert segments, plus its weight-gradient helper.
-// Small segments (decode: a few rows per expert) use a streaming GEMV over the [in, out] weight, split into
+// Small segments (decode: up to 16 rows per expert) use a streaming GEMV over the [in, out] weight, split into
 // (depth chunk x column block) items run in parallel and reduced in a fixed order; larger segments call at::mm
-// (MKL / oneDNN, itself multithreaded) on views of each segment.
+// (MKL / oneDNN, itself multithreaded) on views of each segment. Measured on 2 AMD EPYC cores, 8 experts of
+// 1024 x 2048 fp32: rows/expert 1: 3.2 ms vs 3.6 ms (at::mm), 4: 3.8 vs 13.4, 8: 6.4 vs 11.6, 16: 9.7 vs 12.5,
+// 32: 16.9 vs 14.2 (at::mm wins from there).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,7 +17,9 @@
 namespace molm::cpu {
 namespace {
 
-constexpr int64_t kGemvMaxRows = 4;     // segments with at most this many rows take the GEMV path
+constexpr int64_t kGemvMaxRows = 16;      // segments with at most this many rows skip at::mm (measured crossover)
+constexpr int64_t kStreamMaxRows = 4;      // ... and up to this many stream the weight block once
+constexpr int64_t kSubCols = 128;          // above that, 128-column sub-blocks are re-read from L2 per 4 rows
 constexpr int64_t kGemvDepthChunk = 256;  // weight rows per work item (fixed: results do not depend on threads)
 constexpr int64_t kGemvColBlock = 512;    // output columns per work item
 
@@ -57,9 +61,12 @@ void gemv_segments(const at::Tensor& x, const at::Tensor& weight, const std::vec
       const int64_t r0 = kc * kGemvDepthChunk, r1 = std::min(depth, r0 + kGemvDepthChunk);
       const int64_t c0 = cb * kGemvColBlock, c1 = std::min(cols, c0 + kGemvColBlock);
       float* y = pp + (kc * m_small + s.compact) * cols + c0;
+      const int64_t sub_cols = s.rows <= kStreamMaxRows ? kGemvColBlock : kSubCols;
       for (int64_t r = 0; r < s.rows; ++r) std::fill(y + r * cols, y + r * cols + (c1 - c0), 0.f);
-      gemv_rows(xp + s.compact * depth + r0, depth, s.rows, r1 - r0, wp + s.expert * ws0 + r0 * ws1 + c0, ws1, y,
-                cols, c1 - c0);
+      const float* xs0 = xp + s.compact * depth + r0;
+      const scalar_t* w0 = wp + s.expert * ws0 + r0 * ws1 + c0;
+      for (int64_t c = 0; c < c1 - c0; c += sub_cols)  // L2-sized sub-blocks, re-read once per 4 rows
+        gemv_rows(xs0, depth, s.rows, r1 - r0, w0 + c, ws1, y + c, cols, std::min(sub_cols, c1 - c0 - c));
     }
   });
   // fixed-order reduction over depth chunks

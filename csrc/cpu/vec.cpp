@@ -1,6 +1,7 @@
 // Micro-kernels of vec.h: scalar bodies everywhere, AVX2+FMA bodies on x86-64 chosen once at load time.
 #include "vec.h"
 
+#include <algorithm>
 #include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -21,7 +21,7 @@ void axpy(double alpha, const double* x, double* y, int64_t n);
 void to_float(const c10::BFloat16* src, float* dst, int64_t n);
 void to_float(const c10::Half* src, float* dst, int64_t n);
 
-// Small-M GEMV over a row-major weight block: for m < rows (rows <= 4),
+// Small-M GEMV over a row-major weight block: for m < rows (any; groups of 4 re-read the block),
 //   y[m * ldy + c] += sum_{r < depth} x[m * ldx + r] * w[r * ldw + c]   for c < cols.
 // Streams `depth` weight rows once, four at a time, for all m together.
 void gemv_rows(const float* x, int64_t ldx, int64_t rows, int64_t depth, const float* w, int64_t ldw, float* y,
