@@ -128,7 +128,7 @@ class ModuleFormerPreTrainedModel(nn.Module):
             raise ValueError(f"input_ids must have shape [batch, length], got {list(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}): give at least one token")
-        if input_ids.device.type == "cpu":  # on an accelerator this check would be a host sync
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():  # elsewhere: a host sync
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,16 @@ def backend_ops(name: str) -> SimpleNamespace:
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
-class Routing(SimpleNamespace):
+class Routing(NamedTuple):
     """Routing of one MoE site, computed once and shared by its two expert GEMMs."""
+
+    probs: torch.Tensor  # [N, E]
+    gates: torch.Tensor  # [N, k] raw probabilities of the chosen experts
+    experts: torch.Tensor  # [N, k] int64
+    sorted_slots: torch.Tensor  # [M] slot ids n*k+j in expert order
+    slot_positions: torch.Tensor  # [M] inverse: where slot n*k+j sits in expert order
+    expert_offsets: torch.Tensor  # [E+1]
+    k: int
 
 
 class ParallelExperts(nn.Module):
@@ -86,9 +95,7 @@ class Router(nn.Module):
         if self.training and self.sample_topk > 0:
             routing = self._sampled_routing(logits)
         else:
-            probs, gates, experts, sorted_slots, slot_positions, offsets = ops.route_topk(logits, self.top_k)
-            routing = Routing(probs=probs, gates=gates, experts=experts, sorted_slots=sorted_slots,
-                              slot_positions=slot_positions, expert_offsets=offsets, k=self.top_k)
+            routing = Routing(*ops.route_topk(logits, self.top_k), self.top_k)
         aux = self.aux_loss(logits, routing) if want_aux_loss else None
         return routing, aux
 
@@ -100,8 +107,7 @@ class Router(nn.Module):
         experts = torch.cat([greedy, torch.multinomial(weights, self.sample_topk)], dim=-1)  # [N, k]
         gates = probs.gather(1, experts)
         sorted_slots, slot_positions, offsets = reference.sort_by_expert(experts, self.num_experts)
-        return Routing(probs=probs, gates=gates, experts=experts, sorted_slots=sorted_slots,
-                       slot_positions=slot_positions, expert_offsets=offsets, k=self.top_k)
+        return Routing(probs, gates, experts, sorted_slots, slot_positions, offsets, self.top_k)
 
     def aux_loss(self, logits: torch.Tensor, routing: Routing) -> torch.Tensor:
         """MI loss H(e|x) - H(e) (spec §4), or switch + 0.1 * z loss for any other aux_loss_type."""
