@@ -33,6 +33,18 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def decode_bytes_per_step(model, context: int) -> int:
+    """Bytes a batch-1 decode step must read at least: lm_head, routers, norms, the k chosen experts of every MoE
+    site and the KV cache (once per layer when K = V)."""
+    c = model.config
+    size = model.transformer.wte.weight.element_size()
+    layer = model.transformer.h[0]
+    per_layer = sum(p.numel() for name, p in layer.named_parameters() if "experts" not in name)
+    per_layer += c.k_att * 2 * c.n_embd * c.att_hidden + c.k_mlp * 2 * c.n_embd * c.ffd_hidden
+    per_layer += context * c.att_hidden * (1 if c.identity_kv else 2)
+    return size * (c.n_layer * per_layer + c.vocab_size * c.n_embd + c.n_embd)
+
+
 def decode_rate(model, batch: int, prompt: int, steps: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
 
@@ -65,6 +77,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prompt length before decoding")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
     parser.add_argument("--prefill", type=int, default=256, help="prefill length per sequence")
+    parser.add_argument("--backends", nargs="+", default=["reference", "extension"])
     parser.add_argument("--json", default=None, help="write the records to this path")
     args = parser.parse_args()
 
@@ -73,14 +86,15 @@ def main() -> None:
     records = []
     print(f"MoLM-350M-4B widths, {args.layers} layers, {base.num_parameters() / 1e9:.2f} B params, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    header = f"{'dtype':>9} {'batch':>5} {'backend':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode x':>9}"
+    header = (f"{'dtype':>9} {'batch':>5} {'backend':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode x':>9} "
+              f"{'decode GB/s':>12}")
     print(header)
     print("-" * len(header))
     for dtype_name in args.dtypes:
         model = base.to(getattr(torch, dtype_name))
         for batch in args.batches:
             rates = {}
-            for backend in ("reference", "extension"):
+            for backend in args.backends:
                 try:
                     model.set_backend(backend)
                 except RuntimeError as exc:
@@ -90,11 +104,16 @@ def main() -> None:
                     prefill = prefill_rate(model, batch, args.prefill)
                     decode = decode_rate(model, batch, args.prompt, args.steps)
                 rates[backend] = decode
-                speedup = decode / rates["reference"]
-                print(f"{dtype_name:>9} {batch:>5} {backend:>10} {prefill:>14.1f} {decode:>13.2f} {speedup:>8.2f}x")
+                speedup = decode / rates["reference"] if "reference" in rates else float("nan")
+                # weight bytes are shared by the batch only when rows pick the same experts: report batch 1 only
+                gbs = decode_bytes_per_step(model, args.prompt + args.steps // 2) * decode / 1e9 if batch == 1 \
+                    else float("nan")
+                print(f"{dtype_name:>9} {batch:>5} {backend:>10} {prefill:>14.1f} {decode:>13.2f} {speedup:>8.2f}x "
+                      f"{gbs:>12.2f}")
                 records.append({"dtype": dtype_name, "batch": batch, "backend": backend, "layers": args.layers,
                                 "prompt": args.prompt, "prefill_len": args.prefill, "prefill_tok_s": prefill,
-                                "decode_tok_s": decode, "decode_speedup_vs_reference": speedup})
+                                "decode_tok_s": decode, "decode_speedup_vs_reference": speedup,
+                                "decode_GB_s_batch1": None if batch != 1 else gbs})
     if args.json:
         try:
             sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
