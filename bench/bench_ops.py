@@ -11,14 +11,10 @@ abs error vs the reference, bitwise repeatability) and writes flat records with 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import statistics
-import subprocess
-import time
 
 import torch
+from common import median_seconds, run_metadata
 
 from molm import ops, reference
 
@@ -26,15 +22,8 @@ C, K_SLOTS = 1024, 2
 E_MLP, F_MLP, E_ATT, D_ATT = 32, 2048, 16, 1024
 
 
-def _median_us(fn, runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+def _median_us(fn, runs: int) -> float:
+    return median_seconds(fn, runs, warmup=2) * 1e6
 
 
 def _max_err(a, b) -> float:
@@ -126,13 +115,7 @@ def main() -> None:
         print(f"{family:<13} {shape:<42} {us:>10.1f} {us_ref:>10.1f} {rec['speedup']:>7.2f}x {rec['gflops']:>8.1f} "
               f"{rec['gbps']:>7.2f} {rec['max_err']:>9.2e} {str(rec['bitwise_repeat']):>7}")
     if args.json:
-        try:
-            sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            sha = ""
-        meta = dict(torch=torch.__version__, cpu=platform.processor() or platform.machine(),
-                    threads=torch.get_num_threads(), git_sha=sha, date=datetime.datetime.now().isoformat(),
-                    avx2=ops._C.cpu_uses_avx2())
+        meta = dict(run_metadata(), avx2=ops._C.cpu_uses_avx2())
         with open(args.json, "w") as f:
             json.dump([dict(meta, **r) for r in records], f, indent=1)
 

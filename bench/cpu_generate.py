@@ -9,28 +9,15 @@ Decode is timed after a prefill of --prompt tokens, one token per sequence per s
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
+from common import median_seconds, run_metadata
 
 import molm
 from molm.config import PRESETS
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def decode_bytes_per_step(model, context: int) -> int:
@@ -65,7 +52,7 @@ def decode_rate(model, batch: int, prompt: int, steps: int) -> float:
 
 def prefill_rate(model, batch: int, length: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(1))
-    seconds = timed(lambda: model(ids, return_aux_loss=False, logits_to_keep=1), repeats=2)
+    seconds = median_seconds(lambda: model(ids, return_aux_loss=False, logits_to_keep=1), runs=2)
     return batch * length / seconds
 
 
@@ -115,12 +102,7 @@ def main() -> None:
                                 "decode_tok_s": decode, "decode_speedup_vs_reference": speedup,
                                 "decode_GB_s_batch1": None if batch != 1 else gbs})
     if args.json:
-        try:
-            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            sha = ""
-        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
-                platform.machine(), "git": sha, "date": datetime.date.today().isoformat()}
+        meta = run_metadata()
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "records": records}, f, indent=2)
 
