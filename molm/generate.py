@@ -143,7 +143,7 @@ def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, 
         steps = generate_ids(model, prompt, attention_mask, **settings)
         if stream:
             return steps
-        new = [step for step in steps]
+        new = list(steps)
         if not new:
             return prompt.clone()
         return torch.cat([prompt.to(model.device), torch.stack(new, dim=1)], dim=1)

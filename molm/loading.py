@@ -148,7 +148,7 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     dtype = dtype or _stored_dtype(config, files)
     with torch.device("meta"):
         model = cls(config, backend=backend)
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = dict(model.state_dict())
     loaded: dict[str, torch.Tensor] = {}
     unexpected, mis_shaped, seen_in = [], [], {}
     tensors = iter_tensors(files)
