@@ -14,7 +14,6 @@ class KVCache:
 
     def __init__(self, n_layer: int, batch: int, max_length: int, width: int, shared_kv: bool,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
-        self.shared_kv = shared_kv
         self.length = 0
         self._pending = 0
         shape = (batch, max(1, max_length), width)

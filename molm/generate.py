@@ -167,19 +167,19 @@ def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, 
         if not single:
             raise ValueError("stream=True takes one str prompt")
         return _stream_text(steps, tokenizer, stop, eos)
-    streams = [_TextStream(tokenizer) for _ in prompts]
+    new_ids: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for next_ids in steps:
         for row, token in enumerate(next_ids.tolist()):
             if done[row] or token == eos:
                 done[row] = True
                 continue
-            streams[row].push(token)
-            if stop and _truncate_at_stop(streams[row].sent, stop)[1]:
+            new_ids[row].append(token)
+            if stop and _truncate_at_stop(tokenizer.decode(new_ids[row]), stop)[1]:
                 done[row] = True
         if all(done):
             break
-    texts = [_truncate_at_stop(tokenizer.decode(s.ids), stop)[0] for s in streams]
+    texts = [_truncate_at_stop(tokenizer.decode(ids), stop)[0] for ids in new_ids]
     return texts[0] if single else texts
 
 

@@ -116,15 +116,6 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor, str]]:
                 yield key, tensor, path
 
 
-def _stored_dtype(config: ModuleFormerConfig, files: list[str]) -> torch.dtype:
-    if config.torch_dtype in DTYPES:
-        return DTYPES[config.torch_dtype]
-    for _, tensor, _ in iter_tensors(files[:1]):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
-
-
 def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", backend: str | None = None,
          cls: type[ModuleFormerPreTrainedModel] | None = None, progress: bool = False) -> ModuleFormerPreTrainedModel:
     """Load an HF-format ModuleFormer directory (or hub id) as the class named in `architectures`.
@@ -145,7 +136,8 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
             raise CheckpointError(f"{config_path}: unknown architecture {names[0]!r}; molm knows "
                                   f"{sorted(ARCHITECTURES)}")
         cls = ARCHITECTURES[names[0]]
-    dtype = dtype or _stored_dtype(config, files)
+    if dtype is None and config.torch_dtype in DTYPES:
+        dtype = DTYPES[config.torch_dtype]
     with torch.device("meta"):
         model = cls(config, backend=backend)
     expected = dict(model.state_dict())
@@ -171,6 +163,7 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
         if not tensor.is_floating_point():
             mis_shaped.append(f"{key}: dtype {tensor.dtype} is not floating point")
             continue
+        dtype = dtype or tensor.dtype  # no dtype asked for and none in config.json: keep the stored one
         loaded[key] = tensor.to(device=device, dtype=dtype)
     missing = [f"{k} {list(v.shape)}" for k, v in expected.items() if k not in loaded]
     swapped_head = _head_swap(cls, missing, unexpected)
