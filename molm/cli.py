@@ -51,16 +51,16 @@ def _human(n: float, unit: str = "") -> str:
 def model_info(path) -> dict:
     """Sizes of a checkpoint directory without reading its weights (the model is built on the meta device)."""
     from .config import ModuleFormerConfig
-    from .loading import ARCHITECTURES, resolve, weight_files
+    from .loading import model_class, resolve, weight_files
 
     directory = resolve(path)
     config = ModuleFormerConfig.from_pretrained(directory)
-    arch = (config.architectures or ["ModuleFormerForCausalLM"])[0]
+    cls = model_class(config, os.path.join(directory, "config.json"))
     with torch.device("meta"):
-        model = ARCHITECTURES.get(arch, ARCHITECTURES["ModuleFormerForCausalLM"])(config, backend="reference")
+        model = cls(config, backend="reference")
     files = weight_files(directory)
     return {
-        "architecture": arch,
+        "architecture": cls.__name__,
         "layers": config.n_layer,
         "width": config.n_embd,
         "attention experts": f"{config.n_att_experts} (top-{config.k_att}), {config.n_head} head(s) of "

@@ -116,6 +116,14 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor, str]]:
                 yield key, tensor, path
 
 
+def model_class(config: ModuleFormerConfig, config_path: str) -> type[ModuleFormerPreTrainedModel]:
+    """The head named first in `architectures` (causal LM when absent)."""
+    name = (config.architectures or ["ModuleFormerForCausalLM"])[0]
+    if name not in ARCHITECTURES:
+        raise CheckpointError(f"{config_path}: unknown architecture {name!r}; molm knows {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
 def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", backend: str | None = None,
          cls: type[ModuleFormerPreTrainedModel] | None = None, progress: bool = False) -> ModuleFormerPreTrainedModel:
     """Load an HF-format ModuleFormer directory (or hub id) as the class named in `architectures`.
@@ -131,11 +139,7 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     config = ModuleFormerConfig.from_json_file(config_path)
     files = weight_files(directory)
     if cls is None:
-        names = config.architectures or ["ModuleFormerForCausalLM"]
-        if names[0] not in ARCHITECTURES:
-            raise CheckpointError(f"{config_path}: unknown architecture {names[0]!r}; molm knows "
-                                  f"{sorted(ARCHITECTURES)}")
-        cls = ARCHITECTURES[names[0]]
+        cls = model_class(config, config_path)
     if dtype is None and config.torch_dtype in DTYPES:
         dtype = DTYPES[config.torch_dtype]
     with torch.device("meta"):
