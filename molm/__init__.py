@@ -2,10 +2,14 @@
 
 from .cache import KVCache
 from .config import PRESETS, ModuleFormerConfig
-from .generate import generate, load_tokenizer
+from .generate import generate, generate_ids, load_tokenizer
 from .loading import CheckpointError, load, save_pretrained
 from .model import ModelOutput, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification, ModuleFormerModel
+from .surgery import extend, prune
+from .train import TrainConfig, perplexity, train
+from .usage import ExpertUsage, expert_usage, plot_usage
 
 __version__ = "0.1.0"
 __all__ = ["KVCache", "PRESETS", "ModuleFormerConfig", "CheckpointError", "generate", "load", "load_tokenizer", "save_pretrained", "ModelOutput",
-           "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification", "ModuleFormerModel"]
+           "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification", "ModuleFormerModel",
+           "extend", "prune", "TrainConfig", "perplexity", "train", "ExpertUsage", "expert_usage", "plot_usage"]

@@ -17,8 +17,10 @@ class KVCache:
         self.length = 0
         self._pending = 0
         shape = (batch, max(1, max_length), width)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.values = None if shared_kv else [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        # zeros, not empty: a fixed-shape decode step (StaticWindow) reads positions not yet written, masked by a
+        # finite bias, which garbage NaN/Inf would turn into NaN
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.values = None if shared_kv else [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
 
     @classmethod
     def for_model(cls, model, batch: int, max_length: int) -> "KVCache":
@@ -38,7 +40,7 @@ class KVCache:
         capacity = max(needed, 2 * self.capacity)
 
         def grown(buf):
-            new = buf.new_empty(buf.shape[0], capacity, buf.shape[2])
+            new = buf.new_zeros(buf.shape[0], capacity, buf.shape[2])
             new[:, : self.length] = buf[:, : self.length]
             return new
 
@@ -89,3 +91,43 @@ class KVCache:
             cache.append(layer, k, None if shared_kv else v)
         cache.advance()
         return cache
+
+
+class StaticWindow(KVCache):
+    """A fixed-shape decode view of a KVCache, for CUDA graphs: every step has the same shapes and pointers.
+
+    The new token is written at the device position `position` ([1] int64, index_copy_), and attention always
+    reads the first `window` positions; positions not yet written are masked by the caller's attention_mask (a
+    -inf logit gives beta = 0, which changes neither the weights nor the stick-breaking product). `length` is
+    window - 1 so the model expects an attention_mask of exactly [B, window].
+    """
+
+    def __init__(self, cache: KVCache, window: int, position: torch.Tensor):  # noqa: super().__init__ not wanted
+        if window > cache.capacity:
+            raise ValueError(f"StaticWindow: window {window} exceeds the cache capacity {cache.capacity}")
+        self.cache, self.window, self.position = cache, window, position
+
+    @property
+    def keys(self):
+        return self.cache.keys
+
+    @property
+    def values(self):
+        return self.cache.values
+
+    @property
+    def length(self) -> int:
+        return self.window - 1
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor | None):
+        if keys.shape[1] != 1:
+            raise ValueError(f"StaticWindow takes one new position per step, got {keys.shape[1]}")
+        self.cache.keys[layer].index_copy_(1, self.position, keys.detach())
+        k = self.cache.keys[layer][:, : self.window]
+        if self.cache.values is None:
+            return k, None
+        self.cache.values[layer].index_copy_(1, self.position, values.detach())
+        return k, self.cache.values[layer][:, : self.window]
+
+    def advance(self) -> None:
+        """The caller moves `position` (no host state changes inside a captured step)."""

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from .cache import KVCache
+from .engine import StaticDecoder
 
 
 def load_tokenizer(directory: str | os.PathLike):
@@ -72,10 +73,12 @@ def _check_settings(max_new_tokens, temperature, top_k, top_p):
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
-                 pad_token_id: int | None = None) -> Iterator[torch.Tensor]:
+                 pad_token_id: int | None = None, cuda_graphs: bool | None = None) -> Iterator[torch.Tensor]:
     """Yields the next token ids [B] step by step. Rows that produced eos keep producing pad_token_id.
 
-    input_ids [B, T] (left-padded when rows differ in length, with attention_mask [B, T]).
+    input_ids [B, T] (left-padded when rows differ in length, with attention_mask [B, T]). Decode steps are
+    replayed from CUDA graphs (`cuda_graphs`, default: on for a CUDA model with the extension backend); the
+    prefill and CPU steps run eagerly on the same preallocated cache.
     """
     _check_settings(max_new_tokens, temperature, top_k, top_p)
     model.check_input_ids(input_ids)
@@ -85,19 +88,27 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda" and model.backend == "extension"
     cache = KVCache.for_model(model, B, T + max_new_tokens)
     full_mask = None
-    if attention_mask is not None:
-        full_mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
-        full_mask[:, :T] = attention_mask.to(device)
+    if attention_mask is not None or cuda_graphs:
+        full_mask = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=device)  # set column by column
+        full_mask[:, :T] = 1 if attention_mask is None else attention_mask.to(device)
+    decoder = StaticDecoder(model, cache, full_mask, cuda_graphs=True) if cuda_graphs else None
     pad = pad_token_id if pad_token_id is not None else eos_token_id
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     tokens = input_ids
     for step in range(max_new_tokens):
-        mask = None if full_mask is None else full_mask[:, : cache.length + tokens.shape[1]]
-        out = model(tokens, attention_mask=mask, past_key_values=cache, use_cache=True, return_aux_loss=False,
-                    logits_to_keep=1)
-        next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)  # [B]
+        if step > 0 and full_mask is not None:
+            full_mask[:, T + step - 1] = 1
+        if step > 0 and decoder is not None:
+            logits = decoder.step(tokens, T + step - 1)
+        else:
+            mask = None if full_mask is None else full_mask[:, : cache.length + tokens.shape[1]]
+            logits = model(tokens, attention_mask=mask, past_key_values=cache, use_cache=True,
+                           return_aux_loss=False, logits_to_keep=1).logits[:, -1]
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # [B]
         if eos_token_id is not None:
             next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
             finished |= next_ids == eos_token_id

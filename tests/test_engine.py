@@ -1,0 +1,74 @@
+"""The fixed-shape decode step (what CUDA graphs replay) against the plain cached forward, step by step."""
+
+import os
+
+import pytest
+import torch
+
+import molm
+from molm.cache import KVCache
+from molm.engine import StaticDecoder
+
+from backends import BACKENDS
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@torch.no_grad()
+def _decode_both_ways(model, input_ids, attention_mask, steps, min_window):
+    B, T = input_ids.shape
+    mask = torch.zeros(B, T + steps, dtype=torch.long)
+    mask[:, :T] = attention_mask
+    plain_cache, static_cache = KVCache.for_model(model, B, T + steps), KVCache.for_model(model, B, T + steps)
+    for cache in (plain_cache, static_cache):
+        out = model(input_ids, attention_mask=mask[:, :T], past_key_values=cache, use_cache=True,
+                    return_aux_loss=False)
+    tokens = out.logits[:, -1].argmax(-1)
+    decoder = StaticDecoder(model, static_cache, mask, cuda_graphs=False, min_window=min_window)
+    windows, max_diff = set(), 0.0
+    for step in range(steps - 1):
+        position = T + step
+        mask[:, position] = 1
+        plain = model(tokens[:, None], attention_mask=mask[:, : position + 1], past_key_values=plain_cache,
+                      use_cache=True, return_aux_loss=False).logits[:, -1]
+        static = decoder.step(tokens, position)
+        windows.add(decoder.window(position))
+        max_diff = max(max_diff, (plain - static).abs().max().item())
+        assert torch.equal(plain.argmax(-1), static.argmax(-1)), f"greedy token differs at step {step}"
+        tokens = plain.argmax(-1)
+    assert torch.equal(plain_cache.keys[0][:, : T + steps - 1], static_cache.keys[0][:, : T + steps - 1])
+    return windows, max_diff
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["molm-tiny-a", "molm-tiny-b"])
+def test_static_window_decode_matches_plain_decode(backend, name):
+    model = molm.load(os.path.join(DATA, name), dtype=torch.float32, backend=backend)
+    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones(3, 7, dtype=torch.long)
+    attention_mask[1, :3] = 0  # left padding
+    attention_mask[2, :6] = 0
+    windows, max_diff = _decode_both_ways(model, ids, attention_mask, steps=30, min_window=4)
+    assert windows == {8, 16, 32, 37}  # crosses window sizes, the last one clipped to the capacity 7 + 30
+    assert max_diff < 1e-4
+
+
+def test_static_decoder_refuses_graphs_off_cuda():
+    model = molm.load(os.path.join(DATA, "molm-tiny-a"), dtype=torch.float32)
+    cache = KVCache.for_model(model, 1, 8)
+    with pytest.raises(ValueError, match="CUDA"):
+        StaticDecoder(model, cache, torch.ones(1, 8, dtype=torch.long), cuda_graphs=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_generation_matches_eager():
+    model = molm.load(os.path.join(DATA, "molm-tiny-a"), dtype=torch.float32, device="cuda", backend="extension")
+    ids = torch.randint(0, model.config.vocab_size, (4, 9), generator=torch.Generator().manual_seed(1))
+    eager = molm.generate(model, ids, max_new_tokens=80)
+    graphs = torch.cat([ids.cuda(), torch.stack(list(molm.generate_ids(model, ids, max_new_tokens=80,
+                                                                        cuda_graphs=True)), 1)], 1)
+    no_graphs = torch.cat([ids.cuda(), torch.stack(list(molm.generate_ids(model, ids, max_new_tokens=80,
+                                                                           cuda_graphs=False)), 1)], 1)
+    assert torch.equal(graphs, no_graphs)
+    assert torch.equal(eager, graphs)
