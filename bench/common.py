@@ -10,6 +10,8 @@ import time
 
 import torch
 
+import molm
+
 
 def median_seconds(fn, runs: int, warmup: int = 1) -> float:
     """Median wall time of `runs` calls of fn after `warmup` untimed calls."""
@@ -31,3 +33,28 @@ def run_metadata() -> dict:
         sha = ""
     return {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "git_sha": sha, "date": datetime.datetime.now().isoformat()}
+
+
+@torch.no_grad()
+def random_model(config, dtype: torch.dtype, device: str = "cpu", backend: str = "extension", seed: int = 0):
+    """A ModuleFormerForCausalLM with random weights built straight in `dtype` on `device` (never an fp32 copy:
+    the full MoLM configs hold 4-8 B parameters). LayerNorms are identity, everything else normal(0, 0.02)."""
+    with torch.device("meta"):
+        model = molm.ModuleFormerForCausalLM(config, backend=backend)
+    model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if ".ln_" in name or name.startswith("transformer.ln_f"):
+            param.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
+    return model.eval()
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from common import median_seconds, run_metadata
+from common import median_seconds, peak_rss_gb, random_model, run_metadata
 
 import molm
 from molm.config import PRESETS
@@ -69,16 +69,15 @@ def main() -> None:
     args = parser.parse_args()
 
     config = PRESETS["MoLM-350M-4B"]().replace(n_layer=args.layers)
-    base = molm.ModuleFormerForCausalLM(config, backend="reference").init_weights(seed=0).eval()
     records = []
-    print(f"MoLM-350M-4B widths, {args.layers} layers, {base.num_parameters() / 1e9:.2f} B params, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"MoLM-350M-4B widths, {args.layers} layers, torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = (f"{'dtype':>9} {'batch':>5} {'backend':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode x':>9} "
-              f"{'decode GB/s':>12}")
+              f"{'decode GB/s':>12} {'peak RSS GB':>12}")
     print(header)
     print("-" * len(header))
     for dtype_name in args.dtypes:
-        model = base.to(getattr(torch, dtype_name))
+        # built straight in the dtype: the full 24-layer model is 4 B parameters (16 GB in fp32, 8 GB in bf16)
+        model = random_model(config, getattr(torch, dtype_name), "cpu", backend="reference", seed=0)
         for batch in args.batches:
             rates = {}
             for backend in args.backends:
@@ -95,12 +94,14 @@ def main() -> None:
                 # weight bytes are shared by the batch only when rows pick the same experts: report batch 1 only
                 gbs = decode_bytes_per_step(model, args.prompt + args.steps // 2) * decode / 1e9 if batch == 1 \
                     else float("nan")
+                rss = peak_rss_gb()
                 print(f"{dtype_name:>9} {batch:>5} {backend:>10} {prefill:>14.1f} {decode:>13.2f} {speedup:>8.2f}x "
-                      f"{gbs:>12.2f}")
+                      f"{gbs:>12.2f} {rss:>12.1f}")
                 records.append({"dtype": dtype_name, "batch": batch, "backend": backend, "layers": args.layers,
                                 "prompt": args.prompt, "prefill_len": args.prefill, "prefill_tok_s": prefill,
                                 "decode_tok_s": decode, "decode_speedup_vs_reference": speedup,
-                                "decode_GB_s_batch1": None if batch != 1 else gbs})
+                                "decode_GB_s_batch1": None if batch != 1 else gbs, "peak_rss_GB": rss})
+        del model
     if args.json:
         meta = run_metadata()
         with open(args.json, "w") as f:

@@ -1,0 +1,30 @@
+"""The end-to-end benchmark's code paths (engine, dense twin, expert-load hooks) run on a tiny config on the CPU.
+
+Numbers from this run mean nothing; the GPU run (bench/gpu_check.sh) produces the real ones."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_e2e_smoke_run_writes_every_measurement(tmp_path):
+    out = tmp_path / "e2e.json"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "e2e.py"), "--device", "cpu", "--smoke",
+                    "--models", "MoLM-350M-4B", "--impls", "extension", "dense", "--json", str(out), "--png", ""],
+                   check=True, env=env, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    impls = {r["impl"]: r for r in result["records"]}
+    assert set(impls) == {"extension", "dense"}
+    for rec in impls.values():
+        assert rec["seed_table"]["throughput_tok_s"] > 0 and rec["prefill"]["tok_s"] > 0
+        assert len(rec["decode"]) == 4 and all(d["tok_s"] > 0 for d in rec["decode"])
+    # the dense twin has the MoE model's active parameters (within the 256-wide rounding of its MLP)
+    moe, dense = impls["extension"]["active_params"], impls["dense"]["active_params"]
+    assert abs(dense - moe) / moe < 0.1
+    load = result["expert_load"]["MoLM-350M-4B"]
+    assert len(load["attention"]) == 2 and len(load["mlp"]) == 2
+    assert sum(load["mlp"][0]) == 2 * 32 * 2  # every token's k = 2 slots, counted once (batch 2 x 32 tokens)
