@@ -72,3 +72,5 @@ def test_cuda_graph_generation_matches_eager():
                                                                            cuda_graphs=False)), 1)], 1)
     assert torch.equal(graphs, no_graphs)
     assert torch.equal(eager, graphs)
+    reference = molm.generate(model.set_backend("reference"), ids, max_new_tokens=80)
+    assert torch.equal(reference, graphs)  # fp32 greedy: the original algorithm's tokens
