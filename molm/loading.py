@@ -24,6 +24,7 @@ SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # Persistent buffers of the original attention: never read by its forward; accepted and dropped.
 UNUSED_KEYS = re.compile(r"^transformer\.h\.\d+\.attn\.(mask|cum_weight)$")
+SMALL_MODEL = 2**26  # parameters; below this a config/weights mismatch is reported key by key
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -52,15 +53,27 @@ def resolve(path: str | os.PathLike) -> str:
     raise CheckpointError(f"model directory {path!r} does not exist")
 
 
-def _shard_path(directory: str, name: str, index_file: str) -> str:
-    """A shard named in an index must be a plain file inside the directory (no '..', no absolute path, no link out)."""
-    if not isinstance(name, str) or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-        raise CheckpointError(f"{index_file}: shard name {name!r} points outside the model directory")
+def _allowed_roots(directory: str) -> list[str]:
+    """Where the weight files of `directory` may live: the directory itself and, for a Hugging Face cache snapshot
+    (<cache>/models--org--name/snapshots/<revision>, whose files are links into ../../blobs), that repo's blobs."""
+    root = os.path.realpath(directory)
+    roots = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        roots.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    return roots
+
+
+def _weight_path(directory: str, name: str, source: str) -> str:
+    """A weight file named in an index (or a single weights file) must be a plain file inside the directory: no
+    '..', no absolute path, no link out of it (links into the HF cache's blobs are fine)."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise CheckpointError(f"{source}: shard name {name!r} points outside the model directory")
     full = os.path.join(directory, name)
-    if not os.path.realpath(full).startswith(os.path.realpath(directory) + os.sep):
-        raise CheckpointError(f"{index_file}: shard {name!r} resolves outside the model directory")
+    real = os.path.realpath(full)
+    if not any(real.startswith(root + os.sep) for root in _allowed_roots(directory)):
+        raise CheckpointError(f"{source}: weights file {name!r} resolves outside the model directory (to {real})")
     if not os.path.isfile(full):
-        raise CheckpointError(f"{index_file}: shard {name!r} is missing")
+        raise CheckpointError(f"{source}: shard {name!r} is missing")
     return full
 
 
@@ -76,9 +89,12 @@ def weight_files(directory: str) -> list[str]:
                 raise CheckpointError(f"{index_path}: not a valid index ({exc!r})") from None
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index_path}: weight_map must be an object")
-            return [_shard_path(directory, name, index) for name in sorted(set(weight_map.values()))]
+            for name in weight_map.values():
+                if not isinstance(name, str):
+                    raise CheckpointError(f"{index_path}: shard name {name!r} is not a file name")
+            return [_weight_path(directory, name, index_path) for name in sorted(set(weight_map.values()))]
         if os.path.isfile(os.path.join(directory, single)):
-            return [os.path.join(directory, single)]
+            return [_weight_path(directory, single, directory)]
     raise CheckpointError(f"{directory} holds no weights: expected {SAFE_SINGLE}, {BIN_SINGLE} or a sharded "
                           f"index ({SAFE_INDEX} / {BIN_INDEX})")
 
@@ -136,13 +152,17 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{directory} has no config.json")
-    config = ModuleFormerConfig.from_json_file(config_path)
+    try:
+        config = ModuleFormerConfig.from_json_file(config_path)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
     files = weight_files(directory)
     if cls is None:
         cls = model_class(config, config_path)
     if dtype is None and config.torch_dtype in DTYPES:
         dtype = DTYPES[config.torch_dtype]
-    with torch.device("meta"):
+    _check_size(cls, config, files, config_path)
+    with torch.device("meta"):  # shapes only: nothing is allocated until a tensor is read
         model = cls(config, backend=backend)
     expected = dict(model.state_dict())
     loaded: dict[str, torch.Tensor] = {}
@@ -168,7 +188,10 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
             mis_shaped.append(f"{key}: dtype {tensor.dtype} is not floating point")
             continue
         dtype = dtype or tensor.dtype  # no dtype asked for and none in config.json: keep the stored one
-        loaded[key] = tensor.to(device=device, dtype=dtype)
+        # copy=True: a tensor read from a memory-mapped file must not stay backed by it, or rewriting the file
+        # later would change (or, truncated, crash with SIGBUS) the live model
+        loaded[key] = tensor.to(device=device, dtype=dtype, copy=True)
+        _warn_if_not_finite(loaded[key], key, file)
     missing = [f"{k} {list(v.shape)}" for k, v in expected.items() if k not in loaded]
     swapped_head = _head_swap(cls, missing, unexpected)
     if missing or unexpected or mis_shaped:
@@ -185,6 +208,32 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
             module.weight.normal_(0.0, config.initializer_range)
     model.name_or_path = directory
     return model.eval()
+
+
+def _check_size(cls, config: ModuleFormerConfig, files: list[str], config_path: str) -> None:
+    """Refuse a config that asks for more parameters than the weight files could hold (>= 1 byte each), before
+    anything is built, read or allocated: a corrupt or hostile config.json must not lead to allocating terabytes
+    (here or in a KV cache later) or to minutes spent building 1,000 layers. Small models (< 64M parameters) fall
+    through to the per-key listing instead. The count is exact: layers are identical, so 1- and 2-layer meta
+    models give the rest."""
+    with torch.device("meta"):
+        one, two = (sum(t.numel() for t in cls(config.replace(n_layer=n), backend="reference").state_dict().values())
+                    for n in (1, 2))
+    n_params = one + (config.n_layer - 1) * (two - one)
+    n_bytes = sum(os.path.getsize(f) for f in files)
+    if n_params > max(n_bytes, SMALL_MODEL):
+        raise CheckpointError(f"{config_path}: the config describes {n_params:,} parameters but the weight files "
+                              f"hold only {n_bytes:,} bytes; config.json does not belong to these weights")
+
+
+def _warn_if_not_finite(tensor: torch.Tensor, key: str, file: str) -> None:
+    """NaN/Inf weights load (a user may want to inspect them) but never silently."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(tensor).sum())
+        warnings.warn(f"{file}: tensor {key!r} has {n_nan} NaN and {tensor.numel() - int(finite.sum()) - n_nan} "
+                      f"infinite value(s) (as {tensor.dtype}); its outputs will not be finite", RuntimeWarning,
+                      stacklevel=3)
 
 
 def _head_swap(cls, missing: list[str], unexpected: list[str]) -> list[str]:
