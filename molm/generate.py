@@ -73,12 +73,15 @@ def _check_settings(max_new_tokens, temperature, top_k, top_p):
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
-                 pad_token_id: int | None = None, cuda_graphs: bool | None = None) -> Iterator[torch.Tensor]:
+                 pad_token_id: int | None = None, cuda_graphs: bool | None = None,
+                 compact_finished: bool = True) -> Iterator[torch.Tensor]:
     """Yields the next token ids [B] step by step. Rows that produced eos keep producing pad_token_id.
 
     input_ids [B, T] (left-padded when rows differ in length, with attention_mask [B, T]). Decode steps are
     replayed from CUDA graphs (`cuda_graphs`, default: on for a CUDA model with the extension backend); the
-    prefill and CPU steps run eagerly on the same preallocated cache.
+    prefill and CPU steps run eagerly on the same preallocated cache. With `compact_finished`, once at most half
+    of the rows still run, finished rows are dropped from the batch (cache rows selected, graphs recaptured), so
+    they stop costing work.
     """
     _check_settings(max_new_tokens, temperature, top_k, top_p)
     model.check_input_ids(input_ids)
@@ -98,6 +101,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     decoder = StaticDecoder(model, cache, full_mask, cuda_graphs=True) if cuda_graphs else None
     pad = pad_token_id if pad_token_id is not None else eos_token_id
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = None  # after compaction: the original row of each running row
     tokens = input_ids
     for step in range(max_new_tokens):
         if step > 0 and full_mask is not None:
@@ -108,14 +112,25 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             mask = None if full_mask is None else full_mask[:, : cache.length + tokens.shape[1]]
             logits = model(tokens, attention_mask=mask, past_key_values=cache, use_cache=True,
                            return_aux_loss=False, logits_to_keep=1).logits[:, -1]
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # [B]
+        next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # [rows running]
         if eos_token_id is not None:
             next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
             finished |= next_ids == eos_token_id
-        yield next_ids
-        if eos_token_id is not None and bool(finished.all()):
-            return
+        yield next_ids if rows is None else next_ids.new_full((B,), pad).index_copy_(0, rows, next_ids)
         tokens = next_ids[:, None]
+        if eos_token_id is None:
+            continue
+        running = int((~finished).sum())  # the one host sync per step
+        if running == 0:
+            return
+        if compact_finished and running <= finished.numel() // 2:
+            keep = (~finished).nonzero().squeeze(1)
+            cache.reorder(keep)
+            full_mask = None if full_mask is None else full_mask.index_select(0, keep)
+            tokens, finished = tokens.index_select(0, keep), finished.index_select(0, keep)
+            rows = keep if rows is None else rows.index_select(0, keep)
+            if decoder is not None:  # new buffers and batch size: new graphs
+                decoder = StaticDecoder(model, cache, full_mask, cuda_graphs=True)
 
 
 def _encode_batch(tokenizer, prompts: list[str], pad_id: int):

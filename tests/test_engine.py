@@ -74,3 +74,28 @@ def test_cuda_graph_generation_matches_eager():
     assert torch.equal(eager, graphs)
     reference = molm.generate(model.set_backend("reference"), ids, max_new_tokens=80)
     assert torch.equal(reference, graphs)  # fp32 greedy: the original algorithm's tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finished_rows_are_dropped_without_changing_tokens(backend, monkeypatch):
+    model = molm.load(os.path.join(DATA, "molm-tiny-b"), dtype=torch.float32, backend=backend)
+    gen = torch.Generator().manual_seed(3)
+    p1, p2 = torch.randint(0, 300, (1, 6), generator=gen), torch.randint(0, 300, (1, 6), generator=gen)
+    ids = torch.cat([p1, p1, p2, p2])  # rows 0 and 1 finish together, so half the batch stops at once
+    free = torch.stack(list(molm.generate_ids(model, ids, max_new_tokens=12)), 1)  # no eos: [4, 12]
+    eos = int(free[0, 1])
+    reorders = []
+    monkeypatch.setattr(KVCache, "reorder", lambda self, index, _orig=KVCache.reorder: (reorders.append(
+        index.tolist()), _orig(self, index))[1])
+    pad = -1
+    steps = torch.stack(list(molm.generate_ids(model, ids, max_new_tokens=12, eos_token_id=eos,
+                                               pad_token_id=pad)), 1)
+    expected = free.clone()
+    for row in range(4):
+        hits = (free[row] == eos).nonzero()
+        if len(hits):
+            expected[row, int(hits[0]) + 1:] = pad
+    n = steps.shape[1]
+    assert torch.equal(steps, expected[:, :n])
+    assert n == 12 or bool((expected[:, n:] == pad).all())  # stopped early only once every row ended
+    assert reorders and reorders[0] == [2, 3] or (free[2:] == eos).any()  # the two running rows were kept
