@@ -1,0 +1,231 @@
+"""Hugging Face transformers adapter (optional extra `molm[hf]`): ModuleFormer as `PreTrainedModel`s.
+
+The classes wrap molm's own model (same modules, same kernels, same state_dict keys) so `from_pretrained`,
+`save_pretrained`, `generate` (greedy, sampling, beam search) and the Auto* classes work on transformers 4.4x and
+5.x. Importing this module registers the classes with AutoConfig / AutoModelForCausalLM /
+AutoModelForSequenceClassification.
+
+Generation keeps molm's static `KVCache` instead of a transformers `Cache`: the model opts out of the default
+dynamic cache, slices the prompt itself in `prepare_inputs_for_generation`, returns the cache under the name this
+transformers version reads back (`past_key_values` in 4.x, `cache` in late 5.x) and reorders it for beam search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationMixin,
+                          PretrainedConfig, PreTrainedModel)
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
+
+from . import config as molm_config
+from . import model as molm_model
+from .cache import KVCache
+from .modules import ParallelExperts, Router
+
+# Fields that PretrainedConfig owns itself (token ids, labels, dtype, ...): passed to its __init__, not set here.
+_HF_OWNED = {"bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "architectures", "torch_dtype",
+             "num_labels", "problem_type", "use_cache", "extra"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(molm_config.ModuleFormerConfig) if f.name not in _HF_OWNED}
+
+
+class ModuleFormerConfig(PretrainedConfig):
+    """The original's config class: every molm.ModuleFormerConfig field as an attribute (+ HF's own)."""
+
+    model_type = molm_config.MODEL_TYPE
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {alias: name for alias, name in molm_config.ALIASES.items()}
+
+    def __init__(self, bos_token_id=50256, eos_token_id=50256, pad_token_id=None, tie_word_embeddings=False,
+                 use_cache=True, **kwargs):
+        for name, default in _DEFAULTS.items():
+            setattr(self, name, kwargs.pop(name, default))
+        kwargs.pop("n_ctx", None)  # derived (history_length * n_layer); written back by to_dict
+        self.use_cache = use_cache
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.to_molm()  # validate now: a bad field fails here with molm's message naming it
+
+    @property
+    def n_ctx(self) -> int:
+        return self.history_length * self.n_layer
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.history_length + self.block_size
+
+    def to_molm(self) -> molm_config.ModuleFormerConfig:
+        """The molm config (validated) that the wrapped model is built from."""
+        fields = {name: getattr(self, name) for name in _DEFAULTS}
+        problem_type = getattr(self, "problem_type", None)
+        return molm_config.ModuleFormerConfig(
+            **fields, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id, tie_word_embeddings=bool(self.tie_word_embeddings),
+            use_cache=bool(self.use_cache), architectures=self.architectures, num_labels=self.num_labels,
+            problem_type=problem_type)
+
+
+# transformers 5.x renamed the cache field of model outputs (and generate's kwarg) from past_key_values to cache,
+# and refuses outputs that carry both names: use the one this version's own output classes use.
+CACHE_NAME = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+ModuleFormerOutput = dataclasses.make_dataclass(
+    "ModuleFormerOutput",
+    [("loss", Optional[torch.Tensor], None), ("logits", Optional[torch.Tensor], None), (CACHE_NAME, Any, None),
+     ("aux_loss", Optional[torch.Tensor], None), ("hidden_states", Optional[torch.Tensor], None)],
+    bases=(ModelOutput,))
+ModuleFormerOutput.__module__ = __name__
+
+
+def _output(out) -> ModelOutput:
+    return ModuleFormerOutput(loss=out.loss, logits=out.logits, aux_loss=out.aux_loss,
+                              hidden_states=out.hidden_states, **{CACHE_NAME: out.past_key_values})
+
+
+class ModuleFormerPreTrainedModel(PreTrainedModel):
+    config_class = ModuleFormerConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]
+    # the original's attention buffers: stored in MoLM checkpoints, never read
+    _keys_to_ignore_on_load_unexpected = [r"attn\.mask", r"attn\.cum_weight"]
+    _molm_class: type = molm_model.ModuleFormerForCausalLM
+
+    def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
+        super().__init__(config)
+        inner = self._molm_class(config.to_molm(), backend=backend)
+        # Share the molm model's modules (registered here, so HF sees the original key names) and keep the molm
+        # model itself outside the module tree, so every parameter is registered once.
+        for name, module in inner.named_children():
+            self.add_module(name, module)
+        object.__setattr__(self, "molm", inner)
+        self.post_init()
+
+    def set_backend(self, backend: str):
+        """'extension' (molm's kernels) or 'reference' (pure torch)."""
+        self.molm.set_backend(backend)
+        return self
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, ParallelExperts):
+            bound = 1.0 / module.weight.shape[1]
+            module.weight.uniform_(-bound, bound)
+        elif isinstance(module, Router) and module.gate_type == "gmm":
+            module.expert_centroids.normal_()
+            module.temperature.zero_()
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value):
+        self.transformer.wte = value
+        self.molm.transformer.wte = value
+
+
+def _pick_cache(past_key_values, cache):
+    return cache if cache is not None else past_key_values
+
+
+class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
+    _molm_class = molm_model.ModuleFormerForCausalLM
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # molm keeps its own static KVCache (K = V stored once per layer)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+        self.molm.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, cache=None,
+                use_cache=None, token_type_ids=None, return_aux_loss: bool = True, logits_to_keep: int = 0,
+                return_dict=None, **kwargs) -> ModuleFormerOutput:
+        """Like molm's forward; `past_key_values` / `cache` is a molm KVCache or the legacy tuple. Unused HF
+        arguments (position_ids, cache_position, output_attentions, ...) are accepted and ignored: the model has
+        no positions."""
+        if input_ids is None:
+            raise ValueError("ModuleFormer needs input_ids (inputs_embeds are not supported)")
+        use_cache = self.config.use_cache if use_cache is None and not self.training else bool(use_cache)
+        out = self.molm(input_ids, attention_mask=attention_mask, labels=labels,
+                        past_key_values=_pick_cache(past_key_values, cache), use_cache=use_cache,
+                        token_type_ids=token_type_ids, return_aux_loss=return_aux_loss,
+                        logits_to_keep=logits_to_keep)
+        return _output(out)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache=None, attention_mask=None,
+                                      token_type_ids=None, use_cache=True, **kwargs):
+        """Feed only the tokens the cache has not seen; attention_mask stays full length (past + new)."""
+        past = _pick_cache(past_key_values, cache)
+        if past is not None:
+            seen = past.length if isinstance(past, KVCache) else past[0][0].shape[1]
+            input_ids = input_ids[:, seen:]
+            if token_type_ids is not None:
+                token_type_ids = token_type_ids[:, seen:]
+        elif use_cache:  # first step: reserve room for the whole generation up front
+            max_length = getattr(getattr(self, "generation_config", None), "max_length", None) or 0
+            past = KVCache.for_model(self.molm, input_ids.shape[0], max(input_ids.shape[1], max_length))
+        return {"input_ids": input_ids, CACHE_NAME: past, "attention_mask": attention_mask,
+                "token_type_ids": token_type_ids, "use_cache": use_cache, "return_aux_loss": False,
+                "logits_to_keep": 1}
+
+    @staticmethod
+    def _reorder_cache(past, beam_idx: torch.Tensor):
+        """Beam search: keep the cache rows of the surviving beams."""
+        if isinstance(past, KVCache):
+            past.reorder(beam_idx.to(past.keys[0].device))
+            return past
+        return tuple(tuple(t.index_select(0, beam_idx.to(t.device)) for t in layer) for layer in past)
+
+
+class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
+    _molm_class = molm_model.ModuleFormerForSequenceClassification
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, cache=None,
+                use_cache=None, token_type_ids=None, return_aux_loss: bool = True, return_dict=None,
+                **kwargs) -> ModuleFormerOutput:
+        if input_ids is None:
+            raise ValueError("ModuleFormer needs input_ids (inputs_embeds are not supported)")
+        out = self.molm(input_ids, attention_mask=attention_mask, labels=labels,
+                        past_key_values=_pick_cache(past_key_values, cache), use_cache=bool(use_cache),
+                        token_type_ids=token_type_ids, return_aux_loss=return_aux_loss)
+        return _output(out)
+
+
+def molm_tokenizer():
+    """MoLM's tokenizer as a transformers `PreTrainedTokenizerFast`, built offline (see molm.tokenizer)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from .tokenizer import EOS, build_molm_tokenizer
+
+    return PreTrainedTokenizerFast(tokenizer_object=build_molm_tokenizer(), bos_token=EOS, eos_token=EOS,
+                                   unk_token=EOS)
+
+
+def register() -> None:
+    """Register with the Auto* classes (idempotent; the original README's own register calls also still work)."""
+    AutoConfig.register(ModuleFormerConfig.model_type, ModuleFormerConfig, exist_ok=True)
+    AutoModelForCausalLM.register(ModuleFormerConfig, ModuleFormerForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(ModuleFormerConfig, ModuleFormerForSequenceClassification,
+                                                exist_ok=True)
+
+
+register()
+
+__all__ = ["ModuleFormerConfig", "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification",
+           "ModuleFormerPreTrainedModel", "molm_tokenizer", "register"]

@@ -1,0 +1,1 @@
+"""Local lm-evaluation-harness tasks (YAML + small JSONL data) that run offline; see molm/tasks/README.md."""
