@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+# A small MoE model trained on Shakespeare (experiments/run.py, stage 1), shipped so `molm generate` works as is.
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 DTYPE_NAMES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -21,8 +23,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args) -> int:
     import molm
 
-    model = molm.load(args.model, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend,
-                      progress=sys.stderr.isatty())
+    model = molm.load(args.model or DEFAULT_MODEL, dtype=DTYPE_NAMES[args.dtype], device=args.device,
+                      backend=args.backend, progress=sys.stderr.isatty())
     tokenizer = molm.load_tokenizer(args.tokenizer or model.name_or_path)
     pieces = molm.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, tokenizer=tokenizer,
@@ -86,12 +88,137 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import molm
+    from molm.train import TrainConfig
+
+    if (args.model is None) == (args.config is None):
+        raise ValueError("molm train needs exactly one of --model DIR (finetune) or --config config.json "
+                         "(from scratch)")
+    model = molm.ModuleFormerConfig.from_pretrained(args.config) if args.config else args.model
+    if args.new_att_experts or args.new_mlp_experts:
+        base = molm.load(args.model, dtype=torch.float32) if args.model else model
+        model = molm.extend(base, args.new_att_experts, args.new_mlp_experts, freeze_old=args.freeze_old)
+    fields = {f: getattr(args, f) for f in ("steps", "seq_len", "batch_size", "grad_accum", "lr", "warmup",
+                                             "weight_decay", "precision", "aux_loss_weight", "sample_topk",
+                                             "concentration_weight", "eval_every", "save_every", "seed", "device")}
+    result = molm.train(model, args.data, out_dir=args.out, eval_data=args.eval_data,
+                        tokenizer=args.tokenizer or args.model, config=TrainConfig(**fields), resume=args.resume)
+    last = result.history[-1]
+    print(f"trained {last['step']} steps: train cross entropy {last['ce']:.4f}"
+          + (f", eval perplexity {last['eval_ppl']:.2f}" if "eval_ppl" in last else "") + f"; saved to {args.out}")
+    return 0
+
+
+def cmd_usage(args) -> int:
+    import json
+
+    import molm
+
+    model = molm.load(args.model, dtype=torch.float32, backend=args.backend)
+    usage = molm.expert_usage(model, args.data, seq_len=args.seq_len, max_batches=args.max_batches,
+                              tokenizer=args.tokenizer or model.name_or_path)
+    print(f"selection frequency per layer over {usage.tokens:,} tokens (each row sums to k)")
+    for kind in ("att", "mlp"):
+        freq = usage.site(kind)[0]
+        print(f"{kind} experts " + " ".join(f"{e:>5}" for e in range(freq.shape[1])))
+        for layer, row in enumerate(freq.tolist()):
+            print(f"  layer {layer:>3} " + " ".join(f"{v:5.3f}" for v in row))
+    if args.png:
+        molm.plot_usage(usage, args.png, title=os.path.basename(os.path.normpath(args.model)))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(usage.to_dict(), f)
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train or finetune a causal LM on text or token files (torchrun for DDP)")
+    t.add_argument("data", nargs="+", help="text files (encoded with the tokenizer), .npy or uint16 .bin tokens")
+    t.add_argument("--out", required=True, help="output directory (checkpoint, trainer state, log, loss.png)")
+    t.add_argument("--model", default=None, help="checkpoint to finetune")
+    t.add_argument("--config", default=None, help="config.json of a model to train from scratch")
+    t.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
+    t.add_argument("--eval-data", nargs="+", default=None)
+    t.add_argument("--resume", action="store_true", help="continue from --out's trainer_state.pt")
+    t.add_argument("--new-att-experts", type=int, default=0, help="append attention experts (molm.extend)")
+    t.add_argument("--new-mlp-experts", type=int, default=0, help="append MLP experts (molm.extend)")
+    t.add_argument("--freeze-old", action="store_true", help="with --new-*-experts: train only the new experts")
+    for name, typ, default in (("steps", int, 1000), ("seq-len", int, 128), ("batch-size", int, 16),
+                               ("grad-accum", int, 1), ("lr", float, 1e-3), ("warmup", int, 50),
+                               ("weight-decay", float, 0.1), ("aux-loss-weight", float, None),
+                               ("sample-topk", int, None), ("concentration-weight", float, 0.0),
+                               ("eval-every", int, 100), ("save-every", int, 0), ("seed", int, 0)):
+        t.add_argument(f"--{name}", type=typ, default=default)
+    t.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
+    t.add_argument("--device", default="cpu")
+    t.set_defaults(func=cmd_train)
+    u = sub.add_parser("usage", help="expert selection frequency per layer on some data (table, PNG heat map)")
+    u.add_argument("model")
+    u.add_argument("data", nargs="+")
+    u.add_argument("--tokenizer", default=None)
+    u.add_argument("--seq-len", type=int, default=128)
+    u.add_argument("--max-batches", type=int, default=None)
+    u.add_argument("--png", default=None, help="write the heat map here")
+    u.add_argument("--json", default=None, help="write the statistics here")
+    u.add_argument("--backend", choices=["extension", "reference"], default=None)
+    u.set_defaults(func=cmd_usage)
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    if (args.perplexity is None) == (args.tasks is None):
+        raise ValueError("molm eval needs exactly one of --perplexity FILE or --tasks NAMES")
+    if args.perplexity:
+        import molm
+        from molm.evaluate import perplexity
+
+        with open(args.perplexity, encoding="utf-8") as f:
+            text = f.read()
+        model = molm.load(args.model, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend)
+        result = perplexity(model, molm.load_tokenizer(args.tokenizer or model.name_or_path), text,
+                            max_length=args.max_length, stride=args.stride, batch_size=args.batch_size)
+        report = result.as_dict()
+        for key in ("tokens", "words", "bytes", "windows", "max_length", "stride", "token_perplexity",
+                    "word_perplexity", "byte_perplexity", "bits_per_byte"):
+            value = report[key]
+            print(f"{key:>16}: {value:.4f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    else:
+        from molm.lm_eval import run_tasks
+
+        report = run_tasks(args)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, default=str)
+    return 0
+
+
+def _add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="perplexity of a text file, or lm-evaluation-harness tasks (molm[eval])")
+    e.add_argument("--model", required=True, help="model directory (HF format) or hub id")
+    e.add_argument("--perplexity", default=None, metavar="FILE", help="text file: word/byte perplexity as the "
+                   "harness' wikitext task defines them")
+    e.add_argument("--tasks", default=None, help="comma-separated harness tasks (molm's local ones: molm_local)")
+    e.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
+    e.add_argument("--max-length", type=int, default=None, help="window length (default: history + block size)")
+    e.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: max length)")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    e.add_argument("--include-path", default=None, help="more task YAML directories")
+    e.add_argument("--json", default=None, help="write the results here")
+    _add_model_args(e)
+    e.set_defaults(func=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molm", description="ModuleFormer / MoLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from a prompt (streamed)")
     g.add_argument("prompt")
-    g.add_argument("--model", required=True, help="model directory (HF format) or hub id")
+    g.add_argument("--model", default=None, help="model directory (HF format) or hub id (default: the embedded "
+                   "small Shakespeare model)")
     g.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -104,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="parameters (total and active per token), experts, layers, dtype, size")
     i.add_argument("model")
     i.set_defaults(func=cmd_info)
+    _add_eval_parser(sub)
+    _add_train_parser(sub)
     return parser
 
 

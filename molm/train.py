@@ -1,0 +1,402 @@
+"""Causal-LM training and finetuning: AdamW, warmup + cosine schedule, gradient accumulation, fp32 or bf16 (fp32
+master weights), MI aux loss (spec §4), load concentration, periodic eval perplexity, HF-format checkpoints with
+resume, tqdm progress, a loss-curve PNG, and torchrun data parallel (gradient all-reduce; gloo on CPU, nccl on CUDA).
+
+Batches are random windows of the token stream drawn from a generator seeded by (seed, step, micro-step), and the
+global RNG (router `sample_topk`, dropout) is reseeded the same way, so a resumed run repeats the uninterrupted
+one step for step, and N ranks with batch b see exactly the windows one process with batch N*b would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .config import ModuleFormerConfig
+from .model import ModuleFormerForCausalLM
+from .modules import Router
+
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seq_len: int = 128
+    batch_size: int = 16  # windows per micro-step per rank
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    precision: str = "float32"  # or "bfloat16": bf16 weights/activations, fp32 master weights and AdamW state
+    aux_loss_weight: float | None = None  # MI loss weight; None keeps model.config.aux_loss_weight
+    sample_topk: int | None = None  # None keeps model.config.sample_topk
+    concentration_weight: float = 0.0  # load concentration: + w * sum over routers of H(mean routing probs)
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 0  # 0: save at the end only
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes stored with the checkpoint
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+def load_tokens(data, tokenizer=None) -> torch.Tensor:
+    """A 1-D int64 token stream from a tensor / array, a token file (.npy; .bin = raw uint16 as in nanoGPT), or text
+    files (anything else; encoded with `tokenizer`, files joined by its eos/bos-free concatenation). `data` may be
+    a list of these."""
+    if isinstance(data, torch.Tensor):
+        return data.reshape(-1).long()
+    if isinstance(data, np.ndarray):
+        return torch.from_numpy(data.astype(np.int64).reshape(-1))
+    if isinstance(data, (list, tuple)):
+        parts = [load_tokens(d, tokenizer) for d in data]
+        if not parts:
+            raise ValueError("no training data given")
+        return torch.cat(parts)
+    path = os.fspath(data)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    if path.endswith(".npy"):
+        return load_tokens(np.load(path), tokenizer)
+    if path.endswith(".bin"):
+        return load_tokens(np.fromfile(path, dtype=np.uint16), tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"{path} is a text file: pass a tokenizer (a tokenizers.Tokenizer or a directory with "
+                         "tokenizer.json) to encode it")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines(keepends=True)
+    chunks = ["".join(lines[i:i + 2000]) for i in range(0, len(lines), 2000)]
+    ids = [i for enc in tokenizer.encode_batch(chunks) for i in enc.ids]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _as_tokenizer(tokenizer):
+    if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from .generate import load_tokenizer
+
+    path = os.fspath(tokenizer)
+    return load_tokenizer(os.path.dirname(path) if path.endswith(".json") else path)
+
+
+def batch_windows(tokens: torch.Tensor, seq_len: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """`batch` random windows [batch, seq_len] of the stream."""
+    starts = torch.randint(0, len(tokens) - seq_len + 1, (batch,), generator=generator)
+    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+
+
+def _check_tokens(tokens: torch.Tensor, seq_len: int, vocab_size: int, what: str) -> None:
+    if len(tokens) < seq_len:
+        raise ValueError(f"{what} has {len(tokens)} tokens, fewer than seq_len={seq_len}")
+    hi = int(tokens.max())
+    if int(tokens.min()) < 0 or hi >= vocab_size:
+        raise ValueError(f"{what} holds token id {hi} outside the model's vocab_size {vocab_size}: "
+                         "was it encoded with another tokenizer?")
+
+
+# --- losses ------------------------------------------------------------------------------------------------------
+class RouterProbes:
+    """Forward hooks on every Router: keep each call's Routing (probs [N, E], experts [N, k]) for extra losses
+    and usage statistics. Use as a context manager; `routings` holds (router name, Routing) in call order."""
+
+    def __init__(self, model):
+        self.routers = [(name, m) for name, m in model.named_modules() if isinstance(m, Router)]
+        self.routings: list = []
+        self._handles = []
+
+    def __enter__(self):
+        self._handles = [m.register_forward_hook(partial(self._hook, name)) for name, m in self.routers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, name, module, inputs, output):
+        self.routings.append((name, output[0]))
+
+
+def concentration_loss(routings) -> torch.Tensor:
+    """Sum over routers of the marginal entropy H(p̄) of expert usage, p̄_e = mean over tokens of p(e|x).
+
+    This is exactly the term the MI loss (spec §4) *maximises* to balance experts, with the sign flipped: adding it
+    with weight w turns L_MI = H(e|x) - H(e) into H(e|x) - (1 - w) H(e). For w > 1 the pressure is to concentrate
+    the task's tokens on few experts while each token stays confident, so the unused experts can be pruned. It uses
+    probabilities, not top-k counts, so it is differentiable and also moves mass off experts that are not chosen.
+    """
+    total = None
+    for _, r in routings:
+        marginal = r.probs.float().mean(0)
+        h = -(marginal * (marginal + 1e-8).log()).sum()
+        total = h if total is None else total + h
+    return total
+
+
+@torch.no_grad()
+def perplexity(model, tokens, seq_len: int = 128, batch_size: int = 16, max_batches: int | None = None,
+               tokenizer=None) -> float:
+    """exp(mean next-token cross entropy) over consecutive non-overlapping windows (aux losses excluded)."""
+    tokens = load_tokens(tokens, _as_tokenizer(tokenizer))
+    _check_tokens(tokens, seq_len, model.config.vocab_size, "evaluation data")
+    n = len(tokens) // seq_len
+    windows = tokens[: n * seq_len].view(n, seq_len)
+    if max_batches is not None:
+        windows = windows[: max_batches * batch_size]
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        x = windows[i:i + batch_size].to(model.device)
+        logits = model(x, return_aux_loss=False).logits
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        total += float(ce)
+        count += x[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+# --- schedule, optimiser -----------------------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine down to cfg.lr * min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _param_groups(params: list[tuple[str, torch.nn.Parameter]], frozen_rows: dict, weight_decay: float):
+    """Decay matrices; not biases, LayerNorms, or tensors with frozen rows (decoupled decay would move them)."""
+    decay = [p for n, p in params if p.dim() >= 2 and n not in frozen_rows]
+    no_decay = [p for n, p in params if p.dim() < 2 or n in frozen_rows]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _maybe_init_distributed(device: str) -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: nccl on CUDA, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+
+
+# --- model -------------------------------------------------------------------------------------------------------
+def _as_model(model, seed: int, device: str):
+    if isinstance(model, ModuleFormerConfig):
+        torch.manual_seed(seed)
+        return ModuleFormerForCausalLM(model).init_weights(seed).to(device)
+    if isinstance(model, (str, os.PathLike)):
+        from .loading import load
+
+        return load(model, dtype=torch.float32, device=device)
+    if not isinstance(model, ModuleFormerForCausalLM):
+        raise TypeError(f"model must be a ModuleFormerForCausalLM, a ModuleFormerConfig or a checkpoint directory, "
+                        f"got {type(model).__name__}")
+    return model.to(device)
+
+
+@dataclass
+class TrainResult:
+    model: ModuleFormerForCausalLM
+    history: list[dict]  # one dict per logged step: step, lr, loss, ce, aux, (eval_ppl)
+
+
+def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, config: TrainConfig | None = None,
+          resume: bool = False, **overrides) -> TrainResult:
+    """Train `model` (a ModuleFormerForCausalLM, a ModuleFormerConfig to initialise, or a checkpoint directory) on
+    `train_data` (see `load_tokens`). Keyword overrides set TrainConfig fields. With `out_dir`, writes the model
+    (config.json + model.safetensors), the tokenizer, trainer_state.pt, log.jsonl and loss.png there;
+    `resume=True` continues from out_dir's trainer_state.pt. Returns the trained model (fp32) and the log."""
+    cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+    if cfg.precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision must be 'float32' or 'bfloat16', got {cfg.precision!r}")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.seq_len < 2:
+        raise ValueError("steps, batch_size and grad_accum must be >= 1 and seq_len >= 2")
+    _maybe_init_distributed(cfg.device)
+    rank, world = _rank_world()
+    tokenizer = _as_tokenizer(tokenizer)
+    model = _as_model(model, cfg.seed, cfg.device)
+    if tokenizer is None and getattr(model, "name_or_path", None):
+        try:
+            tokenizer = _as_tokenizer(model.name_or_path)
+        except FileNotFoundError:
+            pass
+    if cfg.aux_loss_weight is not None:
+        model.config.aux_loss_weight = cfg.aux_loss_weight
+    if cfg.sample_topk is not None:
+        model.config.sample_topk = cfg.sample_topk
+        for m in model.modules():
+            if isinstance(m, Router):
+                m.sample_topk = cfg.sample_topk
+    model.config.validate()
+    tokens = load_tokens(train_data, tokenizer)
+    _check_tokens(tokens, cfg.seq_len, model.config.vocab_size, "training data")
+    eval_tokens = load_tokens(eval_data, tokenizer) if eval_data is not None else None
+    if eval_tokens is not None:
+        _check_tokens(eval_tokens, cfg.seq_len, model.config.vocab_size, "evaluation data")
+
+    frozen_rows = getattr(model, "frozen_rows", {})
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.precision == "bfloat16":  # the model computes in bf16; AdamW updates fp32 master copies
+        master = [p.detach().float().clone().requires_grad_(True) for _, p in params]
+        model.to(torch.bfloat16)
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    else:
+        master = [p for _, p in params]
+    groups = _param_groups(list(zip([n for n, _ in params], master)), frozen_rows, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=False)
+
+    start, history = 0, []
+    state_path = os.path.join(out_dir, STATE_FILE) if out_dir else None
+    if resume:
+        if not state_path or not os.path.isfile(state_path):
+            raise FileNotFoundError(f"resume=True but {state_path or 'out_dir=None'} holds no {STATE_FILE}")
+        state = torch.load(state_path, map_location=cfg.device, weights_only=True)
+        with torch.no_grad():
+            for p, saved in zip(master, state["master"]):
+                p.copy_(saved)
+            for (_, p), m in zip(params, master):
+                p.copy_(m)
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], json.loads(state["history"])
+
+    model.train()
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "conc": 0.0}
+        for micro in range(cfg.grad_accum):
+            seed = (cfg.seed * 1_000_003 + step) * 101 + micro
+            torch.manual_seed(seed * 7 + rank)  # router sampling / dropout: per rank, repeatable on resume
+            generator = torch.Generator().manual_seed(seed)
+            x = batch_windows(tokens, cfg.seq_len, cfg.batch_size * world, generator)
+            x = x[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(cfg.device)
+            with RouterProbes(model) as probes:
+                out = model(x, return_aux_loss=True)
+            logits = out.logits
+            ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            loss = ce
+            if model.config.aux_loss_weight > 0:
+                loss = loss + model.config.aux_loss_weight * out.aux_loss.float()
+            if cfg.concentration_weight > 0:
+                conc = concentration_loss(probes.routings)
+                loss = loss + cfg.concentration_weight * conc
+                sums["conc"] += float(conc.detach()) / cfg.grad_accum
+            (loss / cfg.grad_accum).backward()
+            sums["loss"] += float(loss.detach()) / cfg.grad_accum
+            sums["ce"] += float(ce.detach()) / cfg.grad_accum
+            sums["aux"] += float(out.aux_loss.detach()) / cfg.grad_accum
+        for (_, p), m in zip(params, master):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if world > 1:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            if m is not p:
+                m.grad = p.grad.float()
+                p.grad = None
+        grad_norm = torch.nn.utils.clip_grad_norm_(master, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if master[0] is not params[0][1]:
+            with torch.no_grad():
+                for (_, p), m in zip(params, master):
+                    p.copy_(m)
+        if world > 1:
+            for key in sums:
+                t = torch.tensor(sums[key])
+                dist.all_reduce(t)
+                sums[key] = float(t) / world
+        entry = {"step": step + 1, "lr": lr, **{k: round(v, 5) for k, v in sums.items()}}
+        if grad_norm is not None:
+            entry["grad_norm"] = round(float(grad_norm), 4)
+        last = step + 1 == cfg.steps
+        if eval_tokens is not None and rank == 0 and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            entry["eval_ppl"] = round(perplexity(model, eval_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches), 4)
+        history.append(entry)
+        if bar is not None:
+            bar.set_postfix({k: entry[k] for k in ("ce", "eval_ppl") if k in entry})
+            bar.update(1)
+        if out_dir and rank == 0 and (last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+            _save(model, out_dir, master, optimizer, step + 1, history, cfg, tokenizer)
+    if bar is not None:
+        bar.close()
+    if out_dir and rank == 0:
+        plot_history(history, os.path.join(out_dir, "loss.png"))
+    if master[0] is not params[0][1]:  # hand back an fp32 model
+        model.float()
+        with torch.no_grad():
+            for (_, p), m in zip(params, master):
+                p.copy_(m)
+    model.eval()
+    return TrainResult(model, history)
+
+
+def _save(model, out_dir, master, optimizer, step, history, cfg, tokenizer) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    if tokenizer is not None and hasattr(tokenizer, "save"):
+        tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    elif getattr(model, "name_or_path", None) and os.path.isfile(os.path.join(model.name_or_path, "tokenizer.json")):
+        if os.path.realpath(model.name_or_path) != os.path.realpath(out_dir):
+            shutil.copy(os.path.join(model.name_or_path, "tokenizer.json"), out_dir)
+    state = {"step": step, "master": [m.detach().cpu() for m in master], "optimizer": optimizer.state_dict(),
+             "history": json.dumps(history), "train_config": json.dumps(dataclasses.asdict(cfg))}
+    tmp = os.path.join(out_dir, STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(out_dir, STATE_FILE))  # a crash mid-save never leaves a torn state
+    with open(os.path.join(out_dir, LOG_FILE), "w", encoding="utf-8") as f:
+        for entry in history:
+            f.write(json.dumps(entry) + "\n")
+
+
+def plot_history(history: list[dict], path: str) -> bool:
+    """Training cross entropy and eval perplexity against step, as a PNG. False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed (pip install 'molm[train]'): no loss plot written")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["ce"] for h in history], label="train cross entropy", lw=1)
+    evals = [h for h in history if "eval_ppl" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [math.log(h["eval_ppl"]) for h in evals], "o-", label="eval log ppl")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
