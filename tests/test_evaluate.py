@@ -51,7 +51,7 @@ def test_bad_stride_is_named():
 def brute_force_loglik(model, ids, prefix, max_length, stride):
     """Every token scored by its own forward pass over the context the strided scheme gives it."""
     seq = [prefix] + ids
-    total, end, first = 0.0, min(max_length, len(ids)), True
+    total, end = 0.0, min(max_length, len(ids))
     done = 0
     while done < len(ids):
         start = max(0, end - max_length)

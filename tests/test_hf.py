@@ -8,7 +8,7 @@ import pytest
 import torch
 
 if os.environ.get("MOLM_REQUIRE_HF") == "1":
-    import transformers  # noqa: F401  (a missing transformers is a failure here)
+    import transformers  # noqa: F401  (CI's 10-hf job sets it: there a missing transformers fails)
 else:
     pytest.importorskip("transformers")
 
@@ -48,7 +48,10 @@ def test_auto_classes_resolve_to_molm():
     assert isinstance(config, ModuleFormerConfig)
     assert config.hidden_size == config.n_embd == 64 and config.num_hidden_layers == 2
     assert config.to_molm().identity_kv
-    assert type(load_hf("molm-tiny-a")) is ModuleFormerForCausalLM
+    model = load_hf("molm-tiny-a")
+    assert type(model) is ModuleFormerForCausalLM
+    if os.environ.get("MOLM_REQUIRE_EXTENSION") == "1":
+        assert model.molm.backend == "extension"  # the adapter runs molm's kernels, not a copy of the model
     # the original README registers the classes itself: doing it again must work
     import moduleformer
 

