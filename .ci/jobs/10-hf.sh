@@ -11,6 +11,7 @@ TRANSFORMERS_5=5.24.0
 LM_EVAL=0.4.13
 export PYTHONPATH=$PWD MOLM_REQUIRE_EXTENSION=1 MOLM_REQUIRE_HF=1 MOLM_REQUIRE_LM_EVAL=1
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny fixture models: one thread is fastest and immune to a busy machine
 
 venv() {  # venv DIR PACKAGES...: a plain venv with torch 2.13.0 and the given packages
   local dir=$1; shift
