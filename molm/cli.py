@@ -212,53 +212,6 @@ def _add_eval_parser(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
-def cmd_eval(args) -> int:
-    import json
-
-    if (args.perplexity is None) == (args.tasks is None):
-        raise ValueError("molm eval needs exactly one of --perplexity FILE or --tasks NAMES")
-    if args.perplexity:
-        import molm
-        from molm.evaluate import perplexity
-
-        with open(args.perplexity, encoding="utf-8") as f:
-            text = f.read()
-        model = molm.load(args.model, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend)
-        result = perplexity(model, molm.load_tokenizer(args.tokenizer or model.name_or_path), text,
-                            max_length=args.max_length, stride=args.stride, batch_size=args.batch_size)
-        report = result.as_dict()
-        for key in ("tokens", "words", "bytes", "windows", "max_length", "stride", "token_perplexity",
-                    "word_perplexity", "byte_perplexity", "bits_per_byte"):
-            value = report[key]
-            print(f"{key:>16}: {value:.4f}" if isinstance(value, float) else f"{key:>16}: {value}")
-    else:
-        from molm.lm_eval import run_tasks
-
-        report = run_tasks(args)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, default=str)
-    return 0
-
-
-def _add_eval_parser(sub) -> None:
-    e = sub.add_parser("eval", help="perplexity of a text file, or lm-evaluation-harness tasks (molm[eval])")
-    e.add_argument("--model", required=True, help="model directory (HF format) or hub id")
-    e.add_argument("--perplexity", default=None, metavar="FILE", help="text file: word/byte perplexity as the "
-                   "harness' wikitext task defines them")
-    e.add_argument("--tasks", default=None, help="comma-separated harness tasks (molm's local ones: molm_local)")
-    e.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
-    e.add_argument("--max-length", type=int, default=None, help="window length (default: history + block size)")
-    e.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: max length)")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--num-fewshot", type=int, default=None)
-    e.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
-    e.add_argument("--include-path", default=None, help="more task YAML directories")
-    e.add_argument("--json", default=None, help="write the results here")
-    _add_model_args(e)
-    e.set_defaults(func=cmd_eval)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molm", description="ModuleFormer / MoLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,7 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="parameters (total and active per token), experts, layers, dtype, size")
     i.add_argument("model")
     i.set_defaults(func=cmd_info)
-    _add_eval_parser(sub)
     _add_eval_parser(sub)
     _add_train_parser(sub)
     return parser
