@@ -165,3 +165,16 @@ def test_offline_tokenizer_as_transformers_tokenizer():
     tok = molm_tokenizer()
     assert tok("hello world")["input_ids"] == [31373, 995]
     assert tok.eos_token_id == 50256 and len(tok) == 50295
+
+
+def test_classifier_from_causal_checkpoint_trains():
+    """A causal-LM checkpoint loaded as a classifier: lm_head dropped, score initialised; gradients reach it."""
+    model = load_hf("molm-tiny-a", AutoModelForSequenceClassification).train()
+    assert model.score.weight.abs().sum() > 0 and not hasattr(model, "lm_head")
+    std = model.score.weight.std().item()
+    assert 0.5 * model.config.initializer_range < std < 2 * model.config.initializer_range
+    ids = golden("molm-tiny-a")["input_ids"][:1]
+    out = model(ids, labels=torch.tensor([1]))
+    out.loss.backward()
+    assert model.score.weight.grad is not None and model.score.weight.grad.abs().sum() > 0
+    assert model.transformer.wte.weight.grad is not None
