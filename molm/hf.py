@@ -38,13 +38,13 @@ class ModuleFormerConfig(PretrainedConfig):
 
     model_type = molm_config.MODEL_TYPE
     keys_to_ignore_at_inference = ["past_key_values"]
-    attribute_map = {alias: name for alias, name in molm_config.ALIASES.items()}
+    attribute_map = dict(molm_config.ALIASES)  # hidden_size -> n_embd, ...
 
     def __init__(self, bos_token_id=50256, eos_token_id=50256, pad_token_id=None, tie_word_embeddings=False,
                  use_cache=True, **kwargs):
         for name, default in _DEFAULTS.items():
             setattr(self, name, kwargs.pop(name, default))
-        kwargs.pop("n_ctx", None)  # derived (history_length * n_layer); written back by to_dict
+        kwargs.pop("n_ctx", None)  # derived: history_length * n_layer (the property below)
         self.use_cache = use_cache
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
