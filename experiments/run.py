@@ -33,7 +33,7 @@ import molm
 from molm.train import TrainConfig, perplexity, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA, RUNS = os.path.join(HERE, "data"), os.path.join(HERE, "runs")
+DATA, RUNS, PLOTS = os.path.join(HERE, "data"), os.path.join(HERE, "runs"), HERE
 EOS = "<|endoftext|>"
 
 
@@ -174,9 +174,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global RUNS
-    if args.quick:
-        RUNS = os.path.join(HERE, "runs-quick")
+    global RUNS, PLOTS
+    if args.quick:  # everything, plots included, goes under runs-quick/
+        RUNS = PLOTS = os.path.join(HERE, "runs-quick")
         args.pretrain_steps, args.finetune_steps = 6, 4
     vocab = 4096
     docs_a, docs_b = fetch_shakespeare(), fetch_bible()
@@ -200,6 +200,10 @@ def main() -> None:
                "ppl_A": ppl(m, A_val, pre), "ppl_B": ppl(m, B_val, pre)}
         for name, m in (("moe", moe), ("dense", dense))}
     print(json.dumps(results["pretrain"]), flush=True)
+    if not args.quick:  # the embedded default model of `molm generate`: the MoE model, stored in bf16
+        out = os.path.join(HERE, "..", "molm", "default_model")
+        molm.load(os.path.join(RUNS, "moe_A"), dtype=torch.bfloat16).save_pretrained(out)
+        tok.save(os.path.join(out, "tokenizer.json"))
 
     # 2. extendability: continue on B
     ext = molm.extend(moe, new_att_experts=4, new_mlp_experts=4, freeze_old=True, seed=1)
@@ -232,7 +236,7 @@ def main() -> None:
     for name, m in (("full finetune", tuned["moe_full"]), ("load-concentration finetune", conc)):
         usage = molm.expert_usage(m, B[: 64 * 16 * 16], seq_len=64)
         tag = "conc" if name.startswith("load") else "full"
-        molm.plot_usage(usage, os.path.join(HERE, f"usage_{tag}.png"), title=f"expert usage on B after {name}")
+        molm.plot_usage(usage, os.path.join(PLOTS, f"usage_{tag}.png"), title=f"expert usage on B after {name}")
         rows = {"ppl_B_val": {"100%": ppl(m, B_val, fine)},
                 "bytes": {"100%": checkpoint_bytes(m, f"pruned_{tag}_100")},
                 "tokens_per_s": {"100%": round(tokens_per_second(m, B_val, 64))},
@@ -246,7 +250,7 @@ def main() -> None:
             rows["tokens_per_s"][key] = round(tokens_per_second(p, B_val, 64))
         results["prune"][name] = rows
         print(name, json.dumps(rows), flush=True)
-    with open(os.path.join(HERE, "results-quick.json" if args.quick else "results.json"), "w") as f:
+    with open(os.path.join(PLOTS, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_curves(["moe_A", "dense_A"], "pretrain_A.png", "pretraining on A (Shakespeare)")
     plot_curves(["moe_full_B", "moe_extend_B", "dense_full_B", "moe_conc_B"], "finetune_B.png",
@@ -274,7 +278,7 @@ def plot_curves(names: list[str], png: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, png), dpi=110)
+    fig.savefig(os.path.join(PLOTS, png), dpi=110)
     plt.close(fig)
 
 

@@ -8,7 +8,7 @@ import molm
 from molm.cli import model_info
 from molm.train import train
 
-from test_train import FAST, memorisable, tiny_config
+from test_train import FAST, memorisable, one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
 SITES = ("attn.q_proj", "mlpf")
 

@@ -9,7 +9,7 @@ import torch
 import molm
 from molm.cli import main
 
-from test_train import tiny_config
+from test_train import one_thread, tiny_config  # noqa: F401 (autouse fixture)
 
 
 def reference_usage(model, windows):

@@ -1,0 +1,43 @@
+"""Markdown tables from experiments/results.json (written by run.py). Run: python experiments/report.py"""
+
+import json
+import os
+import sys
+
+
+def main(path: str) -> None:
+    r = json.load(open(path))
+    print("**1. Pretraining on A** (validation perplexity, lower is better)\n")
+    print("| model | params | active / token | ppl A | ppl B |")
+    print("|---|---|---|---|---|")
+    for name, row in r["pretrain"].items():
+        label = "ModuleFormer (8+8 experts, top-2)" if name == "moe" else "dense control (1 expert, k=1)"
+        print(f"| {label} | {row['params'] / 1e6:.2f} M | {row['active_params'] / 1e6:.2f} M | {row['ppl_A']:.1f} "
+              f"| {row['ppl_B']:.1f} |")
+    print("\n**2. Continued training on B** (A = forgetting, B = learning)\n")
+    print("| run | trained params | ppl A before → after | ppl B before → after |")
+    print("|---|---|---|---|")
+    labels = {"moe_full": "(a) ModuleFormer, full finetune", "moe_extend_frozen":
+              "(b) ModuleFormer + 4+4 new experts/layer, old frozen", "dense_full": "(c) dense, full finetune"}
+    for name, row in r["extend"].items():
+        extra = (f" (after extend, untrained: A {row['ppl_A_at_extend']:.1f}, B {row['ppl_B_at_extend']:.1f})"
+                 if "ppl_A_at_extend" in row else "")
+        print(f"| {labels[name]}{extra} | {row['trainable_params'] / 1e6:.2f} M | {row['ppl_A_before']:.1f} → "
+              f"{row['ppl_A_after']:.1f} | {row['ppl_B_before']:.1f} → {row['ppl_B_after']:.1f} |")
+    print("\n**3. Pruning after finetuning on B** (ppl on B validation; checkpoint bytes fp32; forward tokens/s, "
+          "batch 16 × 64, 1 thread)\n")
+    print("| finetune | experts kept | ppl B | checkpoint | tokens/s |")
+    print("|---|---|---|---|---|")
+    for name, row in r["prune"].items():
+        for key in row["ppl_B_val"]:
+            print(f"| {name} | {key} | {row['ppl_B_val'][key]:.1f} | {row['bytes'][key] / 1e6:.1f} MB | "
+                  f"{row['tokens_per_s'][key]:,} |")
+    print()
+    for name, row in r["prune"].items():
+        print(f"- {name}: the two most used MLP experts take {row['usage_top2_share_mlp'] * 100:.0f} % of the "
+              "MLP selections on average per layer (uniform: 25 %).")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                             "results.json"))
