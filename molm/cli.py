@@ -105,8 +105,9 @@ def cmd_train(args) -> int:
     result = molm.train(model, args.data, out_dir=args.out, eval_data=args.eval_data,
                         tokenizer=args.tokenizer or args.model, config=TrainConfig(**fields), resume=args.resume)
     last = result.history[-1]
-    print(f"trained {last['step']} steps: train cross entropy {last['ce']:.4f}"
-          + (f", eval perplexity {last['eval_ppl']:.2f}" if "eval_ppl" in last else "") + f"; saved to {args.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 evaluates and saves
+        print(f"trained {last['step']} steps: train cross entropy {last['ce']:.4f}"
+              + (f", eval perplexity {last['eval_ppl']:.2f}" if "eval_ppl" in last else "") + f"; saved to {args.out}")
     return 0
 
 

@@ -160,3 +160,23 @@ def test_generate_without_model_uses_the_embedded_default(capsys):
     assert main(["generate", "ROMEO.", "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ROMEO.") and len(out.strip()) > len("ROMEO.")
+
+
+def test_cli_train_from_config_then_extend(tmp_path, capsys):
+    from molm.cli import main
+
+    tok = os.path.join(os.path.dirname(__file__), "data", "molm-tiny-a")
+    tiny_config(vocab_size=300).save_pretrained(tmp_path / "cfg")
+    text = tmp_path / "a.txt"
+    text.write_text("It was the best of times, it was the worst of times.\n" * 40)
+    common = ["--seq-len", "16", "--batch-size", "2", "--steps", "2", "--warmup", "1"]
+    assert main(["train", str(text), "--config", str(tmp_path / "cfg" / "config.json"), "--tokenizer", tok,
+                 "--out", str(tmp_path / "a"), *common]) == 0
+    assert main(["train", str(text), "--model", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
+                 "--new-mlp-experts", "2", "--freeze-old", *common]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    back = molm.load(tmp_path / "b", dtype=torch.float32)
+    before = molm.load(tmp_path / "a", dtype=torch.float32)
+    assert back.config.n_mlp_experts == 6
+    assert torch.equal(back.lm_head.weight, before.lm_head.weight)  # frozen
+    assert main(["train", str(text), "--out", str(tmp_path / "c"), *common]) == 1  # neither --model nor --config
