@@ -46,6 +46,7 @@ def test_10k_tokens_memory_is_flat(tiny):
     cache = molm.KVCache.for_model(tiny, 1, prompt.shape[1] + n_new)
     cache_bytes = sum(t.numel() * t.element_size() for t in cache.keys + (cache.values or []))
     del cache
+    molm.generate(tiny, prompt, max_new_tokens=16)  # warm-up: one-time allocations (thread pools, workspaces)
     start = rss_bytes()
     samples, tokens = [], []
     for i, next_ids in enumerate(molm.generate(tiny, prompt, max_new_tokens=n_new, stream=True), 1):
