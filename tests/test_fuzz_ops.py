@@ -291,3 +291,24 @@ def test_malformed_shapes(q_shape, kv_shape, bias_shape, k, logits_shape, scale,
     out = run_or_clear_error("route_topk", ops.route_topk, logits, k)
     if out is not None:
         assert torch.equal(out[0], torch.softmax(logits, -1))
+
+
+@fuzz(40)
+@given(n_tokens=st.integers(1, 8), n_experts=st.sampled_from([1, 2, 5, 32, 256]), data=st.data(), seed=SEEDS)
+def test_route_topk_non_finite_logits(n_tokens, n_experts, data, seed):
+    """NaN/Inf router logits (from NaN weights) make NaN gates, but the expert ids must stay a valid, in-range
+    routing: they index weights and rows downstream. Finite rows are unaffected."""
+    k = data.draw(st.integers(1, n_experts))
+    logits = randn((n_tokens, n_experts), seed)
+    special = data.draw(st.lists(st.tuples(st.integers(0, n_tokens - 1), st.integers(0, n_experts - 1),
+                                           st.sampled_from([float("nan"), float("inf"), -float("inf")])),
+                                 min_size=1, max_size=6))
+    for row, col, value in special:
+        logits[row, col] = value
+    probs, gates, experts, sorted_slots, slot_positions, offsets = ops.route_topk(logits, k)
+    assert ((experts >= 0) & (experts < n_experts)).all()
+    assert all(len(set(row)) == k for row in experts.tolist())
+    check_sort(experts, sorted_slots, slot_positions, offsets, n_experts)
+    finite = torch.isfinite(logits).all(-1)
+    _, r_gates, r_experts, *_ = reference.route_topk_ref(logits[finite], k)
+    assert torch.equal(gates[finite], r_gates)
