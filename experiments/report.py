@@ -24,14 +24,18 @@ def main(path: str) -> None:
                  if "ppl_A_at_extend" in row else "")
         print(f"| {labels[name]}{extra} | {row['trainable_params'] / 1e6:.2f} M | {row['ppl_A_before']:.1f} → "
               f"{row['ppl_A_after']:.1f} | {row['ppl_B_before']:.1f} → {row['ppl_B_after']:.1f} |")
+    share = r["extend"]["moe_extend_frozen"].get("new_expert_share")
+    if share:
+        print(f"\nAfter (b), the 4 new experts per layer (1/3 of all) take {share['att'] * 100:.0f} % of the attention "
+              f"and {share['mlp'] * 100:.0f} % of the MLP selections on B (`usage_extend.png`).")
     print("\n**3. Pruning after finetuning on B** (ppl on B validation; checkpoint bytes fp32; forward tokens/s, "
           "batch 16 × 64, 1 thread)\n")
-    print("| finetune | experts kept | ppl B | checkpoint | tokens/s |")
-    print("|---|---|---|---|---|")
+    print("| finetune | experts kept | ppl B, rescaled (default) | ppl B, rescale=False | checkpoint | tokens/s |")
+    print("|---|---|---|---|---|---|")
     for name, row in r["prune"].items():
         for key in row["ppl_B_val"]:
-            print(f"| {name} | {key} | {row['ppl_B_val'][key]:.1f} | {row['bytes'][key] / 1e6:.1f} MB | "
-                  f"{row['tokens_per_s'][key]:,} |")
+            print(f"| {name} | {key} | {row['ppl_B_val'][key]:.1f} | {row['ppl_B_val_no_rescale'][key]:.1f} | "
+                  f"{row['bytes'][key] / 1e6:.1f} MB | {row['tokens_per_s'][key]:,} |")
     print()
     for name, row in r["prune"].items():
         print(f"- {name}: the two most used MLP experts take {row['usage_top2_share_mlp'] * 100:.0f} % of the "

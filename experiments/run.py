@@ -228,6 +228,10 @@ def main() -> None:
             "ppl_A_before": before["ppl_A"], "ppl_A_after": ppl(m, A_val, fine),
             "ppl_B_before": before["ppl_B"], "ppl_B_after": ppl(m, B_val, fine)}
         print(name, json.dumps(results["extend"][name]), flush=True)
+    usage = molm.expert_usage(tuned["moe_extend_frozen"], B_val, seq_len=64)  # do the new experts get used?
+    results["extend"]["moe_extend_frozen"]["new_expert_share"] = {
+        kind: round(float(usage.site(kind)[0][:, 8:].sum() / usage.site(kind)[0].sum()), 3) for kind in ("att", "mlp")}
+    molm.plot_usage(usage, os.path.join(PLOTS, "usage_extend.png"), title="usage on B after extend (experts 8-11 new)")
 
     # 3. specialisation: load concentration on B, usage, pruning
     conc_cfg = TrainConfig(**{**fine.__dict__, "concentration_weight": 0.1})
@@ -237,7 +241,7 @@ def main() -> None:
         usage = molm.expert_usage(m, B[: 64 * 16 * 16], seq_len=64)
         tag = "conc" if name.startswith("load") else "full"
         molm.plot_usage(usage, os.path.join(PLOTS, f"usage_{tag}.png"), title=f"expert usage on B after {name}")
-        rows = {"ppl_B_val": {"100%": ppl(m, B_val, fine)},
+        rows = {"ppl_B_val": {"100%": ppl(m, B_val, fine)}, "ppl_B_val_no_rescale": {"100%": ppl(m, B_val, fine)},
                 "bytes": {"100%": checkpoint_bytes(m, f"pruned_{tag}_100")},
                 "tokens_per_s": {"100%": round(tokens_per_second(m, B_val, 64))},
                 "usage_top2_share_mlp": round(float(usage.mlp_freq.sort(dim=1, descending=True).values[:, :2].sum(1)
@@ -246,6 +250,7 @@ def main() -> None:
             p = molm.prune(m, usage, keep=frac)
             key = f"{round(frac * 100)}%"
             rows["ppl_B_val"][key] = ppl(p, B_val, fine)
+            rows["ppl_B_val_no_rescale"][key] = ppl(molm.prune(m, usage, keep=frac, rescale=False), B_val, fine)
             rows["bytes"][key] = checkpoint_bytes(p, f"pruned_{tag}_{key[:-1]}")
             rows["tokens_per_s"][key] = round(tokens_per_second(p, B_val, 64))
         results["prune"][name] = rows

@@ -12,7 +12,9 @@ chosen k. So the softmax denominator changes with the expert count:
   original init, normal(0, initializer_range)), so a new expert starts at about the probability of a neutral one.
 - prune: the kept experts' probabilities grow by 1 / (1 - dropped mass) per token. The outputs are unchanged only
   where the dropped experts had zero probability; in general the pruned model equals the original with the dropped
-  experts' router logits set to -inf. Load concentration (molm.train concentration_weight) drives that mass to ~0.
+  experts' router logits set to -inf (`prune(..., rescale=False)`). The default rescale=True scales the kept output
+  projections by 1 - (mean dropped mass), which undoes the inflation exactly when the dropped mass is the same for
+  every token. Load concentration (molm.train concentration_weight) drives that mass towards 0.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _site_of(key: str, gate_type: str) -> tuple[str, int] | None:
 
 
 def _rebuild(model: ModuleFormerForCausalLM, config, rows, seed: int | None) -> ModuleFormerForCausalLM:
-    """A new model with `config`; every expert-axis tensor is rows(kind, layer, old, new_init) along dim 0."""
+    """A new model with `config`; every expert-axis tensor is rows(key, kind, layer, old, new_init) along dim 0."""
     if not isinstance(model, ModuleFormerForCausalLM):
         raise TypeError(f"expected a ModuleFormerForCausalLM, got {type(model).__name__}")
     new = ModuleFormerForCausalLM(config, backend=model.backend).init_weights(seed)
@@ -49,7 +51,7 @@ def _rebuild(model: ModuleFormerForCausalLM, config, rows, seed: int | None) -> 
     with torch.no_grad():
         for key, tensor in state.items():
             site = _site_of(key, config.gate_type)
-            value = old_state[key] if site is None else rows(site[0], site[1], old_state[key], tensor)
+            value = old_state[key] if site is None else rows(key, site[0], site[1], old_state[key], tensor)
             tensor.copy_(value)
     if hasattr(model, "name_or_path"):
         new.name_or_path = model.name_or_path
@@ -73,7 +75,7 @@ def extend(model: ModuleFormerForCausalLM, new_att_experts: int = 0, new_mlp_exp
                        n_mlp_experts=c.n_mlp_experts + new_mlp_experts, extra=dict(c.extra))
     config.validate()
 
-    def rows(kind, layer, old, init):
+    def rows(key, kind, layer, old, init):
         return torch.cat([old, init[old.shape[0]:]], dim=0)
 
     new = _rebuild(model, config, rows, seed)
@@ -133,10 +135,15 @@ def keep_counts(model, usage, keep=None, mass: float | None = None) -> dict[str,
     return counts
 
 
-def prune(model: ModuleFormerForCausalLM, usage, keep=None, mass: float | None = None) -> ModuleFormerForCausalLM:
+def prune(model: ModuleFormerForCausalLM, usage, keep=None, mass: float | None = None,
+          rescale: bool = True) -> ModuleFormerForCausalLM:
     """Keep the most used experts of every layer (by `usage`, a molm.ExpertUsage) and their router rows; drop the
-    rest. See `keep_counts` for keep= / mass=. Kept experts stay in ascending id order. See the module docstring
-    for how the raw-probability gates change."""
+    rest. See `keep_counts` for keep= / mass=. Kept experts stay in ascending id order.
+
+    Dropping experts inflates the kept gates by 1 / (1 - m(x)), m(x) = the dropped probability mass of token x
+    (module docstring). rescale=True multiplies the kept experts' output projections by (1 - m̄), m̄ = the dropped
+    experts' mean probability in `usage`: exact when m(x) is the same for every token, a no-op when m̄ = 0.
+    rescale=False gives exactly the original model with the dropped router logits at -inf."""
     counts = keep_counts(model, usage, keep, mass)
     c = model.config
     for kind in SITES:
@@ -147,10 +154,16 @@ def prune(model: ModuleFormerForCausalLM, usage, keep=None, mass: float | None =
     kept = {(kind, layer): sorted(_ranked(usage, kind, layer)[:counts[kind]])
             for kind in SITES for layer in range(c.n_layer)}
     config = c.replace(n_att_experts=counts["att"], n_mlp_experts=counts["mlp"], extra=dict(c.extra))
+    scale = {(kind, layer): 1.0 - float(usage.site(kind)[1][layer].sum() - usage.site(kind)[1][layer][ids].sum())
+             for (kind, layer), ids in kept.items()}
 
-    def rows(kind, layer, old, init):
-        return old[torch.tensor(kept[(kind, layer)], device=old.device)]
+    def rows(key, kind, layer, old, init):
+        kept_rows = old[torch.tensor(kept[(kind, layer)], device=old.device)]
+        if rescale and key.endswith("output_experts.weight"):
+            kept_rows = kept_rows * max(scale[(kind, layer)], 0.0)
+        return kept_rows
 
     new = _rebuild(model, config, rows, seed=0)
     new.kept_experts = {f"{kind}.{layer}": ids for (kind, layer), ids in kept.items()}
+    new.output_scale = {f"{kind}.{layer}": s if rescale else 1.0 for (kind, layer), s in scale.items()}
     return new

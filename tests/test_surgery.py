@@ -87,14 +87,15 @@ def test_prune_of_experts_never_selected_leaves_outputs_unchanged(tmp_path):
     torch.testing.assert_close(back(x).logits, pruned(x).logits, rtol=0, atol=0)
     full, small = model_info(tmp_path / "full"), model_info(tmp_path / "pruned")
     assert small["parameters"] < full["parameters"] and small["file size"] < full["file size"]
-    assert small["active parameters per token"] == full["active parameters per token"] - 2 * (16 * 2 + 16 * 4)  # router rows
+    router_rows = 2 * (16 * 2 + 16 * 4)  # 2 layers x gating_size x dropped experts: experts themselves stay k active
+    assert small["active parameters per token"] == full["active parameters per token"] - router_rows
 
 
 def test_prune_in_general_equals_the_original_with_dropped_router_logits_at_minus_infinity():
     model = trained_tiny(n_att_experts=4, n_mlp_experts=6)
     data = torch.randint(1, 64, (2000,), generator=torch.Generator().manual_seed(1))
     usage = molm.expert_usage(model, data, seq_len=16)
-    pruned = molm.prune(model, usage, keep=0.5)
+    pruned = molm.prune(model, usage, keep=0.5, rescale=False)
     assert (pruned.config.n_att_experts, pruned.config.n_mlp_experts) == (2, 3)
     masked = molm.ModuleFormerForCausalLM(model.config).eval()
     masked.load_state_dict(model.state_dict())
@@ -104,6 +105,24 @@ def test_prune_in_general_equals_the_original_with_dropped_router_logits_at_minu
         silence_experts(pruned, {0: []}, site)
     x = data[:64].view(4, 16)
     torch.testing.assert_close(pruned(x).logits, masked(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_prune_rescale_undoes_the_gate_inflation_when_the_dropped_mass_is_the_same_for_every_token():
+    model = trained_tiny(n_att_experts=4, n_mlp_experts=6)
+    with torch.no_grad():  # routers that ignore the token: constant probabilities, some mass on every expert
+        for site in SITES:
+            w_gate = model.transformer.h[0].get_submodule(site).gate.w_gate
+            w_gate[0].weight.zero_()
+            w_gate[0].bias.zero_()
+            w_gate[0].bias[0] = 1.0
+    data = torch.randint(1, 64, (500,), generator=torch.Generator().manual_seed(3))
+    usage = molm.expert_usage(model, data, seq_len=16)
+    x = data[:64].view(4, 16)
+    rescaled, plain = molm.prune(model, usage, keep=2), molm.prune(model, usage, keep=2, rescale=False)
+    dropped = 1 - usage.mlp_prob[0][rescaled.kept_experts["mlp.0"]].sum()
+    assert 0.05 < dropped < 0.95 and rescaled.output_scale["mlp.0"] == pytest.approx(float(1 - dropped))
+    torch.testing.assert_close(rescaled(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain(x).logits, model(x).logits, atol=1e-3)
 
 
 def test_prune_by_mass_and_bad_arguments():
