@@ -30,12 +30,13 @@ def main(path: str) -> None:
               f"and {share['mlp'] * 100:.0f} % of the MLP selections on B (`usage_extend.png`).")
     print("\n**3. Pruning after finetuning on B** (ppl on B validation; checkpoint bytes fp32; forward tokens/s, "
           "batch 16 × 64, 1 thread)\n")
-    print("| finetune | experts kept | ppl B, rescaled (default) | ppl B, rescale=False | checkpoint | tokens/s |")
+    print("| finetune | experts kept | ppl B | ppl B, rescale=True | checkpoint | tokens/s |")
     print("|---|---|---|---|---|---|")
     for name, row in r["prune"].items():
         for key in row["ppl_B_val"]:
-            print(f"| {name} | {key} | {row['ppl_B_val'][key]:.1f} | {row['ppl_B_val_no_rescale'][key]:.1f} | "
-                  f"{row['bytes'][key] / 1e6:.1f} MB | {row['tokens_per_s'][key]:,} |")
+            size, rescaled = key.split(" ")[0], row["ppl_B_val_rescaled"].get(key)
+            print(f"| {name} | {key} | {row['ppl_B_val'][key]:.1f} | {'' if rescaled is None else f'{rescaled:.1f}'} | "
+                  f"{row['bytes'][size] / 1e6:.1f} MB | {row['tokens_per_s'][size]:,} |")
     print()
     for name, row in r["prune"].items():
         print(f"- {name}: the two most used MLP experts take {row['usage_top2_share_mlp'] * 100:.0f} % of the "

@@ -241,7 +241,7 @@ def main() -> None:
         usage = molm.expert_usage(m, B[: 64 * 16 * 16], seq_len=64)
         tag = "conc" if name.startswith("load") else "full"
         molm.plot_usage(usage, os.path.join(PLOTS, f"usage_{tag}.png"), title=f"expert usage on B after {name}")
-        rows = {"ppl_B_val": {"100%": ppl(m, B_val, fine)}, "ppl_B_val_no_rescale": {"100%": ppl(m, B_val, fine)},
+        rows = {"ppl_B_val": {"100%": ppl(m, B_val, fine)}, "ppl_B_val_rescaled": {"100%": ppl(m, B_val, fine)},
                 "bytes": {"100%": checkpoint_bytes(m, f"pruned_{tag}_100")},
                 "tokens_per_s": {"100%": round(tokens_per_second(m, B_val, 64))},
                 "usage_top2_share_mlp": round(float(usage.mlp_freq.sort(dim=1, descending=True).values[:, :2].sum(1)
@@ -250,9 +250,12 @@ def main() -> None:
             p = molm.prune(m, usage, keep=frac)
             key = f"{round(frac * 100)}%"
             rows["ppl_B_val"][key] = ppl(p, B_val, fine)
-            rows["ppl_B_val_no_rescale"][key] = ppl(molm.prune(m, usage, keep=frac, rescale=False), B_val, fine)
+            rows["ppl_B_val_rescaled"][key] = ppl(molm.prune(m, usage, keep=frac, rescale=True), B_val, fine)
             rows["bytes"][key] = checkpoint_bytes(p, f"pruned_{tag}_{key[:-1]}")
             rows["tokens_per_s"][key] = round(tokens_per_second(p, B_val, 64))
+        heal = TrainConfig(**{**fine.__dict__, "steps": 40, "lr": 5e-4, "warmup": 5})  # a short finetune after pruning
+        healed = run(f"pruned_{tag}_25_heal", molm.prune(m, usage, keep=0.25), B, heal, tok, B_val)
+        rows["ppl_B_val"]["25% + 40 steps on B"] = ppl(healed, B_val, fine)
         results["prune"][name] = rows
         print(name, json.dumps(rows), flush=True)
     with open(os.path.join(PLOTS, "results.json"), "w") as f:

@@ -12,9 +12,8 @@ chosen k. So the softmax denominator changes with the expert count:
   original init, normal(0, initializer_range)), so a new expert starts at about the probability of a neutral one.
 - prune: the kept experts' probabilities grow by 1 / (1 - dropped mass) per token. The outputs are unchanged only
   where the dropped experts had zero probability; in general the pruned model equals the original with the dropped
-  experts' router logits set to -inf (`prune(..., rescale=False)`). The default rescale=True scales the kept output
-  projections by 1 - (mean dropped mass), which undoes the inflation exactly when the dropped mass is the same for
-  every token. Load concentration (molm.train concentration_weight) drives that mass towards 0.
+  experts' router logits set to -inf. `prune(..., rescale=True)` scales the kept output projections by
+  1 - (mean dropped mass), which undoes the inflation exactly when the dropped mass is the same for every token. Load concentration (molm.train concentration_weight) drives that mass towards 0.
 """
 
 from __future__ import annotations
@@ -136,14 +135,15 @@ def keep_counts(model, usage, keep=None, mass: float | None = None) -> dict[str,
 
 
 def prune(model: ModuleFormerForCausalLM, usage, keep=None, mass: float | None = None,
-          rescale: bool = True) -> ModuleFormerForCausalLM:
+          rescale: bool = False) -> ModuleFormerForCausalLM:
     """Keep the most used experts of every layer (by `usage`, a molm.ExpertUsage) and their router rows; drop the
     rest. See `keep_counts` for keep= / mass=. Kept experts stay in ascending id order.
 
     Dropping experts inflates the kept gates by 1 / (1 - m(x)), m(x) = the dropped probability mass of token x
-    (module docstring). rescale=True multiplies the kept experts' output projections by (1 - m̄), m̄ = the dropped
-    experts' mean probability in `usage`: exact when m(x) is the same for every token, a no-op when m̄ = 0.
-    rescale=False gives exactly the original model with the dropped router logits at -inf."""
+    (module docstring); the default gives exactly the original model with the dropped router logits at -inf.
+    rescale=True multiplies the kept experts' output projections by (1 - m̄), m̄ = the dropped experts' mean
+    probability in `usage`: exact when m(x) is the same for every token, a no-op when m̄ = 0. (In experiments/ it
+    did not help: the damage comes from the dropped experts, not from the gate scale.)"""
     counts = keep_counts(model, usage, keep, mass)
     c = model.config
     for kind in SITES:

@@ -118,7 +118,7 @@ def test_prune_rescale_undoes_the_gate_inflation_when_the_dropped_mass_is_the_sa
     data = torch.randint(1, 64, (500,), generator=torch.Generator().manual_seed(3))
     usage = molm.expert_usage(model, data, seq_len=16)
     x = data[:64].view(4, 16)
-    rescaled, plain = molm.prune(model, usage, keep=2), molm.prune(model, usage, keep=2, rescale=False)
+    rescaled, plain = molm.prune(model, usage, keep=2, rescale=True), molm.prune(model, usage, keep=2)
     dropped = 1 - usage.mlp_prob[0][rescaled.kept_experts["mlp.0"]].sum()
     assert 0.05 < dropped < 0.95 and rescaled.output_scale["mlp.0"] == pytest.approx(float(1 - dropped))
     torch.testing.assert_close(rescaled(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
