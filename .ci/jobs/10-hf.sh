@@ -28,8 +28,9 @@ echo "--- transformers $TRANSFORMERS_4 + lm_eval $LM_EVAL venv ready at $((SECON
 .venv-ci-hf/bin/python -m pytest -q tests/test_hf.py tests/test_evaluate.py tests/test_tokenizer.py
 echo "--- transformers $TRANSFORMERS_4, lm_eval: passed at $((SECONDS - start)) s"
 
-# transformers 5.x in the same venv (lm_eval does not depend on transformers): saves a second torch install
-.venv-ci-hf/bin/pip install -q "transformers==$TRANSFORMERS_5"
+# transformers 5.x in the same venv (lm_eval does not depend on transformers): saves a second torch install.
+# huggingface-hub < 2 satisfies both transformers 5 and the datasets that lm_eval pulled in.
+.venv-ci-hf/bin/pip install -q "transformers==$TRANSFORMERS_5" "huggingface-hub<2"
 echo "--- transformers $TRANSFORMERS_5 installed at $((SECONDS - start)) s"
 .venv-ci-hf/bin/python -m pytest -q tests/test_hf.py
 echo "--- transformers $TRANSFORMERS_5: passed at $((SECONDS - start)) s"
