@@ -135,6 +135,13 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
         self.molm.transformer.wte = value
 
 
+class GenerationCache(KVCache):
+    """molm's KVCache with the method name transformers 4.4x calls on non-tuple caches in beam search."""
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.reorder(beam_idx.to(self.keys[0].device))
+
+
 def _pick_cache(past_key_values, cache):
     return cache if cache is not None else past_key_values
 
@@ -179,7 +186,7 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
                 token_type_ids = token_type_ids[:, seen:]
         elif use_cache:  # first step: reserve room for the whole generation up front
             max_length = getattr(getattr(self, "generation_config", None), "max_length", None) or 0
-            past = KVCache.for_model(self.molm, input_ids.shape[0], max(input_ids.shape[1], max_length))
+            past = GenerationCache.for_model(self.molm, input_ids.shape[0], max(input_ids.shape[1], max_length))
         return {"input_ids": input_ids, CACHE_NAME: past, "attention_mask": attention_mask,
                 "token_type_ids": token_type_ids, "use_cache": use_cache, "return_aux_loss": False,
                 "logits_to_keep": 1}

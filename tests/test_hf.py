@@ -8,9 +8,9 @@ import pytest
 import torch
 
 if os.environ.get("MOLM_REQUIRE_HF") == "1":
-    import transformers  # noqa: F401  (CI's 10-hf job sets it: there a missing transformers fails)
+    import transformers  # CI's 10-hf job sets it: there a missing transformers fails
 else:
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: E402
@@ -33,9 +33,13 @@ def gen(model, prompt, **settings):
     return model.generate(prompt, pad_token_id=0, **settings)
 
 
+# dtype given explicitly: 4.x defaults to float32, 5.x to the stored dtype (bf16 here); before 4.56 it was torch_dtype
+DTYPE_ARG = "dtype" if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+FP32 = {DTYPE_ARG: torch.float32}
+
+
 def load_hf(name, cls=AutoModelForCausalLM):
-    # dtype given explicitly: 4.x defaults to float32, 5.x to the stored dtype (bf16 here)
-    return cls.from_pretrained(os.path.join(DATA, name), dtype=torch.float32).eval()
+    return cls.from_pretrained(os.path.join(DATA, name), **FP32).eval()
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
@@ -140,7 +144,7 @@ def test_beam_search_reorders_the_cache(causal):
 def test_save_and_reload_roundtrip(tmp_path):
     model = load_hf("molm-tiny-b")
     model.save_pretrained(tmp_path)
-    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, **FP32)
     g = golden("molm-tiny-b")
     with torch.no_grad():
         assert (again(g["input_ids"]).logits - g["logits"]).abs().max() <= TOL_FP32
