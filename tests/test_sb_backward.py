@@ -110,3 +110,10 @@ def test_sb_backward_bad_input():
         torch.ops.molm.sb_attention_backward(grad[:, :2], q, k, v, bias, 0.2, False)
     with pytest.raises(ValueError, match="bias_grad"):
         torch.ops.molm.sb_attention_backward(grad, q, k, v, None, 0.2, True)
+
+
+def test_sb_backward_opcheck():
+    """Schema, fake kernel and dispatch of the backward op agree (torch.library.opcheck)."""
+    q, k, v, bias, grad = _inputs(1, 3, 5, 2, 1, 8, torch.float32, True, False)
+    torch.library.opcheck(torch.ops.molm.sb_attention_backward, (grad, q, k, v, bias, 0.3, True))
+    torch.library.opcheck(torch.ops.molm.sb_attention_backward, (grad, q, k, v, None, 0.3, False))
