@@ -54,7 +54,8 @@ def _sb_backward(q, kv, grad, scale):
 def _sb_backward_fallback(q, kv, grad, scale):
     """The backward molm used before the fused op: autograd through the fp32 reference."""
     q32, kv32 = q.float().requires_grad_(), kv.float().requires_grad_()
-    dq, dkv = torch.autograd.grad(reference.sb_attention_ref(q32, kv32, kv32, None, scale), (q32, kv32), grad.float())
+    out = reference.sb_attention_ref(q32, kv32, kv32, None, scale)
+    dq, dkv = torch.autograd.grad(out, (q32, kv32), grad.float())
     return dq.to(q.dtype), dkv.to(kv.dtype)
 
 

@@ -127,8 +127,9 @@ def decode_cases(quick: bool, runs: int, gen: torch.Generator):
             qs = [torch.randn(B, 1, K_SLOTS, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
                   for _ in range(n_sets)]
             scale = D ** -0.5
-            fn = _rotating(lambda i: ops.sb_attention(qs[i], caches[i], caches[i], None, scale), n_sets)
-            fn_ref = _rotating(lambda i: reference.sb_attention_ref(qs[i], caches[i], caches[i], None, scale), n_sets)
+            fn = _rotating(lambda i, qs=qs, cs=caches: ops.sb_attention(qs[i], cs[i], cs[i], None, scale), n_sets)
+            fn_ref = _rotating(lambda i, qs=qs, cs=caches: reference.sb_attention_ref(qs[i], cs[i], cs[i], None, scale),
+                               n_sets)
             out = ops.sb_attention(qs[0], caches[0], caches[0], None, scale)
             ref32 = reference.sb_attention_ref(qs[0][:1].float(), caches[0][:1].float(), caches[0][:1].float(), None,
                                                scale)
@@ -141,7 +142,6 @@ def decode_cases(quick: bool, runs: int, gen: torch.Generator):
                        speedup=ms_ref / ms, tflops=4 * B * K_SLOTS * S * D / ms / 1e9,
                        gspecial_per_s=SPECIAL_PER_PAIR * B * K_SLOTS * S / ms / 1e6, gbps=gbps,
                        pct_hbm=100 * gbps / HBM_GBPS, max_err=err, bitwise_repeat=bitwise)
-            del caches, qs
             torch.cuda.empty_cache()
 
 

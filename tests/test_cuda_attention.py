@@ -135,7 +135,8 @@ def _grads(fn, q, k, v, bias, grad, scale, shared_kv, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,T,S,G,H,D,padded,shared_kv", [
     (1, 1, 1, 1, 1, 64, False, True), (2, 1, 500, 2, 1, 1024, True, True), (2, 7, 40, 3, 2, 64, True, False),
-    (1, 200, 200, 4, 1, 128, False, True), (2, 128, 300, 2, 1, 1024, True, False), (1, 2048, 2048, 2, 1, 64, True, True)])
+    (1, 200, 200, 4, 1, 128, False, True), (2, 128, 300, 2, 1, 1024, True, False),
+    (1, 2048, 2048, 2, 1, 64, True, True)])
 def test_cuda_backward(B, T, S, G, H, D, padded, shared_kv, dtype):
     q, k, v, bias = _inputs(B, T, S, G, H, D, dtype, padded, shared_kv)
     grad = torch.randn(q.shape, device=DEV).to(dtype)
