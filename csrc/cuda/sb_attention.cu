@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_fp16.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -72,12 +73,37 @@ __device__ __forceinline__ acc_t warp_prefix_sum(acc_t x, int lane) {
   return x;
 }
 
+// The kVec = 16 / sizeof(scalar_t) elements of one 16-byte load as acc_t, by bit operations (no local-memory copy).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void unpack16(const uint4& r, acc_t (&out)[16 / sizeof(scalar_t)]) {
+  const unsigned w[4] = {r.x, r.y, r.z, r.w};
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(w[i] << 16);  // element 2i: the low half (little endian)
+      out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+      out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+    }
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(w[i]);
+  } else {
+    out[0] = __hiloint2double(static_cast<int>(w[1]), static_cast<int>(w[0]));
+    out[1] = __hiloint2double(static_cast<int>(w[3]), static_cast<int>(w[2]));
+  }
+}
+
 // ------------------------------------------------------------------------------------------------ decode (split-KV)
 // Grid (B * T * H, n_chunks). Chunk c of query position i covers keys [max(0, hi - chunk), hi), hi = i + 1 - c*chunk.
 // Writes o_part[((row * G + g) * n_chunks + c) * D + d] and s_part[(row * G + g) * n_chunks + c] (fp32/fp64).
 // Shared memory: q as acc_t [G, D], then the chunk's logits -> weights as acc_t [G, chunk].
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kDecodeThreads) sb_decode_chunk_kernel(
+__global__ void __launch_bounds__(kDecodeThreads, 2) sb_decode_chunk_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     const acc_t* __restrict__ bias, acc_t scale, int T, int G, int H, int D, int S, int chunk, int n_chunks,
     int64_t qs0, int64_t qs1, int64_t qs2, int64_t qs3, int64_t ks0, int64_t ks1, int64_t ks2, int64_t vs0,
@@ -97,9 +123,13 @@ __global__ void __launch_bounds__(kDecodeThreads) sb_decode_chunk_kernel(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n_warps = blockDim.x >> 5;
   constexpr int kVec = 16 / sizeof(scalar_t);
 
+  // 16-bit inputs on the vector path: q is stored as two planes per slot, plane p holding elements 4p .. 4p+3 of every
+  // 8-element vector (q_plane(g, p)[dv * 4 + e] = q[g, dv * 8 + 4p + e]), so a warp's float4 reads are conflict-free.
+  constexpr bool kPlanes = kVec == 8;
   for (int x = tid; x < G * D; x += blockDim.x) {
     const int g = x / D, d = x % D;
-    qsm[x] = static_cast<acc_t>(q[b * qs0 + t * qs1 + g * qs2 + h * qs3 + d]);
+    const int slot = (kPlanes && vec_ok) ? g * D + ((d % 8) / 4) * (D / 2) + (d / 8) * 4 + d % 4 : x;
+    qsm[slot] = static_cast<acc_t>(q[b * qs0 + t * qs1 + g * qs2 + h * qs3 + d]);
   }
   __syncthreads();
 
@@ -114,14 +144,26 @@ __global__ void __launch_bounds__(kDecodeThreads) sb_decode_chunk_kernel(
       for (int u = 0; u < kMaxSlotsPerPass; ++u) part[u] = acc_t(0);
       if (vec_ok) {  // 16-byte loads, kVec elements each
         for (int dv = lane; dv < D / kVec; dv += 32) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(krow + dv * kVec);
-          const scalar_t* kx = reinterpret_cast<const scalar_t*>(&raw);
+          acc_t kx[kVec];
+          unpack16<scalar_t, acc_t>(*reinterpret_cast<const uint4*>(krow + dv * kVec), kx);
+          if constexpr (kPlanes) {
 #pragma unroll
-          for (int x = 0; x < kVec; ++x) {
-            const acc_t kv = static_cast<acc_t>(kx[x]);
+            for (int u = 0; u < kMaxSlotsPerPass; ++u) {
+              if (g0 + u < G) {
+                const acc_t* qg = qsm + (g0 + u) * D + dv * 4;
+                const float4 lo = *reinterpret_cast<const float4*>(qg);          // elements 0..3 of the vector
+                const float4 hi = *reinterpret_cast<const float4*>(qg + D / 2);  // elements 4..7
+                part[u] += lo.x * kx[0] + lo.y * kx[1] + lo.z * kx[2] + lo.w * kx[3] + hi.x * kx[4] + hi.y * kx[5] +
+                           hi.z * kx[6] + hi.w * kx[7];
+              }
+            }
+          } else {
 #pragma unroll
-            for (int u = 0; u < kMaxSlotsPerPass; ++u)
-              if (g0 + u < G) part[u] += qsm[(g0 + u) * D + dv * kVec + x] * kv;
+            for (int x = 0; x < kVec; ++x) {
+#pragma unroll
+              for (int u = 0; u < kMaxSlotsPerPass; ++u)
+                if (g0 + u < G) part[u] += qsm[(g0 + u) * D + dv * kVec + x] * kx[x];
+            }
           }
         }
       } else {
@@ -170,15 +212,15 @@ __global__ void __launch_bounds__(kDecodeThreads) sb_decode_chunk_kernel(
           for (int x = 0; x < kVec; ++x) acc[u][x] = acc_t(0);
         for (int jj = 0; jj < n; ++jj) {
           const int j = k_hi - 1 - jj;
-          const uint4 raw =
-              *reinterpret_cast<const uint4*>(v + b * vs0 + static_cast<int64_t>(j) * vs1 + h * vs2 + dv * kVec);
-          const scalar_t* vx = reinterpret_cast<const scalar_t*>(&raw);
+          acc_t vx[kVec];
+          unpack16<scalar_t, acc_t>(
+              *reinterpret_cast<const uint4*>(v + b * vs0 + static_cast<int64_t>(j) * vs1 + h * vs2 + dv * kVec), vx);
 #pragma unroll
           for (int u = 0; u < kMaxSlotsPerPass; ++u) {
             if (g0 + u < G) {
               const acc_t a = wsm[(g0 + u) * chunk + jj];
 #pragma unroll
-              for (int x = 0; x < kVec; ++x) acc[u][x] += a * static_cast<acc_t>(vx[x]);
+              for (int x = 0; x < kVec; ++x) acc[u][x] += a * vx[x];
             }
           }
         }
