@@ -45,6 +45,20 @@ def _routing(n_tokens: int, n_experts: int, gen: torch.Generator):
     return reference.route_topk_ref(logits, K_SLOTS)
 
 
+def _sb_backward(q, kv, grad, scale):
+    """(dq, d kv) from the fused backward op, K = V = kv."""
+    dq, dk, dv, _ = torch.ops.molm.sb_attention_backward(grad, q, kv, kv, None, scale, False)
+    return dq, dk + dv
+
+
+def _sb_backward_fallback(q, kv, grad, scale):
+    """The backward molm used before the fused op: autograd through the fp32 reference."""
+    q32, kv32 = q.float().requires_grad_(), kv.float().requires_grad_()
+    out = reference.sb_attention_ref(q32, kv32, kv32, None, scale)
+    dq, dkv = torch.autograd.grad(out, (q32, kv32), grad.float())
+    return dq.to(q.dtype), dkv.to(kv.dtype)
+
+
 def cases(dtype: torch.dtype, quick: bool):
     """Yields (family, shape text, fn_molm, fn_ref, flops, bytes)."""
     gen = torch.Generator().manual_seed(0)
@@ -89,6 +103,13 @@ def cases(dtype: torch.dtype, quick: bool):
                lambda q=q, kv=kv, b=bias: ops.sb_attention(q, kv, kv, b, scale),
                lambda q=q, kv=kv, b=bias: reference.sb_attention_ref(q, kv, kv, b, scale),
                4 * K_SLOTS * pairs * D_ATT, kv.nbytes + 2 * q.nbytes)
+    for t in (256,) if quick else (256, 512):  # backward: fused op vs the old fallback (fp32 reference autograd)
+        q, kv, grad = rnd(1, t, K_SLOTS, 1, D_ATT), rnd(1, t, 1, D_ATT), rnd(1, t, K_SLOTS, 1, D_ATT)
+        scale = D_ATT ** -0.5
+        yield ("sb_attn_bwd", f"prefill T={t} S={t} k={K_SLOTS} D={D_ATT}",
+               lambda q=q, kv=kv, g=grad: _sb_backward(q, kv, g, scale),
+               lambda q=q, kv=kv, g=grad: _sb_backward_fallback(q, kv, g, scale),
+               10 * K_SLOTS * (t * (t + 1) // 2) * D_ATT, 3 * kv.nbytes + 3 * q.nbytes)
 
 
 def main() -> None:

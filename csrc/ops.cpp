@@ -17,4 +17,7 @@ TORCH_LIBRARY(molm, m) {
   m.def("expert_gemm_wgrad(Tensor x, Tensor grad_out, Tensor expert_offsets, int num_experts) -> Tensor");
   // fused causal stick-breaking attention (ModuleFormer variant), q [B,T,k,H,D], k/v [B,S,H,D], bias [B,S] -> [B,T,k,H,D]
   m.def("sb_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> Tensor");
+  // its backward: (dq, dk, dv, dbias [B,S] fp32 (fp64 for fp64), or [0,0] when not bias_grad); dk/dv without atomics
+  m.def("sb_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, float scale, "
+        "bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -260,17 +260,25 @@ if _C is not None:
         ctx.save_for_backward(q, k, v, bias)
         ctx.scale = scale
 
-    def _sb_attention_backward(ctx, grad):
-        """FALLBACK (no C++ backward kernel yet): recompute the pure-torch reference in fp32 (fp64 for fp64 inputs)
-        under autograd and differentiate it. Memory O(T * S) per (B, k, H) like the reference."""
-        q, k, v, bias = ctx.saved_tensors
+    @torch.library.register_fake("molm::sb_attention_backward")
+    def _sb_attention_backward_fake(grad_out, q, k, v, bias, scale, bias_grad):
+        _sb_attention_shape(q, k, v, bias)
+        torch._check(grad_out.shape == q.shape, lambda: "sb_attention_backward: grad_out must have q's shape")
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        db_shape = tuple(k.shape[:2]) if bias_grad else (0, 0)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(db_shape, dtype=acc)
+
+    def _sb_attention_backward(ctx, grad):
+        """One fused kernel (molm::sb_attention_backward): recomputes the weights per query tile, never an S x S
+        matrix; dk/dv summed per key block without atomics. K = V passed twice gets dk + dv from autograd."""
+        q, k, v, bias = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
-        with torch.enable_grad():
-            leaves = [None if t is None else t.detach().to(acc).requires_grad_(n) for t, n in zip((q, k, v, bias), needs)]
-            out = reference.sb_attention_ref(*leaves, ctx.scale)
-            wanted = [t for t, n in zip(leaves, needs) if n]
-            grads = iter(torch.autograd.grad(out, wanted, grad.to(acc)) if wanted else ())
-        return tuple(next(grads).to(t.dtype) if n else None for t, n in zip((q, k, v, bias), needs)) + (None,)
+        if not any(needs):
+            return None, None, None, None, None
+        bias_grad = bias is not None and needs[3]
+        dq, dk, dv, dbias = torch.ops.molm.sb_attention_backward(grad.contiguous(), q, k, v, bias, ctx.scale,
+                                                                 bias_grad)
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                dbias.to(bias.dtype) if bias_grad else None, None)
 
     torch.library.register_autograd("molm::sb_attention", _sb_attention_backward, setup_context=_sb_attention_setup)

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <tuple>
 #include <vector>
 
 #include "../checks.h"
@@ -158,7 +159,85 @@ at::Tensor sb_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// Backward, tiled like the forward: per (b, h) and tile of query rows, logits = Q K^T and dA = dO V^T by two GEMMs,
+// sb_backward_row per row (rows in parallel; A and dl replace them in place), then dQ = scale dl K for the tile, and
+// the tile's share of dK = scale dl^T Q, dV = A^T dO added to per-(b, h) fp32 key-block accumulators in tile order
+// (no atomics: every sum has a fixed order, so results are bitwise repeatable).
+template <typename scalar_t>
+void sb_backward_tiled(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const acc_type<scalar_t>* bias, double scale_d, at::Tensor& dq, at::Tensor& dk,
+                       at::Tensor& dv, at::Tensor& dbias) {
+  using acc_t = acc_type<scalar_t>;
+  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), S = k.size(1);
+  const int64_t tile_t = std::max<int64_t>(1, kTileRows / G);
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const bool kv_same = k.data_ptr() == v.data_ptr() && k.strides() == v.strides();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const at::Tensor kf = k.select(0, b).select(1, h).to(acc_dtype);               // [S, D]
+      const at::Tensor vf = kv_same ? kf : v.select(0, b).select(1, h).to(acc_dtype);  // [S, D]
+      at::Tensor dkf = at::zeros_like(kf), dvf = at::zeros_like(kf);                    // [S, D] accumulators
+      for (int64_t t0 = 0; t0 < T; t0 += tile_t) {
+        const int64_t tn = std::min(tile_t, T - t0), rows = tn * G;
+        const int64_t width = S - T + t0 + tn;
+        const at::Tensor qt = q.select(0, b).narrow(0, t0, tn).select(2, h).to(acc_dtype).reshape({rows, -1});
+        const at::Tensor gt = grad.select(0, b).narrow(0, t0, tn).select(2, h).to(acc_dtype).reshape({rows, -1});
+        const at::Tensor kw = kf.narrow(0, 0, width), vw = vf.narrow(0, 0, width);
+        at::Tensor weights = at::mm(qt, kw.t());  // [rows, W]: scores, then A
+        at::Tensor dlogits = at::mm(gt, vw.t());  // [rows, W]: dA, then dl
+        acc_t* ap = weights.data_ptr<acc_t>();
+        acc_t* gp = dlogits.data_ptr<acc_t>();
+        const acc_t* bb = bias ? bias + b * S : nullptr;
+        at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+          std::vector<acc_t> scratch(2 * width);
+          for (int64_t r = lo; r < hi; ++r)
+            core::sb_backward_row(ap + r * width, gp + r * width, S - T + t0 + r / G, width, scale, bb,
+                                  scratch.data());
+        });
+        const at::Tensor dqt = at::mm(dlogits, kw).mul_(scale);  // [rows, D]
+        dq.select(0, b).narrow(0, t0, tn).select(2, h).copy_(dqt.view({tn, G, -1}));
+        dkf.narrow(0, 0, width).addmm_(dlogits.t(), qt, 1, scale);
+        dvf.narrow(0, 0, width).addmm_(weights.t(), gt);
+        if (dbias.defined() && dbias.numel() > 0) dbias.select(0, b).narrow(0, 0, width).add_(dlogits.sum(0));
+      }
+      dk.select(0, b).select(1, h).copy_(dkf);
+      dv.select(0, b).select(1, h).copy_(dvf);
+    }
+}
+
+// grad [B, T, k, H, D] -> (dq like q, dk like k, dv like v, dbias [B, S] in the accumulation dtype, or [0] when
+// bias_grad is false).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& bias, double scale, bool bias_grad) {
+  check_sb_attention(q, k, v, bias);
+  const char* op = "molm::sb_attention_backward";
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), op, ": grad_out must have q's shape ", q.sizes(), ", got ",
+                    grad_out.sizes());
+  check_same_dtype(op, "grad_out", grad_out, "q", q);
+  check_same_device(op, "grad_out", grad_out, "q", q);
+  TORCH_CHECK_VALUE(!bias_grad || bias.has_value(), op, ": bias_grad needs a bias");
+  at::Tensor dq = at::zeros(q.sizes(), q.options());
+  at::Tensor dk = at::zeros(k.sizes(), k.options());
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dbias = at::zeros({bias_grad ? k.size(0) : 0, bias_grad ? k.size(1) : 0}, q.options().dtype(acc_dtype));
+  if (q.numel() == 0) return {dq, dk, dv, dbias};
+  MOLM_DISPATCH_FLOATING(q.scalar_type(), "molm::sb_attention_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    at::Tensor bias_acc;
+    if (bias.has_value()) bias_acc = bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* bp = bias.has_value() ? bias_acc.data_ptr<acc_t>() : nullptr;
+    sb_backward_tiled<scalar_t>(grad_out, q, k, v, bp, scale, dq, dk, dv, dbias);
+  });
+  return {dq, dk, dv, dbias};
+}
+
 }  // namespace
 }  // namespace molm::cpu
 
-TORCH_LIBRARY_IMPL(molm, CPU, m) { m.impl("sb_attention", &molm::cpu::sb_attention_cpu); }
+TORCH_LIBRARY_IMPL(molm, CPU, m) {
+  m.impl("sb_attention", &molm::cpu::sb_attention_cpu);
+  m.impl("sb_attention_backward", &molm::cpu::sb_attention_backward_cpu);
+}

@@ -37,6 +37,43 @@ inline acc_t sb_scan_row(acc_t* l, int64_t i, int64_t width, acc_t scale, const 
   return cum;
 }
 
+// beta = sigmoid(l), survive = 1 - beta = sigmoid(-l) (exact even where beta rounds to 1), log_survive = log(survive).
+template <typename acc_t>
+inline void sb_terms3(acc_t l, acc_t& beta, acc_t& survive, acc_t& log_survive) {
+  const acc_t e = std::exp(-std::abs(l));
+  const acc_t one = acc_t(1);
+  beta = (l >= acc_t(0) ? one : e) / (one + e);
+  survive = (l >= acc_t(0) ? e : one) / (one + e);
+  log_survive = -(std::max(l, acc_t(0)) + std::log1p(e));
+}
+
+// Backward of one query row. On entry a[0..width) holds the raw scores q.k_j and g[0..width) holds
+// dA_j = dO . v_j; on exit a holds the weights A_j and g holds dl_j, the gradient of the logit
+// l_j = a_j * scale + bias[j] (entries i+1 .. width-1 of both are set to 0). With P_j = A_j dA_j:
+//   dl_j = P_j (1 - beta_j) - beta_j * sum_{m<j} P_m
+// (beta_j scales A_j; log(1 - beta_j), with derivative -beta_j, enters every A_m with m < j).
+// Two exact passes: newest-to-oldest for A, oldest-to-newest for the prefix sum. scratch: 2 * (i + 1) values.
+template <typename acc_t>
+inline void sb_backward_row(acc_t* a, acc_t* g, int64_t i, int64_t width, acc_t scale, const acc_t* bias,
+                            acc_t* scratch) {
+  acc_t* beta = scratch;
+  acc_t* survive = scratch + (i + 1);
+  acc_t cum = acc_t(0);
+  for (int64_t j = i; j >= 0; --j) {
+    acc_t ls;
+    sb_terms3(bias ? a[j] * scale + bias[j] : a[j] * scale, beta[j], survive[j], ls);
+    a[j] = beta[j] * std::exp(cum);
+    cum += ls;
+  }
+  acc_t prefix = acc_t(0);
+  for (int64_t j = 0; j <= i; ++j) {
+    const acc_t p = a[j] * g[j];
+    g[j] = p * survive[j] - beta[j] * prefix;
+    prefix += p;
+  }
+  for (int64_t j = std::max<int64_t>(i + 1, 0); j < width; ++j) a[j] = g[j] = acc_t(0);
+}
+
 // Split-KV combine: chunks c = 0..n-1 are ordered newest (nearest the query) first; chunk c holds the partial output
 // o_c[0..d) computed with its own running sum starting at 0, and its total log-survival s_c. The result is
 // o = o_0 + exp(s_0) * (o_1 + exp(s_1) * (o_2 + ...)), accumulated newest to oldest into out[0..d).

@@ -1,0 +1,571 @@
+// CUDA stick-breaking attention (ModuleFormer variant; math in csrc/cpu/core/sb_core.h, oracle sb_attention_ref).
+//  * decode (T <= kDecodeMaxQueries): split-KV. One CTA per (query position, key chunk) reads each key row of its
+//    chunk once for all k slots of the token, scores it, runs the newest-to-oldest scan over the chunk (warp scan,
+//    carry = running log-survival) and accumulates A @ V; a second kernel combines the chunks newest to oldest,
+//    o = o_0 + exp(s_0) * (o_1 + exp(s_1) * (...)). No host synchronisation: capturable in a CUDA graph.
+//  * prefill / backward: tiles of query positions batched over (b, h). The two products with K and V run as
+//    cuBLAS batched GEMMs (tensor cores for bf16/fp16, fp32 output); a warp-per-row kernel does the reverse scan
+//    (forward) or the two-pass gradient scan (backward) in place. dK/dV are summed over query tiles in a fixed
+//    order into fp32 buffers: no atomics anywhere, results are bitwise repeatable.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+
+#include "../checks.h"
+#include "../dispatch.h"
+
+namespace molm::cuda {
+namespace {
+
+constexpr int kDecodeMaxQueries = 4;      // T <= this takes the split-KV path
+constexpr int kDecodeThreads = 256;
+constexpr int kMaxSlotsPerPass = 4;       // k slots held in registers at once (more slots loop in groups)
+constexpr int kScanWarps = 8;             // rows per CTA in the scan kernels (one warp each)
+constexpr int64_t kTileBytes = 256 << 20;  // fp32 score buffer per tile of query positions (prefill, backward)
+
+__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+__device__ __forceinline__ float dev_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double dev_log1p(double x) { return log1p(x); }
+
+// beta = sigmoid(l), survive = 1 - beta, log_survive = log(1 - beta) = -softplus(l); a masked key (l = -inf or
+// dtype-min) gives beta = 0, survive = 1, log_survive = 0 exactly. Same formulas as core::sb_terms3.
+template <typename acc_t>
+__device__ __forceinline__ void sb_terms(acc_t l, acc_t& beta, acc_t& survive, acc_t& log_survive) {
+  const acc_t e = dev_exp(-fabs(l));
+  const acc_t one = acc_t(1);
+  beta = (l >= acc_t(0) ? one : e) / (one + e);
+  survive = (l >= acc_t(0) ? e : one) / (one + e);
+  log_survive = -((l > acc_t(0) ? l : acc_t(0)) + dev_log1p(e));
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// Inclusive sum over lanes >= lane (lanes = consecutive keys, higher lane = newer key).
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_suffix_sum(acc_t x, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const acc_t y = __shfl_down_sync(0xffffffffu, x, off);
+    if (lane + off < 32) x += y;
+  }
+  return x;
+}
+
+// Inclusive sum over lanes <= lane.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_prefix_sum(acc_t x, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const acc_t y = __shfl_up_sync(0xffffffffu, x, off);
+    if (lane >= off) x += y;
+  }
+  return x;
+}
+
+// The kVec = 16 / sizeof(scalar_t) elements of one 16-byte load as acc_t, by bit operations (no local-memory copy).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void unpack16(const uint4& r, acc_t (&out)[16 / sizeof(scalar_t)]) {
+  const unsigned w[4] = {r.x, r.y, r.z, r.w};
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(w[i] << 16);  // element 2i: the low half (little endian)
+      out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+      out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+    }
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(w[i]);
+  } else {
+    out[0] = __hiloint2double(static_cast<int>(w[1]), static_cast<int>(w[0]));
+    out[1] = __hiloint2double(static_cast<int>(w[3]), static_cast<int>(w[2]));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ decode (split-KV)
+// Grid (B * T * H, n_chunks). Chunk c of query position i covers keys [max(0, hi - chunk), hi), hi = i + 1 - c*chunk.
+// Writes o_part[((row * G + g) * n_chunks + c) * D + d] and s_part[(row * G + g) * n_chunks + c] (fp32/fp64).
+// Shared memory: q as acc_t [G, D], then the chunk's logits -> weights as acc_t [G, chunk].
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kDecodeThreads, 2) sb_decode_chunk_kernel(
+    const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+    const acc_t* __restrict__ bias, acc_t scale, int T, int G, int H, int D, int S, int chunk, int n_chunks,
+    int64_t qs0, int64_t qs1, int64_t qs2, int64_t qs3, int64_t ks0, int64_t ks1, int64_t ks2, int64_t vs0,
+    int64_t vs1, int64_t vs2, bool vec_ok, acc_t* __restrict__ o_part, acc_t* __restrict__ s_part) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* qsm = reinterpret_cast<acc_t*>(smem_raw);  // [G, D]
+  acc_t* wsm = qsm + static_cast<int64_t>(G) * D;   // [G, chunk]
+  const int64_t row = blockIdx.x;
+  const int c = blockIdx.y;
+  const int b = static_cast<int>(row / (static_cast<int64_t>(T) * H));
+  const int t = static_cast<int>((row / H) % T);
+  const int h = static_cast<int>(row % H);
+  const int i = S - T + t;  // absolute query position
+  const int k_hi = i + 1 - c * chunk;
+  const int k_lo = k_hi - chunk > 0 ? k_hi - chunk : 0;
+  const int n = k_hi > k_lo ? k_hi - k_lo : 0;  // keys in this chunk; key jj = 0 .. n-1 is position k_hi - 1 - jj
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n_warps = blockDim.x >> 5;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+
+  // 16-bit inputs on the vector path: q is stored as two planes per slot, plane p holding elements 4p .. 4p+3 of every
+  // 8-element vector (q_plane(g, p)[dv * 4 + e] = q[g, dv * 8 + 4p + e]), so a warp's float4 reads are conflict-free.
+  constexpr bool kPlanes = kVec == 8;
+  for (int x = tid; x < G * D; x += blockDim.x) {
+    const int g = x / D, d = x % D;
+    const int slot = (kPlanes && vec_ok) ? g * D + ((d % 8) / 4) * (D / 2) + (d / 8) * 4 + d % 4 : x;
+    qsm[slot] = static_cast<acc_t>(q[b * qs0 + t * qs1 + g * qs2 + h * qs3 + d]);
+  }
+  __syncthreads();
+
+  // 1. logits: one warp per key row (coalesced over D), all slots at once
+  for (int jj = warp; jj < n; jj += n_warps) {
+    const int j = k_hi - 1 - jj;
+    const scalar_t* krow = k + b * ks0 + static_cast<int64_t>(j) * ks1 + h * ks2;
+    const acc_t bj = bias ? bias[static_cast<int64_t>(b) * S + j] : acc_t(0);
+    for (int g0 = 0; g0 < G; g0 += kMaxSlotsPerPass) {
+      acc_t part[kMaxSlotsPerPass];
+#pragma unroll
+      for (int u = 0; u < kMaxSlotsPerPass; ++u) part[u] = acc_t(0);
+      if (vec_ok) {  // 16-byte loads, kVec elements each
+        for (int dv = lane; dv < D / kVec; dv += 32) {
+          acc_t kx[kVec];
+          unpack16<scalar_t, acc_t>(*reinterpret_cast<const uint4*>(krow + dv * kVec), kx);
+          if constexpr (kPlanes) {
+#pragma unroll
+            for (int u = 0; u < kMaxSlotsPerPass; ++u) {
+              if (g0 + u < G) {
+                const acc_t* qg = qsm + (g0 + u) * D + dv * 4;
+                const float4 lo = *reinterpret_cast<const float4*>(qg);          // elements 0..3 of the vector
+                const float4 hi = *reinterpret_cast<const float4*>(qg + D / 2);  // elements 4..7
+                part[u] += lo.x * kx[0] + lo.y * kx[1] + lo.z * kx[2] + lo.w * kx[3] + hi.x * kx[4] + hi.y * kx[5] +
+                           hi.z * kx[6] + hi.w * kx[7];
+              }
+            }
+          } else {
+#pragma unroll
+            for (int x = 0; x < kVec; ++x) {
+#pragma unroll
+              for (int u = 0; u < kMaxSlotsPerPass; ++u)
+                if (g0 + u < G) part[u] += qsm[(g0 + u) * D + dv * kVec + x] * kx[x];
+            }
+          }
+        }
+      } else {
+        for (int d = lane; d < D; d += 32) {
+          const acc_t kv = static_cast<acc_t>(krow[d]);
+#pragma unroll
+          for (int u = 0; u < kMaxSlotsPerPass; ++u)
+            if (g0 + u < G) part[u] += qsm[(g0 + u) * D + d] * kv;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kMaxSlotsPerPass; ++u) {
+        const acc_t s = warp_sum(part[u]);
+        if (lane == 0 && g0 + u < G) wsm[(g0 + u) * chunk + jj] = s * scale + bj;
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2. scan per slot, newest (jj = 0) to oldest: A = beta * exp(sum of log-survival of newer keys in the chunk)
+  for (int g = warp; g < G; g += n_warps) {
+    acc_t cum = acc_t(0);
+    for (int base = 0; base < n; base += 32) {
+      const int jj = base + lane;
+      const bool valid = jj < n;
+      acc_t beta = acc_t(0), survive = acc_t(1), ls = acc_t(0);
+      if (valid) sb_terms(wsm[g * chunk + jj], beta, survive, ls);
+      const acc_t incl = warp_prefix_sum(ls, lane);
+      acc_t excl = __shfl_up_sync(0xffffffffu, incl, 1);
+      if (lane == 0) excl = acc_t(0);
+      if (valid) wsm[g * chunk + jj] = beta * dev_exp(cum + excl);
+      cum += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) s_part[(row * G + g) * n_chunks + c] = cum;
+  }
+  __syncthreads();
+
+  // 3. o = sum_jj A[g, jj] v_j, one thread per kVec output columns (16-byte loads) or per column, slots in groups
+  if (vec_ok) {
+    for (int dv = tid; dv < D / kVec; dv += blockDim.x) {
+      for (int g0 = 0; g0 < G; g0 += kMaxSlotsPerPass) {
+        acc_t acc[kMaxSlotsPerPass][kVec];
+#pragma unroll
+        for (int u = 0; u < kMaxSlotsPerPass; ++u)
+#pragma unroll
+          for (int x = 0; x < kVec; ++x) acc[u][x] = acc_t(0);
+        for (int jj = 0; jj < n; ++jj) {
+          const int j = k_hi - 1 - jj;
+          acc_t vx[kVec];
+          unpack16<scalar_t, acc_t>(
+              *reinterpret_cast<const uint4*>(v + b * vs0 + static_cast<int64_t>(j) * vs1 + h * vs2 + dv * kVec), vx);
+#pragma unroll
+          for (int u = 0; u < kMaxSlotsPerPass; ++u) {
+            if (g0 + u < G) {
+              const acc_t a = wsm[(g0 + u) * chunk + jj];
+#pragma unroll
+              for (int x = 0; x < kVec; ++x) acc[u][x] += a * vx[x];
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kMaxSlotsPerPass; ++u)
+          if (g0 + u < G) {
+            acc_t* o = o_part + ((row * G + g0 + u) * n_chunks + c) * D + dv * kVec;
+#pragma unroll
+            for (int x = 0; x < kVec; ++x) o[x] = acc[u][x];
+          }
+      }
+    }
+    return;
+  }
+  for (int d = tid; d < D; d += blockDim.x) {
+    for (int g0 = 0; g0 < G; g0 += kMaxSlotsPerPass) {
+      acc_t acc[kMaxSlotsPerPass];
+#pragma unroll
+      for (int u = 0; u < kMaxSlotsPerPass; ++u) acc[u] = acc_t(0);
+      for (int jj = 0; jj < n; ++jj) {
+        const int j = k_hi - 1 - jj;
+        const acc_t vv = static_cast<acc_t>(v[b * vs0 + static_cast<int64_t>(j) * vs1 + h * vs2 + d]);
+#pragma unroll
+        for (int u = 0; u < kMaxSlotsPerPass; ++u)
+          if (g0 + u < G) acc[u] += wsm[(g0 + u) * chunk + jj] * vv;
+      }
+#pragma unroll
+      for (int u = 0; u < kMaxSlotsPerPass; ++u)
+        if (g0 + u < G) o_part[((row * G + g0 + u) * n_chunks + c) * D + d] = acc[u];
+    }
+  }
+}
+
+// Grid (B * T * H * G). out[b, t, g, h, :] = combine of the chunks, newest first.
+template <typename scalar_t, typename acc_t>
+__global__ void sb_decode_combine_kernel(const acc_t* __restrict__ o_part, const acc_t* __restrict__ s_part,
+                                         int T, int G, int H, int D, int n_chunks, scalar_t* __restrict__ out) {
+  const int64_t rg = blockIdx.x;  // (row, g), row = (b * T + t) * H + h
+  const int64_t row = rg / G;
+  const int g = static_cast<int>(rg % G);
+  const int64_t bt = row / H;  // b * T + t
+  const int h = static_cast<int>(row % H);
+  scalar_t* o = out + ((bt * G + g) * H + h) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    acc_t acc = acc_t(0), carried = acc_t(0);
+    for (int c = 0; c < n_chunks; ++c) {
+      acc += dev_exp(carried) * o_part[(rg * n_chunks + c) * D + d];
+      carried += s_part[rg * n_chunks + c];
+    }
+    o[d] = static_cast<scalar_t>(acc);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ row scans
+// Rows of a [n_bh * rows, width] buffer, one warp each; row r of batch item bh is query position pos0 + r / G of
+// batch b = bh / H. Keys are walked in 32-key groups from the query position down to 0; lanes hold consecutive keys.
+
+// In place: scores -> weights A (entries beyond the query position -> 0).
+template <typename acc_t>
+__global__ void __launch_bounds__(kScanWarps * 32) sb_scan_forward_kernel(acc_t* __restrict__ w, int64_t n_rows,
+                                                                          int rows, int width, int G, int H,
+                                                                          int pos0, int S,
+                                                                          const acc_t* __restrict__ bias,
+                                                                          acc_t scale) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r_glob = static_cast<int64_t>(blockIdx.x) * kScanWarps + (threadIdx.x >> 5);
+  if (r_glob >= n_rows) return;  // whole warp leaves together
+  const int64_t bh = r_glob / rows;
+  const int r = static_cast<int>(r_glob % rows);
+  const int i = pos0 + r / G;
+  const acc_t* bb = bias ? bias + (bh / H) * S : nullptr;
+  acc_t* row = w + r_glob * width;
+  acc_t cum = acc_t(0);
+  for (int base = i - 31; base + 31 >= 0; base -= 32) {
+    const int j = base + lane;
+    const bool valid = j >= 0;  // j <= i always
+    acc_t beta = acc_t(0), survive = acc_t(1), ls = acc_t(0);
+    if (valid) sb_terms(bb ? row[j] * scale + bb[j] : row[j] * scale, beta, survive, ls);
+    const acc_t incl = warp_suffix_sum(ls, lane);
+    acc_t excl = __shfl_down_sync(0xffffffffu, incl, 1);
+    if (lane == 31) excl = acc_t(0);
+    if (valid) row[j] = beta * dev_exp(cum + excl);
+    cum += __shfl_sync(0xffffffffu, incl, 0);
+  }
+  for (int j = i + 1 + lane; j < width; j += 32) row[j] = acc_t(0);
+}
+
+// In place: w = scores -> A, g = dA = dO . v_j -> dl (gradient of the logit). With P_j = A_j dA_j,
+// dl_j = P_j (1 - beta_j) - beta_j * sum_{m<j} P_m, and sum_{m<j} P_m = sum_{m<=i} P_m - sum_{m>=j} P_m, so both
+// passes walk newest to oldest: pass 1 sums P over the row, pass 2 recomputes A (bitwise the same) and writes.
+template <typename acc_t>
+__global__ void __launch_bounds__(kScanWarps * 32) sb_scan_backward_kernel(acc_t* __restrict__ w,
+                                                                           acc_t* __restrict__ g, int64_t n_rows,
+                                                                           int rows, int width, int G, int H,
+                                                                           int pos0, int S,
+                                                                           const acc_t* __restrict__ bias,
+                                                                           acc_t scale) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r_glob = static_cast<int64_t>(blockIdx.x) * kScanWarps + (threadIdx.x >> 5);
+  if (r_glob >= n_rows) return;
+  const int64_t bh = r_glob / rows;
+  const int r = static_cast<int>(r_glob % rows);
+  const int i = pos0 + r / G;
+  const acc_t* bb = bias ? bias + (bh / H) * S : nullptr;
+  acc_t* wrow = w + r_glob * width;
+  acc_t* grow = g + r_glob * width;
+  acc_t p_total = acc_t(0);
+  for (int pass = 0; pass < 2; ++pass) {
+    acc_t cum = acc_t(0), p_newer = acc_t(0);  // sums over keys newer than the current group
+    for (int base = i - 31; base + 31 >= 0; base -= 32) {
+      const int j = base + lane;
+      const bool valid = j >= 0;
+      acc_t beta = acc_t(0), survive = acc_t(1), ls = acc_t(0), da = acc_t(0);
+      if (valid) {
+        sb_terms(bb ? wrow[j] * scale + bb[j] : wrow[j] * scale, beta, survive, ls);
+        da = grow[j];
+      }
+      const acc_t incl = warp_suffix_sum(ls, lane);
+      acc_t excl = __shfl_down_sync(0xffffffffu, incl, 1);
+      if (lane == 31) excl = acc_t(0);
+      const acc_t a = valid ? beta * dev_exp(cum + excl) : acc_t(0);
+      const acc_t p = a * da;
+      cum += __shfl_sync(0xffffffffu, incl, 0);
+      if (pass == 0) {
+        p_total += warp_sum(p);
+      } else {
+        const acc_t p_suffix = warp_suffix_sum(p, lane);  // sum over keys >= j within the group
+        const acc_t older = p_total - (p_newer + p_suffix);  // sum_{m<j} P_m
+        if (valid) {
+          wrow[j] = a;
+          grow[j] = p * survive - beta * older;
+        }
+        p_newer += __shfl_sync(0xffffffffu, p_suffix, 0);
+      }
+    }
+  }
+  for (int j = i + 1 + lane; j < width; j += 32) wrow[j] = grow[j] = acc_t(0);
+}
+
+// ------------------------------------------------------------------------------------------------ host side
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename scalar_t>
+constexpr bool is_16bit() {
+  return std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>;
+}
+
+// Batched a @ b^T-style products with acc_t output: 16-bit inputs give fp32 through cuBLAS's fp32-output GEMM.
+template <typename scalar_t>
+at::Tensor bmm_acc(const at::Tensor& a, const at::Tensor& b) {
+  if constexpr (is_16bit<scalar_t>()) return at::bmm(a, b, at::kFloat);
+  else return at::bmm(a, b);
+}
+
+// [B, S, H, D] -> [B*H, W, D] (keys 0 .. W-1); a view when H == 1.
+at::Tensor keys_bh(const at::Tensor& k, int64_t W) {
+  const int64_t B = k.size(0), H = k.size(2), D = k.size(3);
+  return k.narrow(1, 0, W).permute({0, 2, 1, 3}).reshape({B * H, W, D});
+}
+
+// [B, T, G, H, D] narrowed to positions [t0, t0+tn) -> [B*H, tn*G, D] (a copy)
+at::Tensor queries_bh(const at::Tensor& q, int64_t t0, int64_t tn) {
+  const int64_t B = q.size(0), G = q.size(2), H = q.size(3), D = q.size(4);
+  return q.narrow(1, t0, tn).permute({0, 3, 1, 2, 4}).reshape({B * H, tn * G, D});
+}
+
+// inverse of queries_bh: write x [B*H, tn*G, D] into dst [B, T, G, H, D] at positions [t0, t0+tn)
+void store_bh(at::Tensor& dst, const at::Tensor& x, int64_t t0, int64_t tn) {
+  const int64_t B = dst.size(0), G = dst.size(2), H = dst.size(3), D = dst.size(4);
+  dst.narrow(1, t0, tn).permute({0, 3, 1, 2, 4}).copy_(x.view({B, H, tn, G, D}));
+}
+
+// positions per tile so that one [B*H, tile*G, S] acc_t buffer stays under kTileBytes
+int64_t tile_positions(int64_t B, int64_t H, int64_t G, int64_t S, int64_t T, int64_t elem) {
+  const int64_t per_pos = std::max<int64_t>(1, B * H * G * S * elem);
+  int64_t tile = std::max<int64_t>(1, kTileBytes / per_pos);
+  if (tile >= 64) tile = tile / 64 * 64;
+  return std::min(tile, T);
+}
+
+template <typename acc_t>
+void launch_scan_forward(at::Tensor& w, int64_t rows, int64_t width, int64_t G, int64_t H, int64_t pos0, int64_t S,
+                         const acc_t* bias, acc_t scale) {
+  const int64_t n_rows = w.size(0) * rows;
+  const int64_t blocks = ceil_div(n_rows, kScanWarps);
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "molm::sb_attention: too many rows for one launch");
+  sb_scan_forward_kernel<acc_t><<<blocks, kScanWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+      w.data_ptr<acc_t>(), n_rows, rows, width, G, H, pos0, S, bias, scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void sb_forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const acc_type<scalar_t>* bias, double scale, at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), S = k.size(1);
+  const int64_t tile = tile_positions(B, H, G, S, T, sizeof(acc_t));
+  for (int64_t t0 = 0; t0 < T; t0 += tile) {
+    const int64_t tn = std::min(tile, T - t0), rows = tn * G, width = S - T + t0 + tn;
+    const at::Tensor kw = keys_bh(k, width), vw = keys_bh(v, width);
+    at::Tensor w = bmm_acc<scalar_t>(queries_bh(q, t0, tn), kw.transpose(1, 2));  // [B*H, rows, W]
+    launch_scan_forward<acc_t>(w, rows, width, G, H, S - T + t0, S, bias, static_cast<acc_t>(scale));
+    store_bh(out, at::bmm(w.to(q.scalar_type()), vw), t0, tn);
+  }
+}
+
+template <typename scalar_t>
+void sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const acc_type<scalar_t>* bias, double scale, at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), D = q.size(4), S = k.size(1);
+  const int64_t n_rows = B * T * H;
+  // enough CTAs to fill the chip (about 4 per SM), chunks of 64 .. 512 keys
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want_chunks = std::max<int64_t>(1, ceil_div(4 * sms, n_rows));
+  int64_t chunk = ceil_div(ceil_div(S, want_chunks), 32) * 32;
+  chunk = std::min<int64_t>(512, std::max<int64_t>(64, chunk));
+  const int64_t n_chunks = ceil_div(S, chunk);
+  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor o_part = at::empty({n_rows * G * n_chunks, D}, acc_opts);
+  at::Tensor s_part = at::empty({n_rows * G * n_chunks}, acc_opts);
+  const size_t smem = static_cast<size_t>(G * D + G * chunk) * sizeof(acc_t);
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(smem <= props->sharedMemPerBlockOptin, "molm::sb_attention: k = ", G, " slots of D = ", D,
+              " need ", smem, " bytes of shared memory in the decode kernel, the device allows ",
+              props->sharedMemPerBlockOptin);
+  // 16-byte loads of K/V rows when every row start is 16-byte aligned
+  constexpr int64_t vec = 16 / sizeof(scalar_t);
+  auto aligned = [&](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % vec == 0 &&
+           t.stride(1) % vec == 0 && t.stride(2) % vec == 0;
+  };
+  const bool vec_ok = D % vec == 0 && aligned(k) && aligned(v);
+  auto kernel = sb_decode_chunk_kernel<scalar_t, acc_t>;
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(n_chunks));  // n_chunks <= S / 64
+  kernel<<<grid, kDecodeThreads, smem, stream>>>(
+      q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), bias, static_cast<acc_t>(scale),
+      static_cast<int>(T), static_cast<int>(G), static_cast<int>(H), static_cast<int>(D), static_cast<int>(S),
+      static_cast<int>(chunk), static_cast<int>(n_chunks), q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+      k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), vec_ok, o_part.data_ptr<acc_t>(),
+      s_part.data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sb_decode_combine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(n_rows * G), 256, 0, stream>>>(
+      o_part.data_ptr<acc_t>(), s_part.data_ptr<acc_t>(), static_cast<int>(T), static_cast<int>(G),
+      static_cast<int>(H), static_cast<int>(D), static_cast<int>(n_chunks), out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_int_sizes(const at::Tensor& q, const at::Tensor& k) {
+  const int64_t lim = std::numeric_limits<int>::max() / 2;
+  TORCH_CHECK_VALUE(k.size(1) < lim && q.size(2) * q.size(4) < lim, "molm::sb_attention: sizes too large, q ",
+                    q.sizes(), ", k ", k.sizes());
+}
+
+at::Tensor sb_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const c10::optional<at::Tensor>& bias, double scale) {
+  check_sb_attention(q, k, v, bias);
+  check_int_sizes(q, k);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous [B, T, k, H, D]
+  if (out.numel() == 0) return out;
+  MOLM_DISPATCH_FLOATING(q.scalar_type(), "molm::sb_attention", [&] {
+    using acc_t = acc_type<scalar_t>;
+    at::Tensor bias_acc;  // [B, S] in the accumulation dtype
+    if (bias.has_value()) bias_acc = bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* bp = bias.has_value() ? bias_acc.data_ptr<acc_t>() : nullptr;
+    if (q.size(1) <= kDecodeMaxQueries)
+      sb_forward_decode<scalar_t>(q, k, v, bp, scale, out);
+    else
+      sb_forward_tiled<scalar_t>(q, k, v, bp, scale, out);
+  });
+  return out;
+}
+
+// Backward: per tile of query positions (batched over b, h), w = Q K^T and g = dO V^T (acc_t), the gradient scan in
+// place (w -> A, g -> dl), then dQ = scale dl K, and dK += scale dl^T Q, dV += A^T dO into acc_t buffers.
+template <typename scalar_t>
+void sb_backward_tiled(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const acc_type<scalar_t>* bias, double scale, at::Tensor& dq, at::Tensor& dk,
+                       at::Tensor& dv, at::Tensor& dbias) {
+  using acc_t = acc_type<scalar_t>;
+  const auto dtype = q.scalar_type();
+  const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), D = q.size(4), S = k.size(1);
+  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor dk_acc = at::zeros({B * H, S, D}, acc_opts), dv_acc = at::zeros({B * H, S, D}, acc_opts);
+  const int64_t tile = tile_positions(B, H, G, S, T, sizeof(acc_t));
+  for (int64_t t0 = 0; t0 < T; t0 += tile) {
+    const int64_t tn = std::min(tile, T - t0), rows = tn * G, width = S - T + t0 + tn;
+    const at::Tensor kw = keys_bh(k, width), vw = keys_bh(v, width);
+    const at::Tensor qt = queries_bh(q, t0, tn), gt = queries_bh(grad, t0, tn);  // [B*H, rows, D]
+    at::Tensor w = bmm_acc<scalar_t>(qt, kw.transpose(1, 2));                     // [B*H, rows, W]
+    at::Tensor g = bmm_acc<scalar_t>(gt, vw.transpose(1, 2));
+    const int64_t n_rows = B * H * rows;
+    const int64_t blocks = ceil_div(n_rows, kScanWarps);
+    TORCH_CHECK(blocks < (int64_t(1) << 31), "molm::sb_attention_backward: too many rows for one launch");
+    sb_scan_backward_kernel<acc_t><<<blocks, kScanWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+        w.data_ptr<acc_t>(), g.data_ptr<acc_t>(), n_rows, static_cast<int>(rows), static_cast<int>(width),
+        static_cast<int>(G), static_cast<int>(H), static_cast<int>(S - T + t0), static_cast<int>(S), bias,
+        static_cast<acc_t>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (dbias.numel() > 0) dbias.narrow(1, 0, width).add_(g.view({B, H * rows, width}).sum(1));
+    const at::Tensor ws = w.to(dtype), gs = g.to(dtype);  // 16-bit operands for the tensor cores (fp32 accumulate)
+    store_bh(dq, bmm_acc<scalar_t>(gs, kw).mul_(scale), t0, tn);
+    dk_acc.narrow(1, 0, width).add_(bmm_acc<scalar_t>(gs.transpose(1, 2), qt), scale);
+    dv_acc.narrow(1, 0, width).add_(bmm_acc<scalar_t>(ws.transpose(1, 2), gt));
+  }
+  dk.permute({0, 2, 1, 3}).copy_(dk_acc.view({B, H, S, D}));
+  dv.permute({0, 2, 1, 3}).copy_(dv_acc.view({B, H, S, D}));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& bias, double scale, bool bias_grad) {
+  check_sb_attention(q, k, v, bias);
+  check_int_sizes(q, k);
+  const char* op = "molm::sb_attention_backward";
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), op, ": grad_out must have q's shape ", q.sizes(), ", got ",
+                    grad_out.sizes());
+  check_same_dtype(op, "grad_out", grad_out, "q", q);
+  check_same_device(op, "grad_out", grad_out, "q", q);
+  TORCH_CHECK_VALUE(!bias_grad || bias.has_value(), op, ": bias_grad needs a bias");
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = at::zeros(q.sizes(), q.options());
+  at::Tensor dk = at::zeros(k.sizes(), k.options());
+  at::Tensor dv = at::zeros(v.sizes(), v.options());
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dbias = at::zeros({bias_grad ? k.size(0) : 0, bias_grad ? k.size(1) : 0}, q.options().dtype(acc_dtype));
+  if (q.numel() == 0) return {dq, dk, dv, dbias};
+  MOLM_DISPATCH_FLOATING(q.scalar_type(), "molm::sb_attention_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    at::Tensor bias_acc;
+    if (bias.has_value()) bias_acc = bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* bp = bias.has_value() ? bias_acc.data_ptr<acc_t>() : nullptr;
+    sb_backward_tiled<scalar_t>(grad_out.contiguous(), q, k, v, bp, scale, dq, dk, dv, dbias);
+  });
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace
+}  // namespace molm::cuda
+
+TORCH_LIBRARY_IMPL(molm, CUDA, m) {
+  m.impl("sb_attention", &molm::cuda::sb_attention_cuda);
+  m.impl("sb_attention_backward", &molm::cuda::sb_attention_backward_cuda);
+}
