@@ -33,6 +33,7 @@ struct Problem {
   int64_t b_rs, b_cs;
   T* c;
   int64_t ldc, m, n, kdim;
+  bool vec;  // a and b row-major, 16-byte aligned rows, kdim and n multiples of 8: 16-byte tile loads (WMMA only)
 };
 
 __device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
@@ -121,17 +122,35 @@ __device__ void wmma_tile(const Problem<T>& p, int64_t row0, int64_t col0, bool 
 #pragma unroll
     for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   for (int64_t k0 = 0; k0 < p.kdim; k0 += kWmmaBK) {
-    for (int idx = tid; idx < kWmmaBM * kWmmaBK; idx += kThreads) {
-      const int r = p.a_cs == 1 ? idx / kWmmaBK : idx % kWmmaBM;
-      const int kk = p.a_cs == 1 ? idx % kWmmaBK : idx / kWmmaBM;
-      const int64_t gr = row0 + r, gk = k0 + kk;
-      As[r * kLdA + kk] = (gr < p.m && gk < p.kdim) ? p.a[gr * p.a_rs + gk * p.a_cs] : T(0.f);
-    }
-    for (int idx = tid; idx < kWmmaBK * kWmmaBN; idx += kThreads) {
-      const int kk = p.b_cs == 1 ? idx / kWmmaBN : idx % kWmmaBK;
-      const int c = p.b_cs == 1 ? idx % kWmmaBN : idx / kWmmaBK;
-      const int64_t gk = k0 + kk, gc = col0 + c;
-      Bs[kk * kLdB + c] = (gk < p.kdim && gc < p.n) ? p.b[gk * p.b_rs + gc * p.b_cs] : T(0.f);
+    if (p.vec) {  // 8 elements per load; with kdim, n multiples of 8 a vector is wholly inside or outside
+      constexpr int kAV = kWmmaBK / 8, kBV = kWmmaBN / 8;  // vectors per tile row
+      for (int idx = tid; idx < kWmmaBM * kAV; idx += kThreads) {
+        const int r = idx / kAV, kv = (idx % kAV) * 8;
+        const int64_t gr = row0 + r, gk = k0 + kv;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);  // zero bits == +0.0 in bf16 and fp16
+        if (gr < p.m && gk < p.kdim) v = *reinterpret_cast<const uint4*>(p.a + gr * p.a_rs + gk);
+        *reinterpret_cast<uint4*>(As + r * kLdA + kv) = v;
+      }
+      for (int idx = tid; idx < kWmmaBK * kBV; idx += kThreads) {
+        const int kk = idx / kBV, cv = (idx % kBV) * 8;
+        const int64_t gk = k0 + kk, gc = col0 + cv;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (gk < p.kdim && gc < p.n) v = *reinterpret_cast<const uint4*>(p.b + gk * p.b_rs + gc);
+        *reinterpret_cast<uint4*>(Bs + kk * kLdB + cv) = v;
+      }
+    } else {
+      for (int idx = tid; idx < kWmmaBM * kWmmaBK; idx += kThreads) {
+        const int r = p.a_cs == 1 ? idx / kWmmaBK : idx % kWmmaBM;
+        const int kk = p.a_cs == 1 ? idx % kWmmaBK : idx / kWmmaBM;
+        const int64_t gr = row0 + r, gk = k0 + kk;
+        As[r * kLdA + kk] = (gr < p.m && gk < p.kdim) ? p.a[gr * p.a_rs + gk * p.a_cs] : T(0.f);
+      }
+      for (int idx = tid; idx < kWmmaBK * kWmmaBN; idx += kThreads) {
+        const int kk = p.b_cs == 1 ? idx / kWmmaBN : idx % kWmmaBK;
+        const int c = p.b_cs == 1 ? idx % kWmmaBN : idx / kWmmaBK;
+        const int64_t gk = k0 + kk, gc = col0 + c;
+        Bs[kk * kLdB + c] = (gk < p.kdim && gc < p.n) ? p.b[gk * p.b_rs + gc * p.b_cs] : T(0.f);
+      }
     }
     __syncthreads();
 #pragma unroll
@@ -196,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const T* __restri
                                                                int64_t ws2, const int64_t* __restrict__ offsets,
                                                                int64_t n_experts, int64_t m, int64_t kdim,
                                                                int64_t n_out, int64_t n_row_slots, bool gelu,
-                                                               T* __restrict__ out) {
+                                                               bool vec, T* __restrict__ out) {
   constexpr int BM = kTileM<T>;
   const int64_t col0 = int64_t(blockIdx.x) * kTileN<T>;
   for (int64_t t = blockIdx.y; t < n_row_slots; t += gridDim.y) {
@@ -211,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const T* __restri
       rem -= tiles;
     }
     if (e < 0) break;  // past the last row tile (the same for every thread of the block)
-    const Problem<T> p{x + lo * xs0, xs0, 1, w + e * ws0, ws1, ws2, out + lo * n_out, n_out, rows, n_out, kdim};
+    const Problem<T> p{x + lo * xs0, xs0, 1, w + e * ws0, ws1, ws2, out + lo * n_out, n_out, rows, n_out, kdim, vec};
     tile<T>(p, row0, col0, gelu);
   }
 }
@@ -225,7 +244,8 @@ __global__ void __launch_bounds__(kThreads) expert_wgrad_kernel(const T* __restr
   const int64_t e = blockIdx.z;
   const int64_t a = clamp64(offsets[e], 0, m), b = clamp64(offsets[e + 1], a, m);
   // A = x[a:b]^T [kdim, rows], B = g[a:b] [rows, n_out]
-  const Problem<T> p{x + a * xs0, xs1, xs0, g + a * gs0, gs0, gs1, gw + e * kdim * n_out, n_out, kdim, n_out, b - a};
+  const Problem<T> p{x + a * xs0, xs1, xs0, g + a * gs0, gs0, gs1, gw + e * kdim * n_out, n_out, kdim, n_out, b - a,
+                     false};
   tile<T>(p, int64_t(blockIdx.y) * kTileM<T>, int64_t(blockIdx.x) * kTileN<T>, false);
 }
 
@@ -351,11 +371,14 @@ at::Tensor expert_gemm_cuda(const at::Tensor& x, const at::Tensor& weight, const
       }
     }
     const int64_t n_row_slots = ceil_div(m, kTileM<T>) + n_experts;  // >= sum_e ceil(M_e / BM)
+    const bool vec = kUseWmma<T> && kdim % 8 == 0 && n_out % 8 == 0 && x.stride(0) % 8 == 0 &&
+                     weight.stride(2) == 1 && weight.stride(1) % 8 == 0 && weight.stride(0) % 8 == 0 &&
+                     aligned16(x.data_ptr()) && aligned16(weight.data_ptr());
     const dim3 grid(static_cast<unsigned>(ceil_div(n_out, kTileN<T>)),
                     static_cast<unsigned>(std::min(n_row_slots, kMaxGridYZ)));
     expert_gemm_kernel<T><<<grid, kThreads, 0, stream>>>(
         x.data_ptr<T>(), x.stride(0), weight.data_ptr<T>(), weight.stride(0), weight.stride(1), weight.stride(2),
-        expert_offsets.data_ptr<int64_t>(), n_experts, m, kdim, n_out, n_row_slots, gelu, out.data_ptr<T>());
+        expert_offsets.data_ptr<int64_t>(), n_experts, m, kdim, n_out, n_row_slots, gelu, vec, out.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
