@@ -44,7 +44,7 @@ if compgen -G ".gpu-wheels/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-step env 45 "$PY" - "$OUT/env.json" <<'PYEOF'
+step env 90 "$PY" - "$OUT/env.json" <<'PYEOF'
 import json, subprocess, sys, time
 import torch
 
@@ -83,7 +83,7 @@ print(json.dumps(env, indent=1))
 PYEOF
 
 step build 200 "$PY" setup.py build_ext --inplace
-step check_registered 30 "$PY" -c "
+step check_registered 60 "$PY" -c "
 import torch, molm._C
 names = ['route_topk', 'gather_rows', 'scatter_ksum', 'expert_gemm', 'expert_gemm_wgrad', 'sb_attention']
 missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key('molm::' + n, 'CUDA')]
