@@ -1,24 +1,31 @@
 // Torch-free routing math: top-k selection of one row and the stable counting sort of (token, slot) pairs by expert.
-// Tested directly in tests/cpp/test_routing.cpp.
+// Tested directly in tests/cpp/test_routing.cpp. ranks_before and topk_row are also compiled for the GPU
+// (csrc/cuda/routing.cu runs topk_row once per token), so they avoid the standard library.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <vector>
+
+#if defined(__CUDACC__)
+#define MOLM_HOST_DEVICE __host__ __device__
+#else
+#define MOLM_HOST_DEVICE
+#endif
 
 namespace molm::core {
 
 // a ranks before b: larger value first; NaN counts as the largest value (torch.topk does the same).
-inline bool ranks_before(float a, float b) {
-  if (std::isnan(a)) return !std::isnan(b);
-  if (std::isnan(b)) return false;
+// (x != x) is the NaN test that works on host and device alike.
+MOLM_HOST_DEVICE inline bool ranks_before(float a, float b) {
+  if (a != a) return b == b;
+  if (b != b) return false;
   return a > b;
 }
 
 // Top-k of one row p[0..E): gates[j] = p[experts[j]], descending; equal values keep the lower expert index first.
 // O(k * E), which beats a heap for the k <= 8 the models use.
 template <typename T>
-void topk_row(const T* p, int64_t n_experts, int64_t k, T* gates, int64_t* experts) {
+MOLM_HOST_DEVICE void topk_row(const T* p, int64_t n_experts, int64_t k, T* gates, int64_t* experts) {
   for (int64_t j = 0; j < k; ++j) {
     int64_t best = -1;
     float best_v = 0.f;

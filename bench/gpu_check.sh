@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The one script for a GPU machine (run from the repo root; results under $OUT, default ./out/gpu):
+#   env + card ceilings -> build (no build isolation) -> pytest -m cuda -> every bench/gpu_bench_*.py -> sanitizer.
+# Never stops at the first failure: each step is time-limited (the whole run stays under ~8 minutes) and its exit
+# status goes to $OUT/summary.json; all output goes to $OUT/gpu_check.log as well.
+# Missing Python packages travel as wheels in .gpu-wheels/ (made by bench/fetch_gpu_wheels.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
+START=$SECONDS
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+STEPS=()
+
+# step NAME LIMIT_S CMD...: runs CMD with at most LIMIT_S seconds (less when the budget is nearly spent).
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - (SECONDS - START)))
+  ((limit > left)) && limit=$left
+  if ((limit < 10)); then
+    echo "=== $name: skipped (time budget spent)" | tee -a "$LOG"
+    STEPS+=("{\"step\": \"$name\", \"rc\": null, \"seconds\": 0, \"skipped\": true}")
+    return
+  fi
+  echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+  STEPS+=("{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0))}")
+}
+
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi  # else torch finds nvcc on PATH
+
+if compgen -G ".gpu-wheels/*.whl" > /dev/null; then
+  step wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/molm-site .gpu-wheels/*.whl
+  export PYTHONPATH=/tmp/molm-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+step env 90 "$PY" - "$OUT/env.json" <<'PYEOF'
+import json, subprocess, sys, time
+import torch
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as exc:  # noqa: BLE001
+        return f"unavailable: {exc}"
+
+env = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": sys.version.split()[0],
+       "nvcc": sh(["bash", "-c", "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc --version | tail -2"]),
+       "nvidia_smi": sh(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,"
+                         "clocks.max.mem,power.draw,power.limit,temperature.gpu,memory.total", "--format=csv"])}
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    env.update(gpu=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+               memory_gib=round(p.total_memory / 2**30, 1))
+    def timed(fn, reps):
+        fn(); torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record(); b.synchronize()
+        return a.elapsed_time(b) / 1e3 / reps
+    src = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    env["copy_gbps"] = round(2 * src.numel() / timed(lambda: dst.copy_(src), 20) / 1e9, 1)  # read + write
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    env["bf16_matmul_tflops"] = round(2 * 8192**3 / timed(lambda: a @ b, 10) / 1e12, 1)
+    env["nvidia_smi_after"] = sh(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem", "--format=csv"])
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(env, indent=1))
+PYEOF
+
+step build 200 "$PY" setup.py build_ext --inplace
+step check_registered 60 "$PY" -c "
+import torch, molm._C
+names = ['route_topk', 'gather_rows', 'scatter_ksum', 'expert_gemm', 'expert_gemm_wgrad', 'sb_attention']
+missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key('molm::' + n, 'CUDA')]
+print('CUDA kernels missing for:', missing or 'none')"
+step pytest_cuda 120 "$PY" -m pytest -m cuda tests/ -q -rfE -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml"
+for bench in bench/gpu_bench_*.py; do
+  [ -e "$bench" ] || continue
+  name=$(basename "$bench" .py)
+  step "$name" 110 "$PY" "$bench" --json "$OUT/$name.json"
+done
+if [ -x bench/gpu_sanitize.sh ] || [ -f bench/gpu_sanitize.sh ]; then
+  step gpu_sanitize 60 bash bench/gpu_sanitize.sh
+fi
+
+{
+  echo "{\"total_seconds\": $((SECONDS - START)), \"steps\": ["
+  for i in "${!STEPS[@]}"; do
+    [ "$i" -gt 0 ] && echo ","
+    echo "  ${STEPS[$i]}"
+  done
+  echo "]}"
+} > "$OUT/summary.json"
+cat "$OUT/summary.json"
