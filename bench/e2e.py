@@ -309,6 +309,53 @@ def main() -> None:
         print(f"WARNING: ops without a CUDA kernel (the extension backend will fail on them): "
               f"{[k for k, v in kernels.items() if not v]}")
     records, loads = [], {}
+
+    def write_json():
+        meta = run_metadata()
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            meta.update(gpu=props.name, cuda=torch.version.cuda, gpu_memory_GB=props.total_memory / 1e9)
+        meta.update(cuda_kernels=kernels, hbm_gbs_assumed=args.hbm_gbs, dtype="bfloat16", smoke=args.smoke,
+                    note="random weights (normal 0.02); decode caches hold random values; timing only")
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "records": records, "expert_load": loads}, f, indent=1)
+
+    def measure(model, impl, config, rec):
+        with torch.inference_mode():
+            if impl == "extension":
+                loads[name] = expert_load(model, *prefill_shape[:1], min(prefill_shape[1], 512))
+            seconds, peak = forward_seconds(model, *seed_shape)
+            rec["seed_table"] = {"batch": seed_shape[0], "length": seed_shape[1], "latency_ms": seconds * 1e3,
+                                 "throughput_tok_s": seed_shape[0] * seed_shape[1] / seconds,
+                                 "peak_memory_GB": peak}
+            seconds, peak = forward_seconds(model, *prefill_shape)
+            rec["prefill"] = {"batch": prefill_shape[0], "length": prefill_shape[1],
+                              "tok_s": prefill_shape[0] * prefill_shape[1] / seconds, "peak_memory_GB": peak}
+            seconds, _ = forward_seconds(model, 1, ttft_len)
+            rec["ttft_ms"] = {"length": ttft_len, "ms": seconds * 1e3}
+            print(f"   seed setting {seed_shape}: {rec['seed_table']['latency_ms']:.1f} ms, "
+                  f"{rec['seed_table']['throughput_tok_s']:.0f} tok/s, {rec['seed_table']['peak_memory_GB']:.1f} GB;"
+                  f" prefill {prefill_shape}: {rec['prefill']['tok_s']:.0f} tok/s; TTFT {rec['ttft_ms']['ms']:.1f} ms")
+            rec["decode"] = []
+            for batch in args.batches:
+                for context in args.contexts:
+                    if impl == "dense":
+                        step = decode_dense(model, batch, context, args.steps)
+                        nbytes = dense_decode_bytes(model, batch, context)
+                    else:
+                        step = decode_molm(model, batch, context, args.steps,
+                                           graphs=impl == "extension" and device.type == "cuda")
+                        nbytes = decode_bytes_per_step(config, batch, context)
+                    tok_s = batch / step
+                    roofline = nbytes / step / 1e9 / args.hbm_gbs * 100
+                    rec["decode"].append({"batch": batch, "context": context, "tok_s": tok_s,
+                                          "step_ms": step * 1e3, "bytes_per_step": nbytes,
+                                          "pct_hbm_roofline": roofline})
+                    print(f"   decode B={batch:<3} ctx={context:<5} {tok_s:>10.0f} tok/s  {step * 1e3:8.3f} ms/step"
+                          f"  {roofline:5.1f} % of HBM roofline")
+
     for name in args.models:
         config = PRESETS[name]() if not args.smoke else PRESETS[name]().replace(
             n_layer=2, n_embd=64, att_hidden=64, ffd_hidden=128, gating_size=32, vocab_size=512)
@@ -321,53 +368,18 @@ def main() -> None:
                 model = moe.set_backend(impl)
             rec = {"model": name, "impl": impl, "active_params": active_params(model)}
             print(f"== {name} / {impl}: {rec['active_params'] / 1e6:.1f} M active parameters")
-            with torch.inference_mode():
-                if impl == "extension":
-                    loads[name] = expert_load(model, *prefill_shape[:1], min(prefill_shape[1], 512))
-                seconds, peak = forward_seconds(model, *seed_shape)
-                rec["seed_table"] = {"batch": seed_shape[0], "length": seed_shape[1], "latency_ms": seconds * 1e3,
-                                     "throughput_tok_s": seed_shape[0] * seed_shape[1] / seconds,
-                                     "peak_memory_GB": peak}
-                seconds, peak = forward_seconds(model, *prefill_shape)
-                rec["prefill"] = {"batch": prefill_shape[0], "length": prefill_shape[1],
-                                  "tok_s": prefill_shape[0] * prefill_shape[1] / seconds, "peak_memory_GB": peak}
-                seconds, _ = forward_seconds(model, 1, ttft_len)
-                rec["ttft_ms"] = {"length": ttft_len, "ms": seconds * 1e3}
-                print(f"   seed setting {seed_shape}: {rec['seed_table']['latency_ms']:.1f} ms, "
-                      f"{rec['seed_table']['throughput_tok_s']:.0f} tok/s, {rec['seed_table']['peak_memory_GB']:.1f} GB;"
-                      f" prefill {prefill_shape}: {rec['prefill']['tok_s']:.0f} tok/s; TTFT {rec['ttft_ms']['ms']:.1f} ms")
-                rec["decode"] = []
-                for batch in args.batches:
-                    for context in args.contexts:
-                        if impl == "dense":
-                            step = decode_dense(model, batch, context, args.steps)
-                            nbytes = dense_decode_bytes(model, batch, context)
-                        else:
-                            step = decode_molm(model, batch, context, args.steps,
-                                               graphs=impl == "extension" and device.type == "cuda")
-                            nbytes = decode_bytes_per_step(config, batch, context)
-                        tok_s = batch / step
-                        roofline = nbytes / step / 1e9 / args.hbm_gbs * 100
-                        rec["decode"].append({"batch": batch, "context": context, "tok_s": tok_s,
-                                              "step_ms": step * 1e3, "bytes_per_step": nbytes,
-                                              "pct_hbm_roofline": roofline})
-                        print(f"   decode B={batch:<3} ctx={context:<5} {tok_s:>10.0f} tok/s  {step * 1e3:8.3f} ms/step"
-                              f"  {roofline:5.1f} % of HBM roofline")
+            try:
+                measure(model, impl, config, rec)
+            except Exception as exc:  # noqa: BLE001 - one failing implementation must not hide the others
+                rec["error"] = f"{type(exc).__name__}: {exc}"
+                print(f"   FAILED: {rec['error']}")
             records.append(rec)
+            write_json()  # after every record: a run cut short by a time limit keeps what it measured
             del model
         del moe
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    meta = run_metadata()
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        meta.update(gpu=props.name, cuda=torch.version.cuda, gpu_memory_GB=props.total_memory / 1e9)
-    meta.update(cuda_kernels=kernels, hbm_gbs_assumed=args.hbm_gbs, dtype="bfloat16", smoke=args.smoke,
-                note="random weights (normal 0.02); decode caches hold random values; timing only")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "records": records, "expert_load": loads}, f, indent=1)
         print(f"wrote {args.json}")
     png = args.png or (os.path.splitext(args.json)[0] + "_expert_load.png" if args.json else None)
     if png and loads:

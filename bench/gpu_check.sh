@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (run from the repo root; results under $OUT, default ./out/gpu):
-#   env + card ceilings -> build (no build isolation) -> pytest -m cuda -> every bench/gpu_bench_*.py -> sanitizer.
+#   env + card ceilings -> build (no build isolation) -> pytest -m cuda -> bench/e2e.py -> every bench/gpu_bench_*.py
+#   -> sanitizer.
 # Never stops at the first failure: each step is time-limited (the whole run stays under ~8 minutes) and its exit
 # status goes to $OUT/summary.json; all output goes to $OUT/gpu_check.log as well.
 # Missing Python packages travel as wheels in .gpu-wheels/ (made by bench/fetch_gpu_wheels.sh).
@@ -85,10 +86,13 @@ PYEOF
 step build 200 "$PY" setup.py build_ext --inplace
 step check_registered 60 "$PY" -c "
 import torch, molm._C
-names = ['route_topk', 'gather_rows', 'scatter_ksum', 'expert_gemm', 'expert_gemm_wgrad', 'sb_attention']
+names = ['route_topk', 'gather_rows', 'scatter_ksum', 'expert_gemm', 'expert_gemm_wgrad', 'sb_attention',
+         'sb_attention_backward']
 missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key('molm::' + n, 'CUDA')]
 print('CUDA kernels missing for:', missing or 'none')"
 step pytest_cuda 120 "$PY" -m pytest -m cuda tests/ -q -rfE -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml"
+# end to end first (the issue-5 numbers), then the per-kernel benchmarks; each writes its JSON as it goes
+step e2e 150 "$PY" bench/e2e.py --json "$OUT/e2e.json" --png "$OUT/e2e_expert_load.png"
 for bench in bench/gpu_bench_*.py; do
   [ -e "$bench" ] || continue
   name=$(basename "$bench" .py)
