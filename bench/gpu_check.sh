@@ -3,12 +3,16 @@
 #   env + card ceilings -> build (no build isolation) -> pytest -m cuda -> bench/e2e.py -> every bench/gpu_bench_*.py
 #   -> sanitizer.
 # Never stops at the first failure: each step is time-limited (the whole run stays under ~8 minutes) and its exit
-# status goes to $OUT/summary.json; all output goes to $OUT/gpu_check.log as well.
+# status goes to summary.json; all output goes to gpu_check.log as well. The device tool brings back at most 8 files
+# from $OUT, so every result is written to a work folder and $OUT receives summary.json, env.json, e2e.json, the
+# expert-load PNG and results.tgz (everything).
 # Missing Python packages travel as wheels in .gpu-wheels/ (made by bench/fetch_gpu_wheels.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
+FINAL=${OUT:-out/gpu}
+OUT=$(mktemp -d /tmp/molm-gpu-check.XXXX)  # children (bench, sanitizer) write here too
+export OUT
+mkdir -p "$FINAL"
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 START=$SECONDS
@@ -111,3 +115,8 @@ fi
   echo "]}"
 } > "$OUT/summary.json"
 cat "$OUT/summary.json"
+tar czf "$FINAL/results.tgz" -C "$OUT" .
+for f in summary.json env.json e2e.json e2e_expert_load.png; do
+  [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL/"
+done
+echo "results in $FINAL: $(ls "$FINAL" | tr '\n' ' ')"
