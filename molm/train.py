@@ -213,7 +213,7 @@ def _as_model(model, seed: int, device: str):
     if not isinstance(model, ModuleFormerForCausalLM):
         raise TypeError(f"model must be a ModuleFormerForCausalLM, a ModuleFormerConfig or a checkpoint directory, "
                         f"got {type(model).__name__}")
-    return model.to(device)
+    return model.to(device=device, dtype=torch.float32)  # fp32 master weights in both precisions
 
 
 @dataclass
