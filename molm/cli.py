@@ -152,7 +152,7 @@ def _add_train_parser(sub) -> None:
                                ("eval-every", int, 100), ("save-every", int, 0), ("seed", int, 0)):
         t.add_argument(f"--{name}", type=typ, default=default)
     t.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     t.set_defaults(func=cmd_train)
     u = sub.add_parser("usage", help="expert selection frequency per layer on some data (table, PNG heat map)")
     u.add_argument("model")

@@ -51,7 +51,7 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 0  # 0: save at the end only
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # cuda when available (cuda:LOCAL_RANK under torchrun), else cpu
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes stored with the checkpoint
 
@@ -198,6 +198,8 @@ def _rank_world():
 def _maybe_init_distributed(device: str) -> None:
     """Under torchrun (WORLD_SIZE > 1) join the process group: nccl on CUDA, gloo on CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if str(device).startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
         dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
 
 
@@ -213,7 +215,7 @@ def _as_model(model, seed: int, device: str):
     if not isinstance(model, ModuleFormerForCausalLM):
         raise TypeError(f"model must be a ModuleFormerForCausalLM, a ModuleFormerConfig or a checkpoint directory, "
                         f"got {type(model).__name__}")
-    return model.to(device)
+    return model.to(device=device, dtype=torch.float32)  # fp32 master weights in both precisions
 
 
 @dataclass
@@ -229,6 +231,9 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
     (config.json + model.safetensors), the tokenizer, trainer_state.pt, log.jsonl and loss.png there;
     `resume=True` continues from out_dir's trainer_state.pt. Returns the trained model (fp32) and the log."""
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
+    if cfg.device == "auto":
+        cuda = torch.cuda.is_available()
+        cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu"
     if cfg.precision not in ("float32", "bfloat16"):
         raise ValueError(f"precision must be 'float32' or 'bfloat16', got {cfg.precision!r}")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.seq_len < 2:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import molm
-from backends import BACKENDS
+from backends import BACKENDS, REQUIRE, extension_built
 from tolerances import assert_close
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -72,28 +72,32 @@ def test_same_settings_same_tokens_and_logits(backend, dtype):
 
 
 SCRIPT = """
-import hashlib, sys, torch, molm
+import sys, torch, molm
 sys.path.insert(0, "tests")
 from test_determinism import MODEL, SAMPLING, digest, prompts
 torch.set_num_threads(1)
-model = molm.load(MODEL, dtype=getattr(torch, sys.argv[2]), backend=sys.argv[1])
-out = molm.generate(model, prompts(3, 7), max_new_tokens=12, **SAMPLING)
-with torch.no_grad():
-    print(digest(out, model(out).logits))
+for backend in sys.argv[1:]:
+    model = molm.load(MODEL, dtype=torch.float32, backend=backend)
+    out = molm.generate(model, prompts(3, 7), max_new_tokens=12, **SAMPLING)
+    with torch.no_grad():
+        print(digest(out, model(out).logits))
 """
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_same_results_in_a_fresh_process(backend):
+def test_same_results_in_a_fresh_process():
     """Nothing depends on addresses, uninitialised memory or process state: a new process gives the same bits
-    (at the same thread count, see the module docstring)."""
+    (at the same thread count, see the module docstring). One subprocess serves both backends."""
+    backends = ["reference"] + (["extension"] if extension_built() or REQUIRE else [])
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", SCRIPT, backend, "float32"], capture_output=True, text=True,
-                         cwd=ROOT, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-c", SCRIPT, *backends], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-1000:]
-    model = load(backend, torch.float32)
-    out = molm.generate(model, prompts(3, 7), max_new_tokens=12, **SAMPLING)
-    assert run.stdout.strip() == digest(out, logits(model, out))
+    here = []
+    for backend in backends:
+        model = load(backend, torch.float32)
+        out = molm.generate(model, prompts(3, 7), max_new_tokens=12, **SAMPLING)
+        here.append(digest(out, logits(model, out)))
+    assert run.stdout.split() == here
 
 
 # (backend, dtype) pairs whose rows are bitwise independent of the batch; the reference in fp32 is not
