@@ -121,7 +121,7 @@ def dense_twin(config, dtype, device) -> DenseLM:
     hidden = max(256, round((moe_active + router - 4 * C * C) / (2 * C) / 256) * 256)
     with torch.device("meta"):
         model = DenseLM(config.vocab_size, C, config.n_layer, max(1, C // 64), hidden)
-    model.to_empty(device=device).to(dtype)
+    model.to(dtype).to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             (p.fill_(1.0) if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight"
