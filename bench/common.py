@@ -41,7 +41,7 @@ def random_model(config, dtype: torch.dtype, device: str = "cpu", backend: str =
     the full MoLM configs hold 4-8 B parameters). LayerNorms are identity, everything else normal(0, 0.02)."""
     with torch.device("meta"):
         model = molm.ModuleFormerForCausalLM(config, backend=backend)
-    model.to_empty(device=device).to(dtype)
+    model.to(dtype).to_empty(device=device)  # dtype first: meta tensors cost nothing to convert
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
         if ".ln_" in name or name.startswith("transformer.ln_f"):
