@@ -57,6 +57,8 @@ class ParallelExperts(nn.Module):
     def __init__(self, num_experts: int, input_size: int, output_size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, input_size, output_size))
+        bound = 1.0 / input_size  # the original's uniform(-1/in, 1/in); never left uninitialised
+        nn.init.uniform_(self.weight, -bound, bound)
 
     def extra_repr(self) -> str:
         e, i, o = self.weight.shape
@@ -79,7 +81,7 @@ class Router(nn.Module):
             self.w_gate = nn.Sequential(nn.Linear(C, num_experts, bias=False))
         else:  # "gmm": cosine similarity to learned centroids with a learned temperature
             self.w_gate = nn.Linear(C, G, bias=False)
-            self.expert_centroids = nn.Parameter(torch.empty(num_experts, G))
+            self.expert_centroids = nn.Parameter(torch.randn(num_experts, G))
             self.temperature = nn.Parameter(torch.zeros(1))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

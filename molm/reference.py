@@ -48,7 +48,7 @@ def scatter_ksum_ref(y: torch.Tensor, gates: torch.Tensor, slot_positions: torch
     y [M, C] in expert-sorted order, gates [N, k], slot_positions [M] -> [N, C] in y's dtype.
     """
     n_tokens, k = gates.shape
-    rows = y[slot_positions].float().view(n_tokens, k, -1)  # [N, k, C]
+    rows = y[slot_positions].float().view(n_tokens, k, y.shape[1])  # [N, k, C] (also for N = 0)
     g = gates.float()
     out = torch.zeros(n_tokens, y.shape[1], dtype=torch.float32, device=y.device)
     for j in range(k):

@@ -214,3 +214,13 @@ def test_torch_compile_fullgraph_matches_golden():
         out = compiled(g["input_ids"], attention_mask=g["attention_mask"], labels=g["labels"])
     assert (out.logits - g["logits_masked"]).abs().max() <= TOL_FP32
     assert (out.loss - g["loss"]).abs() <= TOL_FP32 and (out.aux_loss - g["aux_loss"]).abs() <= TOL_FP32
+
+
+def test_a_fresh_model_is_initialised():
+    """Built without init_weights, every parameter holds finite values and the model gives finite logits."""
+    config = molm.ModuleFormerConfig(vocab_size=64, n_layer=1, n_embd=16, att_hidden=16, ffd_hidden=32, n_head=1,
+                                     n_att_experts=4, n_mlp_experts=4, k_att=2, k_mlp=2, gating_size=8,
+                                     gate_type="gmm")
+    model = molm.ModuleFormerForCausalLM(config)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
