@@ -25,7 +25,6 @@ from transformers.utils import ModelOutput
 from . import config as molm_config
 from . import model as molm_model
 from .cache import KVCache
-from .modules import ParallelExperts, Router
 
 # Fields that PretrainedConfig owns itself (token ids, labels, dtype, ...): passed to its __init__, not set here.
 _HF_OWNED = {"bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "architectures", "torch_dtype",
@@ -110,22 +109,8 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
         self.molm.set_backend(backend)
         return self
 
-    @torch.no_grad()
     def _init_weights(self, module):
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.normal_(0.0, std)
-            if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
-        elif isinstance(module, ParallelExperts):
-            bound = 1.0 / module.weight.shape[1]
-            module.weight.uniform_(-bound, bound)
-        elif isinstance(module, Router) and module.gate_type == "gmm":
-            module.expert_centroids.normal_()
-            module.temperature.zero_()
+        molm_model.init_module(module, self.config.initializer_range)
 
     def get_input_embeddings(self):
         return self.transformer.wte

@@ -75,6 +75,26 @@ class ModuleFormerModel(nn.Module):
         return self.ln_f(x), aux
 
 
+@torch.no_grad()
+def init_module(module: nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    """The original initialisation of one module: normal(0, std) for Linear/Embedding, zero biases, unit
+    LayerNorms, uniform(-1/in, 1/in) for expert weights, normal centroids and zero temperature for gmm routers.
+    Random numbers come from the CPU (optionally seeded) generator, so any device gets the same values."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.fill_(1.0)
+        module.bias.zero_()
+    elif isinstance(module, ParallelExperts):
+        bound = 1.0 / module.weight.shape[1]
+        module.weight.copy_(torch.rand(module.weight.shape, generator=generator) * 2 * bound - bound)
+    elif isinstance(module, Router) and module.gate_type == "gmm":
+        module.expert_centroids.copy_(torch.randn(module.expert_centroids.shape, generator=generator))
+        module.temperature.zero_()
+
+
 class ModuleFormerPreTrainedModel(nn.Module):
     """Shared plumbing: config, backend switch, input checks, cache handling, init, save/load."""
 
@@ -102,21 +122,8 @@ class ModuleFormerPreTrainedModel(nn.Module):
         """The original initialisation: normal(0, initializer_range) for Linear/Embedding, zero biases, unit
         LayerNorms, uniform(-1/in, 1/in) for expert weights."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-            elif isinstance(module, ParallelExperts):
-                bound = 1.0 / module.weight.shape[1]
-                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) * 2 * bound - bound)
-            elif isinstance(module, Router) and module.gate_type == "gmm":
-                module.expert_centroids.copy_(torch.randn(module.expert_centroids.shape, generator=generator))
-                module.temperature.zero_()
+            init_module(module, self.config.initializer_range, generator)
         return self
 
     def check_input_ids(self, input_ids) -> None:

@@ -150,16 +150,21 @@ def concentration_loss(routings) -> torch.Tensor:
     return total
 
 
+def token_windows(data, tokenizer, seq_len: int, vocab_size: int, what: str, max_windows: int | None = None):
+    """Consecutive non-overlapping windows [n, seq_len] of the tokens of `data` (see load_tokens)."""
+    tokens = load_tokens(data, _as_tokenizer(tokenizer))
+    _check_tokens(tokens, seq_len, vocab_size, what)
+    n = len(tokens) // seq_len
+    windows = tokens[: n * seq_len].view(n, seq_len)
+    return windows if max_windows is None else windows[:max_windows]
+
+
 @torch.no_grad()
 def perplexity(model, tokens, seq_len: int = 128, batch_size: int = 16, max_batches: int | None = None,
                tokenizer=None) -> float:
     """exp(mean next-token cross entropy) over consecutive non-overlapping windows (aux losses excluded)."""
-    tokens = load_tokens(tokens, _as_tokenizer(tokenizer))
-    _check_tokens(tokens, seq_len, model.config.vocab_size, "evaluation data")
-    n = len(tokens) // seq_len
-    windows = tokens[: n * seq_len].view(n, seq_len)
-    if max_batches is not None:
-        windows = windows[: max_batches * batch_size]
+    windows = token_windows(tokens, tokenizer, seq_len, model.config.vocab_size, "evaluation data",
+                            None if max_batches is None else max_batches * batch_size)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .train import RouterProbes, _as_tokenizer, _check_tokens, load_tokens
+from .train import RouterProbes, token_windows
 
 
 @dataclass
@@ -36,12 +36,8 @@ def expert_usage(model, data, seq_len: int = 128, batch_size: int = 16, max_batc
                  tokenizer=None) -> ExpertUsage:
     """Run `model` (eval mode: greedy top-k routing) over consecutive windows of `data` (a token tensor, token
     file or text file, see molm.train.load_tokens) and count, per router, the tokens that select each expert."""
-    tokens = load_tokens(data, _as_tokenizer(tokenizer))
-    _check_tokens(tokens, seq_len, model.config.vocab_size, "usage data")
-    n = len(tokens) // seq_len
-    windows = tokens[: n * seq_len].view(n, seq_len)
-    if max_batches is not None:
-        windows = windows[: max_batches * batch_size]
+    windows = token_windows(data, tokenizer, seq_len, model.config.vocab_size, "usage data",
+                            None if max_batches is None else max_batches * batch_size)
     c = model.config
     sites = {"att": (c.n_att_experts, ".attn.q_proj.gate"), "mlp": (c.n_mlp_experts, ".mlpf.gate")}
     counts = {kind: torch.zeros(c.n_layer, e, dtype=torch.float64) for kind, (e, _) in sites.items()}
