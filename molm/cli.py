@@ -214,7 +214,7 @@ def _add_eval_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="molm", description="ModuleFormer / MoLM inference")
+    parser = argparse.ArgumentParser(prog="molm", description="ModuleFormer / MoLM: generate, inspect, evaluate, train, analyse expert usage")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from a prompt (streamed)")
     g.add_argument("prompt")
