@@ -5,6 +5,8 @@ against it). Switches:
   MOLM_CPU_ONLY=1          build the CPU kernels only, even with a CUDA torch
   TORCH_CUDA_ARCH_LIST     CUDA archs (default "8.0;9.0a")
   MAX_JOBS                 parallel compile jobs (torch's ninja builder reads it)
+  CUTLASS_PATH             CUTLASS source tree (default: the pip package nvidia-cutlass); without CUTLASS the
+                           sm_90a grouped GEMM (csrc/cuda/expert_gemm_sm90.cu) is left out and Hopper uses WMMA
 """
 
 import glob
@@ -29,6 +31,21 @@ def _cuda_include_dirs():
     return [d for d in (os.path.join(r, "nvidia", "cu13", "include") for r in roots) if os.path.isdir(d)]
 
 
+def _cutlass_include_dirs():
+    """CUTLASS headers: $CUTLASS_PATH/{include,tools/util/include}, else the nvidia-cutlass pip package's copy."""
+    if os.environ.get("CUTLASS_PATH"):
+        root = os.environ["CUTLASS_PATH"]
+    else:
+        try:
+            import cutlass_library
+        except ImportError:
+            return []
+        root = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
+    dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+    return dirs if all(os.path.isfile(os.path.join(d, f)) for d, f in
+                       zip(dirs, ("cutlass/cutlass.h", "cutlass/util/packed_stride.hpp"))) else []
+
+
 def _extension():
     cpu_sources = ["csrc/ops.cpp", "csrc/bindings.cpp", *_rel(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]
     cxx_flags = ["-O3", "-fopenmp"]  # the -std flag comes from torch (C++17 code; torch >= 2.10 headers need C++20)
@@ -38,10 +55,17 @@ def _extension():
                             extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cu"), recursive=True))
+    nvcc_flags = ["-O3", "--threads", "2", "-DMOLM_WITH_CUDA"]
+    cutlass_dirs = _cutlass_include_dirs()
+    if cutlass_dirs:
+        # Only expert_gemm_sm90.cu uses it; its kernels have code for sm_90a only (other archs get CUTLASS's stub).
+        nvcc_flags.append("-DMOLM_WITH_CUTLASS")
+    else:
+        print("molm setup.py: CUTLASS not found (pip install nvidia-cutlass, or set CUTLASS_PATH): building without "
+              "the sm_90a CUTLASS grouped GEMM; Hopper GPUs use the WMMA expert GEMM", flush=True)
     return CUDAExtension(
-        "molm._C", cpu_sources + cuda_sources, include_dirs=_cuda_include_dirs(),
-        extra_compile_args={"cxx": cxx_flags + ["-DMOLM_WITH_CUDA"],
-                            "nvcc": ["-O3", "--threads", "2", "-DMOLM_WITH_CUDA"]},
+        "molm._C", cpu_sources + cuda_sources, include_dirs=_cuda_include_dirs() + cutlass_dirs,
+        extra_compile_args={"cxx": cxx_flags + ["-DMOLM_WITH_CUDA"], "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"])
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -65,6 +66,21 @@ def scaled_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1.0)).item()
 
 
+def with_env(name: str, value: str, fn):
+    """fn run with os.environ[name] = value (the CUDA ops read their switches per call)."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return run
+
+
 def gemm_impls(x, w, offsets, activation):
     """name -> callable, for the grouped GEMM and its baselines (each computing act(x_e @ w_e) per segment)."""
     act = reference.gelu_new if activation == "gelu_new" else (lambda t: t)
@@ -81,6 +97,10 @@ def gemm_impls(x, w, offsets, activation):
         return act(out)
 
     impls = {"molm": lambda: ops.expert_gemm(x, w, offsets, activation), "ref_loop": ref_loop}
+    if torch.cuda.get_device_capability()[0] == 9 and x.dtype != torch.float32 and m > 32:
+        # molm's two Hopper paths side by side: the CUTLASS sm_90a grouped GEMM forced on, and the WMMA tiles
+        for name, switch in (("molm_sm90", "1"), ("molm_wmma", "0")):
+            impls[name] = with_env("MOLM_CUDA_SM90_GEMM", switch, lambda: ops.expert_gemm(x, w, offsets, activation))
     max_rows = max(sizes) if sizes else 0
     if max_rows * w.shape[0] * max(x.shape[1], n_out) <= 2 ** 31:
         padded = x.new_zeros(w.shape[0], max_rows, x.shape[1])

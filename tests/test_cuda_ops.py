@@ -225,6 +225,69 @@ def test_expert_gemm_wgrad_strided_x():
     assert_close(got, want, what="wgrad strided")
 
 
+# ------------------------------------------------------------------------------------------------------ sm_90a CUTLASS
+# The CUTLASS grouped GEMM (csrc/cuda/expert_gemm_sm90.cu) runs on compute capability 9.x for bf16/fp16 with M above
+# the GEMV range when MOLM_CUDA_SM90_GEMM=1 (default: M >= 256); "0" forces the WMMA tiles. Elsewhere both settings
+# take the WMMA tiles, so the tests still hold. Cases: empty experts, M_e not a multiple of the 128-row tile, the
+# MoLM-350M shapes, 32 experts, and K/Nout not multiples of 8 (declined by the TMA path, falls back).
+SM90_CASES = [
+    ([100, 0, 37, 300], 256, 320),
+    ([130, 0, 0, 0, 127], 1024, 2048),
+    ([0, 513, 0, 1], 64, 128),
+    ([40] + [0] * 7, 32, 16),
+    ([7] * 32, 1024, 1024),
+    ([0, 513, 0, 1], 64, 130),
+    ([33, 31], 36, 64),
+]
+
+
+@pytest.mark.parametrize("sm90", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["none", "gelu_new"])
+@pytest.mark.parametrize("rows,k_in,n_out", SM90_CASES)
+def test_expert_gemm_sm90_switch(rows, k_in, n_out, activation, dtype, sm90, monkeypatch):
+    monkeypatch.setenv("MOLM_CUDA_SM90_GEMM", sm90)
+    x, weight, offsets = _gemm_inputs(rows, k_in, n_out, dtype, seed=5)
+    out = torch.full((sum(rows), n_out), float("nan"), device=DEV, dtype=dtype)  # poison the allocator's block
+    del out
+    out = ops.expert_gemm(x, weight, offsets, activation)
+    ref = reference.expert_gemm_ref(x.double(), weight.double(), offsets, activation)
+    lowp = reference.expert_gemm_ref(x, weight, offsets, activation)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert_close(out, ref, lowp, dtype, f"expert_gemm sm90={sm90}")
+    assert torch.equal(out, ops.expert_gemm(x, weight, offsets, activation))  # no split-K: bitwise repeatable
+
+
+def test_expert_gemm_sm90_on_and_off_agree(monkeypatch):
+    """Both paths accumulate in fp32 and round once: they differ by at most a bf16 rounding of nearly equal sums."""
+    x, weight, offsets = _gemm_inputs([300, 0, 700, 24], 1024, 2048, torch.bfloat16, seed=6)
+    monkeypatch.setenv("MOLM_CUDA_SM90_GEMM", "1")
+    on = ops.expert_gemm(x, weight, offsets, "gelu_new").float()
+    monkeypatch.setenv("MOLM_CUDA_SM90_GEMM", "0")
+    off = ops.expert_gemm(x, weight, offsets, "gelu_new").float()
+    torch.testing.assert_close(on, off, rtol=2 ** -7, atol=2e-3)
+
+
+def test_expert_gemm_sm90_cuda_graph(monkeypatch):
+    """The device-side problem setup needs no host sync: the sm90 path captures, and replays with new offsets."""
+    monkeypatch.setenv("MOLM_CUDA_SM90_GEMM", "1")
+    x, weight, offsets = _gemm_inputs([200, 56, 0, 256], 256, 512, torch.bfloat16, seed=7)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.expert_gemm(x, weight, offsets, "gelu_new")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.expert_gemm(x, weight, offsets, "gelu_new")
+    offsets.copy_(torch.tensor([0, 0, 300, 400, 512], device=DEV))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, ops.expert_gemm(x, weight, offsets, "gelu_new"))
+    ref = reference.expert_gemm_ref(x.double(), weight.double(), offsets, "gelu_new")
+    assert_close(captured, ref, dtype=torch.bfloat16, what="expert_gemm sm90 graph replay")
+
+
 # ------------------------------------------------------------------------------------------------------ bitwise / graphs
 def _moe_layer(logits, h, w1, w2, k):
     _, gates, _, sorted_slots, slot_positions, offsets = ops.route_topk(logits, k)

@@ -20,6 +20,7 @@
 #include "../checks.h"
 #include "../dispatch.h"
 #include "common.cuh"
+#include "expert_gemm_sm90.h"
 
 namespace molm::cuda {
 namespace {
@@ -342,6 +343,18 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// CUTLASS sm_90a grouped GEMM (expert_gemm_sm90.cu) on compute capability 9.x from this many rows on (below, the
+// WMMA tiles' lower launch overhead wins). MOLM_CUDA_SM90_GEMM=0 turns it off, =1 takes it for any M above the
+// GEMV range (tests), read per call.
+constexpr int64_t kSm90MinM = 256;
+
+bool use_sm90_gemm(const at::Tensor& x, int64_t m) {
+  const char* env = std::getenv("MOLM_CUDA_SM90_GEMM");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const bool forced = env != nullptr && std::strcmp(env, "1") == 0;
+  return (forced || m >= kSm90MinM) && at::cuda::getDeviceProperties(x.get_device())->major == 9;
+}
+
 bool tensor_cores_ok(const at::Tensor& t) {
   return at::cuda::getDeviceProperties(t.get_device())->major >= 8;
 }
@@ -369,6 +382,9 @@ at::Tensor expert_gemm_cuda(const at::Tensor& x, const at::Tensor& weight, const
         launch_gemv<T>(x, weight, expert_offsets, gelu, out);
         return;
       }
+    }
+    if constexpr (kUseWmma<T>) {
+      if (use_sm90_gemm(x, m) && expert_gemm_sm90(x, weight, expert_offsets, gelu, out)) return;
     }
     const int64_t n_row_slots = ceil_div(m, kTileM<T>) + n_experts;  // >= sum_e ceil(M_e / BM)
     const bool vec = kUseWmma<T> && kdim % 8 == 0 && n_out % 8 == 0 && x.stride(0) % 8 == 0 &&
