@@ -17,6 +17,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../sb_attention_common.h"
 #include "../dispatch.h"
 
 namespace molm::cuda {
@@ -487,9 +488,8 @@ at::Tensor sb_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at:
   if (out.numel() == 0) return out;
   MOLM_DISPATCH_FLOATING(q.scalar_type(), "molm::sb_attention", [&] {
     using acc_t = acc_type<scalar_t>;
-    at::Tensor bias_acc;  // [B, S] in the accumulation dtype
-    if (bias.has_value()) bias_acc = bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const acc_t* bp = bias.has_value() ? bias_acc.data_ptr<acc_t>() : nullptr;
+    const at::Tensor bias_acc = sb_bias_as<acc_t>(bias);  // [B, S] in the accumulation dtype
+    const acc_t* bp = sb_bias_ptr<acc_t>(bias_acc);
     if (q.size(1) <= kDecodeMaxQueries)
       sb_forward_decode<scalar_t>(q, k, v, bp, scale, out);
     else
@@ -537,26 +537,16 @@ void sb_backward_tiled(const at::Tensor& grad, const at::Tensor& q, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& bias, double scale, bool bias_grad) {
-  check_sb_attention(q, k, v, bias);
+  check_sb_attention_backward(grad_out, q, k, v, bias, bias_grad);
   check_int_sizes(q, k);
-  const char* op = "molm::sb_attention_backward";
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), op, ": grad_out must have q's shape ", q.sizes(), ", got ",
-                    grad_out.sizes());
-  check_same_dtype(op, "grad_out", grad_out, "q", q);
-  check_same_device(op, "grad_out", grad_out, "q", q);
-  TORCH_CHECK_VALUE(!bias_grad || bias.has_value(), op, ": bias_grad needs a bias");
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor dq = at::zeros(q.sizes(), q.options());
-  at::Tensor dk = at::zeros(k.sizes(), k.options());
-  at::Tensor dv = at::zeros(v.sizes(), v.options());
-  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor dbias = at::zeros({bias_grad ? k.size(0) : 0, bias_grad ? k.size(1) : 0}, q.options().dtype(acc_dtype));
+  at::Tensor dq, dk, dv, dbias;
+  std::tie(dq, dk, dv, dbias) = sb_zero_grads(q, k, v, bias_grad);
   if (q.numel() == 0) return {dq, dk, dv, dbias};
   MOLM_DISPATCH_FLOATING(q.scalar_type(), "molm::sb_attention_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    at::Tensor bias_acc;
-    if (bias.has_value()) bias_acc = bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const acc_t* bp = bias.has_value() ? bias_acc.data_ptr<acc_t>() : nullptr;
+    const at::Tensor bias_acc = sb_bias_as<acc_t>(bias);
+    const acc_t* bp = sb_bias_ptr<acc_t>(bias_acc);
     sb_backward_tiled<scalar_t>(grad_out.contiguous(), q, k, v, bp, scale, dq, dk, dv, dbias);
   });
   return {dq, dk, dv, dbias};
