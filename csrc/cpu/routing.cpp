@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../routing_common.h"
 #include "../dispatch.h"
 #include "core/routing_core.h"
 
@@ -14,14 +15,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& logits, int64_t k) {
   check_route_topk(logits, k);
   const int64_t n_tokens = logits.size(0), n_experts = logits.size(1), m = n_tokens * k;
-  // softmax computed by ATen in the logits dtype (fp32 internally for bf16/fp16, then rounded), so probs equal
-  // torch.softmax(logits, -1) bit for bit.
-  const at::Tensor probs = at::_softmax(logits.contiguous(), -1, false);  // [N, E]
-  at::Tensor gates = at::empty({n_tokens, k}, logits.options());                         // [N, k]
-  at::Tensor experts = at::empty({n_tokens, k}, logits.options().dtype(at::kLong));      // [N, k]
-  at::Tensor sorted_slots = at::empty({m}, experts.options());                           // [M]
-  at::Tensor slot_positions = at::empty({m}, experts.options());                         // [M]
-  at::Tensor expert_offsets = at::empty({n_experts + 1}, experts.options());             // [E+1]
+  at::Tensor probs, gates, experts, sorted_slots, slot_positions, expert_offsets;
+  std::tie(probs, gates, experts, sorted_slots, slot_positions, expert_offsets) = route_outputs(logits, k);
   int64_t* ex = experts.data_ptr<int64_t>();
   MOLM_DISPATCH_FLOATING(logits.scalar_type(), "molm::route_topk", [&] {
     const scalar_t* p = probs.data_ptr<scalar_t>();

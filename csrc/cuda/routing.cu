@@ -14,6 +14,7 @@
 #include "../checks.h"
 #include "../cpu/core/routing_core.h"
 #include "../dispatch.h"
+#include "../routing_common.h"
 #include "common.cuh"
 
 namespace molm::cuda {
@@ -107,12 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(n_experts <= kMaxExperts, "molm::route_topk: the CUDA kernel supports up to ", kMaxExperts,
                     " experts, got E = ", n_experts);
   TORCH_CHECK_VALUE(m < (int64_t(1) << 31), "molm::route_topk: N*k = ", m, " slots exceed the CUDA kernel's 2^31");
-  const at::Tensor probs = at::_softmax(logits.contiguous(), -1, false);                  // [N, E]
-  at::Tensor gates = at::empty({n_tokens, k}, logits.options());                          // [N, k]
-  at::Tensor experts = at::empty({n_tokens, k}, logits.options().dtype(at::kLong));       // [N, k]
-  at::Tensor sorted_slots = at::empty({m}, experts.options());                            // [M]
-  at::Tensor slot_positions = at::empty({m}, experts.options());                          // [M]
-  at::Tensor expert_offsets = at::empty({n_experts + 1}, experts.options());              // [E+1]
+  at::Tensor probs, gates, experts, sorted_slots, slot_positions, expert_offsets;
+  std::tie(probs, gates, experts, sorted_slots, slot_positions, expert_offsets) = route_outputs(logits, k);
   const int64_t n_chunks = ceil_div(n_tokens, kChunkTokens);
   at::Tensor hist = at::empty({n_experts * n_chunks}, experts.options().dtype(at::kInt));  // [E, chunks]
   const auto stream = at::cuda::getCurrentCUDAStream();
