@@ -1,0 +1,656 @@
+// CPU emulator of the CUDA subset molm's kernels use, so the same kernel source compiles with g++ (-DMOLM_CUDA_EMU
+// -pthread) and can be tested without a GPU. Every CUDA thread is a std::thread; CTAs run one after the other.
+// Semantics and limits: csrc/cuda/emu/README.md.
+#pragma once
+
+#include <math.h>  // the C++ wrapper: expf, fabsf, fminf, ... and the float overloads of fabs/exp in the global namespace
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+// ---- qualifiers ------------------------------------------------------------------------------------------------
+// Only __forceinline__ becomes `inline` (g++ rejects a repeated `inline`, e.g. from `__host__ __device__`), so
+// device functions defined in a header shared by several emulated TUs must be inline, static or templates.
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#undef __shared__  // static shared arrays are not emulated: left undefined so that using one fails to compile
+
+// ---- vector types and built-in indices -------------------------------------------------------------------------
+struct uint3 { unsigned x, y, z; };
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+  constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
+};
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+// Set by the launcher for each emulated thread.
+inline thread_local uint3 threadIdx{0, 0, 0};
+inline thread_local uint3 blockIdx{0, 0, 0};
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+constexpr int warpSize = 32;
+
+namespace molm_emu {
+
+constexpr std::size_t kMaxDynamicSmem = 232448;  // H100/H200 opt-in limit per block (227 KiB)
+
+namespace detail {
+
+struct Trap { std::string msg; };  // thrown by trap(); not a std::exception so kernel code cannot swallow it
+struct Aborted {};                 // unwinds threads blocked at a barrier after another thread trapped
+
+// Generation-counting barrier with arrive-and-drop: `expected` is the number of live participants.
+struct Barrier {
+  int expected = 0, arrived = 0;
+  unsigned long gen = 0;
+  std::condition_variable cv;
+  const unsigned* live = nullptr;  // warp barriers: the warp's live lanes,
+  unsigned live_at_release = 0;    // copied when the barrier completes (lanes may exit right after it)
+};
+
+// State of the CTA being run. One mutex guards all barriers so a deadlock (every live thread blocked) is visible.
+struct Cta {
+  int nthreads = 0, nwarps = 0;
+  std::mutex m;
+  Barrier block;
+  std::unique_ptr<Barrier[]> warp;
+  std::vector<unsigned> warp_live;  // live lanes of each warp
+  int live = 0, blocked = 0;
+  bool aborted = false;
+  std::string error;
+  std::vector<std::uint64_t> xchg;  // 2 x 32 slots per warp: double-buffered, so one barrier per exchange suffices
+  std::unique_ptr<unsigned char[]> smem_alloc;
+  unsigned char* smem = nullptr;
+  std::size_t smem_bytes = 0;
+  uint3 block_idx{0, 0, 0};
+  // End-of-CTA gate: all threads meet there before the next CTA starts.
+  int done = 0;
+  unsigned long cta_gen = 0;
+  std::condition_variable gate;
+};
+
+inline thread_local Cta* t_cta = nullptr;
+inline thread_local int t_tid = 0;
+inline thread_local unsigned t_xchg = 0;  // this lane's count of warp exchanges (selects the buffer half)
+
+inline Cta& cta() {
+  if (t_cta == nullptr) throw std::runtime_error("molm_emu: device function called outside an emulated kernel");
+  return *t_cta;
+}
+inline int warp_id() { return t_tid / 32; }
+inline int lane_id() { return t_tid % 32; }
+
+inline void abort_locked(Cta& c, const std::string& msg) {
+  if (!c.aborted) c.error = msg;
+  c.aborted = true;
+  c.block.cv.notify_all();
+  for (int w = 0; w < c.nwarps; ++w) c.warp[w].cv.notify_all();
+}
+
+inline void check_deadlock_locked(Cta& c) {
+  if (!c.aborted && c.live > 0 && c.blocked == c.live)
+    abort_locked(c, "deadlock: every live thread of block (" + std::to_string(c.block_idx.x) + "," +
+                        std::to_string(c.block_idx.y) + "," + std::to_string(c.block_idx.z) +
+                        ") waits at a barrier that cannot complete (divergent __syncthreads/__syncwarp?)");
+}
+
+inline void release_locked(Cta& c, Barrier& b, int waiters) {
+  c.blocked -= waiters;  // the threads it wakes are running again
+  b.arrived = 0;
+  ++b.gen;
+  if (b.live != nullptr) b.live_at_release = *b.live;
+  b.cv.notify_all();
+}
+
+inline void arrive_and_wait(Cta& c, Barrier& b) {
+  std::unique_lock<std::mutex> lk(c.m);
+  if (c.aborted) throw Aborted{};
+  if (++b.arrived == b.expected) {
+    release_locked(c, b, b.arrived - 1);  // the last arriver never blocked
+    return;
+  }
+  const unsigned long gen = b.gen;
+  ++c.blocked;
+  check_deadlock_locked(c);
+  b.cv.wait(lk, [&] { return b.gen != gen || c.aborted; });
+  if (b.gen == gen) throw Aborted{};
+}
+
+// A thread that leaves the kernel drops out of both its barriers (and may thereby complete them).
+inline void drop_locked(Cta& c, Barrier& b) {
+  --b.expected;
+  if (b.arrived > 0 && b.arrived == b.expected) release_locked(c, b, b.arrived);
+}
+inline void exit_thread(Cta& c) {
+  std::lock_guard<std::mutex> lk(c.m);
+  --c.live;
+  c.warp_live[warp_id()] &= ~(1u << lane_id());
+  drop_locked(c, c.block);
+  drop_locked(c, c.warp[warp_id()]);
+  check_deadlock_locked(c);
+}
+
+inline void trap_in_kernel(const std::string& msg) { throw Trap{msg}; }
+
+// Only masks that name every live lane of the warp are emulated (all barriers are whole-warp).
+inline void check_mask(Cta& c, unsigned mask, const char* fn) {
+  unsigned live;
+  {
+    std::lock_guard<std::mutex> lk(c.m);
+    live = c.warp_live[warp_id()];
+  }
+  if ((mask & live) != live)
+    trap_in_kernel(std::string(fn) + ": mask must include every live lane of the warp (partial masks are not emulated)");
+}
+
+inline void warp_barrier(Cta& c) { arrive_and_wait(c, c.warp[warp_id()]); }
+
+// The warp's live lanes as of its last barrier: a lane that already ran to the end of the kernel was, on hardware,
+// still converged with the others at the point of the call.
+inline unsigned live_lanes(Cta& c) {
+  std::lock_guard<std::mutex> lk(c.m);
+  return c.warp[warp_id()].live_at_release;
+}
+
+// Publishes this lane's 8-byte value and returns the warp's 32 slots, valid until this lane's next exchange: a
+// lane reuses a half of the double buffer only after a barrier every lane reaches after reading it.
+inline const std::uint64_t* exchange(Cta& c, std::uint64_t v) {
+  std::uint64_t* slots = c.xchg.data() + (static_cast<std::size_t>(warp_id()) * 2 + (t_xchg++ & 1u)) * 32;
+  slots[lane_id()] = v;
+  warp_barrier(c);
+  return slots;
+}
+
+template <typename T>
+std::uint64_t to_slot(const T& v) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffled types must be trivially copyable, <= 8 B");
+  std::uint64_t s = 0;
+  std::memcpy(&s, &v, sizeof(T));
+  return s;
+}
+template <typename T>
+T from_slot(std::uint64_t s) {
+  T v;
+  std::memcpy(&v, &s, sizeof(T));
+  return v;
+}
+
+enum class Shfl { idx, up, down, bfly };
+
+// PTX shfl.sync lane selection: segments of `width` lanes; an out-of-range source yields the caller's own value.
+template <typename T>
+T shfl(unsigned mask, T v, Shfl mode, int b, int width, const char* fn) {
+  Cta& c = cta();
+  check_mask(c, mask, fn);
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+    trap_in_kernel(std::string(fn) + ": width must be a power of two in 1..32");
+  const std::uint64_t* slots = exchange(c, to_slot(v));
+  const int lane = lane_id(), seg = 32 - width;  // seg: the lane bits that select the segment
+  const int min_lane = lane & seg, max_lane = min_lane | (31 & ~seg);
+  int j = lane;
+  bool ok = true;
+  switch (mode) {
+    case Shfl::idx: j = min_lane | (b & 31 & ~seg); ok = j <= max_lane; break;
+    case Shfl::up: j = lane - b; ok = j >= min_lane; break;
+    case Shfl::down: j = lane + b; ok = j <= max_lane; break;
+    case Shfl::bfly: j = lane ^ (b & 31); ok = j <= max_lane; break;
+  }
+  return ok ? from_slot<T>(slots[j]) : v;
+}
+
+inline std::atomic<std::size_t>& max_smem() {
+  static std::atomic<std::size_t> v{kMaxDynamicSmem};
+  return v;
+}
+
+inline void poison_smem(Cta& c) { std::memset(c.smem, 0xFF, c.smem_bytes); }  // reads of unset smem give NaN
+
+// Resets barriers and liveness for the next CTA (called with the gate lock held, all threads waiting at the gate).
+inline void reset_cta_locked(Cta& c) {
+  c.live = c.nthreads;
+  c.blocked = 0;
+  c.block.expected = c.nthreads;
+  c.block.arrived = 0;
+  for (int w = 0; w < c.nwarps; ++w) {
+    c.warp[w].expected = 32;
+    c.warp[w].arrived = 0;
+    c.warp_live[w] = 0xffffffffu;
+    c.warp[w].live = &c.warp_live[w];
+    c.warp[w].live_at_release = 0xffffffffu;
+  }
+  poison_smem(c);
+}
+
+// Returns whether the launch was aborted; the last thread to arrive prepares the next CTA.
+inline bool end_of_cta(Cta& c) {
+  std::unique_lock<std::mutex> lk(c.m);
+  if (++c.done == c.nthreads) {
+    c.done = 0;
+    if (!c.aborted) reset_cta_locked(c);
+    ++c.cta_gen;
+    c.gate.notify_all();
+  } else {
+    const unsigned long gen = c.cta_gen;
+    c.gate.wait(lk, [&] { return c.cta_gen != gen; });
+  }
+  return c.aborted;
+}
+
+}  // namespace detail
+
+// Where CUDA code would __trap(): the launch stops and throws std::runtime_error("trap: <msg>").
+[[noreturn]] inline void trap(const std::string& msg) {
+  if (detail::t_cta == nullptr) throw std::runtime_error("trap: " + msg);
+  throw detail::Trap{msg};
+}
+
+// The current CTA's dynamic shared memory (128-byte aligned, poisoned with 0xFF bytes at the start of every CTA).
+inline unsigned char* dynamic_smem() { return detail::cta().smem; }
+
+// Mirrors cudaFuncSetAttribute(MaxDynamicSharedMemorySize): the limit checked by later launches (default: 227 KiB).
+inline void set_max_dynamic_smem(std::size_t bytes) {
+  if (bytes > kMaxDynamicSmem)
+    throw std::runtime_error("molm_emu: dynamic shared memory limit " + std::to_string(bytes) + " B > " +
+                             std::to_string(kMaxDynamicSmem) + " B (H100/H200 opt-in maximum)");
+  detail::max_smem() = bytes;
+}
+
+// Runs kernel(args...) on grid x block threads; CTAs in order (x fastest), each on block.x*block.y*block.z
+// std::threads that are reused from CTA to CTA. Throws std::runtime_error on a bad configuration, a trap, an
+// exception in the kernel, or a deadlock, after joining every thread.
+template <typename Kernel, typename... Args>
+void launch(dim3 grid, dim3 block, std::size_t smem_bytes, Kernel kernel, Args... args) {
+  const std::size_t nthreads = std::size_t(block.x) * block.y * block.z;
+  auto fail = [](const std::string& m) { throw std::runtime_error("molm_emu::launch: " + m); };
+  if (nthreads == 0 || nthreads > 1024 || nthreads % 32 != 0 || block.z > 64)
+    fail("block (" + std::to_string(block.x) + "," + std::to_string(block.y) + "," + std::to_string(block.z) +
+         ") must have 32..1024 threads in whole warps (and z <= 64)");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
+    fail("grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," + std::to_string(grid.z) +
+         ") is out of CUDA's limits");
+  if (smem_bytes > detail::max_smem())
+    fail(std::to_string(smem_bytes) + " B of dynamic shared memory > the limit of " +
+         std::to_string(detail::max_smem().load()) + " B");
+
+  detail::Cta c;
+  c.nthreads = static_cast<int>(nthreads);
+  c.nwarps = c.nthreads / 32;
+  c.warp.reset(new detail::Barrier[c.nwarps]);
+  c.warp_live.assign(c.nwarps, 0xffffffffu);
+  c.xchg.assign(std::size_t(c.nwarps) * 64, 0);
+  c.smem_alloc.reset(new unsigned char[smem_bytes + 128]);
+  c.smem = c.smem_alloc.get() + (128 - reinterpret_cast<std::uintptr_t>(c.smem_alloc.get()) % 128) % 128;
+  c.smem_bytes = smem_bytes;
+  detail::reset_cta_locked(c);
+
+  const std::size_t ncta = std::size_t(grid.x) * grid.y * grid.z;
+  auto worker = [&](int tid) {
+    detail::t_cta = &c;
+    detail::t_tid = tid;
+    blockDim = block;
+    gridDim = grid;
+    threadIdx = {tid % block.x, (tid / block.x) % block.y, tid / (block.x * block.y)};
+    for (std::size_t b = 0; b < ncta; ++b) {
+      blockIdx = {unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (std::size_t(grid.x) * grid.y))};
+      detail::t_xchg = 0;
+      if (tid == 0) c.block_idx = blockIdx;  // for messages; written before any barrier of this CTA
+      std::string err;
+      try {
+        kernel(args...);
+      } catch (const detail::Trap& t) {
+        err = "trap: " + t.msg;
+      } catch (const detail::Aborted&) {
+      } catch (const std::exception& e) {
+        err = std::string("exception in kernel: ") + e.what();
+      } catch (...) {
+        err = "unknown exception in kernel";
+      }
+      if (!err.empty()) {
+        std::lock_guard<std::mutex> lk(c.m);
+        detail::abort_locked(c, err + " (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
+                                    "," + std::to_string(blockIdx.z) + ", thread " + std::to_string(tid) + ")");
+      }
+      detail::exit_thread(c);
+      if (detail::end_of_cta(c)) break;
+    }
+    detail::t_cta = nullptr;
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(nthreads);
+  for (int t = 0; t < c.nthreads; ++t) threads.emplace_back(worker, t);
+  for (auto& t : threads) t.join();
+  if (c.aborted) throw std::runtime_error(c.error);
+}
+
+}  // namespace molm_emu
+
+inline void __trap() { molm_emu::trap("__trap()"); }
+
+// ---- barriers and warp collectives -----------------------------------------------------------------------------
+inline void __syncthreads() {
+  auto& c = molm_emu::detail::cta();
+  molm_emu::detail::arrive_and_wait(c, c.block);
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  auto& c = molm_emu::detail::cta();
+  molm_emu::detail::check_mask(c, mask, "__syncwarp");
+  molm_emu::detail::warp_barrier(c);
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  return molm_emu::detail::shfl(mask, v, molm_emu::detail::Shfl::idx, src_lane, width, "__shfl_sync");
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return molm_emu::detail::shfl(mask, v, molm_emu::detail::Shfl::up, int(delta), width, "__shfl_up_sync");
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return molm_emu::detail::shfl(mask, v, molm_emu::detail::Shfl::down, int(delta), width, "__shfl_down_sync");
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return molm_emu::detail::shfl(mask, v, molm_emu::detail::Shfl::bfly, lane_mask, width, "__shfl_xor_sync");
+}
+
+// No divergence tracking: the lanes that had not exited at the warp's last barrier count as active.
+inline unsigned __activemask() { return molm_emu::detail::live_lanes(molm_emu::detail::cta()); }
+
+namespace molm_emu::detail {
+// Lanes of mask (among those live) whose value v satisfies pred(v, this lane's v).
+template <typename T, typename Pred>
+unsigned vote(unsigned mask, const T& v, const char* fn, Pred pred) {
+  Cta& c = cta();
+  check_mask(c, mask, fn);
+  const std::uint64_t me = to_slot(v);
+  const std::uint64_t* slots = exchange(c, me);
+  const unsigned m = mask & live_lanes(c);  // read before this lane's next barrier: still this exchange's mask
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l)
+    if ((m >> l & 1u) && pred(slots[l], me)) r |= 1u << l;
+  return r;
+}
+}  // namespace molm_emu::detail
+
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+  return molm_emu::detail::vote(mask, pred != 0, "__ballot_sync", [](std::uint64_t s, std::uint64_t) { return s != 0; });
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) {  // no lane votes false
+  return molm_emu::detail::vote(mask, pred != 0, "__all_sync", [](std::uint64_t s, std::uint64_t) { return s == 0; }) == 0;
+}
+// Lanes (of the live lanes in mask) holding the same value as this lane.
+template <typename T>
+unsigned __match_any_sync(unsigned mask, T v) {
+  return molm_emu::detail::vote(mask, v, "__match_any_sync", [](std::uint64_t s, std::uint64_t me) { return s == me; });
+}
+
+// ---- atomics (GCC builtins on plain memory) ---------------------------------------------------------------------
+template <typename T>
+T atomicAdd(T* p, T v) {
+  if constexpr (std::is_integral_v<T>) {
+    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+  } else {  // float/double: compare-and-swap loop
+    T old = __atomic_load_n(p, __ATOMIC_SEQ_CST), sum;
+    do {
+      sum = old + v;
+    } while (!__atomic_compare_exchange(p, &old, &sum, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST));
+    return old;
+  }
+}
+template <typename T>
+T atomicMax(T* p, T v) {
+  static_assert(std::is_integral_v<T>, "atomicMax: integers only");
+  return __atomic_fetch_max(p, v, __ATOMIC_SEQ_CST);
+}
+template <typename T>
+T atomicMin(T* p, T v) {
+  static_assert(std::is_integral_v<T>, "atomicMin: integers only");
+  return __atomic_fetch_min(p, v, __ATOMIC_SEQ_CST);
+}
+
+// ---- math and bit casts ----------------------------------------------------------------------------------------
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __saturatef(float x) { return x != x ? 0.0f : std::min(std::max(x, 0.0f), 1.0f); }
+template <typename T>
+T __ldg(const T* p) { return *p; }
+
+namespace molm_emu::detail {
+template <typename To, typename From>
+To bits(const From& f) {
+  static_assert(sizeof(To) == sizeof(From));
+  To t;
+  std::memcpy(&t, &f, sizeof(To));
+  return t;
+}
+}  // namespace molm_emu::detail
+inline float __int_as_float(int v) { return molm_emu::detail::bits<float>(v); }
+inline int __float_as_int(float v) { return molm_emu::detail::bits<int>(v); }
+inline float __uint_as_float(unsigned v) { return molm_emu::detail::bits<float>(v); }
+inline unsigned __float_as_uint(float v) { return molm_emu::detail::bits<unsigned>(v); }
+inline double __hiloint2double(int hi, int lo) {
+  return molm_emu::detail::bits<double>((std::uint64_t(unsigned(hi)) << 32) | unsigned(lo));
+}
+inline int __double2hiint(double d) { return int(molm_emu::detail::bits<std::uint64_t>(d) >> 32); }
+inline int __double2loint(double d) { return int(unsigned(molm_emu::detail::bits<std::uint64_t>(d))); }
+
+// ---- 16-bit floats (CUDA's bit layout; conversions are explicit, as in torch extensions) -----------------------
+struct alignas(2) __nv_bfloat16 { unsigned short __x; };
+struct alignas(2) __half { unsigned short __x; };
+struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
+struct alignas(4) __half2 { __half x, y; };
+
+namespace molm_emu::detail {
+inline unsigned short f2bf(float f) {  // round to nearest even; NaN -> canonical NaN 0x7fff (as CUDA)
+  std::uint32_t u = bits<std::uint32_t>(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
+  u += 0x7fffu + ((u >> 16) & 1u);  // carries into the exponent give the right rounding, inf included
+  return static_cast<unsigned short>(u >> 16);
+}
+inline unsigned short f2h(float f) {  // round to nearest even, subnormals, overflow to inf; NaN -> 0x7fff (as CUDA)
+  const std::uint32_t x = bits<std::uint32_t>(f);
+  const std::uint32_t sign = (x >> 16) & 0x8000u, u = x & 0x7fffffffu;
+  if (u > 0x7f800000u) return 0x7fff;
+  if (u >= 0x477ff000u) return static_cast<unsigned short>(sign | 0x7c00u);  // >= 65520 (half-way above 65504)
+  if (u <= 0x33000000u) return static_cast<unsigned short>(sign);             // <= 2^-25 (tie rounds to 0)
+  std::uint32_t mant, rem, half;
+  std::uint32_t h;
+  if (u >= 0x38800000u) {  // normal result: keep 10 of 23 mantissa bits, rebias the exponent 127 -> 15
+    mant = u & 0x7fffffu;
+    h = (((u >> 23) - 112u) << 10) | (mant >> 13);
+    rem = mant & 0x1fffu;
+    half = 0x1000u;
+  } else {  // subnormal result: units of 2^-24
+    mant = (u & 0x7fffffu) | 0x800000u;
+    const int shift = 126 - int(u >> 23);  // 14..24
+    h = mant >> shift;
+    rem = mant & ((1u << shift) - 1u);
+    half = 1u << (shift - 1);
+  }
+  if (rem > half || (rem == half && (h & 1u))) ++h;  // a carry may reach the exponent: still the right encoding
+  return static_cast<unsigned short>(sign | h);
+}
+inline float h2f(unsigned short h) {
+  const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
+  std::uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0x1f) return bits<float>(sign | 0x7f800000u | (m << 13));  // inf / NaN (payload kept)
+  if (e == 0) {
+    if (m == 0) return bits<float>(sign);
+    int ee = 1;  // subnormal: normalise
+    while (!(m & 0x400u)) {
+      m <<= 1;
+      --ee;
+    }
+    return bits<float>(sign | (std::uint32_t(ee + 112) << 23) | ((m & 0x3ffu) << 13));
+  }
+  return bits<float>(sign | ((e + 112u) << 23) | (m << 13));
+}
+}  // namespace molm_emu::detail
+
+inline __nv_bfloat16 __float2bfloat16(float f) { return {molm_emu::detail::f2bf(f)}; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }
+inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float(unsigned(b.__x) << 16); }
+inline __half __float2half(float f) { return {molm_emu::detail::f2h(f)}; }
+inline __half __float2half_rn(float f) { return __float2half(f); }
+inline float __half2float(__half h) { return molm_emu::detail::h2f(h.__x); }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16(a), __float2bfloat16(b)}; }
+inline __half2 __floats2half2_rn(float a, float b) { return {__float2half(a), __float2half(b)}; }
+inline float __low2float(__nv_bfloat162 v) { return __bfloat162float(v.x); }
+inline float __high2float(__nv_bfloat162 v) { return __bfloat162float(v.y); }
+inline float __low2float(__half2 v) { return __half2float(v.x); }
+inline float __high2float(__half2 v) { return __half2float(v.y); }
+inline float2 __bfloat1622float2(__nv_bfloat162 v) { return {__low2float(v), __high2float(v)}; }
+inline float2 __half22float2(__half2 v) { return {__low2float(v), __high2float(v)}; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
+inline __half __ushort_as_half(unsigned short u) { return {u}; }
+inline unsigned short __half_as_ushort(__half h) { return h.__x; }
+
+namespace molm_emu::detail {
+inline float to_float(float v) { return v; }
+inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+inline float to_float(__half v) { return __half2float(v); }
+}  // namespace molm_emu::detail
+
+// ---- async copies (cuda_pipeline primitives): synchronous here --------------------------------------------------
+inline void __pipeline_memcpy_async(void* dst_shared, const void* src_global, std::size_t size_and_align,
+                                    std::size_t zfill = 0) {
+  const std::size_t n = size_and_align;
+  if (n != 4 && n != 8 && n != 16) molm_emu::trap("__pipeline_memcpy_async: size must be 4, 8 or 16");
+  if (zfill > n) molm_emu::trap("__pipeline_memcpy_async: zfill > size");
+  if (reinterpret_cast<std::uintptr_t>(dst_shared) % n != 0 ||
+      (zfill < n && reinterpret_cast<std::uintptr_t>(src_global) % n != 0))
+    molm_emu::trap("__pipeline_memcpy_async: pointers must be aligned to the copy size");
+  std::memcpy(dst_shared, src_global, n - zfill);  // no bytes are read when zfill == size
+  std::memset(static_cast<unsigned char*>(dst_shared) + (n - zfill), 0, zfill);
+}
+inline void __pipeline_commit() {}
+inline void __pipeline_wait_prior(std::size_t) {}
+
+// ---- WMMA: every lane holds the whole 16x16 tile (row-major logical order) ---------------------------------------
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "molm_emu: only the 16x16x16 WMMA shape is emulated");
+  static_assert(std::is_same_v<Use, accumulator> ? std::is_same_v<T, float> && std::is_void_v<Layout>
+                                                 : (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) &&
+                                                       (std::is_same_v<Layout, row_major> ||
+                                                        std::is_same_v<Layout, col_major>),
+                "molm_emu: fragments are bf16/fp16 matrix_a/b with a layout, or float accumulators without one");
+  using element_type = T;
+  static constexpr int num_elements = 256;
+  T x[num_elements];
+};
+
+namespace detail {
+template <typename T>
+void check_ptr(const T* p, unsigned ldm, const char* fn) {
+  if (ldm % (16 / sizeof(T)) != 0)
+    molm_emu::trap(std::string(fn) + ": ldm = " + std::to_string(ldm) + " must be a multiple of " +
+                   std::to_string(16 / sizeof(T)) + " elements (16 bytes)");
+  if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0)
+    molm_emu::trap(std::string(fn) + ": the pointer must be 256-bit (32-byte) aligned");
+}
+template <typename T>
+void load(T* x, const T* p, unsigned ldm, bool row) {
+  for (unsigned r = 0; r < 16; ++r)
+    for (unsigned c = 0; c < 16; ++c) x[r * 16 + c] = row ? p[r * ldm + c] : p[c * ldm + r];
+}
+}  // namespace detail
+
+template <typename Use, typename T, typename Layout, typename V>
+void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, const V& v) {
+  T t;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<V, T>) t = static_cast<T>(v);
+  else if constexpr (std::is_same_v<T, __half>) t = __float2half(float(v));
+  else t = __float2bfloat16(float(v));
+  for (auto& e : f.x) e = t;
+}
+
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(!std::is_same_v<Use, accumulator>, "accumulator loads take a layout_t");
+  detail::check_ptr(p, ldm, "load_matrix_sync");
+  detail::load(f.x, p, ldm, std::is_same_v<Layout, row_major>);
+}
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+  detail::check_ptr(p, ldm, "load_matrix_sync");
+  detail::load(f.x, p, ldm, layout == mem_row_major);
+}
+
+// Warp-collective: one live lane writes, between two warp barriers (no lane may still be reading the target, and
+// none may read it before it is written).
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  detail::check_ptr(p, ldm, "store_matrix_sync");
+  __syncwarp();
+  if (molm_emu::detail::lane_id() == __builtin_ctz(__activemask())) {
+    for (unsigned r = 0; r < 16; ++r)
+      for (unsigned c = 0; c < 16; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * 16 + c];
+  }
+  __syncwarp();
+}
+
+// d = a * b + c with fp32 accumulation (k ascending) of the exact 16-bit products; d may alias c.
+template <typename T, typename LA, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  float fa[256], fb[256], out[256];
+  for (int i = 0; i < 256; ++i) {
+    fa[i] = molm_emu::detail::to_float(a.x[i]);
+    fb[i] = molm_emu::detail::to_float(b.x[i]);
+  }
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float acc = c.x[m * 16 + n];
+      for (int k = 0; k < 16; ++k) acc += fa[m * 16 + k] * fb[k * 16 + n];
+      out[m * 16 + n] = acc;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+}  // namespace wmma
+}  // namespace nvcuda

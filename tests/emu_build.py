@@ -1,0 +1,49 @@
+"""Builds C++ sources that include the CPU CUDA emulator (csrc/cuda/emu/cuda_emu.h) into a shared library for
+ctypes, so CUDA kernel source can be tested on machines without a GPU."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAGS = ["-O2", "-std=c++17", "-pthread", "-shared", "-fPIC", "-DMOLM_CUDA_EMU"]
+HEADER_SUFFIXES = {".h", ".cuh", ".hpp", ".inl"}
+
+
+def _compiler() -> str | None:
+    for name in ("c++", "g++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _newest_input(sources: list[Path]) -> float:
+    headers = [p for p in (ROOT / "csrc" / "cuda").rglob("*") if p.suffix in HEADER_SUFFIXES]
+    return max(p.stat().st_mtime for p in [*sources, *headers])
+
+
+def load_emu_library(name: str, sources: list[str]) -> ctypes.CDLL:
+    """Compiles `sources` (paths relative to the repo root) into build/emu/<name>.so unless it is newer than they and
+    every header under csrc/cuda/, and loads it. Skips the calling test module when no C++ compiler exists."""
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler (c++ or g++) on PATH: the CUDA emulator tests need one", allow_module_level=True)
+    srcs = [ROOT / s for s in sources]
+    out = ROOT / "build" / "emu" / f"{name}.so"
+    if not out.exists() or out.stat().st_mtime < _newest_input(srcs):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # renamed into place: concurrent runs never see half a file
+        cmd = [cxx, *FLAGS, f"-I{ROOT / 'csrc'}", *map(str, srcs), "-o", str(tmp)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"emulator build of {name} failed:\n{' '.join(cmd)}\n{res.stderr}")
+        os.replace(tmp, out)
+    return ctypes.CDLL(str(out))
