@@ -91,10 +91,12 @@ struct Cta {
   std::unique_ptr<unsigned char[]> smem_alloc;
   unsigned char* smem = nullptr;
   std::size_t smem_bytes = 0;
-  uint3 block_idx{0, 0, 0};
+  dim3 grid;
+  std::size_t cta_index = 0;  // linear index of the CTA being run
   // End-of-CTA gate: all threads meet there before the next CTA starts.
   int done = 0;
   unsigned long cta_gen = 0;
+  bool stop = false;
   std::condition_variable gate;
 };
 
@@ -118,17 +120,18 @@ inline void abort_locked(Cta& c, const std::string& msg) {
 
 inline void check_deadlock_locked(Cta& c) {
   if (!c.aborted && c.live > 0 && c.blocked == c.live)
-    abort_locked(c, "deadlock: every live thread of block (" + std::to_string(c.block_idx.x) + "," +
-                        std::to_string(c.block_idx.y) + "," + std::to_string(c.block_idx.z) +
-                        ") waits at a barrier that cannot complete (divergent __syncthreads/__syncwarp?)");
+    abort_locked(c, "deadlock: every live thread of block " + std::to_string(c.cta_index % c.grid.x) + "," +
+                        std::to_string(c.cta_index / c.grid.x % c.grid.y) + "," +
+                        std::to_string(c.cta_index / c.grid.x / c.grid.y) +
+                        " waits at a barrier that cannot complete (divergent __syncthreads/__syncwarp?)");
 }
 
+// Completes b; the caller notifies b.cv (after unlocking where it can, so the woken threads find the mutex free).
 inline void release_locked(Cta& c, Barrier& b, int waiters) {
   c.blocked -= waiters;  // the threads it wakes are running again
   b.arrived = 0;
   ++b.gen;
   if (b.live != nullptr) b.live_at_release = *b.live;
-  b.cv.notify_all();
 }
 
 inline void arrive_and_wait(Cta& c, Barrier& b) {
@@ -136,6 +139,8 @@ inline void arrive_and_wait(Cta& c, Barrier& b) {
   if (c.aborted) throw Aborted{};
   if (++b.arrived == b.expected) {
     release_locked(c, b, b.arrived - 1);  // the last arriver never blocked
+    lk.unlock();
+    b.cv.notify_all();
     return;
   }
   const unsigned long gen = b.gen;
@@ -148,7 +153,10 @@ inline void arrive_and_wait(Cta& c, Barrier& b) {
 // A thread that leaves the kernel drops out of both its barriers (and may thereby complete them).
 inline void drop_locked(Cta& c, Barrier& b) {
   --b.expected;
-  if (b.arrived > 0 && b.arrived == b.expected) release_locked(c, b, b.arrived);
+  if (b.arrived > 0 && b.arrived == b.expected) {
+    release_locked(c, b, b.arrived);
+    b.cv.notify_all();
+  }
 }
 inline void exit_thread(Cta& c) {
   std::lock_guard<std::mutex> lk(c.m);
@@ -250,19 +258,23 @@ inline void reset_cta_locked(Cta& c) {
   poison_smem(c);
 }
 
-// Returns whether the launch was aborted; the last thread to arrive prepares the next CTA.
+// Returns whether the launch stops (the CTA aborted); the last thread to arrive prepares the next CTA. Waiters read
+// `stop`, not `aborted`, which threads already running the next CTA may set.
 inline bool end_of_cta(Cta& c) {
   std::unique_lock<std::mutex> lk(c.m);
   if (++c.done == c.nthreads) {
     c.done = 0;
-    if (!c.aborted) reset_cta_locked(c);
+    const bool stop = c.stop = c.aborted;
+    if (!stop) reset_cta_locked(c);
+    ++c.cta_index;
     ++c.cta_gen;
+    lk.unlock();
     c.gate.notify_all();
-  } else {
-    const unsigned long gen = c.cta_gen;
-    c.gate.wait(lk, [&] { return c.cta_gen != gen; });
+    return stop;
   }
-  return c.aborted;
+  const unsigned long gen = c.cta_gen;
+  c.gate.wait(lk, [&] { return c.cta_gen != gen; });
+  return c.stop;
 }
 
 }  // namespace detail
@@ -310,6 +322,7 @@ void launch(dim3 grid, dim3 block, std::size_t smem_bytes, Kernel kernel, Args..
   c.smem_alloc.reset(new unsigned char[smem_bytes + 128]);
   c.smem = c.smem_alloc.get() + (128 - reinterpret_cast<std::uintptr_t>(c.smem_alloc.get()) % 128) % 128;
   c.smem_bytes = smem_bytes;
+  c.grid = grid;
   detail::reset_cta_locked(c);
 
   const std::size_t ncta = std::size_t(grid.x) * grid.y * grid.z;
@@ -322,7 +335,6 @@ void launch(dim3 grid, dim3 block, std::size_t smem_bytes, Kernel kernel, Args..
     for (std::size_t b = 0; b < ncta; ++b) {
       blockIdx = {unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (std::size_t(grid.x) * grid.y))};
       detail::t_xchg = 0;
-      if (tid == 0) c.block_idx = blockIdx;  // for messages; written before any barrier of this CTA
       std::string err;
       try {
         kernel(args...);
