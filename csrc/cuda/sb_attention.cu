@@ -3,7 +3,9 @@
 //    chunk once for all k slots of the token, scores it, runs the newest-to-oldest scan over the chunk (warp scan,
 //    carry = running log-survival) and accumulates A @ V; a second kernel combines the chunks newest to oldest,
 //    o = o_0 + exp(s_0) * (o_1 + exp(s_1) * (...)). No host synchronisation: capturable in a CUDA graph.
-//  * prefill / backward: tiles of query positions batched over (b, h). The two products with K and V run as
+//  * prefill, 16-bit, D a multiple of 128 up to 1024: the fused tensor-core kernels of sb_prefill.cuh (scores +
+//    scan from the diagonal back, then A V over the causal range). MOLM_CUDA_SB_FUSED=0 turns them off.
+//  * other prefill and the backward: tiles of query positions batched over (b, h). The two products with K and V run as
 //    cuBLAS batched GEMMs (tensor cores for bf16/fp16, fp32 output); a warp-per-row kernel does the reverse scan
 //    (forward) or the two-pass gradient scan (backward) in place. dK/dV are summed over query tiles in a fixed
 //    order into fp32 buffers: no atomics anywhere, results are bitwise repeatable.
@@ -13,12 +15,16 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <tuple>
 
 #include "../checks.h"
 #include "../sb_attention_common.h"
 #include "../dispatch.h"
+#include "sb_prefill.cuh"
 
 namespace molm::cuda {
 namespace {
@@ -428,6 +434,59 @@ void sb_forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   }
 }
 
+bool fused_prefill_enabled() {  // read per call so that tests and benchmarks can compare both paths
+  const char* v = std::getenv("MOLM_CUDA_SB_FUSED");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+// The fused tensor-core prefill (sb_prefill.cuh). Returns false, having done nothing, for inputs it does not take:
+// fp32/fp64, D not a multiple of 128 or above 1024, rows or strides not 16-byte aligned, too many (b, h) pairs for
+// the grid, or a device without the shared memory.
+template <typename scalar_t>
+bool sb_forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const acc_type<scalar_t>* bias, double scale, at::Tensor& out) {
+  if constexpr (!is_16bit<scalar_t>()) {
+    return false;
+  } else {
+  namespace sp = sb_prefill;
+  using T16 = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, __nv_bfloat16, __half>;
+  const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), D = q.size(4), S = k.size(1);
+  if (!fused_prefill_enabled() || !sp::supports(static_cast<int>(D)) || B * H > 65535) return false;  // grid.y / grid.z limit
+  auto aligned = [](const at::Tensor& t) {
+    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || t.stride(t.dim() - 1) != 1) return false;
+    for (int64_t d = 0; d + 1 < t.dim(); ++d)
+      if (t.stride(d) % 8 != 0) return false;
+    return true;
+  };
+  if (!aligned(q) || !aligned(k) || !aligned(v)) return false;
+  const int64_t max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const int bd = sp::weights_chunk(static_cast<int>(D), max_smem);
+  if (bd == 0) return false;
+  auto weights_kernel = bd == 64 ? sp::sb_weights_kernel<T16, 64> : sp::sb_weights_kernel<T16, 32>;
+  const int64_t smem = bd == 64 ? sp::WeightsTraits<64>::smem_bytes(D) : sp::WeightsTraits<32>::smem_bytes(D);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(weights_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+
+  const int64_t tn_max = sp::pass_positions(B, H, G, S, T, kTileBytes);
+  at::Tensor weights = at::empty({sp::weights_elements(B, H, G, S, T, tn_max)}, q.options());
+  sp::Params<T16> p{};
+  p.q = reinterpret_cast<const T16*>(q.data_ptr());
+  p.k = reinterpret_cast<const T16*>(k.data_ptr());
+  p.v = reinterpret_cast<const T16*>(v.data_ptr());
+  p.bias = bias;
+  p.weights = reinterpret_cast<T16*>(weights.data_ptr());
+  p.out = reinterpret_cast<T16*>(out.data_ptr());
+  p.qs0 = q.stride(0), p.qs1 = q.stride(1), p.qs2 = q.stride(2), p.qs3 = q.stride(3);
+  p.ks0 = k.stride(0), p.ks1 = k.stride(1), p.ks2 = k.stride(2);
+  p.vs0 = v.stride(0), p.vs1 = v.stride(1), p.vs2 = v.stride(2);
+  p.scale = static_cast<float>(scale);
+  p.B = B, p.T = T, p.G = G, p.H = H, p.D = D, p.S = S;
+  sp::run_passes(p, bd, static_cast<int>(tn_max), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+  }
+}
+
 template <typename scalar_t>
 void sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const acc_type<scalar_t>* bias, double scale, at::Tensor& out) {
@@ -490,10 +549,12 @@ at::Tensor sb_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at:
     using acc_t = acc_type<scalar_t>;
     const at::Tensor bias_acc = sb_bias_as<acc_t>(bias);  // [B, S] in the accumulation dtype
     const acc_t* bp = sb_bias_ptr<acc_t>(bias_acc);
-    if (q.size(1) <= kDecodeMaxQueries)
+    if (q.size(1) <= kDecodeMaxQueries) {
       sb_forward_decode<scalar_t>(q, k, v, bp, scale, out);
-    else
-      sb_forward_tiled<scalar_t>(q, k, v, bp, scale, out);
+      return;
+    }
+    if (sb_forward_fused<scalar_t>(q, k, v, bp, scale, out)) return;
+    sb_forward_tiled<scalar_t>(q, k, v, bp, scale, out);
   });
   return out;
 }

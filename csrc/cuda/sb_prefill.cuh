@@ -1,0 +1,389 @@
+// Fused tensor-core prefill of stick-breaking attention (16-bit inputs): kernel traits and device code.
+//
+// A query row is one (position, slot) pair; the k slots of a token sit next to each other, so every key tile that
+// is loaded serves all slots of BM/k positions. Per pass of query positions [t0, t0 + tn):
+//   1. sb_weights_kernel: a CTA holds BM query rows in shared memory for the whole head (D <= 1024) and walks key
+//      tiles from the diagonal back to key 0. Each tile's scores S = Q K^T come from WMMA over D in BD-wide chunks
+//      (cp.async ring of K chunks); the epilogue scales, adds the padding bias and runs the stick-breaking scan
+//      newest -> oldest with the running sum of log(1 - beta) carried per row across tiles in registers (no max or
+//      rescale is needed: the carry only decreases). The weights A (16-bit) go to a [rows, width] buffer.
+//   2. sb_apply_kernel: O = A V over the causal key range of each row tile only, a plain WMMA GEMM.
+// Why two kernels: with one 1024-wide head a flash-style CTA would need O[BM, 1024] in fp32 on chip (256 KB for
+// BM = 64, the whole register file). Splitting D across CTAs would recompute Q K^T per slice; materialising A costs
+// 2 bytes per causal pair against 4 D flops per pair, i.e. under 1 % of the work at D = 1024.
+// No atomics: every output element is written by exactly one thread, results are bitwise repeatable.
+//
+// The same source compiles with nvcc and, with MOLM_CUDA_EMU, with a host compiler against the CPU emulator in
+// csrc/cuda/emu/ (tests/test_sb_prefill_emu.py runs the kernels that way on machines without a GPU).
+#pragma once
+
+#ifdef MOLM_CUDA_EMU
+#include "cuda/emu/cuda_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_pipeline.h>
+#include <mma.h>
+#endif
+
+#include <cstdint>
+
+namespace molm::cuda::sb_prefill {
+
+namespace wmma = nvcuda::wmma;
+
+#ifdef MOLM_CUDA_EMU
+using stream_t = void*;
+#define MOLM_SB_LAUNCH(kernel, grid, block, smem, stream, ...) molm_emu::launch(grid, block, smem, kernel, __VA_ARGS__)
+#define MOLM_SB_SMEM(name) unsigned char* name = molm_emu::dynamic_smem()
+#else
+using stream_t = cudaStream_t;
+#define MOLM_SB_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define MOLM_SB_SMEM(name)                                   \
+  extern __shared__ __align__(128) unsigned char name##_raw[]; \
+  unsigned char* name = name##_raw
+#endif
+
+// ------------------------------------------------------------------------------------------------ traits
+constexpr int kThreads = 256;  // 8 warps in both kernels
+constexpr int kBM = 64;        // query rows per CTA (both kernels use the same row tiles)
+constexpr int kBN = 64;        // keys per score tile (kernel 1)
+constexpr int kStages = 3;     // cp.async ring depth
+constexpr int kPad = 8;        // 16-bit elements of padding per shared-memory row (16 bytes: breaks bank conflicts)
+constexpr int kMaxD = 1024;
+
+// Kernel 1: Q tile [kBM][D + kPad] resident, K ring [kStages][kBN][BD + kPad], scores [kBM][kBN + 4] fp32.
+template <int BD>
+struct WeightsTraits {
+  static constexpr int kChunk = BD;  // head dimensions per K chunk
+  static constexpr int kKRow = BD + kPad;
+  static constexpr int kSRow = kBN + 4;
+  __host__ __device__ static int64_t q_row(int D) { return D + kPad; }
+  static int64_t smem_bytes(int D) {
+    return (int64_t(kBM) * q_row(D) + int64_t(kStages) * kBN * kKRow) * 2 + int64_t(kBM) * kSRow * 4;
+  }
+};
+
+// Kernel 2: A ring [kStages][kBM][kBK + kPad], V ring [kStages][kBK][kBNd + kPad]; the fp32 output tile
+// [kBM][kBNd + 4] reuses the ring after the main loop.
+struct ApplyTraits {
+  static constexpr int kBK = 32;    // keys per step
+  static constexpr int kBNd = 128;  // output columns per CTA
+  static constexpr int kARow = kBK + kPad;
+  static constexpr int kVRow = kBNd + kPad;
+  static constexpr int kORow = kBNd + 4;
+  static constexpr int64_t kRing = (int64_t(kStages) * kBM * kARow + int64_t(kStages) * kBK * kVRow) * 2;
+  static constexpr int64_t kOut = int64_t(kBM) * kORow * 4;
+  static constexpr int64_t kSmem = kRing > kOut ? kRing : kOut;
+};
+
+// One pass over query positions [t0, t0 + tn) of all (batch, head) pairs. Strides are in elements; the last
+// dimension of q, k, v is contiguous. Row r of (b, h) is position t0 + r / G, slot r % G; rows = tn * G.
+template <typename T16>
+struct Params {
+  const T16* q;
+  const T16* k;
+  const T16* v;
+  const float* bias;  // [B, S] additive (fp32), or nullptr
+  T16* weights;       // [B * H, rows, width]
+  T16* out;           // [B, T, G, H, D] contiguous
+  int64_t qs0, qs1, qs2, qs3, ks0, ks1, ks2, vs0, vs1, vs2;
+  int64_t width;      // row stride of weights: a multiple of kBN covering keys 0 .. S - T + t0 + tn - 1
+  float scale;
+  int B, T, G, H, D, S, t0, tn, rows;
+};
+
+// ------------------------------------------------------------------------------------------------ device helpers
+template <typename T16>
+__device__ __forceinline__ T16 from_float(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+
+template <typename T16>
+struct alignas(4) Pair {
+  T16 lo, hi;
+};
+
+// 16-byte async copy of src (when valid) or zeros into shared memory.
+__device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
+  __pipeline_memcpy_async(dst, valid ? src : dst, 16, valid ? 0 : 16);
+}
+
+// Inclusive sum over lanes >= lane (lanes hold consecutive keys, higher lane = newer key).
+__device__ __forceinline__ float warp_suffix_sum(float x, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float y = __shfl_down_sync(0xffffffffu, x, off);
+    if (lane + off < 32) x += y;
+  }
+  return x;
+}
+
+// beta = sigmoid(l), log(1 - beta) = -softplus(l); exact 0 / 0 for a masked key (l = -inf or dtype-min bias).
+__device__ __forceinline__ void stick_terms(float l, float& beta, float& log_survive) {
+  const float e = expf(-fabsf(l));
+  beta = (l >= 0.f ? 1.f : e) / (1.f + e);
+  log_survive = -((l > 0.f ? l : 0.f) + log1pf(e));
+}
+
+__device__ __forceinline__ int last_position(int rows_end, const int G, const int S, const int T, const int t0) {
+  return S - T + t0 + (rows_end - 1) / G;  // absolute position of the CTA's newest query row
+}
+
+// ------------------------------------------------------------------------------------------------ kernel 1
+// Grid (ceil(rows / kBM), B * H). Warp w computes scores rows (w % 4) * 16 .. +15, keys (w / 4) * 32 .. +31 of a
+// tile and scans rows w * 8 .. w * 8 + 7.
+template <typename T16, int BD>
+__global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> p) {
+  using Tr = WeightsTraits<BD>;
+  MOLM_SB_SMEM(smem);
+  const int D = p.D;
+  const int64_t q_row = Tr::q_row(D);
+  T16* qs = reinterpret_cast<T16*>(smem);                   // [kBM][q_row]
+  T16* ks = qs + kBM * q_row;                               // [kStages][kBN][kKRow]
+  float* ss = reinterpret_cast<float*>(ks + kStages * kBN * Tr::kKRow);  // [kBM][kSRow]
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int r0 = blockIdx.x * kBM;
+  const int r_end = r0 + kBM < p.rows ? r0 + kBM : p.rows;
+  const int i_max = last_position(r_end, p.G, p.S, p.T, p.t0);
+  const int n_tiles = i_max / kBN + 1;  // key tiles 0 .. n_tiles - 1, walked from the newest
+  const int n_chunks = D / BD;
+  const int n_steps = n_tiles * n_chunks;
+  const T16* kb = p.k + b * p.ks0 + h * p.ks2;
+
+  // Q tile: rows beyond `rows` are zeros (their scores are never used).
+  for (int x = tid; x < kBM * (D / 8); x += kThreads) {
+    const int lr = x / (D / 8), d = (x % (D / 8)) * 8, r = r0 + lr;
+    const int t = p.t0 + r / p.G, g = r % p.G;
+    const T16* src = p.q + b * p.qs0 + t * p.qs1 + g * p.qs2 + h * p.qs3 + d;
+    copy16(qs + lr * q_row + d, src, r < p.rows);
+  }
+  // K chunk of step s: keys of tile n_tiles - 1 - s / n_chunks, head dims (s % n_chunks) * BD .. + BD - 1
+  auto load_chunk = [&](int s) {
+    if (s < n_steps) {
+      const int n0 = (n_tiles - 1 - s / n_chunks) * kBN, d0 = (s % n_chunks) * BD;
+      T16* dst = ks + (s % kStages) * kBN * Tr::kKRow;
+      for (int x = tid; x < kBN * (BD / 8); x += kThreads) {
+        const int kr = x / (BD / 8), d = (x % (BD / 8)) * 8, j = n0 + kr;
+        copy16(dst + kr * Tr::kKRow + d, kb + int64_t(j) * p.ks1 + d0 + d, j < p.S);
+      }
+    }
+    __pipeline_commit();  // always, so that the group count per step stays uniform
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) load_chunk(s);  // group 0 also carries the Q tile
+
+  const int wr = (warp % 4) * 16, wc = (warp / 4) * 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  float carry[8];  // running sum of log(1 - beta) of the keys already walked, rows warp * 8 + u
+#pragma unroll
+  for (int u = 0; u < 8; ++u) carry[u] = 0.f;
+  const float* bias_b = p.bias ? p.bias + int64_t(b) * p.S : nullptr;
+  T16* wts = p.weights + int64_t(bh) * p.rows * p.width;
+
+  for (int s = 0; s < n_steps; ++s) {
+    __pipeline_wait_prior(kStages - 2);
+    __syncthreads();  // chunk s visible to all warps; the slot refilled below was consumed at step s - 1
+    load_chunk(s + kStages - 1);
+    const int c = s % n_chunks;
+    if (c == 0) {
+      wmma::fill_fragment(acc[0], 0.f);
+      wmma::fill_fragment(acc[1], 0.f);
+    }
+    const T16* kst = ks + (s % kStages) * kBN * Tr::kKRow;
+#pragma unroll
+    for (int kk = 0; kk < BD / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T16, wmma::row_major> a;
+      wmma::load_matrix_sync(a, qs + wr * q_row + c * BD + kk * 16, q_row);
+#pragma unroll
+      for (int jf = 0; jf < 2; ++jf) {
+        // K^T as a column-major B operand: element (d, key) sits at kst[key * kKRow + d]
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T16, wmma::col_major> bf;
+        wmma::load_matrix_sync(bf, kst + (wc + jf * 16) * Tr::kKRow + kk * 16, Tr::kKRow);
+        wmma::mma_sync(acc[jf], a, bf, acc[jf]);
+      }
+    }
+    if (c != n_chunks - 1) continue;
+
+    // ---- epilogue of key tile n0: scores -> stick-breaking weights
+    const int n0 = (n_tiles - 1 - s / n_chunks) * kBN;
+#pragma unroll
+    for (int jf = 0; jf < 2; ++jf)
+      wmma::store_matrix_sync(ss + wr * Tr::kSRow + wc + jf * 16, acc[jf], Tr::kSRow, wmma::mem_row_major);
+    __syncthreads();
+    const int j_lo = n0 + 2 * lane, j_hi = j_lo + 1;  // this lane's keys (j_hi is the newer)
+    const float bias_lo = bias_b && j_lo < p.S ? bias_b[j_lo] : 0.f;
+    const float bias_hi = bias_b && j_hi < p.S ? bias_b[j_hi] : 0.f;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int lr = warp * 8 + u, r = r0 + lr;
+      if (r >= p.rows) continue;  // uniform over the warp
+      const int i = p.S - p.T + p.t0 + r / p.G;
+      const float* srow = ss + lr * Tr::kSRow + 2 * lane;
+      float beta_lo = 0.f, ls_lo = 0.f, beta_hi = 0.f, ls_hi = 0.f;
+      if (j_lo <= i) stick_terms(srow[0] * p.scale + bias_lo, beta_lo, ls_lo);
+      if (j_hi <= i) stick_terms(srow[1] * p.scale + bias_hi, beta_hi, ls_hi);
+      const float incl = warp_suffix_sum(ls_lo + ls_hi, lane);  // keys >= j_lo of this tile
+      float excl = __shfl_down_sync(0xffffffffu, incl, 1);        // keys > j_hi of this tile
+      if (lane == 31) excl = 0.f;
+      const float newer = carry[u] + excl;
+      Pair<T16> w;
+      w.hi = from_float<T16>(beta_hi * expf(newer));
+      w.lo = from_float<T16>(beta_lo * expf(newer + ls_hi));
+      *reinterpret_cast<Pair<T16>*>(wts + int64_t(r) * p.width + j_lo) = w;
+      carry[u] += __shfl_sync(0xffffffffu, incl, 0);
+    }
+    // the next store into ss comes after at least one more __syncthreads at the top of the loop
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ kernel 2
+// Grid (ceil(rows / kBM), D / kBNd, B * H). O[rows, d0 .. d0 + kBNd) = A[rows, 0 .. keys) V[0 .. keys, d0 ..], keys
+// covering the causal range of the row tile (A is zero past each row's own position). Warp w: rows (w % 2) * 32,
+// columns (w / 2) * 32, 2 x 2 fragments.
+template <typename T16>
+__global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p) {
+  using Tr = ApplyTraits;
+  MOLM_SB_SMEM(smem);
+  T16* as = reinterpret_cast<T16*>(smem);         // [kStages][kBM][kARow]
+  T16* vs = as + kStages * kBM * Tr::kARow;       // [kStages][kBK][kVRow]
+  float* os = reinterpret_cast<float*>(smem);     // [kBM][kORow] after the main loop
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const int r0 = blockIdx.x * kBM, d0 = blockIdx.y * Tr::kBNd;
+  const int r_end = r0 + kBM < p.rows ? r0 + kBM : p.rows;
+  const int n_steps = last_position(r_end, p.G, p.S, p.T, p.t0) / Tr::kBK + 1;
+  const T16* wts = p.weights + int64_t(bh) * p.rows * p.width;
+  const T16* vb = p.v + b * p.vs0 + h * p.vs2 + d0;
+
+  auto load_step = [&](int s) {
+    if (s < n_steps) {
+      const int j0 = s * Tr::kBK;
+      T16* ad = as + (s % kStages) * kBM * Tr::kARow;
+      for (int x = tid; x < kBM * (Tr::kBK / 8); x += kThreads) {
+        const int lr = x / (Tr::kBK / 8), j = (x % (Tr::kBK / 8)) * 8;
+        copy16(ad + lr * Tr::kARow + j, wts + int64_t(r0 + lr) * p.width + j0 + j, r0 + lr < p.rows);
+      }
+      T16* vd = vs + (s % kStages) * Tr::kBK * Tr::kVRow;
+      for (int x = tid; x < Tr::kBK * (Tr::kBNd / 8); x += kThreads) {
+        const int kr = x / (Tr::kBNd / 8), d = (x % (Tr::kBNd / 8)) * 8, j = j0 + kr;
+        copy16(vd + kr * Tr::kVRow + d, vb + int64_t(j) * p.vs1 + d, j < p.S);
+      }
+    }
+    __pipeline_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) load_step(s);
+
+  const int wr = (warp % 2) * 32, wc = (warp / 2) * 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  for (int s = 0; s < n_steps; ++s) {
+    __pipeline_wait_prior(kStages - 2);
+    __syncthreads();
+    load_step(s + kStages - 1);
+    const T16* ast = as + (s % kStages) * kBM * Tr::kARow;
+    const T16* vst = vs + (s % kStages) * Tr::kBK * Tr::kVRow;
+#pragma unroll
+    for (int kk = 0; kk < Tr::kBK / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T16, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T16, wmma::row_major> bv[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], ast + (wr + i * 16) * Tr::kARow + kk * 16, Tr::kARow);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bv[j], vst + kk * 16 * Tr::kVRow + wc + j * 16, Tr::kVRow);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], bv[j], acc[i][j]);
+    }
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();  // every warp is done with the ring before it becomes the output tile
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(os + (wr + i * 16) * Tr::kORow + wc + j * 16, acc[i][j], Tr::kORow,
+                              wmma::mem_row_major);
+  __syncthreads();
+  // 8 outputs (16 bytes) per thread and step; out is [B, T, G, H, D] contiguous
+  for (int x = tid; x < kBM * (Tr::kBNd / 8); x += kThreads) {
+    const int lr = x / (Tr::kBNd / 8), d = (x % (Tr::kBNd / 8)) * 8, r = r0 + lr;
+    if (r >= p.rows) continue;
+    const int t = p.t0 + r / p.G, g = r % p.G;
+    T16* dst = p.out + (((int64_t(b) * p.T + t) * p.G + g) * p.H + h) * p.D + d0 + d;
+    const float* src = os + lr * Tr::kORow + d;
+    Pair<T16> packed[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      packed[e].lo = from_float<T16>(src[2 * e]);
+      packed[e].hi = from_float<T16>(src[2 * e + 1]);
+    }
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(packed);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ host side
+// Which kernel-1 variant fits the device's shared memory (0 when none does: the caller takes another path).
+inline int weights_chunk(int D, int64_t max_smem) {
+  if (WeightsTraits<64>::smem_bytes(D) <= max_smem) return 64;
+  if (WeightsTraits<32>::smem_bytes(D) <= max_smem) return 32;
+  return 0;
+}
+
+// Shapes the fused path takes: 16-bit, D a multiple of kBNd (so of 64 and 32) up to kMaxD. Alignment of pointers
+// and strides (16 bytes) is the caller's check.
+inline bool supports(int D) { return D % ApplyTraits::kBNd == 0 && D <= kMaxD; }
+
+inline int64_t weights_width(int S, int T, int t0, int tn) {
+  const int64_t keys = int64_t(S) - T + t0 + tn;
+  return (keys + kBN - 1) / kBN * kBN;
+}
+
+// Query positions per pass, so that the [B * H, tn * G, width] 16-bit weights buffer stays under max_bytes.
+inline int pass_positions(int64_t B, int64_t H, int64_t G, int64_t S, int64_t T, int64_t max_bytes) {
+  const int64_t per_position = B * H * G * ((S + kBN - 1) / kBN * kBN) * 2;
+  int64_t tn = per_position > 0 ? max_bytes / per_position : T;
+  if (tn >= kBM) tn = tn / kBM * kBM;
+  return static_cast<int>(tn < 1 ? 1 : (tn < T ? tn : T));
+}
+
+inline int64_t weights_elements(int64_t B, int64_t H, int64_t G, int64_t S, int64_t T, int64_t tn) {
+  return B * H * tn * G * weights_width(static_cast<int>(S), static_cast<int>(T), static_cast<int>(T - tn),
+                                        static_cast<int>(tn));
+}
+
+// Kernel 1 then kernel 2 for each pass of tn_max query positions, on `stream`. p has everything but the pass
+// fields (t0, tn, rows, width); p.weights holds weights_elements(..., tn_max). bd from weights_chunk(); the caller
+// has raised kernel 1's dynamic shared-memory limit to WeightsTraits<bd>::smem_bytes(D).
+template <typename T16>
+void run_passes(Params<T16> p, int bd, int tn_max, stream_t stream) {
+  const unsigned bh = static_cast<unsigned>(p.B * p.H);
+  for (int t0 = 0; t0 < p.T; t0 += tn_max) {
+    p.t0 = t0;
+    p.tn = tn_max < p.T - t0 ? tn_max : p.T - t0;
+    p.rows = p.tn * p.G;
+    p.width = weights_width(p.S, p.T, p.t0, p.tn);
+    const dim3 grid1(static_cast<unsigned>((p.rows + kBM - 1) / kBM), bh);
+    if (bd == 64)
+      MOLM_SB_LAUNCH((sb_weights_kernel<T16, 64>), grid1, dim3(kThreads),
+                     static_cast<size_t>(WeightsTraits<64>::smem_bytes(p.D)), stream, p);
+    else
+      MOLM_SB_LAUNCH((sb_weights_kernel<T16, 32>), grid1, dim3(kThreads),
+                     static_cast<size_t>(WeightsTraits<32>::smem_bytes(p.D)), stream, p);
+    MOLM_SB_LAUNCH(sb_apply_kernel<T16>, dim3(grid1.x, static_cast<unsigned>(p.D / ApplyTraits::kBNd), bh),
+                   dim3(kThreads), static_cast<size_t>(ApplyTraits::kSmem), stream, p);
+  }
+}
+
+}  // namespace molm::cuda::sb_prefill

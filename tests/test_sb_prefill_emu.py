@@ -1,0 +1,128 @@
+"""The fused CUDA prefill kernels of sb_attention (csrc/cuda/sb_prefill.cuh), run on the CPU emulator.
+
+The kernel source and its pass loop compile with -DMOLM_CUDA_EMU against csrc/cuda/emu/cuda_emu.h; each CTA runs as
+CPU threads. Outputs are held to the same bound as the CUDA tests (tests/tolerances.py: fp64 reference on the same
+rounded inputs, the reference in the test dtype as the low-precision yardstick). The output buffer and the kernels'
+weights buffer start as NaN, so an element that is never written, or read before it is written, fails the test.
+What the emulator cannot show: real data races, bank conflicts, speed; those need a GPU (tests/test_cuda_attention.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from emu_build import load_emu_library
+from molm import reference
+from tolerances import assert_close
+
+FMIN = torch.finfo(torch.float32).min
+H200_SMEM, A100_SMEM = 232448, 166912  # opt-in shared memory per block: kernel 1 uses BD = 64 / BD = 32 chunks
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = load_emu_library("sb_prefill", ["tests/emu/sb_prefill_emu.cpp"])
+    lib.sb_prefill_forward_emu.restype = ctypes.c_int
+    lib.sb_emu_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+def _strides(t: torch.Tensor):
+    return (ctypes.c_int64 * (t.dim() - 1))(*t.stride()[:-1])
+
+
+def fused_forward(lib, q, k, v, bias, scale, max_smem=H200_SMEM, max_weights_bytes=256 << 20):
+    """molm's fused prefill on the emulator: q [B, T, G, H, D], k/v [B, S, H, D] (16-bit, last dim contiguous)."""
+    B, T, G, H, D = q.shape
+    S = k.shape[1]
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    bias32 = None if bias is None else bias.float().contiguous()
+    shape = (ctypes.c_int * 6)(B, T, G, H, D, S)
+    rc = lib.sb_prefill_forward_emu(
+        int(q.dtype == torch.bfloat16), ctypes.c_void_p(q.data_ptr()), _strides(q), ctypes.c_void_p(k.data_ptr()),
+        _strides(k), ctypes.c_void_p(v.data_ptr()), _strides(v),
+        None if bias32 is None else ctypes.c_void_p(bias32.data_ptr()), ctypes.c_float(scale), shape,
+        ctypes.c_int64(max_smem), ctypes.c_int64(max_weights_bytes), ctypes.c_void_p(out.data_ptr()))
+    if rc < 0:
+        raise RuntimeError(lib.sb_emu_last_error().decode())
+    return out, rc
+
+
+def _inputs(B, T, S, G, H, D, dtype, padded=False, shared_kv=True, shift=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, G, H, D, generator=g)
+    k = torch.randn(B, S, H, D, generator=g)
+    v = k if shared_kv else torch.randn(B, S, H, D, generator=g)
+    bias = None
+    if padded or shift:
+        bias = torch.full((B, S), shift)
+    if padded:
+        bias[0, : S // 2] = FMIN
+        bias[-1, : min(S - 1, 3)] = FMIN
+    return q.to(dtype), k.to(dtype), v.to(dtype), bias
+
+
+def _check(lib, q, k, v, bias, scale, what, **kw):
+    out, passes = fused_forward(lib, q, k, v, bias, scale, **kw)
+    assert torch.isfinite(out).all(), f"{what}: non-finite or unwritten output"
+    exact = reference.sb_attention_ref(q.double(), k.double(), v.double(), bias, scale)
+    lowp = reference.sb_attention_ref(q, k, v, bias, scale)
+    assert_close(out, exact, lowp, q.dtype, what)
+    return out, passes
+
+
+# (B, T, S, k slots, H, D): row tiles partly filled, several key tiles, T < S (a cache before the queries), H > 1,
+# the MoLM head (D = 1024), and a diagonal that is not aligned to the key tiles
+CASES = [(1, 5, 5, 1, 1, 128), (2, 33, 70, 2, 1, 128), (1, 40, 130, 4, 2, 256), (1, 70, 70, 3, 1, 128),
+         (1, 20, 100, 2, 1, 1024)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,S,G,H,D", CASES)
+def test_fused_prefill_matches_reference(lib, B, T, S, G, H, D, dtype):
+    padded = (T + G) % 2 == 1
+    q, k, v, bias = _inputs(B, T, S, G, H, D, dtype, padded=padded, shared_kv=(B + T) % 2 == 0)
+    out, _ = _check(lib, q, k, v, bias, D ** -0.5, f"fused {dtype} B={B} T={T} S={S} k={G} H={H} D={D}")
+    if padded and T > S // 2:  # fully padded query rows of batch 0 get exactly nothing
+        assert torch.all(out[0, : S // 2 - (S - T)] == 0)
+
+
+@pytest.mark.parametrize("shift", [30.0, -30.0, 8.0])  # all beta ~ 1, all beta ~ 0, mostly ~ 1
+def test_fused_prefill_adversarial_logits(lib, shift):
+    q, k, v, bias = _inputs(1, 72, 72, 2, 1, 128, torch.bfloat16, shift=shift)
+    _check(lib, q, k, v, bias, 0.125, f"adversarial shift={shift}")
+
+
+def test_fused_prefill_small_smem_variant_and_passes(lib):
+    """The BD = 32 kernel (A100's shared memory) and a weights budget that forces several passes give the same
+    bits as one pass with BD = 64: the chunking changes no summation order."""
+    q, k, v, bias = _inputs(1, 100, 120, 2, 1, 1024, torch.bfloat16, padded=True)
+    one, passes = fused_forward(lib, q, k, v, bias, 1 / 32)
+    assert passes == 100
+    small, _ = fused_forward(lib, q, k, v, bias, 1 / 32, max_smem=A100_SMEM)
+    split, passes = fused_forward(lib, q, k, v, bias, 1 / 32, max_weights_bytes=1 * 2 * 128 * 2 * 40)
+    assert passes == 40
+    assert torch.equal(one, split)
+    # BD = 32 sums each score over D in a different order: the same result within rounding, held to the bound
+    exact = reference.sb_attention_ref(q.double(), k.double(), v.double(), bias, 1 / 32)
+    assert_close(small, exact, reference.sb_attention_ref(q, k, v, bias, 1 / 32), q.dtype, "BD = 32")
+
+
+def test_fused_prefill_strided_inputs(lib):
+    """q as a view of a wider projection and k = v as a strided slice of a cache, like the model passes them."""
+    g = torch.Generator().manual_seed(3)
+    B, T, S, G, D = 2, 24, 40, 2, 128
+    qbig = torch.randn(B, T, G, 1, D + 64, generator=g).to(torch.bfloat16)
+    cache = torch.randn(B, S + 8, 1, D, generator=g).to(torch.bfloat16)
+    q, k = qbig[..., :D], cache[:, 8:]
+    _check(lib, q, k, k, None, D ** -0.5, "strided")
+
+
+def test_fused_prefill_refuses_unsupported_head(lib):
+    q, k, v, _ = _inputs(1, 8, 8, 1, 1, 64, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="D = 64"):
+        fused_forward(lib, q, k, v, None, 0.125)
