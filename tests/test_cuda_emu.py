@@ -5,6 +5,7 @@ deadlocks and launch checks, each against numpy/torch references. Needs only a C
 from __future__ import annotations
 
 import ctypes
+import re
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ LL = ctypes.c_longlong
 SIGNATURES = {
     **{f"emu_warp_scan_{t}": [P, P, I] for t in ("f32", "f64", "i32", "u32", "i64")},
     "emu_vote": [P, P, P, I],
+    "emu_lane_exit": [P, P, P, I, ctypes.c_uint],
     "emu_block_sum": [P, P, P, I, I, I, I, I, I],
     "emu_early_return": [P, P, I],
     "emu_smem_poison": [P, I],
@@ -124,6 +126,17 @@ def test_votes(lib):
         match = [sum(1 << j for j in range(32) if k[j] == k[i]) for i in range(32)]
         np.testing.assert_array_equal(out[3, s], match)
         assert (out[4, s] == 0xFFFFFFFF).all()
+
+
+def test_exited_lanes_and_masks(lib):
+    x = np.arange(32, dtype=np.float32)
+    sums, active = np.zeros(16, np.float32), np.zeros(16, np.uint32)
+    for mask in (0xFFFFFFFF, 0x0000FFFF):  # a mask may omit lanes that have exited
+        check(lib, lib.emu_lane_exit(ptr(x), ptr(sums), ptr(active), 8, mask))
+        assert (sums == x[:16].sum()).all() and (active == 0xFFFF).all()
+    msg = error_of(lib, lib.emu_lane_exit(ptr(x), ptr(sums), ptr(active), 16, 0xFFFFFFFF))
+    assert re.search(r"lane \d+ reads lane \d+, which has exited", msg)  # whichever lane traps first
+    assert "mask must include every live lane" in error_of(lib, lib.emu_lane_exit(ptr(x), ptr(sums), ptr(active), 8, 0xFF))
 
 
 # ---- CTAs: smem, barriers, indices, early exits ------------------------------------------------------------------------

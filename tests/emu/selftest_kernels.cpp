@@ -64,6 +64,18 @@ __global__ void vote_kernel(const int* pred, const int* key, unsigned* out, int 
   out[4 * n + i] = __activemask();
 }
 
+// Lanes 16..31 return; the rest sum over 16 lanes with xor offsets below `top` (16 reads exited lanes), and
+// record __activemask() after a __syncwarp with `mask`.
+__global__ void lane_exit_kernel(const float* x, float* sums, unsigned* active, int top, unsigned mask) {
+  const int lane = threadIdx.x % 32;
+  if (lane >= 16) return;
+  __syncwarp(mask);
+  active[lane] = __activemask();
+  float s = x[lane];
+  for (int off = top; off > 0; off >>= 1) s += __shfl_xor_sync(mask, s, off);
+  sums[lane] = s;
+}
+
 // ---- block-level: dynamic smem, __syncthreads, indices -----------------------------------------------------------
 // Each CTA of a 2-D grid sums its blockDim-sized chunk `reps` times (tree reduction, 2 barriers per level) and
 // records its indices; threads use the linear id of a 3-D block.
@@ -276,6 +288,10 @@ int emu_warp_scan_i64(const long long* x, long long* out, int n) { return warp_s
 
 int emu_vote(const int* pred, const int* key, unsigned* out, int n) {
   return guarded([&] { molm_emu::launch(dim3(n / 64), dim3(64), 0, vote_kernel, pred, key, out, n); });
+}
+
+int emu_lane_exit(const float* x, float* sums, unsigned* active, int top, unsigned mask) {
+  return guarded([&] { molm_emu::launch(dim3(1), dim3(32), 0, lane_exit_kernel, x, sums, active, top, mask); });
 }
 
 int emu_block_sum(const float* x, float* sums, unsigned* ids, int gx, int gy, int bx, int by, int bz, int reps) {

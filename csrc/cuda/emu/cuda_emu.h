@@ -169,17 +169,6 @@ inline void exit_thread(Cta& c) {
 
 inline void trap_in_kernel(const std::string& msg) { throw Trap{msg}; }
 
-// Only masks that name every live lane of the warp are emulated (all barriers are whole-warp).
-inline void check_mask(Cta& c, unsigned mask, const char* fn) {
-  unsigned live;
-  {
-    std::lock_guard<std::mutex> lk(c.m);
-    live = c.warp_live[warp_id()];
-  }
-  if ((mask & live) != live)
-    trap_in_kernel(std::string(fn) + ": mask must include every live lane of the warp (partial masks are not emulated)");
-}
-
 inline void warp_barrier(Cta& c) { arrive_and_wait(c, c.warp[warp_id()]); }
 
 // The warp's live lanes as of its last barrier: a lane that already ran to the end of the kernel was, on hardware,
@@ -187,6 +176,15 @@ inline void warp_barrier(Cta& c) { arrive_and_wait(c, c.warp[warp_id()]); }
 inline unsigned live_lanes(Cta& c) {
   std::lock_guard<std::mutex> lk(c.m);
   return c.warp[warp_id()].live_at_release;
+}
+
+// Only masks that name every live lane of the warp are emulated (all barriers are whole-warp). Checked after the
+// collective's barrier, when lanes that exit before it have dropped out.
+inline unsigned check_mask(Cta& c, unsigned mask, const char* fn) {
+  const unsigned live = live_lanes(c);
+  if ((mask & live) != live)
+    trap_in_kernel(std::string(fn) + ": mask must include every live lane of the warp (partial masks are not emulated)");
+  return live;
 }
 
 // Publishes this lane's 8-byte value and returns the warp's 32 slots, valid until this lane's next exchange: a
@@ -218,10 +216,10 @@ enum class Shfl { idx, up, down, bfly };
 template <typename T>
 T shfl(unsigned mask, T v, Shfl mode, int b, int width, const char* fn) {
   Cta& c = cta();
-  check_mask(c, mask, fn);
   if (width < 1 || width > 32 || (width & (width - 1)) != 0)
     trap_in_kernel(std::string(fn) + ": width must be a power of two in 1..32");
   const std::uint64_t* slots = exchange(c, to_slot(v));
+  const unsigned live = check_mask(c, mask, fn);
   const int lane = lane_id(), seg = 32 - width;  // seg: the lane bits that select the segment
   const int min_lane = lane & seg, max_lane = min_lane | (31 & ~seg);
   int j = lane;
@@ -232,7 +230,11 @@ T shfl(unsigned mask, T v, Shfl mode, int b, int width, const char* fn) {
     case Shfl::down: j = lane + b; ok = j <= max_lane; break;
     case Shfl::bfly: j = lane ^ (b & 31); ok = j <= max_lane; break;
   }
-  return ok ? from_slot<T>(slots[j]) : v;
+  if (!ok) return v;
+  if (!((mask & live) >> j & 1u))  // undefined on hardware: the source lane has exited or is not in mask
+    trap_in_kernel(std::string(fn) + ": lane " + std::to_string(lane) + " reads lane " + std::to_string(j) +
+                   ", which has exited or is not in the mask");
+  return from_slot<T>(slots[j]);
 }
 
 inline std::atomic<std::size_t>& max_smem() {
@@ -374,8 +376,8 @@ inline void __syncthreads() {
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   auto& c = molm_emu::detail::cta();
-  molm_emu::detail::check_mask(c, mask, "__syncwarp");
   molm_emu::detail::warp_barrier(c);
+  molm_emu::detail::check_mask(c, mask, "__syncwarp");
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
@@ -405,10 +407,9 @@ namespace molm_emu::detail {
 template <typename T, typename Pred>
 unsigned vote(unsigned mask, const T& v, const char* fn, Pred pred) {
   Cta& c = cta();
-  check_mask(c, mask, fn);
   const std::uint64_t me = to_slot(v);
   const std::uint64_t* slots = exchange(c, me);
-  const unsigned m = mask & live_lanes(c);  // read before this lane's next barrier: still this exchange's mask
+  const unsigned m = mask & check_mask(c, mask, fn);
   unsigned r = 0;
   for (int l = 0; l < 32; ++l)
     if ((m >> l & 1u) && pred(slots[l], me)) r |= 1u << l;
@@ -656,12 +657,10 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
     fa[i] = molm_emu::detail::to_float(a.x[i]);
     fb[i] = molm_emu::detail::to_float(b.x[i]);
   }
-  for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 16; ++n) {
-      float acc = c.x[m * 16 + n];
-      for (int k = 0; k < 16; ++k) acc += fa[m * 16 + k] * fb[k * 16 + n];
-      out[m * 16 + n] = acc;
-    }
+  std::memcpy(out, c.x, sizeof(out));
+  for (int m = 0; m < 16; ++m)  // n innermost: vectorisable, and each output still adds its products k ascending
+    for (int k = 0; k < 16; ++k)
+      for (int n = 0; n < 16; ++n) out[m * 16 + n] += fa[m * 16 + k] * fb[k * 16 + n];
   std::memcpy(d.x, out, sizeof(out));
 }
 }  // namespace wmma
