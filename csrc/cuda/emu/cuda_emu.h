@@ -18,6 +18,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -360,7 +361,18 @@ void launch(dim3 grid, dim3 block, std::size_t smem_bytes, Kernel kernel, Args..
   };
   std::vector<std::thread> threads;
   threads.reserve(nthreads);
-  for (int t = 0; t < c.nthreads; ++t) threads.emplace_back(worker, t);
+  try {
+    for (int t = 0; t < c.nthreads; ++t) threads.emplace_back(worker, t);
+  } catch (const std::system_error& e) {  // out of threads: stop the started ones (the gate counts only them)
+    std::unique_lock<std::mutex> lk(c.m);
+    detail::abort_locked(c, std::string("molm_emu::launch: could not start a thread: ") + e.what());
+    c.nthreads = static_cast<int>(threads.size());
+    if (c.nthreads > 0 && c.done == c.nthreads) {
+      c.stop = true;
+      ++c.cta_gen;
+      c.gate.notify_all();
+    }
+  }
   for (auto& t : threads) t.join();
   if (c.aborted) throw std::runtime_error(c.error);
 }
