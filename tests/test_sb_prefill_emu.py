@@ -34,8 +34,11 @@ def _strides(t: torch.Tensor):
     return (ctypes.c_int64 * (t.dim() - 1))(*t.stride()[:-1])
 
 
-def fused_forward(lib, q, k, v, bias, scale, max_smem=H200_SMEM, max_weights_bytes=256 << 20):
-    """molm's fused prefill on the emulator: q [B, T, G, H, D], k/v [B, S, H, D] (16-bit, last dim contiguous)."""
+def fused_forward(lib, q, k, v, bias, scale, max_smem=H200_SMEM, max_weights_bytes=256 << 20, exit_below=-30.0,
+                  first_key=None):
+    """molm's fused prefill on the emulator: q [B, T, G, H, D], k/v [B, S, H, D] (16-bit, last dim contiguous).
+    Returns (out, positions per pass); first_key (int32 tensor) receives the last pass's oldest walked key per
+    row tile."""
     B, T, G, H, D = q.shape
     S = k.shape[1]
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
@@ -45,8 +48,9 @@ def fused_forward(lib, q, k, v, bias, scale, max_smem=H200_SMEM, max_weights_byt
     rc = lib.sb_prefill_forward_emu(
         int(q.dtype == torch.bfloat16), ctypes.c_void_p(q.data_ptr()), _strides(q), ctypes.c_void_p(k.data_ptr()),
         _strides(k), ctypes.c_void_p(v.data_ptr()), _strides(v),
-        None if bias32 is None else ctypes.c_void_p(bias32.data_ptr()), ctypes.c_float(scale), shape,
-        ctypes.c_int64(max_smem), ctypes.c_int64(max_weights_bytes), ctypes.c_void_p(out.data_ptr()))
+        None if bias32 is None else ctypes.c_void_p(bias32.data_ptr()), ctypes.c_float(scale),
+        ctypes.c_float(exit_below), shape, ctypes.c_int64(max_smem), ctypes.c_int64(max_weights_bytes),
+        ctypes.c_void_p(out.data_ptr()), None if first_key is None else ctypes.c_void_p(first_key.data_ptr()))
     if rc < 0:
         raise RuntimeError(lib.sb_emu_last_error().decode())
     return out, rc
@@ -91,10 +95,29 @@ def test_fused_prefill_matches_reference(lib, B, T, S, G, H, D, dtype):
         assert torch.all(out[0, : S // 2 - (S - T)] == 0)
 
 
+@pytest.mark.parametrize("exit_below", [-30.0, float("-inf")])
 @pytest.mark.parametrize("shift", [30.0, -30.0, 8.0])  # all beta ~ 1, all beta ~ 0, mostly ~ 1
-def test_fused_prefill_adversarial_logits(lib, shift):
-    q, k, v, bias = _inputs(1, 72, 72, 2, 1, 128, torch.bfloat16, shift=shift)
-    _check(lib, q, k, v, bias, 0.125, f"adversarial shift={shift}")
+def test_fused_prefill_adversarial_logits(lib, shift, exit_below):
+    q, k, v, bias = _inputs(1, 150, 150, 2, 1, 128, torch.bfloat16, shift=shift)
+    first_key = torch.full((5,), -1, dtype=torch.int32)
+    _check(lib, q, k, v, bias, 0.125, f"adversarial shift={shift}", exit_below=exit_below, first_key=first_key)
+    # row tile 4 holds positions 128 .. 149: with beta ~ 1 a key or two use up the stick (the walk stops after key
+    # tile 128 or 64), with beta ~ 0 nothing does
+    walked_all = shift == -30.0 or exit_below == float("-inf")
+    assert first_key[4].item() == 0 if walked_all else first_key[4].item() in (64, 128)
+
+
+def test_fused_prefill_early_exit_skips_old_keys(lib):
+    """Random logits (beta ~ 0.5): the stick is used up within a few dozen keys, so later row tiles stop walking
+    early; the output stays within the bound of the exact reference and the early exit sets first_key."""
+    q, k, v, bias = _inputs(1, 300, 300, 2, 1, 128, torch.bfloat16, seed=5)
+    first_key = torch.full((10,), -1, dtype=torch.int32)
+    out, _ = _check(lib, q, k, v, bias, 0.1, "early exit", first_key=first_key)
+    # row tile t holds positions 32 t .. 32 t + 31; a tile stops after its diagonal key tile or the one before
+    assert (first_key[4:] >= (torch.arange(4, 10) * 32 // 64 - 1) * 64).all() and (first_key[4:] > 0).all(), first_key
+    assert (first_key % 64 == 0).all(), first_key
+    full, _ = fused_forward(lib, q, k, v, bias, 0.1, exit_below=float("-inf"))
+    assert (out.float() - full.float()).abs().max().item() <= 1e-6  # the skipped stick is below e^-30
 
 
 def test_fused_prefill_small_smem_variant_and_passes(lib):

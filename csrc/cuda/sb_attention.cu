@@ -439,6 +439,13 @@ bool fused_prefill_enabled() {  // read per call so that tests and benchmarks ca
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
+// Log-survival below which the fused prefill stops walking keys: -30 (the stick left is < 1e-13), or never with
+// MOLM_CUDA_SB_EARLY_EXIT=0.
+float early_exit_below() {
+  const char* v = std::getenv("MOLM_CUDA_SB_EARLY_EXIT");
+  return v != nullptr && std::strcmp(v, "0") == 0 ? -std::numeric_limits<float>::infinity() : -30.f;
+}
+
 // The fused tensor-core prefill (sb_prefill.cuh). Returns false, having done nothing, for inputs it does not take:
 // fp32/fp64, D not a multiple of 128 or above 1024, rows or strides not 16-byte aligned, too many (b, h) pairs for
 // the grid, or a device without the shared memory.
@@ -469,6 +476,7 @@ bool sb_forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 
   const int64_t tn_max = sp::pass_positions(B, H, G, S, T, kTileBytes);
   at::Tensor weights = at::empty({sp::weights_elements(B, H, G, S, T, tn_max)}, q.options());
+  at::Tensor first_key = at::empty({B * H * sp::row_tiles(G, tn_max)}, q.options().dtype(at::kInt));
   sp::Params<T16> p{};
   p.q = reinterpret_cast<const T16*>(q.data_ptr());
   p.k = reinterpret_cast<const T16*>(k.data_ptr());
@@ -479,7 +487,9 @@ bool sb_forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   p.qs0 = q.stride(0), p.qs1 = q.stride(1), p.qs2 = q.stride(2), p.qs3 = q.stride(3);
   p.ks0 = k.stride(0), p.ks1 = k.stride(1), p.ks2 = k.stride(2);
   p.vs0 = v.stride(0), p.vs1 = v.stride(1), p.vs2 = v.stride(2);
+  p.first_key = first_key.data_ptr<int>();
   p.scale = static_cast<float>(scale);
+  p.exit_below = early_exit_below();
   p.B = B, p.T = T, p.G = G, p.H = H, p.D = D, p.S = S;
   sp::run_passes(p, bd, static_cast<int>(tn_max), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

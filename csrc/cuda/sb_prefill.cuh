@@ -7,7 +7,10 @@
 //      (cp.async ring of K chunks); the epilogue scales, adds the padding bias and runs the stick-breaking scan
 //      newest -> oldest with the running sum of log(1 - beta) carried per row across tiles in registers (no max or
 //      rescale is needed: the carry only decreases). The weights A (16-bit) go to a [rows, width] buffer.
-//   2. sb_apply_kernel: O = A V over the causal key range of each row tile only, a plain WMMA GEMM.
+//      Early exit: the weights of all keys not yet walked sum to at most exp(carry) (the stick left), so once every
+//      row of the CTA has carry < exit_below (-30 by default: under 1e-13 of |v|) the walk stops and the first key
+//      walked is recorded for kernel 2.
+//   2. sb_apply_kernel: O = A V over the walked key range of each row tile only, a plain WMMA GEMM.
 // Why two kernels: with one 1024-wide head a flash-style CTA would need O[BM, 1024] in fp32 on chip (256 KB for
 // BM = 64, the whole register file). Splitting D across CTAs would recompute Q K^T per slice; materialising A costs
 // 2 bytes per causal pair against 4 D flops per pair, i.e. under 1 % of the work at D = 1024.
@@ -52,7 +55,8 @@ constexpr int kStages = 3;     // cp.async ring depth
 constexpr int kPad = 8;        // 16-bit elements of padding per shared-memory row (16 bytes: breaks bank conflicts)
 constexpr int kMaxD = 1024;
 
-// Kernel 1: Q tile [kBM][D + kPad] resident, K ring [kStages][kBN][BD + kPad], scores [kBM][kBN + 4] fp32.
+// Kernel 1: Q tile [kBM][D + kPad] resident, K ring [kStages][kBN][BD + kPad], scores [kBM][kBN + 4] fp32, and
+// one early-exit flag per warp.
 template <int BD>
 struct WeightsTraits {
   static constexpr int kChunk = BD;  // head dimensions per K chunk
@@ -60,7 +64,8 @@ struct WeightsTraits {
   static constexpr int kSRow = kBN + 4;
   __host__ __device__ static int64_t q_row(int D) { return D + kPad; }
   static int64_t smem_bytes(int D) {
-    return (int64_t(kBM) * q_row(D) + int64_t(kStages) * kBN * kKRow) * 2 + int64_t(kBM) * kSRow * 4;
+    return (int64_t(kBM) * q_row(D) + int64_t(kStages) * kBN * kKRow) * 2 + int64_t(kBM) * kSRow * 4 +
+           kThreads / 32 * 4;
   }
 };
 
@@ -86,10 +91,12 @@ struct Params {
   const T16* v;
   const float* bias;  // [B, S] additive (fp32), or nullptr
   T16* weights;       // [B * H, rows, width]
+  int* first_key;     // [B * H, row tiles]: the oldest key kernel 1 walked (a multiple of kBN)
   T16* out;           // [B, T, G, H, D] contiguous
   int64_t qs0, qs1, qs2, qs3, ks0, ks1, ks2, vs0, vs1, vs2;
   int64_t width;      // row stride of weights: a multiple of kBN covering keys 0 .. S - T + t0 + tn - 1
   float scale;
+  float exit_below;   // kernel 1 stops once every row's log-survival is below this (-inf: never)
   int B, T, G, H, D, S, t0, tn, rows;
 };
 
@@ -144,6 +151,7 @@ __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> 
   T16* qs = reinterpret_cast<T16*>(smem);                   // [kBM][q_row]
   T16* ks = qs + kBM * q_row;                               // [kStages][kBN][kKRow]
   float* ss = reinterpret_cast<float*>(ks + kStages * kBN * Tr::kKRow);  // [kBM][kSRow]
+  int* done = reinterpret_cast<int*>(ss + kBM * Tr::kSRow);              // [warps]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
@@ -184,6 +192,7 @@ __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> 
   for (int u = 0; u < 8; ++u) carry[u] = 0.f;
   const float* bias_b = p.bias ? p.bias + int64_t(b) * p.S : nullptr;
   T16* wts = p.weights + int64_t(bh) * p.rows * p.width;
+  int first_key = 0;
 
   for (int s = 0; s < n_steps; ++s) {
     __pipeline_wait_prior(kStages - 2);
@@ -237,8 +246,22 @@ __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> 
       *reinterpret_cast<Pair<T16>*>(wts + int64_t(r) * p.width + j_lo) = w;
       carry[u] += __shfl_sync(0xffffffffu, incl, 0);
     }
-    // the next store into ss comes after at least one more __syncthreads at the top of the loop
+    bool warp_done = true;  // carry is the same in every lane
+#pragma unroll
+    for (int u = 0; u < 8; ++u) warp_done &= r0 + warp * 8 + u >= p.rows || carry[u] < p.exit_below;
+    if (lane == 0) done[warp] = warp_done;
+    __syncthreads();
+    // ss and done are written again only after at least one more __syncthreads at the top of the loop
+    bool all_done = n0 > 0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) all_done &= done[w] != 0;
+    if (all_done) {  // the same decision in every thread
+      first_key = n0;
+      break;
+    }
   }
+  __pipeline_wait_prior(0);
+  if (tid == 0) p.first_key[int64_t(bh) * gridDim.x + blockIdx.x] = first_key;
 }
 
 // ------------------------------------------------------------------------------------------------ kernel 2
@@ -258,6 +281,7 @@ __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p)
   const int r0 = blockIdx.x * kBM, d0 = blockIdx.y * Tr::kBNd;
   const int r_end = r0 + kBM < p.rows ? r0 + kBM : p.rows;
   const int n_steps = last_position(r_end, p.G, p.S, p.T, p.t0) / Tr::kBK + 1;
+  const int s_begin = p.first_key[int64_t(bh) * gridDim.x + blockIdx.x] / Tr::kBK;  // written by kernel 1
   const T16* wts = p.weights + int64_t(bh) * p.rows * p.width;
   const T16* vb = p.v + b * p.vs0 + h * p.vs2 + d0;
 
@@ -278,7 +302,7 @@ __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p)
     __pipeline_commit();
   };
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) load_step(s);
+  for (int s = s_begin; s < s_begin + kStages - 1; ++s) load_step(s);
 
   const int wr = (warp % 2) * 32, wc = (warp / 2) * 32;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
@@ -287,7 +311,7 @@ __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
-  for (int s = 0; s < n_steps; ++s) {
+  for (int s = s_begin; s < n_steps; ++s) {
     __pipeline_wait_prior(kStages - 2);
     __syncthreads();
     load_step(s + kStages - 1);
@@ -363,8 +387,11 @@ inline int64_t weights_elements(int64_t B, int64_t H, int64_t G, int64_t S, int6
                                         static_cast<int>(tn));
 }
 
+inline int64_t row_tiles(int64_t G, int64_t tn) { return (tn * G + kBM - 1) / kBM; }
+
 // Kernel 1 then kernel 2 for each pass of tn_max query positions, on `stream`. p has everything but the pass
-// fields (t0, tn, rows, width); p.weights holds weights_elements(..., tn_max). bd from weights_chunk(); the caller
+// fields (t0, tn, rows, width); p.weights holds weights_elements(..., tn_max) and p.first_key B * H *
+// row_tiles(G, tn_max) entries. bd from weights_chunk(); the caller
 // has raised kernel 1's dynamic shared-memory limit to WeightsTraits<bd>::smem_bytes(D).
 template <typename T16>
 void run_passes(Params<T16> p, int bd, int tn_max, stream_t stream) {
@@ -374,7 +401,7 @@ void run_passes(Params<T16> p, int bd, int tn_max, stream_t stream) {
     p.tn = tn_max < p.T - t0 ? tn_max : p.T - t0;
     p.rows = p.tn * p.G;
     p.width = weights_width(p.S, p.T, p.t0, p.tn);
-    const dim3 grid1(static_cast<unsigned>((p.rows + kBM - 1) / kBM), bh);
+    const dim3 grid1(static_cast<unsigned>(row_tiles(p.G, p.tn)), bh);
     if (bd == 64)
       MOLM_SB_LAUNCH((sb_weights_kernel<T16, 64>), grid1, dim3(kThreads),
                      static_cast<size_t>(WeightsTraits<64>::smem_bytes(p.D)), stream, p);
