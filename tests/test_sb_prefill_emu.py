@@ -26,6 +26,7 @@ H200_SMEM, A100_SMEM = 232448, 166912  # opt-in shared memory per block: kernel 
 def lib():
     lib = load_emu_library("sb_prefill", ["tests/emu/sb_prefill_emu.cpp"])
     lib.sb_prefill_forward_emu.restype = ctypes.c_int
+    lib.sb_prefill_backward_emu.restype = ctypes.c_int
     lib.sb_emu_last_error.restype = ctypes.c_char_p
     return lib
 
@@ -54,6 +55,42 @@ def fused_forward(lib, q, k, v, bias, scale, max_smem=H200_SMEM, max_weights_byt
     if rc < 0:
         raise RuntimeError(lib.sb_emu_last_error().decode())
     return out, rc
+
+
+def fused_backward(lib, grad, q, k, v, bias, scale, bias_grad, max_smem=H200_SMEM, max_pass_bytes=256 << 20):
+    """molm's fused backward on the emulator -> (dq, dk, dv, dbias or None, positions per pass); dk / dv are rounded
+    from their fp32 accumulators the way the CUDA entry point does (a copy into the input dtype)."""
+    B, T, G, H, D = q.shape
+    S = k.shape[1]
+    dq = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    dk_acc, dv_acc = torch.zeros(B * H, S, D), torch.zeros(B * H, S, D)
+    dbias = torch.zeros(B, S) if bias_grad else None
+    bias32 = None if bias is None else bias.float().contiguous()
+    ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    rc = lib.sb_prefill_backward_emu(
+        int(q.dtype == torch.bfloat16), ptr(q), _strides(q), ptr(k), _strides(k), ptr(v), _strides(v), ptr(bias32),
+        ctypes.c_float(scale), (ctypes.c_int * 6)(B, T, G, H, D, S), ctypes.c_int64(max_smem),
+        ctypes.c_int64(max_pass_bytes), ptr(grad), _strides(grad), ptr(dq), ptr(dk_acc), ptr(dv_acc), ptr(dbias))
+    if rc < 0:
+        raise RuntimeError(lib.sb_emu_last_error().decode())
+    as_key = lambda acc: acc.view(B, H, S, D).permute(0, 2, 1, 3).to(q.dtype)  # noqa: E731
+    return dq, as_key(dk_acc), as_key(dv_acc), dbias, rc
+
+
+def _ref_grads(q, k, v, bias, grad, scale, dtype, shared_kv, bias_grad):
+    """Autograd of the reference in dtype: (dq, dk, dv, dbias) with dk = dv = the K=V gradient when shared."""
+    qq = q.detach().to(dtype).requires_grad_()
+    kk = k.detach().to(dtype).requires_grad_()
+    vv = kk if shared_kv else v.detach().to(dtype).requires_grad_()
+    bb = None if bias is None else bias.detach().to(torch.float64 if dtype == torch.float64 else torch.float32)
+    if bb is not None:
+        bb.requires_grad_(bias_grad)
+    out = reference.sb_attention_ref(qq, kk, vv, bb, scale)
+    leaves = [qq, kk] + ([] if shared_kv else [vv]) + ([bb] if bias_grad else [])
+    got = list(torch.autograd.grad(out, leaves, grad.to(dtype)))
+    dq, dk = got[0], got[1]
+    dv = None if shared_kv else got[2]
+    return dq, dk, dv, (got[-1] if bias_grad else None)
 
 
 def _inputs(B, T, S, G, H, D, dtype, padded=False, shared_kv=True, shift=0.0, seed=0):
@@ -149,3 +186,51 @@ def test_fused_prefill_refuses_unsupported_head(lib):
     q, k, v, _ = _inputs(1, 8, 8, 1, 1, 64, torch.bfloat16)
     with pytest.raises(RuntimeError, match="D = 64"):
         fused_forward(lib, q, k, v, None, 0.125)
+
+
+# (B, T, S, k slots, H, D): partial row tiles, a cache before the queries (T = 21: the rows of position 64 start at
+# row 30, just before a 32-row step of kernel 3), H > 1, the MoLM head
+BACKWARD_CASES = [(1, 6, 6, 1, 1, 128), (2, 33, 70, 2, 1, 128), (1, 21, 70, 2, 1, 128), (1, 20, 40, 3, 2, 128),
+                  (1, 12, 30, 2, 1, 1024)]
+
+
+@pytest.mark.parametrize("shared_kv", [True, False])
+@pytest.mark.parametrize("B,T,S,G,H,D", BACKWARD_CASES)
+def test_fused_backward_matches_reference(lib, B, T, S, G, H, D, shared_kv):
+    dtype = torch.bfloat16
+    padded = shared_kv
+    q, k, v, bias = _inputs(B, T, S, G, H, D, dtype, padded=padded, shared_kv=shared_kv)
+    if bias is None:
+        bias = torch.zeros(B, S)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    scale = D ** -0.5
+    dq, dk, dv, dbias, _ = fused_backward(lib, grad, q, k, v, bias, scale, bias_grad=True)
+    # the op returns separate dk and dv; with K = V the model's gradient is their sum
+    got = {"dq": dq, "dkv": (dk.float() + dv.float()) if shared_kv else dk, "dbias": dbias}
+    if not shared_kv:
+        got["dv"] = dv
+    exact = _ref_grads(q.double(), k.double(), v.double(), bias.double(), grad.double(), scale, torch.float64,
+                       shared_kv, True)
+    lowp = _ref_grads(q, k, v, bias, grad, scale, dtype, shared_kv, True)
+    names = ["dq", "dkv"] + ([] if shared_kv else ["dv"]) + ["dbias"]
+    exact = dict(zip(["dq", "dkv", "dv", "dbias"], exact))
+    lowp = dict(zip(["dq", "dkv", "dv", "dbias"], lowp))
+    for name in names:
+        assert torch.isfinite(got[name]).all(), f"{name}: non-finite or unwritten"
+        assert_close(got[name], exact[name], lowp[name], dtype if name != "dbias" else torch.float32,
+                     f"{name} B={B} T={T} S={S} k={G} H={H} D={D} shared={shared_kv}")
+
+
+def test_fused_backward_passes_and_small_smem(lib):
+    """Several passes (dk / dv accumulated across them) and the BD = 32 variant give the gradients of one pass."""
+    q, k, v, bias = _inputs(1, 40, 50, 2, 1, 128, torch.float16, padded=True, shared_kv=False)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(torch.float16)
+    one = fused_backward(lib, grad, q, k, v, bias, 0.1, bias_grad=True)
+    assert one[4] == 40
+    split = fused_backward(lib, grad, q, k, v, bias, 0.1, bias_grad=True, max_pass_bytes=12 * 2 * 64 * 16)
+    assert split[4] == 16
+    small = fused_backward(lib, grad, q, k, v, bias, 0.1, bias_grad=True, max_smem=A100_SMEM)
+    for a, b, c in zip(one[:4], split[:4], small[:4]):
+        # dq comes out of the same kernels in the same order; dk, dv and dbias are summed per pass in another order
+        assert (a.float() - b.float()).abs().max() <= 2e-3 * a.float().abs().max().clamp_min(1)
+        assert (a.float() - c.float()).abs().max() <= 2e-3 * a.float().abs().max().clamp_min(1)

@@ -25,60 +25,17 @@
 #include "../sb_attention_common.h"
 #include "../dispatch.h"
 #include "sb_prefill.cuh"
+#include "sb_scan.cuh"
 
 namespace molm::cuda {
 namespace {
 
+using namespace sb;
+
 constexpr int kDecodeMaxQueries = 4;      // T <= this takes the split-KV path
 constexpr int kDecodeThreads = 256;
 constexpr int kMaxSlotsPerPass = 4;       // k slots held in registers at once (more slots loop in groups)
-constexpr int kScanWarps = 8;             // rows per CTA in the scan kernels (one warp each)
 constexpr int64_t kTileBytes = 256 << 20;  // fp32 score buffer per tile of query positions (prefill, backward)
-
-__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
-__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
-__device__ __forceinline__ float dev_log1p(float x) { return log1pf(x); }
-__device__ __forceinline__ double dev_log1p(double x) { return log1p(x); }
-
-// beta = sigmoid(l), survive = 1 - beta, log_survive = log(1 - beta) = -softplus(l); a masked key (l = -inf or
-// dtype-min) gives beta = 0, survive = 1, log_survive = 0 exactly. Same formulas as core::sb_terms3.
-template <typename acc_t>
-__device__ __forceinline__ void sb_terms(acc_t l, acc_t& beta, acc_t& survive, acc_t& log_survive) {
-  const acc_t e = dev_exp(-fabs(l));
-  const acc_t one = acc_t(1);
-  beta = (l >= acc_t(0) ? one : e) / (one + e);
-  survive = (l >= acc_t(0) ? e : one) / (one + e);
-  log_survive = -((l > acc_t(0) ? l : acc_t(0)) + dev_log1p(e));
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
-
-// Inclusive sum over lanes >= lane (lanes = consecutive keys, higher lane = newer key).
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_suffix_sum(acc_t x, int lane) {
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const acc_t y = __shfl_down_sync(0xffffffffu, x, off);
-    if (lane + off < 32) x += y;
-  }
-  return x;
-}
-
-// Inclusive sum over lanes <= lane.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_prefix_sum(acc_t x, int lane) {
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const acc_t y = __shfl_up_sync(0xffffffffu, x, off);
-    if (lane >= off) x += y;
-  }
-  return x;
-}
 
 // The kVec = 16 / sizeof(scalar_t) elements of one 16-byte load as acc_t, by bit operations (no local-memory copy).
 template <typename scalar_t, typename acc_t>
@@ -281,92 +238,6 @@ __global__ void sb_decode_combine_kernel(const acc_t* __restrict__ o_part, const
   }
 }
 
-// ------------------------------------------------------------------------------------------------ row scans
-// Rows of a [n_bh * rows, width] buffer, one warp each; row r of batch item bh is query position pos0 + r / G of
-// batch b = bh / H. Keys are walked in 32-key groups from the query position down to 0; lanes hold consecutive keys.
-
-// In place: scores -> weights A (entries beyond the query position -> 0).
-template <typename acc_t>
-__global__ void __launch_bounds__(kScanWarps * 32) sb_scan_forward_kernel(acc_t* __restrict__ w, int64_t n_rows,
-                                                                          int rows, int width, int G, int H,
-                                                                          int pos0, int S,
-                                                                          const acc_t* __restrict__ bias,
-                                                                          acc_t scale) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r_glob = static_cast<int64_t>(blockIdx.x) * kScanWarps + (threadIdx.x >> 5);
-  if (r_glob >= n_rows) return;  // whole warp leaves together
-  const int64_t bh = r_glob / rows;
-  const int r = static_cast<int>(r_glob % rows);
-  const int i = pos0 + r / G;
-  const acc_t* bb = bias ? bias + (bh / H) * S : nullptr;
-  acc_t* row = w + r_glob * width;
-  acc_t cum = acc_t(0);
-  for (int base = i - 31; base + 31 >= 0; base -= 32) {
-    const int j = base + lane;
-    const bool valid = j >= 0;  // j <= i always
-    acc_t beta = acc_t(0), survive = acc_t(1), ls = acc_t(0);
-    if (valid) sb_terms(bb ? row[j] * scale + bb[j] : row[j] * scale, beta, survive, ls);
-    const acc_t incl = warp_suffix_sum(ls, lane);
-    acc_t excl = __shfl_down_sync(0xffffffffu, incl, 1);
-    if (lane == 31) excl = acc_t(0);
-    if (valid) row[j] = beta * dev_exp(cum + excl);
-    cum += __shfl_sync(0xffffffffu, incl, 0);
-  }
-  for (int j = i + 1 + lane; j < width; j += 32) row[j] = acc_t(0);
-}
-
-// In place: w = scores -> A, g = dA = dO . v_j -> dl (gradient of the logit). With P_j = A_j dA_j,
-// dl_j = P_j (1 - beta_j) - beta_j * sum_{m<j} P_m, and sum_{m<j} P_m = sum_{m<=i} P_m - sum_{m>=j} P_m, so both
-// passes walk newest to oldest: pass 1 sums P over the row, pass 2 recomputes A (bitwise the same) and writes.
-template <typename acc_t>
-__global__ void __launch_bounds__(kScanWarps * 32) sb_scan_backward_kernel(acc_t* __restrict__ w,
-                                                                           acc_t* __restrict__ g, int64_t n_rows,
-                                                                           int rows, int width, int G, int H,
-                                                                           int pos0, int S,
-                                                                           const acc_t* __restrict__ bias,
-                                                                           acc_t scale) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r_glob = static_cast<int64_t>(blockIdx.x) * kScanWarps + (threadIdx.x >> 5);
-  if (r_glob >= n_rows) return;
-  const int64_t bh = r_glob / rows;
-  const int r = static_cast<int>(r_glob % rows);
-  const int i = pos0 + r / G;
-  const acc_t* bb = bias ? bias + (bh / H) * S : nullptr;
-  acc_t* wrow = w + r_glob * width;
-  acc_t* grow = g + r_glob * width;
-  acc_t p_total = acc_t(0);
-  for (int pass = 0; pass < 2; ++pass) {
-    acc_t cum = acc_t(0), p_newer = acc_t(0);  // sums over keys newer than the current group
-    for (int base = i - 31; base + 31 >= 0; base -= 32) {
-      const int j = base + lane;
-      const bool valid = j >= 0;
-      acc_t beta = acc_t(0), survive = acc_t(1), ls = acc_t(0), da = acc_t(0);
-      if (valid) {
-        sb_terms(bb ? wrow[j] * scale + bb[j] : wrow[j] * scale, beta, survive, ls);
-        da = grow[j];
-      }
-      const acc_t incl = warp_suffix_sum(ls, lane);
-      acc_t excl = __shfl_down_sync(0xffffffffu, incl, 1);
-      if (lane == 31) excl = acc_t(0);
-      const acc_t a = valid ? beta * dev_exp(cum + excl) : acc_t(0);
-      const acc_t p = a * da;
-      cum += __shfl_sync(0xffffffffu, incl, 0);
-      if (pass == 0) {
-        p_total += warp_sum(p);
-      } else {
-        const acc_t p_suffix = warp_suffix_sum(p, lane);  // sum over keys >= j within the group
-        const acc_t older = p_total - (p_newer + p_suffix);  // sum_{m<j} P_m
-        if (valid) {
-          wrow[j] = a;
-          grow[j] = p * survive - beta * older;
-        }
-        p_newer += __shfl_sync(0xffffffffu, p_suffix, 0);
-      }
-    }
-  }
-  for (int j = i + 1 + lane; j < width; j += 32) wrow[j] = grow[j] = acc_t(0);
-}
-
 // ------------------------------------------------------------------------------------------------ host side
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -415,7 +286,7 @@ void launch_scan_forward(at::Tensor& w, int64_t rows, int64_t width, int64_t G, 
   const int64_t blocks = ceil_div(n_rows, kScanWarps);
   TORCH_CHECK(blocks < (int64_t(1) << 31), "molm::sb_attention: too many rows for one launch");
   sb_scan_forward_kernel<acc_t><<<blocks, kScanWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-      w.data_ptr<acc_t>(), n_rows, rows, width, G, H, pos0, S, bias, scale);
+      w.data_ptr<acc_t>(), n_rows, rows, rows, width, G, H, pos0, S, bias, scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -446,54 +317,107 @@ float early_exit_below() {
   return v != nullptr && std::strcmp(v, "0") == 0 ? -std::numeric_limits<float>::infinity() : -30.f;
 }
 
-// The fused tensor-core prefill (sb_prefill.cuh). Returns false, having done nothing, for inputs it does not take:
-// fp32/fp64, D not a multiple of 128 or above 1024, rows or strides not 16-byte aligned, too many (b, h) pairs for
-// the grid, or a device without the shared memory.
-template <typename scalar_t>
-bool sb_forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const acc_type<scalar_t>* bias, double scale, at::Tensor& out) {
-  if constexpr (!is_16bit<scalar_t>()) {
-    return false;
-  } else {
+// Checks and common parameters of the fused kernels (sb_prefill.cuh). Returns false, having done nothing, for inputs
+// they do not take: D not a multiple of 128 or above 1024, rows or strides not 16-byte aligned, too many (b, h)
+// pairs for the grid, or a device without the shared memory. Raises kernel 1's shared-memory limit.
+template <typename T16>
+bool fused_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* grad_out,
+                 const float* bias, double scale, sb_prefill::Params<T16>& p, int& bd) {
   namespace sp = sb_prefill;
-  using T16 = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, __nv_bfloat16, __half>;
-  const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), D = q.size(4), S = k.size(1);
-  if (!fused_prefill_enabled() || !sp::supports(static_cast<int>(D)) || B * H > 65535) return false;  // grid.y / grid.z limit
+  const int64_t B = q.size(0), H = q.size(3), D = q.size(4);
+  if (!fused_prefill_enabled() || !sp::supports(static_cast<int>(D)) || B * H > 65535) return false;  // grid y / z
   auto aligned = [](const at::Tensor& t) {
     if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || t.stride(t.dim() - 1) != 1) return false;
     for (int64_t d = 0; d + 1 < t.dim(); ++d)
       if (t.stride(d) % 8 != 0) return false;
     return true;
   };
-  if (!aligned(q) || !aligned(k) || !aligned(v)) return false;
-  const int64_t max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  const int bd = sp::weights_chunk(static_cast<int>(D), max_smem);
+  if (!aligned(q) || !aligned(k) || !aligned(v) || (grad_out && !aligned(*grad_out))) return false;
+  bd = sp::weights_chunk(static_cast<int>(D), at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   if (bd == 0) return false;
-  auto weights_kernel = bd == 64 ? sp::sb_weights_kernel<T16, 64> : sp::sb_weights_kernel<T16, 32>;
-  const int64_t smem = bd == 64 ? sp::WeightsTraits<64>::smem_bytes(D) : sp::WeightsTraits<32>::smem_bytes(D);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(weights_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
-
-  const int64_t tn_max = sp::pass_positions(B, H, G, S, T, kTileBytes);
-  at::Tensor weights = at::empty({sp::weights_elements(B, H, G, S, T, tn_max)}, q.options());
-  at::Tensor first_key = at::empty({B * H * sp::row_tiles(G, tn_max)}, q.options().dtype(at::kInt));
-  sp::Params<T16> p{};
+  const int smem = static_cast<int>(bd == 64 ? sp::WeightsTraits<64>::smem_bytes(D) : sp::WeightsTraits<32>::smem_bytes(D));
+  for (auto kernel : {bd == 64 ? sp::sb_weights_kernel<T16, 64, true> : sp::sb_weights_kernel<T16, 32, true>,
+                      bd == 64 ? sp::sb_weights_kernel<T16, 64, false> : sp::sb_weights_kernel<T16, 32, false>})
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  p = sp::Params<T16>{};
   p.q = reinterpret_cast<const T16*>(q.data_ptr());
   p.k = reinterpret_cast<const T16*>(k.data_ptr());
   p.v = reinterpret_cast<const T16*>(v.data_ptr());
   p.bias = bias;
-  p.weights = reinterpret_cast<T16*>(weights.data_ptr());
-  p.out = reinterpret_cast<T16*>(out.data_ptr());
   p.qs0 = q.stride(0), p.qs1 = q.stride(1), p.qs2 = q.stride(2), p.qs3 = q.stride(3);
   p.ks0 = k.stride(0), p.ks1 = k.stride(1), p.ks2 = k.stride(2);
   p.vs0 = v.stride(0), p.vs1 = v.stride(1), p.vs2 = v.stride(2);
-  p.first_key = first_key.data_ptr<int>();
   p.scale = static_cast<float>(scale);
   p.exit_below = early_exit_below();
-  p.B = B, p.T = T, p.G = G, p.H = H, p.D = D, p.S = S;
-  sp::run_passes(p, bd, static_cast<int>(tn_max), at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  p.out_scale = 1.f;
+  p.B = B, p.T = q.size(1), p.G = q.size(2), p.H = H, p.D = D, p.S = k.size(1);
   return true;
+}
+
+template <typename scalar_t>
+using t16_of = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, __nv_bfloat16, __half>;
+
+// The fused tensor-core prefill; false when fused_setup refuses (the caller takes the cuBLAS-tiled path).
+template <typename scalar_t>
+bool sb_forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const acc_type<scalar_t>* bias, double scale, at::Tensor& out) {
+  if constexpr (!is_16bit<scalar_t>()) {
+    return false;
+  } else {
+    namespace sp = sb_prefill;
+    using T16 = t16_of<scalar_t>;
+    sp::Params<T16> p;
+    int bd = 0;
+    if (!fused_setup<T16>(q, k, v, nullptr, bias, scale, p, bd)) return false;
+    const int64_t tn_max = sp::pass_positions(p.B, p.H, p.G, p.S, p.T, kTileBytes);
+    at::Tensor weights = at::empty({sp::weights_elements(p.B, p.H, p.G, p.S, p.T, tn_max)}, q.options());
+    at::Tensor first_key = at::empty({p.B * p.H * sp::row_tiles(p.G, tn_max)}, q.options().dtype(at::kInt));
+    p.weights = reinterpret_cast<T16*>(weights.data_ptr());
+    p.first_key = first_key.data_ptr<int>();
+    p.out = reinterpret_cast<T16*>(out.data_ptr());
+    p.row_stride = sp::row_tiles(p.G, tn_max) * sp::kBM;
+    sp::run_passes(p, bd, static_cast<int>(tn_max), at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+}
+
+// The fused backward (causal tensor-core products, sb_prefill.cuh); false when fused_setup refuses.
+template <typename scalar_t>
+bool sb_backward_fused(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const acc_type<scalar_t>* bias, double scale, at::Tensor& dq, at::Tensor& dk,
+                       at::Tensor& dv, at::Tensor& dbias) {
+  if constexpr (!is_16bit<scalar_t>()) {
+    return false;
+  } else {
+    namespace sp = sb_prefill;
+    using T16 = t16_of<scalar_t>;
+    sp::Params<T16> p;
+    int bd = 0;
+    if (!fused_setup<T16>(q, k, v, &grad, bias, scale, p, bd)) return false;
+    const int64_t B = p.B, H = p.H, S = p.S, D = p.D;
+    const int64_t tn_max = sp::pass_positions(B, H, p.G, S, p.T, kTileBytes, 12);
+    const int64_t n = sp::weights_elements(B, H, p.G, S, p.T, tn_max);
+    const auto f32 = q.options().dtype(at::kFloat);
+    at::Tensor scores = at::empty({n}, f32), grads = at::empty({n}, f32);
+    at::Tensor weights = at::empty({n}, q.options()), dlogits = at::empty({n}, q.options());
+    at::Tensor dk_acc = at::zeros({B * H, S, D}, f32), dv_acc = at::zeros({B * H, S, D}, f32);
+    p.row_stride = sp::row_tiles(p.G, tn_max) * sp::kBM;
+    const sp::BackwardBuffers<T16> buf{scores.data_ptr<float>(),
+                                       grads.data_ptr<float>(),
+                                       reinterpret_cast<T16*>(weights.data_ptr()),
+                                       reinterpret_cast<T16*>(dlogits.data_ptr()),
+                                       dk_acc.data_ptr<float>(),
+                                       dv_acc.data_ptr<float>(),
+                                       dbias.numel() > 0 ? dbias.data_ptr<float>() : nullptr};
+    const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
+    sp::run_backward_passes(p, reinterpret_cast<const T16*>(grad.data_ptr()), gs,
+                            reinterpret_cast<T16*>(dq.data_ptr()), buf, bd, static_cast<int>(tn_max),
+                            at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dk.permute({0, 2, 1, 3}).copy_(dk_acc.view({B, H, S, D}));
+    dv.permute({0, 2, 1, 3}).copy_(dv_acc.view({B, H, S, D}));
+    return true;
   }
 }
 
@@ -591,7 +515,7 @@ void sb_backward_tiled(const at::Tensor& grad, const at::Tensor& q, const at::Te
     const int64_t blocks = ceil_div(n_rows, kScanWarps);
     TORCH_CHECK(blocks < (int64_t(1) << 31), "molm::sb_attention_backward: too many rows for one launch");
     sb_scan_backward_kernel<acc_t><<<blocks, kScanWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-        w.data_ptr<acc_t>(), g.data_ptr<acc_t>(), n_rows, static_cast<int>(rows), static_cast<int>(width),
+        w.data_ptr<acc_t>(), g.data_ptr<acc_t>(), n_rows, static_cast<int>(rows), rows, static_cast<int>(width),
         static_cast<int>(G), static_cast<int>(H), static_cast<int>(S - T + t0), static_cast<int>(S), bias,
         static_cast<acc_t>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -618,7 +542,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_attention_backward
     using acc_t = acc_type<scalar_t>;
     const at::Tensor bias_acc = sb_bias_as<acc_t>(bias);
     const acc_t* bp = sb_bias_ptr<acc_t>(bias_acc);
-    sb_backward_tiled<scalar_t>(grad_out.contiguous(), q, k, v, bp, scale, dq, dk, dv, dbias);
+    const at::Tensor grad = grad_out.contiguous();
+    if (sb_backward_fused<scalar_t>(grad, q, k, v, bp, scale, dq, dk, dv, dbias))
+      return;
+    sb_backward_tiled<scalar_t>(grad, q, k, v, bp, scale, dq, dk, dv, dbias);
   });
   return {dq, dk, dv, dbias};
 }

@@ -14,22 +14,19 @@
 // Why two kernels: with one 1024-wide head a flash-style CTA would need O[BM, 1024] in fp32 on chip (256 KB for
 // BM = 64, the whole register file). Splitting D across CTAs would recompute Q K^T per slice; materialising A costs
 // 2 bytes per causal pair against 4 D flops per pair, i.e. under 1 % of the work at D = 1024.
-// No atomics: every output element is written by exactly one thread, results are bitwise repeatable.
+// Backward (run_backward_passes): kernel 1 without the scan gives the raw products Q K^T and dO V^T (fp32) over the
+// causal key tiles, sb_scan.cuh's two-pass row scan turns them into A and dl (the logit gradient), then kernel 2
+// gives dQ = scale dl K over the causal range and kernel 3 the key-side sums dK += scale dl^T Q, dV += A^T dO per key
+// tile over the rows at or after it.
+// No atomics: every output element is written by exactly one thread per launch, results are bitwise repeatable.
 //
 // The same source compiles with nvcc and, with MOLM_CUDA_EMU, with a host compiler against the CPU emulator in
 // csrc/cuda/emu/ (tests/test_sb_prefill_emu.py runs the kernels that way on machines without a GPU).
 #pragma once
 
-#ifdef MOLM_CUDA_EMU
-#include "cuda/emu/cuda_emu.h"
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_pipeline.h>
-#include <mma.h>
-#endif
-
 #include <cstdint>
+
+#include "sb_scan.cuh"
 
 namespace molm::cuda::sb_prefill {
 
@@ -70,7 +67,8 @@ struct WeightsTraits {
 };
 
 // Kernel 2: A ring [kStages][kBM][kBK + kPad], V ring [kStages][kBK][kBNd + kPad]; the fp32 output tile
-// [kBM][kBNd + 4] reuses the ring after the main loop.
+// [kBM][kBNd + 4] reuses the ring after the main loop. Kernel 3 has the same shapes with keys and rows swapped:
+// X ring [kStages][kBK rows][kBN keys + kPad], Y ring [kStages][kBK rows][kBNd + kPad], output [kBN][kBNd + 4].
 struct ApplyTraits {
   static constexpr int kBK = 32;    // keys per step
   static constexpr int kBNd = 128;  // output columns per CTA
@@ -80,23 +78,31 @@ struct ApplyTraits {
   static constexpr int64_t kRing = (int64_t(kStages) * kBM * kARow + int64_t(kStages) * kBK * kVRow) * 2;
   static constexpr int64_t kOut = int64_t(kBM) * kORow * 4;
   static constexpr int64_t kSmem = kRing > kOut ? kRing : kOut;
+  static constexpr int kXRow = kBN + kPad;
+  static constexpr int64_t kKeyRing = (int64_t(kStages) * kBK * kXRow + int64_t(kStages) * kBK * kVRow) * 2;
+  static constexpr int64_t kKeySmem = kKeyRing > kOut ? kKeyRing : kOut;
 };
 
 // One pass over query positions [t0, t0 + tn) of all (batch, head) pairs. Strides are in elements; the last
 // dimension of q, k, v is contiguous. Row r of (b, h) is position t0 + r / G, slot r % G; rows = tn * G.
+// The kernels read q as "the row operand" and k / v as "the key operands"; the backward points them at dO, V, K.
 template <typename T16>
 struct Params {
-  const T16* q;
-  const T16* k;
+  const T16* q;       // [B, T, G, H, D] strided
+  const T16* k;       // [B, S, H, D] strided
   const T16* v;
   const float* bias;  // [B, S] additive (fp32), or nullptr
-  T16* weights;       // [B * H, rows, width]
-  int* first_key;     // [B * H, row tiles]: the oldest key kernel 1 walked (a multiple of kBN)
-  T16* out;           // [B, T, G, H, D] contiguous
+  T16* weights;       // [B * H, row_stride, width]: A (kernels 2, 3) or dl (backward)
+  float* scores;      // kernel 1 without the scan: raw products, laid out like weights
+  float* key_acc;     // kernel 3: [B * H, S, D], += out_scale * weights^T q
+  int* first_key;     // [B * H, row tiles]: the oldest key kernel 1 walked (a multiple of kBN); null: key 0
+  T16* out;           // kernel 2: [B, T, G, H, D] contiguous, = out_scale * weights v
   int64_t qs0, qs1, qs2, qs3, ks0, ks1, ks2, vs0, vs1, vs2;
-  int64_t width;      // row stride of weights: a multiple of kBN covering keys 0 .. S - T + t0 + tn - 1
+  int64_t width;       // row stride of weights: a multiple of kBN covering keys 0 .. S - T + t0 + tn - 1
+  int64_t row_stride;  // rows per (b, h) in weights / scores: whole row tiles of the largest pass
   float scale;
-  float exit_below;   // kernel 1 stops once every row's log-survival is below this (-inf: never)
+  float exit_below;  // kernel 1 stops once every row's log-survival is below this (-inf: never)
+  float out_scale;
   int B, T, G, H, D, S, t0, tn, rows;
 };
 
@@ -118,31 +124,15 @@ __device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
   __pipeline_memcpy_async(dst, valid ? src : dst, 16, valid ? 0 : 16);
 }
 
-// Inclusive sum over lanes >= lane (lanes hold consecutive keys, higher lane = newer key).
-__device__ __forceinline__ float warp_suffix_sum(float x, int lane) {
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const float y = __shfl_down_sync(0xffffffffu, x, off);
-    if (lane + off < 32) x += y;
-  }
-  return x;
-}
-
-// beta = sigmoid(l), log(1 - beta) = -softplus(l); exact 0 / 0 for a masked key (l = -inf or dtype-min bias).
-__device__ __forceinline__ void stick_terms(float l, float& beta, float& log_survive) {
-  const float e = expf(-fabsf(l));
-  beta = (l >= 0.f ? 1.f : e) / (1.f + e);
-  log_survive = -((l > 0.f ? l : 0.f) + log1pf(e));
-}
-
 __device__ __forceinline__ int last_position(int rows_end, const int G, const int S, const int T, const int t0) {
   return S - T + t0 + (rows_end - 1) / G;  // absolute position of the CTA's newest query row
 }
 
 // ------------------------------------------------------------------------------------------------ kernel 1
 // Grid (ceil(rows / kBM), B * H). Warp w computes scores rows (w % 4) * 16 .. +15, keys (w / 4) * 32 .. +31 of a
-// tile and scans rows w * 8 .. w * 8 + 7.
-template <typename T16, int BD>
+// tile and scans rows w * 8 .. w * 8 + 7. Without kScan the products go to p.scores unscaled (all key tiles up to
+// the diagonal, rows up to the row tile's end) and there is no early exit.
+template <typename T16, int BD, bool kScan>
 __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> p) {
   using Tr = WeightsTraits<BD>;
   MOLM_SB_SMEM(smem);
@@ -191,7 +181,7 @@ __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> 
 #pragma unroll
   for (int u = 0; u < 8; ++u) carry[u] = 0.f;
   const float* bias_b = p.bias ? p.bias + int64_t(b) * p.S : nullptr;
-  T16* wts = p.weights + int64_t(bh) * p.rows * p.width;
+  T16* wts = p.weights + int64_t(bh) * p.row_stride * p.width;
   int first_key = 0;
 
   for (int s = 0; s < n_steps; ++s) {
@@ -220,48 +210,56 @@ __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> 
 
     // ---- epilogue of key tile n0: scores -> stick-breaking weights
     const int n0 = (n_tiles - 1 - s / n_chunks) * kBN;
+    if constexpr (!kScan) {
+      float* dst = p.scores + (int64_t(bh) * p.row_stride + r0 + wr) * p.width + n0 + wc;
 #pragma unroll
-    for (int jf = 0; jf < 2; ++jf)
-      wmma::store_matrix_sync(ss + wr * Tr::kSRow + wc + jf * 16, acc[jf], Tr::kSRow, wmma::mem_row_major);
-    __syncthreads();
-    const int j_lo = n0 + 2 * lane, j_hi = j_lo + 1;  // this lane's keys (j_hi is the newer)
-    const float bias_lo = bias_b && j_lo < p.S ? bias_b[j_lo] : 0.f;
-    const float bias_hi = bias_b && j_hi < p.S ? bias_b[j_hi] : 0.f;
+      for (int jf = 0; jf < 2; ++jf)
+        wmma::store_matrix_sync(dst + jf * 16, acc[jf], static_cast<unsigned>(p.width), wmma::mem_row_major);
+    } else {
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int lr = warp * 8 + u, r = r0 + lr;
-      if (r >= p.rows) continue;  // uniform over the warp
-      const int i = p.S - p.T + p.t0 + r / p.G;
-      const float* srow = ss + lr * Tr::kSRow + 2 * lane;
-      float beta_lo = 0.f, ls_lo = 0.f, beta_hi = 0.f, ls_hi = 0.f;
-      if (j_lo <= i) stick_terms(srow[0] * p.scale + bias_lo, beta_lo, ls_lo);
-      if (j_hi <= i) stick_terms(srow[1] * p.scale + bias_hi, beta_hi, ls_hi);
-      const float incl = warp_suffix_sum(ls_lo + ls_hi, lane);  // keys >= j_lo of this tile
-      float excl = __shfl_down_sync(0xffffffffu, incl, 1);        // keys > j_hi of this tile
-      if (lane == 31) excl = 0.f;
-      const float newer = carry[u] + excl;
-      Pair<T16> w;
-      w.hi = from_float<T16>(beta_hi * expf(newer));
-      w.lo = from_float<T16>(beta_lo * expf(newer + ls_hi));
-      *reinterpret_cast<Pair<T16>*>(wts + int64_t(r) * p.width + j_lo) = w;
-      carry[u] += __shfl_sync(0xffffffffu, incl, 0);
-    }
-    bool warp_done = true;  // carry is the same in every lane
+      for (int jf = 0; jf < 2; ++jf)
+        wmma::store_matrix_sync(ss + wr * Tr::kSRow + wc + jf * 16, acc[jf], Tr::kSRow, wmma::mem_row_major);
+      __syncthreads();
+      const int j_lo = n0 + 2 * lane, j_hi = j_lo + 1;  // this lane's keys (j_hi is the newer)
+      const float bias_lo = bias_b && j_lo < p.S ? bias_b[j_lo] : 0.f;
+      const float bias_hi = bias_b && j_hi < p.S ? bias_b[j_hi] : 0.f;
 #pragma unroll
-    for (int u = 0; u < 8; ++u) warp_done &= r0 + warp * 8 + u >= p.rows || carry[u] < p.exit_below;
-    if (lane == 0) done[warp] = warp_done;
-    __syncthreads();
-    // ss and done are written again only after at least one more __syncthreads at the top of the loop
-    bool all_done = n0 > 0;
+      for (int u = 0; u < 8; ++u) {
+        const int lr = warp * 8 + u, r = r0 + lr;
+        if (r >= p.rows) continue;  // uniform over the warp
+        const int i = p.S - p.T + p.t0 + r / p.G;
+        const float* srow = ss + lr * Tr::kSRow + 2 * lane;
+        float beta_lo = 0.f, ls_lo = 0.f, beta_hi = 0.f, ls_hi = 0.f;
+        float survive;
+        if (j_lo <= i) sb::sb_terms(srow[0] * p.scale + bias_lo, beta_lo, survive, ls_lo);
+        if (j_hi <= i) sb::sb_terms(srow[1] * p.scale + bias_hi, beta_hi, survive, ls_hi);
+        const float incl = sb::warp_suffix_sum(ls_lo + ls_hi, lane);  // keys >= j_lo of this tile
+        float excl = __shfl_down_sync(0xffffffffu, incl, 1);            // keys > j_hi of this tile
+        if (lane == 31) excl = 0.f;
+        const float newer = carry[u] + excl;
+        Pair<T16> w;
+        w.hi = from_float<T16>(beta_hi * expf(newer));
+        w.lo = from_float<T16>(beta_lo * expf(newer + ls_hi));
+        *reinterpret_cast<Pair<T16>*>(wts + int64_t(r) * p.width + j_lo) = w;
+        carry[u] += __shfl_sync(0xffffffffu, incl, 0);
+      }
+      bool warp_done = true;  // carry is the same in every lane
 #pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) all_done &= done[w] != 0;
-    if (all_done) {  // the same decision in every thread
-      first_key = n0;
-      break;
+      for (int u = 0; u < 8; ++u) warp_done &= r0 + warp * 8 + u >= p.rows || carry[u] < p.exit_below;
+      if (lane == 0) done[warp] = warp_done;
+      __syncthreads();
+      // ss and done are written again only after at least one more __syncthreads at the top of the loop
+      bool all_done = n0 > 0;
+#pragma unroll
+      for (int w = 0; w < kThreads / 32; ++w) all_done &= done[w] != 0;
+      if (all_done) {  // the same decision in every thread
+        first_key = n0;
+        break;
+      }
     }
   }
   __pipeline_wait_prior(0);
-  if (tid == 0) p.first_key[int64_t(bh) * gridDim.x + blockIdx.x] = first_key;
+  if (kScan && tid == 0) p.first_key[int64_t(bh) * gridDim.x + blockIdx.x] = first_key;
 }
 
 // ------------------------------------------------------------------------------------------------ kernel 2
@@ -281,8 +279,8 @@ __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p)
   const int r0 = blockIdx.x * kBM, d0 = blockIdx.y * Tr::kBNd;
   const int r_end = r0 + kBM < p.rows ? r0 + kBM : p.rows;
   const int n_steps = last_position(r_end, p.G, p.S, p.T, p.t0) / Tr::kBK + 1;
-  const int s_begin = p.first_key[int64_t(bh) * gridDim.x + blockIdx.x] / Tr::kBK;  // written by kernel 1
-  const T16* wts = p.weights + int64_t(bh) * p.rows * p.width;
+  const int s_begin = p.first_key ? p.first_key[int64_t(bh) * gridDim.x + blockIdx.x] / Tr::kBK : 0;
+  const T16* wts = p.weights + int64_t(bh) * p.row_stride * p.width;
   const T16* vb = p.v + b * p.vs0 + h * p.vs2 + d0;
 
   auto load_step = [&](int s) {
@@ -350,11 +348,125 @@ __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p)
     Pair<T16> packed[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      packed[e].lo = from_float<T16>(src[2 * e]);
-      packed[e].hi = from_float<T16>(src[2 * e + 1]);
+      packed[e].lo = from_float<T16>(src[2 * e] * p.out_scale);
+      packed[e].hi = from_float<T16>(src[2 * e + 1] * p.out_scale);
     }
     *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(packed);
   }
+}
+
+// ------------------------------------------------------------------------------------------------ kernel 3
+// Grid (ceil(keys / kBN), D / kBNd, B * H), keys = S - T + t0 + tn of the pass. key_acc[j, d0 .. d0 + kBNd) +=
+// out_scale * sum over rows r of weights[r, j] q[r, d0 ..], for the kBN keys j of the tile; only rows at or after the
+// tile's first key are walked (earlier rows have weights 0 there). Warp w: keys (w % 2) * 32, columns (w / 2) * 32.
+template <typename T16>
+__global__ void __launch_bounds__(kThreads) sb_key_grad_kernel(const Params<T16> p) {
+  using Tr = ApplyTraits;
+  MOLM_SB_SMEM(smem);
+  T16* xs = reinterpret_cast<T16*>(smem);        // [kStages][kBK rows][kXRow]
+  T16* ys = xs + kStages * Tr::kBK * Tr::kXRow;  // [kStages][kBK rows][kVRow]
+  float* os = reinterpret_cast<float*>(smem);    // [kBN][kORow] after the main loop
+
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const int j0 = blockIdx.x * kBN, d0 = blockIdx.y * Tr::kBNd;
+  const int pos0 = p.S - p.T + p.t0;  // position of row 0
+  const int r_first = j0 > pos0 ? (j0 - pos0) * p.G : 0;
+  const int s_begin = r_first / Tr::kBK, n_steps = (p.rows + Tr::kBK - 1) / Tr::kBK;
+  const T16* xb = p.weights + int64_t(bh) * p.row_stride * p.width + j0;
+  const T16* qb = p.q + b * p.qs0 + h * p.qs3 + d0;
+
+  auto load_step = [&](int s) {
+    if (s < n_steps) {
+      const int ra = s * Tr::kBK;
+      T16* xd = xs + (s % kStages) * Tr::kBK * Tr::kXRow;
+      for (int x = tid; x < Tr::kBK * (kBN / 8); x += kThreads) {
+        const int lr = x / (kBN / 8), j = (x % (kBN / 8)) * 8, r = ra + lr;
+        copy16(xd + lr * Tr::kXRow + j, xb + int64_t(r) * p.width + j, r < p.rows);
+      }
+      T16* yd = ys + (s % kStages) * Tr::kBK * Tr::kVRow;
+      for (int x = tid; x < Tr::kBK * (Tr::kBNd / 8); x += kThreads) {
+        const int lr = x / (Tr::kBNd / 8), d = (x % (Tr::kBNd / 8)) * 8, r = ra + lr;
+        const int t = p.t0 + r / p.G, g = r % p.G;
+        copy16(yd + lr * Tr::kVRow + d, qb + t * p.qs1 + g * p.qs2 + d, r < p.rows);
+      }
+    }
+    __pipeline_commit();
+  };
+#pragma unroll
+  for (int s = s_begin; s < s_begin + kStages - 1; ++s) load_step(s);
+
+  const int wk = (warp % 2) * 32, wc = (warp / 2) * 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  for (int s = s_begin; s < n_steps; ++s) {
+    __pipeline_wait_prior(kStages - 2);
+    __syncthreads();
+    load_step(s + kStages - 1);
+    const T16* xst = xs + (s % kStages) * Tr::kBK * Tr::kXRow;
+    const T16* yst = ys + (s % kStages) * Tr::kBK * Tr::kVRow;
+#pragma unroll
+    for (int kk = 0; kk < Tr::kBK / 16; ++kk) {
+      // weights^T as a column-major A operand: element (key, row) sits at xst[row * kXRow + key]
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T16, wmma::col_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T16, wmma::row_major> bq[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], xst + kk * 16 * Tr::kXRow + wk + i * 16, Tr::kXRow);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bq[j], yst + kk * 16 * Tr::kVRow + wc + j * 16, Tr::kVRow);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], bq[j], acc[i][j]);
+    }
+  }
+  __pipeline_wait_prior(0);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(os + (wk + i * 16) * Tr::kORow + wc + j * 16, acc[i][j], Tr::kORow,
+                              wmma::mem_row_major);
+  __syncthreads();
+  for (int x = tid; x < kBN * (Tr::kBNd / 4); x += kThreads) {
+    const int kr = x / (Tr::kBNd / 4), d = (x % (Tr::kBNd / 4)) * 4, j = j0 + kr;
+    if (j >= p.S) continue;
+    float4* dst = reinterpret_cast<float4*>(p.key_acc + (int64_t(bh) * p.S + j) * p.D + d0 + d);
+    const float* src = os + kr * Tr::kORow + d;
+    float4 a = *dst;
+    a.x += p.out_scale * src[0];
+    a.y += p.out_scale * src[1];
+    a.z += p.out_scale * src[2];
+    a.w += p.out_scale * src[3];
+    *dst = a;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ backward helpers
+// dst[i] = src[i] rounded to 16 bits.
+template <typename T16>
+__global__ void sb_round_kernel(const float* __restrict__ src, T16* __restrict__ dst, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = from_float<T16>(src[i]);
+}
+
+// Grid (ceil(keys / 256), B): dbias[b, j] += sum over heads and rows (in order) of dl[bh, r, j] for this pass.
+template <typename acc_t>
+__global__ void sb_bias_grad_kernel(const acc_t* __restrict__ dl, acc_t* __restrict__ dbias, int keys, int H,
+                                    int rows, int64_t row_stride, int64_t width, int S) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+  if (j >= keys) return;
+  acc_t sum = acc_t(0);
+  for (int h = 0; h < H; ++h) {
+    const acc_t* col = dl + (int64_t(b) * H + h) * row_stride * width + j;
+    for (int r = 0; r < rows; ++r) sum += col[int64_t(r) * width];
+  }
+  dbias[int64_t(b) * S + j] += sum;
 }
 
 // ------------------------------------------------------------------------------------------------ host side
@@ -374,42 +486,125 @@ inline int64_t weights_width(int S, int T, int t0, int tn) {
   return (keys + kBN - 1) / kBN * kBN;
 }
 
-// Query positions per pass, so that the [B * H, tn * G, width] 16-bit weights buffer stays under max_bytes.
-inline int pass_positions(int64_t B, int64_t H, int64_t G, int64_t S, int64_t T, int64_t max_bytes) {
-  const int64_t per_position = B * H * G * ((S + kBN - 1) / kBN * kBN) * 2;
+inline int64_t row_tiles(int64_t G, int64_t tn) { return (tn * G + kBM - 1) / kBM; }
+
+// Elements of one [B * H, row_stride, width] buffer for passes of tn query positions.
+inline int64_t weights_elements(int64_t B, int64_t H, int64_t G, int64_t S, int64_t T, int64_t tn) {
+  return B * H * row_tiles(G, tn) * kBM * weights_width(static_cast<int>(S), static_cast<int>(T),
+                                                        static_cast<int>(T - tn), static_cast<int>(tn));
+}
+
+// Query positions per pass, so that the pass buffers (bytes_per_element per weights element: 2 for the forward's
+// 16-bit weights, 12 for the backward's two fp32 and two 16-bit copies) stay under max_bytes.
+inline int pass_positions(int64_t B, int64_t H, int64_t G, int64_t S, int64_t T, int64_t max_bytes,
+                          int64_t bytes_per_element = 2) {
+  const int64_t per_position = B * H * G * ((S + kBN - 1) / kBN * kBN) * bytes_per_element;
   int64_t tn = per_position > 0 ? max_bytes / per_position : T;
   if (tn >= kBM) tn = tn / kBM * kBM;
   return static_cast<int>(tn < 1 ? 1 : (tn < T ? tn : T));
 }
 
-inline int64_t weights_elements(int64_t B, int64_t H, int64_t G, int64_t S, int64_t T, int64_t tn) {
-  return B * H * tn * G * weights_width(static_cast<int>(S), static_cast<int>(T), static_cast<int>(T - tn),
-                                        static_cast<int>(tn));
+// Sets the pass fields of p for query positions [t0, t0 + min(tn_max, T - t0)).
+template <typename T16>
+void set_pass(Params<T16>& p, int t0, int tn_max) {
+  p.t0 = t0;
+  p.tn = tn_max < p.T - t0 ? tn_max : p.T - t0;
+  p.rows = p.tn * p.G;
+  p.width = weights_width(p.S, p.T, p.t0, p.tn);
 }
 
-inline int64_t row_tiles(int64_t G, int64_t tn) { return (tn * G + kBM - 1) / kBM; }
+template <typename T16, bool kScan>
+void launch_weights(const Params<T16>& p, int bd, stream_t stream) {
+  const dim3 grid(static_cast<unsigned>(row_tiles(p.G, p.tn)), static_cast<unsigned>(p.B * p.H));
+  if (bd == 64)
+    MOLM_SB_LAUNCH((sb_weights_kernel<T16, 64, kScan>), grid, dim3(kThreads),
+                   static_cast<size_t>(WeightsTraits<64>::smem_bytes(p.D)), stream, p);
+  else
+    MOLM_SB_LAUNCH((sb_weights_kernel<T16, 32, kScan>), grid, dim3(kThreads),
+                   static_cast<size_t>(WeightsTraits<32>::smem_bytes(p.D)), stream, p);
+}
 
-// Kernel 1 then kernel 2 for each pass of tn_max query positions, on `stream`. p has everything but the pass
-// fields (t0, tn, rows, width); p.weights holds weights_elements(..., tn_max) and p.first_key B * H *
-// row_tiles(G, tn_max) entries. bd from weights_chunk(); the caller
-// has raised kernel 1's dynamic shared-memory limit to WeightsTraits<bd>::smem_bytes(D).
+template <typename T16>
+void launch_apply(const Params<T16>& p, stream_t stream) {
+  const dim3 grid(static_cast<unsigned>(row_tiles(p.G, p.tn)), static_cast<unsigned>(p.D / ApplyTraits::kBNd),
+                  static_cast<unsigned>(p.B * p.H));
+  MOLM_SB_LAUNCH(sb_apply_kernel<T16>, grid, dim3(kThreads), static_cast<size_t>(ApplyTraits::kSmem), stream, p);
+}
+
+// Forward: kernel 1 then kernel 2 for each pass of tn_max query positions, on `stream`. p has everything but the
+// pass fields; p.weights holds weights_elements(..., tn_max), p.first_key B * H * row_tiles(G, tn_max) entries,
+// p.row_stride = row_tiles(G, tn_max) * kBM, out_scale = 1. bd from weights_chunk(); the caller has raised kernel
+// 1's dynamic shared-memory limit (both kScan variants) to WeightsTraits<bd>::smem_bytes(D).
 template <typename T16>
 void run_passes(Params<T16> p, int bd, int tn_max, stream_t stream) {
-  const unsigned bh = static_cast<unsigned>(p.B * p.H);
   for (int t0 = 0; t0 < p.T; t0 += tn_max) {
-    p.t0 = t0;
-    p.tn = tn_max < p.T - t0 ? tn_max : p.T - t0;
-    p.rows = p.tn * p.G;
-    p.width = weights_width(p.S, p.T, p.t0, p.tn);
-    const dim3 grid1(static_cast<unsigned>(row_tiles(p.G, p.tn)), bh);
-    if (bd == 64)
-      MOLM_SB_LAUNCH((sb_weights_kernel<T16, 64>), grid1, dim3(kThreads),
-                     static_cast<size_t>(WeightsTraits<64>::smem_bytes(p.D)), stream, p);
-    else
-      MOLM_SB_LAUNCH((sb_weights_kernel<T16, 32>), grid1, dim3(kThreads),
-                     static_cast<size_t>(WeightsTraits<32>::smem_bytes(p.D)), stream, p);
-    MOLM_SB_LAUNCH(sb_apply_kernel<T16>, dim3(grid1.x, static_cast<unsigned>(p.D / ApplyTraits::kBNd), bh),
-                   dim3(kThreads), static_cast<size_t>(ApplyTraits::kSmem), stream, p);
+    set_pass(p, t0, tn_max);
+    launch_weights<T16, true>(p, bd, stream);
+    launch_apply(p, stream);
+  }
+}
+
+// Buffers of the backward, each with weights_elements(..., tn_max) elements, plus the fp32 key-side accumulators
+// [B * H, S, D] (zeroed by the caller) and dbias [B, S] (fp32, zeroed; null when not wanted).
+template <typename T16>
+struct BackwardBuffers {
+  float* scores;   // Q K^T, then A (fp32)
+  float* grads;    // dO V^T, then dl (fp32)
+  T16* weights;    // A rounded to 16 bits
+  T16* dlogits;    // dl rounded to 16 bits
+  float* dk_acc;
+  float* dv_acc;
+  float* dbias;
+};
+
+// Backward passes. p as for run_passes (first_key unused); grad_out [B, T, G, H, D] with strides gs; dq [B, T, G,
+// H, D] contiguous receives scale * dl K.
+template <typename T16>
+void run_backward_passes(const Params<T16>& p, const T16* grad_out, const int64_t (&gs)[4], T16* dq,
+                         const BackwardBuffers<T16>& buf, int bd, int tn_max, stream_t stream) {
+  for (int t0 = 0; t0 < p.T; t0 += tn_max) {
+    Params<T16> qk = p;  // scores = Q K^T
+    set_pass(qk, t0, tn_max);
+    qk.scores = buf.scores;
+    launch_weights<T16, false>(qk, bd, stream);
+    Params<T16> gv = qk;  // grads = dO V^T
+    gv.q = grad_out, gv.qs0 = gs[0], gv.qs1 = gs[1], gv.qs2 = gs[2], gv.qs3 = gs[3];
+    gv.k = p.v, gv.ks0 = p.vs0, gv.ks1 = p.vs1, gv.ks2 = p.vs2;
+    gv.scores = buf.grads;
+    launch_weights<T16, false>(gv, bd, stream);
+
+    const int64_t n_rows = int64_t(p.B) * p.H * qk.rows;
+    MOLM_SB_LAUNCH(sb::sb_scan_backward_kernel<float>, dim3(static_cast<unsigned>((n_rows + sb::kScanWarps - 1) /
+                                                                                  sb::kScanWarps)),
+                   dim3(sb::kScanWarps * 32), size_t(0), stream, buf.scores, buf.grads, n_rows, qk.rows,
+                   qk.row_stride, static_cast<int>(qk.width), p.G, p.H, p.S - p.T + qk.t0, p.S, p.bias, p.scale);
+    const int keys = p.S - p.T + qk.t0 + qk.tn;
+    if (buf.dbias)
+      MOLM_SB_LAUNCH(sb_bias_grad_kernel<float>, dim3(static_cast<unsigned>((keys + 255) / 256),
+                                                          static_cast<unsigned>(p.B)),
+                     dim3(256), size_t(0), stream, buf.grads, buf.dbias, keys, p.H, qk.rows, qk.row_stride,
+                     qk.width, p.S);
+    const int64_t n = int64_t(p.B) * p.H * qk.row_stride * qk.width;
+    const unsigned round_blocks = static_cast<unsigned>(n / 256 + 1 < 4096 ? n / 256 + 1 : 4096);
+    MOLM_SB_LAUNCH(sb_round_kernel<T16>, dim3(round_blocks), dim3(256), size_t(0), stream, buf.scores, buf.weights, n);
+    MOLM_SB_LAUNCH(sb_round_kernel<T16>, dim3(round_blocks), dim3(256), size_t(0), stream, buf.grads, buf.dlogits,
+                   n);
+
+    Params<T16> dqp = qk;  // dq = scale dl K over the causal range
+    dqp.weights = buf.dlogits, dqp.first_key = nullptr, dqp.out = dq, dqp.out_scale = p.scale;
+    dqp.v = p.k, dqp.vs0 = p.ks0, dqp.vs1 = p.ks1, dqp.vs2 = p.ks2;
+    launch_apply(dqp, stream);
+
+    const dim3 key_grid(static_cast<unsigned>((keys + kBN - 1) / kBN), static_cast<unsigned>(p.D / ApplyTraits::kBNd),
+                        static_cast<unsigned>(p.B * p.H));
+    Params<T16> dkp = qk;  // dk += scale dl^T Q
+    dkp.weights = buf.dlogits, dkp.key_acc = buf.dk_acc, dkp.out_scale = p.scale;
+    MOLM_SB_LAUNCH(sb_key_grad_kernel<T16>, key_grid, dim3(kThreads), static_cast<size_t>(ApplyTraits::kKeySmem),
+                   stream, dkp);
+    Params<T16> dvp = gv;  // dv += A^T dO
+    dvp.weights = buf.weights, dvp.key_acc = buf.dv_acc, dvp.out_scale = 1.f;
+    MOLM_SB_LAUNCH(sb_key_grad_kernel<T16>, key_grid, dim3(kThreads), static_cast<size_t>(ApplyTraits::kKeySmem),
+                   stream, dvp);
   }
 }
 
