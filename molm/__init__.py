@@ -9,7 +9,7 @@ from .surgery import extend, prune
 from .train import TrainConfig, perplexity, train
 from .usage import ExpertUsage, expert_usage, plot_usage
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["KVCache", "PRESETS", "ModuleFormerConfig", "CheckpointError", "generate", "load", "load_tokenizer", "save_pretrained", "ModelOutput",
            "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification", "ModuleFormerModel",
            "extend", "prune", "TrainConfig", "perplexity", "train", "ExpertUsage", "expert_usage", "plot_usage"]

@@ -1,4 +1,5 @@
-"""CUDA sb_attention (forward: split-KV decode and tiled prefill; backward) against the pure-torch reference.
+"""CUDA sb_attention (forward: split-KV decode, the fused tensor-core prefill and the cuBLAS-tiled prefill; backward)
+against the pure-torch reference.
 
 The reference runs on the same device in fp64 on the same (rounded) inputs; the bound is tolerances.py's rule with
 the reference in the test dtype as the low-precision yardstick. Outputs are checked to be finite and fully written
@@ -97,6 +98,50 @@ def test_cuda_matches_cpu_and_is_bitwise_repeatable(B, T, S, G, H, D):
     assert torch.equal(a, ops.sb_attention(q, k, v, bias, 0.05))
     cpu = ops.sb_attention(q.cpu(), k.cpu(), v.cpu(), bias.cpu(), 0.05)
     torch.testing.assert_close(a.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+# Prefill in 16 bits with D a multiple of 128 takes the fused tensor-core kernels (csrc/cuda/sb_prefill.cuh);
+# MOLM_CUDA_SB_FUSED=0 sends it to the cuBLAS-tiled path, MOLM_CUDA_SB_EARLY_EXIT=0 walks every key.
+@pytest.mark.parametrize("fused,early_exit", [("1", "1"), ("1", "0"), ("0", "1")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,S,G,H,D,shift", [(2, 100, 300, 2, 1, 1024, 0.0), (1, 513, 513, 3, 2, 128, 0.0),
+                                               (3, 64, 64, 1, 1, 256, 0.0), (1, 700, 700, 2, 1, 128, 8.0),
+                                               (1, 300, 300, 2, 1, 128, -30.0)])
+def test_cuda_prefill_fused_and_tiled(monkeypatch, B, T, S, G, H, D, shift, dtype, fused, early_exit):
+    monkeypatch.setenv("MOLM_CUDA_SB_FUSED", fused)
+    monkeypatch.setenv("MOLM_CUDA_SB_EARLY_EXIT", early_exit)
+    q, k, v, bias = _inputs(B, T, S, G, H, D, dtype, padded=shift == 0.0, shared_kv=B % 2 == 1, shift=shift)
+    what = f"prefill fused={fused} exit={early_exit} {dtype} B={B} T={T} S={S} k={G} H={H} D={D} shift={shift}"
+    out = _check_forward(q, k, v, bias, D ** -0.5, what)
+    assert torch.equal(out, ops.sb_attention(q, k, v, bias, D ** -0.5)), f"{what}: not bitwise repeatable"
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_cuda_backward_fused_and_tiled(monkeypatch, fused):
+    monkeypatch.setenv("MOLM_CUDA_SB_FUSED", fused)
+    for B, T, S, G, H, D, shared_kv in [(2, 150, 200, 2, 1, 1024, False), (1, 300, 300, 3, 2, 128, True)]:
+        q, k, v, bias = _inputs(B, T, S, G, H, D, torch.bfloat16, True, shared_kv)
+        grad = torch.randn(q.shape, device=DEV).to(torch.bfloat16)
+        got = _grads(ops.sb_attention, q, k, v, bias, grad, 0.05, shared_kv, torch.bfloat16)
+        exact = _grads(reference.sb_attention_ref, q, k, v, bias, grad, 0.05, shared_kv, torch.float64)
+        lowp = _grads(reference.sb_attention_ref, q, k, v, bias, grad, 0.05, shared_kv, torch.bfloat16)
+        for n, (a, e, lp) in enumerate(zip(got, exact, lowp)):
+            assert torch.isfinite(a).all(), f"grad {n} non-finite or unwritten"
+            assert_close(a, e, lp, torch.bfloat16, f"fused={fused} grad {n} B={B} T={T} S={S} k={G} H={H} D={D}")
+
+
+def test_cuda_prefill_graph_capture():
+    """The fused prefill has no host synchronisation: it replays in a CUDA graph."""
+    q, k, v, bias = _inputs(2, 96, 160, 2, 1, 1024, torch.bfloat16, padded=True)
+    eager = ops.sb_attention(q, k, v, bias, 1 / 32)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.sb_attention(q, k, v, bias, 1 / 32)
+    q.copy_(torch.randn(q.shape, device=DEV).to(q.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ops.sb_attention(q, k, v, bias, 1 / 32)) and not torch.equal(out, eager)
 
 
 def test_cuda_decode_graph_capture():

@@ -15,6 +15,8 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -317,6 +319,25 @@ float early_exit_below() {
   return v != nullptr && std::strcmp(v, "0") == 0 ? -std::numeric_limits<float>::infinity() : -30.f;
 }
 
+// Kernel 1's dynamic shared-memory limit, raised once per device to what the widest head (kMaxD) needs with chunk
+// bd (weights_chunk() picked bd so that this fits): a host call that must not run again during graph capture.
+template <typename T16>
+void raise_smem_limits(int bd) {
+  namespace sp = sb_prefill;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> raised[2][kMaxDevices] = {};
+  const int device = at::cuda::current_device();
+  auto& flag = raised[bd == 64 ? 0 : 1][device % kMaxDevices];
+  if (device < kMaxDevices && flag.load()) return;
+  const int64_t cap = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const int smem = static_cast<int>(std::min<int64_t>(
+      cap, bd == 64 ? sp::WeightsTraits<64>::smem_bytes(sp::kMaxD) : sp::WeightsTraits<32>::smem_bytes(sp::kMaxD)));
+  for (auto kernel : {bd == 64 ? sp::sb_weights_kernel<T16, 64, true> : sp::sb_weights_kernel<T16, 32, true>,
+                      bd == 64 ? sp::sb_weights_kernel<T16, 64, false> : sp::sb_weights_kernel<T16, 32, false>})
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  flag.store(true);
+}
+
 // Checks and common parameters of the fused kernels (sb_prefill.cuh). Returns false, having done nothing, for inputs
 // they do not take: D not a multiple of 128 or above 1024, rows or strides not 16-byte aligned, too many (b, h)
 // pairs for the grid, or a device without the shared memory. Raises kernel 1's shared-memory limit.
@@ -335,10 +356,7 @@ bool fused_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   if (!aligned(q) || !aligned(k) || !aligned(v) || (grad_out && !aligned(*grad_out))) return false;
   bd = sp::weights_chunk(static_cast<int>(D), at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   if (bd == 0) return false;
-  const int smem = static_cast<int>(bd == 64 ? sp::WeightsTraits<64>::smem_bytes(D) : sp::WeightsTraits<32>::smem_bytes(D));
-  for (auto kernel : {bd == 64 ? sp::sb_weights_kernel<T16, 64, true> : sp::sb_weights_kernel<T16, 32, true>,
-                      bd == 64 ? sp::sb_weights_kernel<T16, 64, false> : sp::sb_weights_kernel<T16, 32, false>})
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  raise_smem_limits<T16>(bd);
   p = sp::Params<T16>{};
   p.q = reinterpret_cast<const T16*>(q.data_ptr());
   p.k = reinterpret_cast<const T16*>(k.data_ptr());
