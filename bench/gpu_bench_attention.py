@@ -185,13 +185,15 @@ def main() -> None:
         raise SystemExit("gpu_bench_attention: molm was built without CUDA kernels")
     gen = torch.Generator(device="cuda").manual_seed(0)
     records = []
-    print(f"{'kind':<9} {'case':<26} {'path':<21} {'regime':<13} {'molm ms':>9} {'ref ms':>9} {'speedup':>8} {'TFLOP/s':>8} {'Gspec/s':>8} "
+    print(f"{'kind':<9} {'case':<26} {'path':<21} {'regime':<13} {'molm ms':>9} {'ref ms':>9} {'speedup':>8} "
+          f"{'TFLOP/s':>8} {'Gspec/s':>8} "
           f"{'GB/s':>7} {'%HBM':>5} {'max err':>9} {'bitwise':>7}", flush=True)
     for rec in [*prefill_cases(args.quick, args.runs, gen), *decode_cases(args.quick, args.runs, gen)]:
         records.append(rec)
         gbps = f"{rec['gbps']:>7.0f}" if rec["gbps"] is not None else f"{'-':>7}"
         pct = f"{rec['pct_hbm']:>5.1f}" if rec["pct_hbm"] is not None else f"{'-':>5}"
-        print(f"{rec['kind']:<9} {rec['case']:<26} {rec['path']:<21} {rec['regime']:<13} {rec['ms']:>9.3f} {rec['ref_ms']:>9.3f} {rec['speedup']:>7.2f}x "
+        print(f"{rec['kind']:<9} {rec['case']:<26} {rec['path']:<21} {rec['regime']:<13} {rec['ms']:>9.3f} "
+              f"{rec['ref_ms']:>9.3f} {rec['speedup']:>7.2f}x "
               f"{rec['tflops']:>8.2f} {rec['gspecial_per_s']:>8.1f} {gbps} {pct} {rec['max_err']:>9.2e} "
               f"{str(rec['bitwise_repeat']):>7}", flush=True)
     if args.json:

@@ -346,7 +346,7 @@ bool fused_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                  const float* bias, double scale, sb_prefill::Params<T16>& p, int& bd) {
   namespace sp = sb_prefill;
   const int64_t B = q.size(0), H = q.size(3), D = q.size(4);
-  if (!fused_prefill_enabled() || !sp::supports(static_cast<int>(D)) || B * H > 65535) return false;  // grid y / z
+  if (!fused_prefill_enabled() || !sp::supports(static_cast<int>(D)) || B * H > (int64_t(1) << 31) - 1) return false;
   auto aligned = [](const at::Tensor& t) {
     if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || t.stride(t.dim() - 1) != 1) return false;
     for (int64_t d = 0; d + 1 < t.dim(); ++d)

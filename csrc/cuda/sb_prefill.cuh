@@ -129,9 +129,10 @@ __device__ __forceinline__ int last_position(int rows_end, const int G, const in
 }
 
 // ------------------------------------------------------------------------------------------------ kernel 1
-// Grid (ceil(rows / kBM), B * H). Warp w computes scores rows (w % 4) * 16 .. +15, keys (w / 4) * 32 .. +31 of a
-// tile and scans rows w * 8 .. w * 8 + 7. Without kScan the products go to p.scores unscaled (all key tiles up to
-// the diagonal, rows up to the row tile's end) and there is no early exit.
+// Grid (B * H, ceil(rows / kBM)), row tiles in reverse order (the longest walks first). Warp w computes scores rows
+// (w % 4) * 16 .. +15, keys (w / 4) * 32 .. +31 of a tile and scans rows w * 8 .. w * 8 + 7. Without kScan the
+// products go to p.scores unscaled (all key tiles up to the diagonal, rows up to the row tile's end) and there is no
+// early exit.
 template <typename T16, int BD, bool kScan>
 __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> p) {
   using Tr = WeightsTraits<BD>;
@@ -144,8 +145,8 @@ __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> 
   int* done = reinterpret_cast<int*>(ss + kBM * Tr::kSRow);              // [warps]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
-  const int r0 = blockIdx.x * kBM;
+  const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+  const int tile = gridDim.y - 1 - blockIdx.y, r0 = tile * kBM;  // the longest key walks start first
   const int r_end = r0 + kBM < p.rows ? r0 + kBM : p.rows;
   const int i_max = last_position(r_end, p.G, p.S, p.T, p.t0);
   const int n_tiles = i_max / kBN + 1;  // key tiles 0 .. n_tiles - 1, walked from the newest
@@ -259,13 +260,13 @@ __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> 
     }
   }
   __pipeline_wait_prior(0);
-  if (kScan && tid == 0) p.first_key[int64_t(bh) * gridDim.x + blockIdx.x] = first_key;
+  if (kScan && tid == 0) p.first_key[int64_t(bh) * gridDim.y + tile] = first_key;
 }
 
 // ------------------------------------------------------------------------------------------------ kernel 2
-// Grid (ceil(rows / kBM), D / kBNd, B * H). O[rows, d0 .. d0 + kBNd) = A[rows, 0 .. keys) V[0 .. keys, d0 ..], keys
-// covering the causal range of the row tile (A is zero past each row's own position). Warp w: rows (w % 2) * 32,
-// columns (w / 2) * 32, 2 x 2 fragments.
+// Grid (B * H, D / kBNd, ceil(rows / kBM)), row tiles in reverse order. O[rows, d0 .. d0 + kBNd) = A[rows, 0 .. keys)
+// V[0 .. keys, d0 ..], keys covering the causal range of the row tile (A is zero past each row's own position). Warp
+// w: rows (w % 2) * 32, columns (w / 2) * 32, 2 x 2 fragments.
 template <typename T16>
 __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p) {
   using Tr = ApplyTraits;
@@ -275,11 +276,11 @@ __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p)
   float* os = reinterpret_cast<float*>(smem);     // [kBM][kORow] after the main loop
 
   const int tid = threadIdx.x, warp = tid >> 5;
-  const int bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
-  const int r0 = blockIdx.x * kBM, d0 = blockIdx.y * Tr::kBNd;
+  const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+  const int tile = gridDim.z - 1 - blockIdx.z, r0 = tile * kBM, d0 = blockIdx.y * Tr::kBNd;
   const int r_end = r0 + kBM < p.rows ? r0 + kBM : p.rows;
   const int n_steps = last_position(r_end, p.G, p.S, p.T, p.t0) / Tr::kBK + 1;
-  const int s_begin = p.first_key ? p.first_key[int64_t(bh) * gridDim.x + blockIdx.x] / Tr::kBK : 0;
+  const int s_begin = p.first_key ? p.first_key[int64_t(bh) * gridDim.z + tile] / Tr::kBK : 0;
   const T16* wts = p.weights + int64_t(bh) * p.row_stride * p.width;
   const T16* vb = p.v + b * p.vs0 + h * p.vs2 + d0;
 
@@ -356,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p)
 }
 
 // ------------------------------------------------------------------------------------------------ kernel 3
-// Grid (ceil(keys / kBN), D / kBNd, B * H), keys = S - T + t0 + tn of the pass. key_acc[j, d0 .. d0 + kBNd) +=
+// Grid (B * H, D / kBNd, ceil(keys / kBN)), keys = S - T + t0 + tn of the pass. key_acc[j, d0 .. d0 + kBNd) +=
 // out_scale * sum over rows r of weights[r, j] q[r, d0 ..], for the kBN keys j of the tile; only rows at or after the
 // tile's first key are walked (earlier rows have weights 0 there). Warp w: keys (w % 2) * 32, columns (w / 2) * 32.
 template <typename T16>
@@ -368,8 +369,8 @@ __global__ void __launch_bounds__(kThreads) sb_key_grad_kernel(const Params<T16>
   float* os = reinterpret_cast<float*>(smem);    // [kBN][kORow] after the main loop
 
   const int tid = threadIdx.x, warp = tid >> 5;
-  const int bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
-  const int j0 = blockIdx.x * kBN, d0 = blockIdx.y * Tr::kBNd;
+  const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
+  const int j0 = blockIdx.z * kBN, d0 = blockIdx.y * Tr::kBNd;  // the oldest keys (most rows) start first
   const int pos0 = p.S - p.T + p.t0;  // position of row 0
   const int r_first = j0 > pos0 ? (j0 - pos0) * p.G : 0;
   const int s_begin = r_first / Tr::kBK, n_steps = (p.rows + Tr::kBK - 1) / Tr::kBK;
@@ -515,7 +516,7 @@ void set_pass(Params<T16>& p, int t0, int tn_max) {
 
 template <typename T16, bool kScan>
 void launch_weights(const Params<T16>& p, int bd, stream_t stream) {
-  const dim3 grid(static_cast<unsigned>(row_tiles(p.G, p.tn)), static_cast<unsigned>(p.B * p.H));
+  const dim3 grid(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>(row_tiles(p.G, p.tn)));
   if (bd == 64)
     MOLM_SB_LAUNCH((sb_weights_kernel<T16, 64, kScan>), grid, dim3(kThreads),
                    static_cast<size_t>(WeightsTraits<64>::smem_bytes(p.D)), stream, p);
@@ -526,8 +527,8 @@ void launch_weights(const Params<T16>& p, int bd, stream_t stream) {
 
 template <typename T16>
 void launch_apply(const Params<T16>& p, stream_t stream) {
-  const dim3 grid(static_cast<unsigned>(row_tiles(p.G, p.tn)), static_cast<unsigned>(p.D / ApplyTraits::kBNd),
-                  static_cast<unsigned>(p.B * p.H));
+  const dim3 grid(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>(p.D / ApplyTraits::kBNd),
+                  static_cast<unsigned>(row_tiles(p.G, p.tn)));
   MOLM_SB_LAUNCH(sb_apply_kernel<T16>, grid, dim3(kThreads), static_cast<size_t>(ApplyTraits::kSmem), stream, p);
 }
 
@@ -595,8 +596,8 @@ void run_backward_passes(const Params<T16>& p, const T16* grad_out, const int64_
     dqp.v = p.k, dqp.vs0 = p.ks0, dqp.vs1 = p.ks1, dqp.vs2 = p.ks2;
     launch_apply(dqp, stream);
 
-    const dim3 key_grid(static_cast<unsigned>((keys + kBN - 1) / kBN), static_cast<unsigned>(p.D / ApplyTraits::kBNd),
-                        static_cast<unsigned>(p.B * p.H));
+    const dim3 key_grid(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>(p.D / ApplyTraits::kBNd),
+                        static_cast<unsigned>((keys + kBN - 1) / kBN));
     Params<T16> dkp = qk;  // dk += scale dl^T Q
     dkp.weights = buf.dlogits, dkp.key_acc = buf.dk_acc, dkp.out_scale = p.scale;
     MOLM_SB_LAUNCH(sb_key_grad_kernel<T16>, key_grid, dim3(kThreads), static_cast<size_t>(ApplyTraits::kKeySmem),

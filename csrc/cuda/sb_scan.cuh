@@ -65,9 +65,9 @@ __device__ __forceinline__ acc_t warp_prefix_sum(acc_t x, int lane) {
 }
 
 // ------------------------------------------------------------------------------------------------ row scans
-// Rows of a [n_bh, row_stride, width] buffer (rows 0 .. rows - 1 of each bh used), one warp each; row r of batch
-// item bh is query position pos0 + r / G of batch b = bh / H. Keys are walked in 32-key groups from the query position down to 0; lanes hold consecutive keys.
-
+// Rows of a [n_bh, row_stride, width] buffer (rows 0 .. rows - 1 of each bh used), one warp each; row r of batch item
+// bh is query position pos0 + r / G of batch b = bh / H. Keys are walked in 32-key groups from the query position
+// down to 0; lanes hold consecutive keys.
 // In place: scores -> weights A (entries beyond the query position -> 0).
 template <typename acc_t>
 __global__ void __launch_bounds__(kScanWarps * 32) sb_scan_forward_kernel(acc_t* __restrict__ w, int64_t n_rows,
