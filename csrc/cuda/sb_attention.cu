@@ -1,14 +1,14 @@
-// CUDA stick-breaking attention (ModuleFormer variant; math in csrc/cpu/core/sb_core.h, oracle sb_attention_ref).
-//  * decode (T <= kDecodeMaxQueries): split-KV. One CTA per (query position, key chunk) reads each key row of its
-//    chunk once for all k slots of the token, scores it, runs the newest-to-oldest scan over the chunk (warp scan,
-//    carry = running log-survival) and accumulates A @ V; a second kernel combines the chunks newest to oldest,
-//    o = o_0 + exp(s_0) * (o_1 + exp(s_1) * (...)). No host synchronisation: capturable in a CUDA graph.
-//  * prefill, 16-bit, D a multiple of 128 up to 1024: the fused tensor-core kernels of sb_prefill.cuh (scores +
-//    scan from the diagonal back, then A V over the causal range). MOLM_CUDA_SB_FUSED=0 turns them off.
-//  * other prefill and the backward: tiles of query positions batched over (b, h). The two products with K and V run as
-//    cuBLAS batched GEMMs (tensor cores for bf16/fp16, fp32 output); a warp-per-row kernel does the reverse scan
+// CUDA stick-breaking attention (ModuleFormer variant; math in csrc/cpu/core/sb_core.h, oracle sb_attention_ref):
+// the entry points, which choose a path and allocate its buffers.
+//  * decode (T <= kDecodeMaxQueries): split-KV (sb_decode.cuh), capturable in a CUDA graph.
+//  * prefill and backward, 16-bit, D a multiple of 128 up to 1024: the fused tensor-core kernels of sb_prefill.cuh
+//    (scores + scan from the diagonal back, then A V over the causal range; the backward on the same tiles).
+//    MOLM_CUDA_SB_FUSED=0 turns them off.
+//  * otherwise: tiles of query positions batched over (b, h). The two products with K and V run as cuBLAS batched
+//    GEMMs (tensor cores for bf16/fp16, fp32 output); a warp-per-row kernel (sb_scan.cuh) does the reverse scan
 //    (forward) or the two-pass gradient scan (backward) in place. dK/dV are summed over query tiles in a fixed
-//    order into fp32 buffers: no atomics anywhere, results are bitwise repeatable.
+//    order into fp32 buffers.
+// No atomics anywhere: results are bitwise repeatable.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,6 +26,7 @@
 #include "../checks.h"
 #include "../sb_attention_common.h"
 #include "../dispatch.h"
+#include "sb_decode.cuh"
 #include "sb_prefill.cuh"
 #include "sb_scan.cuh"
 
@@ -33,212 +34,9 @@ namespace molm::cuda {
 namespace {
 
 using namespace sb;
+using sb_decode::kDecodeMaxQueries;
 
-constexpr int kDecodeMaxQueries = 4;      // T <= this takes the split-KV path
-constexpr int kDecodeThreads = 256;
-constexpr int kMaxSlotsPerPass = 4;       // k slots held in registers at once (more slots loop in groups)
 constexpr int64_t kTileBytes = 256 << 20;  // fp32 score buffer per tile of query positions (prefill, backward)
-
-// The kVec = 16 / sizeof(scalar_t) elements of one 16-byte load as acc_t, by bit operations (no local-memory copy).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void unpack16(const uint4& r, acc_t (&out)[16 / sizeof(scalar_t)]) {
-  const unsigned w[4] = {r.x, r.y, r.z, r.w};
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      out[2 * i] = __uint_as_float(w[i] << 16);  // element 2i: the low half (little endian)
-      out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
-      out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
-    }
-  } else if constexpr (std::is_same_v<scalar_t, float>) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(w[i]);
-  } else {
-    out[0] = __hiloint2double(static_cast<int>(w[1]), static_cast<int>(w[0]));
-    out[1] = __hiloint2double(static_cast<int>(w[3]), static_cast<int>(w[2]));
-  }
-}
-
-// ------------------------------------------------------------------------------------------------ decode (split-KV)
-// Grid (B * T * H, n_chunks). Chunk c of query position i covers keys [max(0, hi - chunk), hi), hi = i + 1 - c*chunk.
-// Writes o_part[((row * G + g) * n_chunks + c) * D + d] and s_part[(row * G + g) * n_chunks + c] (fp32/fp64).
-// Shared memory: q as acc_t [G, D], then the chunk's logits -> weights as acc_t [G, chunk].
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kDecodeThreads, 2) sb_decode_chunk_kernel(
-    const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-    const acc_t* __restrict__ bias, acc_t scale, int T, int G, int H, int D, int S, int chunk, int n_chunks,
-    int64_t qs0, int64_t qs1, int64_t qs2, int64_t qs3, int64_t ks0, int64_t ks1, int64_t ks2, int64_t vs0,
-    int64_t vs1, int64_t vs2, bool vec_ok, acc_t* __restrict__ o_part, acc_t* __restrict__ s_part) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* qsm = reinterpret_cast<acc_t*>(smem_raw);  // [G, D]
-  acc_t* wsm = qsm + static_cast<int64_t>(G) * D;   // [G, chunk]
-  const int64_t row = blockIdx.x;
-  const int c = blockIdx.y;
-  const int b = static_cast<int>(row / (static_cast<int64_t>(T) * H));
-  const int t = static_cast<int>((row / H) % T);
-  const int h = static_cast<int>(row % H);
-  const int i = S - T + t;  // absolute query position
-  const int k_hi = i + 1 - c * chunk;
-  const int k_lo = k_hi - chunk > 0 ? k_hi - chunk : 0;
-  const int n = k_hi > k_lo ? k_hi - k_lo : 0;  // keys in this chunk; key jj = 0 .. n-1 is position k_hi - 1 - jj
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n_warps = blockDim.x >> 5;
-  constexpr int kVec = 16 / sizeof(scalar_t);
-
-  // 16-bit inputs on the vector path: q is stored as two planes per slot, plane p holding elements 4p .. 4p+3 of every
-  // 8-element vector (q_plane(g, p)[dv * 4 + e] = q[g, dv * 8 + 4p + e]), so a warp's float4 reads are conflict-free.
-  constexpr bool kPlanes = kVec == 8;
-  for (int x = tid; x < G * D; x += blockDim.x) {
-    const int g = x / D, d = x % D;
-    const int slot = (kPlanes && vec_ok) ? g * D + ((d % 8) / 4) * (D / 2) + (d / 8) * 4 + d % 4 : x;
-    qsm[slot] = static_cast<acc_t>(q[b * qs0 + t * qs1 + g * qs2 + h * qs3 + d]);
-  }
-  __syncthreads();
-
-  // 1. logits: one warp per key row (coalesced over D), all slots at once
-  for (int jj = warp; jj < n; jj += n_warps) {
-    const int j = k_hi - 1 - jj;
-    const scalar_t* krow = k + b * ks0 + static_cast<int64_t>(j) * ks1 + h * ks2;
-    const acc_t bj = bias ? bias[static_cast<int64_t>(b) * S + j] : acc_t(0);
-    for (int g0 = 0; g0 < G; g0 += kMaxSlotsPerPass) {
-      acc_t part[kMaxSlotsPerPass];
-#pragma unroll
-      for (int u = 0; u < kMaxSlotsPerPass; ++u) part[u] = acc_t(0);
-      if (vec_ok) {  // 16-byte loads, kVec elements each
-        for (int dv = lane; dv < D / kVec; dv += 32) {
-          acc_t kx[kVec];
-          unpack16<scalar_t, acc_t>(*reinterpret_cast<const uint4*>(krow + dv * kVec), kx);
-          if constexpr (kPlanes) {
-#pragma unroll
-            for (int u = 0; u < kMaxSlotsPerPass; ++u) {
-              if (g0 + u < G) {
-                const acc_t* qg = qsm + (g0 + u) * D + dv * 4;
-                const float4 lo = *reinterpret_cast<const float4*>(qg);          // elements 0..3 of the vector
-                const float4 hi = *reinterpret_cast<const float4*>(qg + D / 2);  // elements 4..7
-                part[u] += lo.x * kx[0] + lo.y * kx[1] + lo.z * kx[2] + lo.w * kx[3] + hi.x * kx[4] + hi.y * kx[5] +
-                           hi.z * kx[6] + hi.w * kx[7];
-              }
-            }
-          } else {
-#pragma unroll
-            for (int x = 0; x < kVec; ++x) {
-#pragma unroll
-              for (int u = 0; u < kMaxSlotsPerPass; ++u)
-                if (g0 + u < G) part[u] += qsm[(g0 + u) * D + dv * kVec + x] * kx[x];
-            }
-          }
-        }
-      } else {
-        for (int d = lane; d < D; d += 32) {
-          const acc_t kv = static_cast<acc_t>(krow[d]);
-#pragma unroll
-          for (int u = 0; u < kMaxSlotsPerPass; ++u)
-            if (g0 + u < G) part[u] += qsm[(g0 + u) * D + d] * kv;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kMaxSlotsPerPass; ++u) {
-        const acc_t s = warp_sum(part[u]);
-        if (lane == 0 && g0 + u < G) wsm[(g0 + u) * chunk + jj] = s * scale + bj;
-      }
-    }
-  }
-  __syncthreads();
-
-  // 2. scan per slot, newest (jj = 0) to oldest: A = beta * exp(sum of log-survival of newer keys in the chunk)
-  for (int g = warp; g < G; g += n_warps) {
-    acc_t cum = acc_t(0);
-    for (int base = 0; base < n; base += 32) {
-      const int jj = base + lane;
-      const bool valid = jj < n;
-      acc_t beta = acc_t(0), survive = acc_t(1), ls = acc_t(0);
-      if (valid) sb_terms(wsm[g * chunk + jj], beta, survive, ls);
-      const acc_t incl = warp_prefix_sum(ls, lane);
-      acc_t excl = __shfl_up_sync(0xffffffffu, incl, 1);
-      if (lane == 0) excl = acc_t(0);
-      if (valid) wsm[g * chunk + jj] = beta * dev_exp(cum + excl);
-      cum += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) s_part[(row * G + g) * n_chunks + c] = cum;
-  }
-  __syncthreads();
-
-  // 3. o = sum_jj A[g, jj] v_j, one thread per kVec output columns (16-byte loads) or per column, slots in groups
-  if (vec_ok) {
-    for (int dv = tid; dv < D / kVec; dv += blockDim.x) {
-      for (int g0 = 0; g0 < G; g0 += kMaxSlotsPerPass) {
-        acc_t acc[kMaxSlotsPerPass][kVec];
-#pragma unroll
-        for (int u = 0; u < kMaxSlotsPerPass; ++u)
-#pragma unroll
-          for (int x = 0; x < kVec; ++x) acc[u][x] = acc_t(0);
-        for (int jj = 0; jj < n; ++jj) {
-          const int j = k_hi - 1 - jj;
-          acc_t vx[kVec];
-          unpack16<scalar_t, acc_t>(
-              *reinterpret_cast<const uint4*>(v + b * vs0 + static_cast<int64_t>(j) * vs1 + h * vs2 + dv * kVec), vx);
-#pragma unroll
-          for (int u = 0; u < kMaxSlotsPerPass; ++u) {
-            if (g0 + u < G) {
-              const acc_t a = wsm[(g0 + u) * chunk + jj];
-#pragma unroll
-              for (int x = 0; x < kVec; ++x) acc[u][x] += a * vx[x];
-            }
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kMaxSlotsPerPass; ++u)
-          if (g0 + u < G) {
-            acc_t* o = o_part + ((row * G + g0 + u) * n_chunks + c) * D + dv * kVec;
-#pragma unroll
-            for (int x = 0; x < kVec; ++x) o[x] = acc[u][x];
-          }
-      }
-    }
-    return;
-  }
-  for (int d = tid; d < D; d += blockDim.x) {
-    for (int g0 = 0; g0 < G; g0 += kMaxSlotsPerPass) {
-      acc_t acc[kMaxSlotsPerPass];
-#pragma unroll
-      for (int u = 0; u < kMaxSlotsPerPass; ++u) acc[u] = acc_t(0);
-      for (int jj = 0; jj < n; ++jj) {
-        const int j = k_hi - 1 - jj;
-        const acc_t vv = static_cast<acc_t>(v[b * vs0 + static_cast<int64_t>(j) * vs1 + h * vs2 + d]);
-#pragma unroll
-        for (int u = 0; u < kMaxSlotsPerPass; ++u)
-          if (g0 + u < G) acc[u] += wsm[(g0 + u) * chunk + jj] * vv;
-      }
-#pragma unroll
-      for (int u = 0; u < kMaxSlotsPerPass; ++u)
-        if (g0 + u < G) o_part[((row * G + g0 + u) * n_chunks + c) * D + d] = acc[u];
-    }
-  }
-}
-
-// Grid (B * T * H * G). out[b, t, g, h, :] = combine of the chunks, newest first.
-template <typename scalar_t, typename acc_t>
-__global__ void sb_decode_combine_kernel(const acc_t* __restrict__ o_part, const acc_t* __restrict__ s_part,
-                                         int T, int G, int H, int D, int n_chunks, scalar_t* __restrict__ out) {
-  const int64_t rg = blockIdx.x;  // (row, g), row = (b * T + t) * H + h
-  const int64_t row = rg / G;
-  const int g = static_cast<int>(rg % G);
-  const int64_t bt = row / H;  // b * T + t
-  const int h = static_cast<int>(row % H);
-  scalar_t* o = out + ((bt * G + g) * H + h) * D;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    acc_t acc = acc_t(0), carried = acc_t(0);
-    for (int c = 0; c < n_chunks; ++c) {
-      acc += dev_exp(carried) * o_part[(rg * n_chunks + c) * D + d];
-      carried += s_part[rg * n_chunks + c];
-    }
-    o[d] = static_cast<scalar_t>(acc);
-  }
-}
 
 // ------------------------------------------------------------------------------------------------ host side
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -372,8 +170,10 @@ bool fused_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return true;
 }
 
+// The element type as the kernels see it: c10's 16-bit types as CUDA's (same bits).
 template <typename scalar_t>
-using t16_of = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, __nv_bfloat16, __half>;
+using device_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, __nv_bfloat16,
+                                    std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half, scalar_t>>;
 
 // The fused tensor-core prefill; false when fused_setup refuses (the caller takes the cuBLAS-tiled path).
 template <typename scalar_t>
@@ -383,7 +183,7 @@ bool sb_forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     return false;
   } else {
     namespace sp = sb_prefill;
-    using T16 = t16_of<scalar_t>;
+    using T16 = device_t<scalar_t>;
     sp::Params<T16> p;
     int bd = 0;
     if (!fused_setup<T16>(q, k, v, nullptr, bias, scale, p, bd)) return false;
@@ -409,7 +209,7 @@ bool sb_backward_fused(const at::Tensor& grad, const at::Tensor& q, const at::Te
     return false;
   } else {
     namespace sp = sb_prefill;
-    using T16 = t16_of<scalar_t>;
+    using T16 = device_t<scalar_t>;
     sp::Params<T16> p;
     int bd = 0;
     if (!fused_setup<T16>(q, k, v, &grad, bias, scale, p, bd)) return false;
@@ -443,44 +243,41 @@ template <typename scalar_t>
 void sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const acc_type<scalar_t>* bias, double scale, at::Tensor& out) {
   using acc_t = acc_type<scalar_t>;
+  using dev_t = device_t<scalar_t>;
   const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), D = q.size(4), S = k.size(1);
-  const int64_t n_rows = B * T * H;
-  // enough CTAs to fill the chip (about 4 per SM), chunks of 64 .. 512 keys
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t want_chunks = std::max<int64_t>(1, ceil_div(4 * sms, n_rows));
-  int64_t chunk = ceil_div(ceil_div(S, want_chunks), 32) * 32;
-  chunk = std::min<int64_t>(512, std::max<int64_t>(64, chunk));
-  const int64_t n_chunks = ceil_div(S, chunk);
-  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor o_part = at::empty({n_rows * G * n_chunks, D}, acc_opts);
-  at::Tensor s_part = at::empty({n_rows * G * n_chunks}, acc_opts);
-  const size_t smem = static_cast<size_t>(G * D + G * chunk) * sizeof(acc_t);
   const auto* props = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(smem <= props->sharedMemPerBlockOptin, "molm::sb_attention: k = ", G, " slots of D = ", D,
-              " need ", smem, " bytes of shared memory in the decode kernel, the device allows ",
+  const sb_decode::DecodePlan plan =
+      sb_decode::plan(B * T * H, G, D, S, props->multiProcessorCount, static_cast<int64_t>(sizeof(acc_t)));
+  TORCH_CHECK(plan.smem <= static_cast<int64_t>(props->sharedMemPerBlockOptin), "molm::sb_attention: k = ", G,
+              " slots of D = ", D, " need ", plan.smem, " bytes of shared memory in the decode kernel, the device allows ",
               props->sharedMemPerBlockOptin);
+  const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor o_part = at::empty({B * T * H * G * plan.n_chunks, D}, acc_opts);
+  at::Tensor s_part = at::empty({B * T * H * G * plan.n_chunks}, acc_opts);
   // 16-byte loads of K/V rows when every row start is 16-byte aligned
   constexpr int64_t vec = 16 / sizeof(scalar_t);
   auto aligned = [&](const at::Tensor& t) {
     return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % vec == 0 &&
            t.stride(1) % vec == 0 && t.stride(2) % vec == 0;
   };
-  const bool vec_ok = D % vec == 0 && aligned(k) && aligned(v);
-  auto kernel = sb_decode_chunk_kernel<scalar_t, acc_t>;
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(n_chunks));  // n_chunks <= S / 64
-  kernel<<<grid, kDecodeThreads, smem, stream>>>(
-      q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), bias, static_cast<acc_t>(scale),
-      static_cast<int>(T), static_cast<int>(G), static_cast<int>(H), static_cast<int>(D), static_cast<int>(S),
-      static_cast<int>(chunk), static_cast<int>(n_chunks), q.stride(0), q.stride(1), q.stride(2), q.stride(3),
-      k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), vec_ok, o_part.data_ptr<acc_t>(),
-      s_part.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sb_decode_combine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(n_rows * G), 256, 0, stream>>>(
-      o_part.data_ptr<acc_t>(), s_part.data_ptr<acc_t>(), static_cast<int>(T), static_cast<int>(G),
-      static_cast<int>(H), static_cast<int>(D), static_cast<int>(n_chunks), out.data_ptr<scalar_t>());
+  if (plan.smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(sb_decode::sb_decode_chunk_kernel<dev_t, acc_t>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)));
+  sb_decode::DecodeArgs<dev_t, acc_t> a{};
+  a.q = reinterpret_cast<const dev_t*>(q.data_ptr());
+  a.k = reinterpret_cast<const dev_t*>(k.data_ptr());
+  a.v = reinterpret_cast<const dev_t*>(v.data_ptr());
+  a.bias = bias;
+  a.scale = static_cast<acc_t>(scale);
+  a.B = B, a.T = T, a.G = G, a.H = H, a.D = D, a.S = S;
+  a.qs0 = q.stride(0), a.qs1 = q.stride(1), a.qs2 = q.stride(2), a.qs3 = q.stride(3);
+  a.ks0 = k.stride(0), a.ks1 = k.stride(1), a.ks2 = k.stride(2);
+  a.vs0 = v.stride(0), a.vs1 = v.stride(1), a.vs2 = v.stride(2);
+  a.vec_ok = D % vec == 0 && aligned(k) && aligned(v);
+  a.o_part = o_part.data_ptr<acc_t>();
+  a.s_part = s_part.data_ptr<acc_t>();
+  a.out = reinterpret_cast<dev_t*>(out.data_ptr());
+  sb_decode::launch(a, plan, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -32,17 +32,6 @@ namespace molm::cuda::sb_prefill {
 
 namespace wmma = nvcuda::wmma;
 
-#ifdef MOLM_CUDA_EMU
-using stream_t = void*;
-#define MOLM_SB_LAUNCH(kernel, grid, block, smem, stream, ...) molm_emu::launch(grid, block, smem, kernel, __VA_ARGS__)
-#define MOLM_SB_SMEM(name) unsigned char* name = molm_emu::dynamic_smem()
-#else
-using stream_t = cudaStream_t;
-#define MOLM_SB_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
-#define MOLM_SB_SMEM(name)                                   \
-  extern __shared__ __align__(128) unsigned char name##_raw[]; \
-  unsigned char* name = name##_raw
-#endif
 
 // ------------------------------------------------------------------------------------------------ traits
 constexpr int kThreads = 256;  // 8 warps in both kernels
@@ -515,7 +504,7 @@ void set_pass(Params<T16>& p, int t0, int tn_max) {
 }
 
 template <typename T16, bool kScan>
-void launch_weights(const Params<T16>& p, int bd, stream_t stream) {
+void launch_weights(const Params<T16>& p, int bd, sb::stream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>(row_tiles(p.G, p.tn)));
   if (bd == 64)
     MOLM_SB_LAUNCH((sb_weights_kernel<T16, 64, kScan>), grid, dim3(kThreads),
@@ -526,7 +515,7 @@ void launch_weights(const Params<T16>& p, int bd, stream_t stream) {
 }
 
 template <typename T16>
-void launch_apply(const Params<T16>& p, stream_t stream) {
+void launch_apply(const Params<T16>& p, sb::stream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>(p.D / ApplyTraits::kBNd),
                   static_cast<unsigned>(row_tiles(p.G, p.tn)));
   MOLM_SB_LAUNCH(sb_apply_kernel<T16>, grid, dim3(kThreads), static_cast<size_t>(ApplyTraits::kSmem), stream, p);
@@ -537,7 +526,7 @@ void launch_apply(const Params<T16>& p, stream_t stream) {
 // p.row_stride = row_tiles(G, tn_max) * kBM, out_scale = 1. bd from weights_chunk(); the caller has raised kernel
 // 1's dynamic shared-memory limit (both kScan variants) to WeightsTraits<bd>::smem_bytes(D).
 template <typename T16>
-void run_passes(Params<T16> p, int bd, int tn_max, stream_t stream) {
+void run_passes(Params<T16> p, int bd, int tn_max, sb::stream_t stream) {
   for (int t0 = 0; t0 < p.T; t0 += tn_max) {
     set_pass(p, t0, tn_max);
     launch_weights<T16, true>(p, bd, stream);
@@ -562,7 +551,7 @@ struct BackwardBuffers {
 // H, D] contiguous receives scale * dl K.
 template <typename T16>
 void run_backward_passes(const Params<T16>& p, const T16* grad_out, const int64_t (&gs)[4], T16* dq,
-                         const BackwardBuffers<T16>& buf, int bd, int tn_max, stream_t stream) {
+                         const BackwardBuffers<T16>& buf, int bd, int tn_max, sb::stream_t stream) {
   for (int t0 = 0; t0 < p.T; t0 += tn_max) {
     Params<T16> qk = p;  // scores = Q K^T
     set_pass(qk, t0, tn_max);

@@ -15,7 +15,24 @@
 #include <cmath>
 #include <cstdint>
 
+// Kernel launches and dynamic shared memory, the same source for nvcc and the emulator.
+#ifdef MOLM_CUDA_EMU
+#define MOLM_SB_LAUNCH(kernel, grid, block, smem, stream, ...) molm_emu::launch(grid, block, smem, kernel, __VA_ARGS__)
+#define MOLM_SB_SMEM(name) unsigned char* name = molm_emu::dynamic_smem()
+#else
+#define MOLM_SB_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define MOLM_SB_SMEM(name)                                     \
+  extern __shared__ __align__(128) unsigned char name##_raw[]; \
+  unsigned char* name = name##_raw
+#endif
+
 namespace molm::cuda::sb {
+
+#ifdef MOLM_CUDA_EMU
+using stream_t = void*;
+#else
+using stream_t = cudaStream_t;
+#endif
 
 constexpr int kScanWarps = 8;  // rows per CTA in the scan kernels (one warp each)
 
