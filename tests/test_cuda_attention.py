@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from molm import ops, reference
+from sb_cases import sb_inputs
 from tolerances import assert_close
 
 HAS_CUDA_OP = (torch.cuda.is_available() and ops.extension_available()
                and torch._C._dispatch_has_kernel_for_dispatch_key("molm::sb_attention", "CUDA"))
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA_OP, reason="needs CUDA and molm built with CUDA")]
 
-FMIN = torch.finfo(torch.float32).min
 DEV = "cuda"
 torch.backends.cuda.matmul.allow_tf32 = False  # fp32 cases are held to fp32 bounds (the prefill GEMMs are cuBLAS)
 
@@ -29,17 +29,7 @@ def _poison_allocator(nbytes: int = 256 << 20) -> None:
 
 
 def _inputs(B, T, S, G, H, D, dtype, padded=False, shared_kv=True, shift=0.0, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    q = torch.randn(B, T, G, H, D, generator=g, device=DEV)
-    k = torch.randn(B, S, H, D, generator=g, device=DEV)
-    v = k if shared_kv else torch.randn(B, S, H, D, generator=g, device=DEV)
-    bias = None
-    if padded or shift:
-        bias = torch.full((B, S), shift, device=DEV)
-    if padded:
-        bias[0, : S // 2] = FMIN
-        bias[-1, : min(S - 1, 3)] = FMIN
-    return q.to(dtype), k.to(dtype), v.to(dtype), bias
+    return sb_inputs(B, T, S, G, H, D, dtype, padded, shared_kv, shift, seed, device=DEV)
 
 
 def _check_forward(q, k, v, bias, scale, what):

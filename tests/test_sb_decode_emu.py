@@ -15,9 +15,9 @@ import torch
 
 from emu_build import load_emu_library
 from molm import reference
+from sb_cases import sb_inputs
 from tolerances import assert_close
 
-FMIN = torch.finfo(torch.float32).min
 DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
 
 
@@ -51,20 +51,6 @@ def decode(lib, q, k, v, bias, scale, sms):
     return out, rc
 
 
-def _inputs(B, T, S, G, H, D, dtype, padded, shared_kv, shift=0.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, G, H, D, generator=g)
-    k = torch.randn(B, S, H, D, generator=g)
-    v = k if shared_kv else torch.randn(B, S, H, D, generator=g)
-    bias = None
-    if padded or shift:
-        bias = torch.full((B, S), shift)
-    if padded:
-        bias[0, : S // 2] = FMIN
-        bias[-1, : min(S - 1, 3)] = FMIN
-    return q.to(dtype), k.to(dtype), v.to(dtype), bias
-
-
 # (B, T, S, k slots, H, D, sms): one key; cached keys; T up to 4; k = 5 slots (two register groups); H > 1; the MoLM
 # head; D = 12 and 20 (not a multiple of the 16-byte vector: the scalar-load path); many chunks (sms = 64)
 CASES = [(1, 1, 1, 1, 1, 64, 4), (2, 1, 7, 2, 1, 64, 4), (1, 1, 700, 2, 1, 1024, 64), (2, 3, 100, 3, 2, 64, 16),
@@ -76,7 +62,7 @@ CASES = [(1, 1, 1, 1, 1, 64, 4), (2, 1, 7, 2, 1, 64, 4), (1, 1, 700, 2, 1, 1024,
     *[(*case, dtype) for case in (CASES[3], CASES[6]) for dtype in (torch.float16, torch.float64)]])
 def test_decode_matches_reference(lib, B, T, S, G, H, D, sms, dtype):
     padded = (S + G) % 2 == 1
-    q, k, v, bias = _inputs(B, T, S, G, H, D, dtype, padded, shared_kv=(B + T) % 2 == 0)
+    q, k, v, bias = sb_inputs(B, T, S, G, H, D, dtype, padded, shared_kv=(B + T) % 2 == 0)
     out, n_chunks = decode(lib, q, k, v, bias, D ** -0.5, sms)
     what = f"decode {dtype} B={B} T={T} S={S} k={G} H={H} D={D} chunks={n_chunks}"
     assert torch.isfinite(out).all(), f"{what}: non-finite or unwritten output"
@@ -88,7 +74,7 @@ def test_decode_chunking_and_adversarial_logits(lib):
     """Many chunks equal one chunk within rounding, also when beta ~ 1 (the newest chunk takes the whole stick) or
     beta ~ 0 (every chunk contributes a little)."""
     for shift in (0.0, 30.0, -30.0):
-        q, k, v, bias = _inputs(1, 1, 600, 2, 1, 128, torch.float32, padded=False, shared_kv=True, shift=shift)
+        q, k, v, bias = sb_inputs(1, 1, 600, 2, 1, 128, torch.float32, padded=False, shared_kv=True, shift=shift)
         one, n_one = decode(lib, q, k, v, bias, 0.1, sms=1)
         many, n_many = decode(lib, q, k, v, bias, 0.1, sms=128)
         assert n_one == 4 and n_many == 10  # chunks of 160 and of 64 keys

@@ -16,9 +16,9 @@ import torch
 
 from emu_build import load_emu_library
 from molm import reference
+from sb_cases import sb_inputs
 from tolerances import assert_close
 
-FMIN = torch.finfo(torch.float32).min
 H200_SMEM, A100_SMEM = 232448, 166912  # opt-in shared memory per block: kernel 1 uses BD = 64 / BD = 32 chunks
 
 
@@ -93,20 +93,6 @@ def _ref_grads(q, k, v, bias, grad, scale, dtype, shared_kv, bias_grad):
     return dq, dk, dv, (got[-1] if bias_grad else None)
 
 
-def _inputs(B, T, S, G, H, D, dtype, padded=False, shared_kv=True, shift=0.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, G, H, D, generator=g)
-    k = torch.randn(B, S, H, D, generator=g)
-    v = k if shared_kv else torch.randn(B, S, H, D, generator=g)
-    bias = None
-    if padded or shift:
-        bias = torch.full((B, S), shift)
-    if padded:
-        bias[0, : S // 2] = FMIN
-        bias[-1, : min(S - 1, 3)] = FMIN
-    return q.to(dtype), k.to(dtype), v.to(dtype), bias
-
-
 def _check(lib, q, k, v, bias, scale, what, **kw):
     out, passes = fused_forward(lib, q, k, v, bias, scale, **kw)
     assert torch.isfinite(out).all(), f"{what}: non-finite or unwritten output"
@@ -126,7 +112,7 @@ CASES = [(1, 5, 5, 1, 1, 128), (2, 33, 70, 2, 1, 128), (1, 40, 130, 4, 2, 256), 
 @pytest.mark.parametrize("B,T,S,G,H,D", CASES)
 def test_fused_prefill_matches_reference(lib, B, T, S, G, H, D, dtype):
     padded = (T + G) % 2 == 1
-    q, k, v, bias = _inputs(B, T, S, G, H, D, dtype, padded=padded, shared_kv=(B + T) % 2 == 0)
+    q, k, v, bias = sb_inputs(B, T, S, G, H, D, dtype, padded=padded, shared_kv=(B + T) % 2 == 0)
     out, _ = _check(lib, q, k, v, bias, D ** -0.5, f"fused {dtype} B={B} T={T} S={S} k={G} H={H} D={D}")
     if padded and T > S // 2:  # fully padded query rows of batch 0 get exactly nothing
         assert torch.all(out[0, : S // 2 - (S - T)] == 0)
@@ -135,7 +121,7 @@ def test_fused_prefill_matches_reference(lib, B, T, S, G, H, D, dtype):
 @pytest.mark.parametrize("exit_below", [-30.0, float("-inf")])
 @pytest.mark.parametrize("shift", [30.0, -30.0, 8.0])  # all beta ~ 1, all beta ~ 0, mostly ~ 1
 def test_fused_prefill_adversarial_logits(lib, shift, exit_below):
-    q, k, v, bias = _inputs(1, 150, 150, 2, 1, 128, torch.bfloat16, shift=shift)
+    q, k, v, bias = sb_inputs(1, 150, 150, 2, 1, 128, torch.bfloat16, shift=shift)
     first_key = torch.full((5,), -1, dtype=torch.int32)
     _check(lib, q, k, v, bias, 0.125, f"adversarial shift={shift}", exit_below=exit_below, first_key=first_key)
     # row tile 4 holds positions 128 .. 149: with beta ~ 1 a key or two use up the stick (the walk stops after key
@@ -147,7 +133,7 @@ def test_fused_prefill_adversarial_logits(lib, shift, exit_below):
 def test_fused_prefill_early_exit_skips_old_keys(lib):
     """Random logits (beta ~ 0.5): the stick is used up within a few dozen keys, so later row tiles stop walking
     early; the output stays within the bound of the exact reference and the early exit sets first_key."""
-    q, k, v, bias = _inputs(1, 300, 300, 2, 1, 128, torch.bfloat16, seed=5)
+    q, k, v, bias = sb_inputs(1, 300, 300, 2, 1, 128, torch.bfloat16, seed=5)
     first_key = torch.full((10,), -1, dtype=torch.int32)
     out, _ = _check(lib, q, k, v, bias, 0.1, "early exit", first_key=first_key)
     # row tile t holds positions 32 t .. 32 t + 31; a tile stops after its diagonal key tile or the one before
@@ -160,7 +146,7 @@ def test_fused_prefill_early_exit_skips_old_keys(lib):
 def test_fused_prefill_small_smem_variant_and_passes(lib):
     """The BD = 32 kernel (A100's shared memory) and a weights budget that forces several passes give the same
     bits as one pass with BD = 64: the chunking changes no summation order."""
-    q, k, v, bias = _inputs(1, 100, 120, 2, 1, 1024, torch.bfloat16, padded=True)
+    q, k, v, bias = sb_inputs(1, 100, 120, 2, 1, 1024, torch.bfloat16, padded=True)
     one, passes = fused_forward(lib, q, k, v, bias, 1 / 32)
     assert passes == 100
     small, _ = fused_forward(lib, q, k, v, bias, 1 / 32, max_smem=A100_SMEM)
@@ -183,7 +169,7 @@ def test_fused_prefill_strided_inputs(lib):
 
 
 def test_fused_prefill_refuses_unsupported_head(lib):
-    q, k, v, _ = _inputs(1, 8, 8, 1, 1, 64, torch.bfloat16)
+    q, k, v, _ = sb_inputs(1, 8, 8, 1, 1, 64, torch.bfloat16)
     with pytest.raises(RuntimeError, match="D = 64"):
         fused_forward(lib, q, k, v, None, 0.125)
 
@@ -199,7 +185,7 @@ BACKWARD_CASES = [(1, 6, 6, 1, 1, 128), (2, 33, 70, 2, 1, 128), (1, 21, 70, 2, 1
 def test_fused_backward_matches_reference(lib, B, T, S, G, H, D, shared_kv):
     dtype = torch.bfloat16
     padded = shared_kv
-    q, k, v, bias = _inputs(B, T, S, G, H, D, dtype, padded=padded, shared_kv=shared_kv)
+    q, k, v, bias = sb_inputs(B, T, S, G, H, D, dtype, padded=padded, shared_kv=shared_kv)
     if bias is None:
         bias = torch.zeros(B, S)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
@@ -223,7 +209,7 @@ def test_fused_backward_matches_reference(lib, B, T, S, G, H, D, shared_kv):
 
 def test_fused_backward_passes_and_small_smem(lib):
     """Several passes (dk / dv accumulated across them) and the BD = 32 variant give the gradients of one pass."""
-    q, k, v, bias = _inputs(1, 40, 50, 2, 1, 128, torch.float16, padded=True, shared_kv=False)
+    q, k, v, bias = sb_inputs(1, 40, 50, 2, 1, 128, torch.float16, padded=True, shared_kv=False)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(torch.float16)
     one = fused_backward(lib, grad, q, k, v, bias, 0.1, bias_grad=True)
     assert one[4] == 40

@@ -105,6 +105,15 @@ void sb_forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   }
 }
 
+// Every row (last dimension, contiguous) of t starts on a 16-byte boundary: a 16-byte aligned base and all other
+// strides multiples of vec = 16 / element size.
+bool rows_aligned16(const at::Tensor& t, int64_t vec) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || t.stride(t.dim() - 1) != 1) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.stride(d) % vec != 0) return false;
+  return true;
+}
+
 bool fused_prefill_enabled() {  // read per call so that tests and benchmarks can compare both paths
   const char* v = std::getenv("MOLM_CUDA_SB_FUSED");
   return v == nullptr || std::strcmp(v, "0") != 0;
@@ -145,12 +154,7 @@ bool fused_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   namespace sp = sb_prefill;
   const int64_t B = q.size(0), H = q.size(3), D = q.size(4);
   if (!fused_prefill_enabled() || !sp::supports(static_cast<int>(D)) || B * H > (int64_t(1) << 31) - 1) return false;
-  auto aligned = [](const at::Tensor& t) {
-    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || t.stride(t.dim() - 1) != 1) return false;
-    for (int64_t d = 0; d + 1 < t.dim(); ++d)
-      if (t.stride(d) % 8 != 0) return false;
-    return true;
-  };
+  auto aligned = [](const at::Tensor& t) { return rows_aligned16(t, 8); };
   if (!aligned(q) || !aligned(k) || !aligned(v) || (grad_out && !aligned(*grad_out))) return false;
   bd = sp::weights_chunk(static_cast<int>(D), at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   if (bd == 0) return false;
@@ -254,12 +258,7 @@ void sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor o_part = at::empty({B * T * H * G * plan.n_chunks, D}, acc_opts);
   at::Tensor s_part = at::empty({B * T * H * G * plan.n_chunks}, acc_opts);
-  // 16-byte loads of K/V rows when every row start is 16-byte aligned
-  constexpr int64_t vec = 16 / sizeof(scalar_t);
-  auto aligned = [&](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % vec == 0 &&
-           t.stride(1) % vec == 0 && t.stride(2) % vec == 0;
-  };
+  constexpr int64_t vec = 16 / sizeof(scalar_t);  // elements per 16-byte load of a K/V row
   if (plan.smem > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(sb_decode::sb_decode_chunk_kernel<dev_t, acc_t>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)));
@@ -273,7 +272,7 @@ void sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   a.qs0 = q.stride(0), a.qs1 = q.stride(1), a.qs2 = q.stride(2), a.qs3 = q.stride(3);
   a.ks0 = k.stride(0), a.ks1 = k.stride(1), a.ks2 = k.stride(2);
   a.vs0 = v.stride(0), a.vs1 = v.stride(1), a.vs2 = v.stride(2);
-  a.vec_ok = D % vec == 0 && aligned(k) && aligned(v);
+  a.vec_ok = D % vec == 0 && rows_aligned16(k, vec) && rows_aligned16(v, vec);
   a.o_part = o_part.data_ptr<acc_t>();
   a.s_part = s_part.data_ptr<acc_t>();
   a.out = reinterpret_cast<dev_t*>(out.data_ptr());

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "sb_scan.cuh"
 
@@ -112,6 +113,47 @@ struct alignas(4) Pair {
 __device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
   __pipeline_memcpy_async(dst, valid ? src : dst, 16, valid ? 0 : 16);
 }
+
+// A warp's 32 x 32 fp32 tile of a product, as 2 x 2 WMMA fragments (kernels 2 and 3).
+struct WarpTile32 {
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  }
+
+  // acc += A B over K (a multiple of 16): A is 32 x K with element (m, k) at a[m * lda + k] (row_major) or
+  // a[k * lda + m] (col_major); B is K x 32, row-major with leading dimension ldb.
+  template <typename LayoutA, int K, typename T16>
+  __device__ __forceinline__ void mma(const T16* a, int lda, const T16* b, int ldb) {
+    constexpr bool kRowA = std::is_same_v<LayoutA, wmma::row_major>;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T16, LayoutA> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T16, wmma::row_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(fa[i], a + (kRowA ? i * 16 * lda + kk * 16 : kk * 16 * lda + i * 16), lda);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], b + kk * 16 * ldb + j * 16, ldb);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(float* dst, int ld) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(dst + i * 16 * ld + j * 16, acc[i][j], ld, wmma::mem_row_major);
+  }
+};
 
 __device__ __forceinline__ int last_position(int rows_end, const int G, const int S, const int T, const int t0) {
   return S - T + t0 + (rows_end - 1) / G;  // absolute position of the CTA's newest query row
@@ -293,40 +335,19 @@ __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p)
   for (int s = s_begin; s < s_begin + kStages - 1; ++s) load_step(s);
 
   const int wr = (warp % 2) * 32, wc = (warp / 2) * 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-
+  WarpTile32 tile_acc;
+  tile_acc.zero();
   for (int s = s_begin; s < n_steps; ++s) {
     __pipeline_wait_prior(kStages - 2);
     __syncthreads();
     load_step(s + kStages - 1);
     const T16* ast = as + (s % kStages) * kBM * Tr::kARow;
     const T16* vst = vs + (s % kStages) * Tr::kBK * Tr::kVRow;
-#pragma unroll
-    for (int kk = 0; kk < Tr::kBK / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T16, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T16, wmma::row_major> bv[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], ast + (wr + i * 16) * Tr::kARow + kk * 16, Tr::kARow);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bv[j], vst + kk * 16 * Tr::kVRow + wc + j * 16, Tr::kVRow);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], bv[j], acc[i][j]);
-    }
+    tile_acc.mma<wmma::row_major, Tr::kBK>(ast + wr * Tr::kARow, Tr::kARow, vst + wc, Tr::kVRow);
   }
   __pipeline_wait_prior(0);
   __syncthreads();  // every warp is done with the ring before it becomes the output tile
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(os + (wr + i * 16) * Tr::kORow + wc + j * 16, acc[i][j], Tr::kORow,
-                              wmma::mem_row_major);
+  tile_acc.store(os + wr * Tr::kORow + wc, Tr::kORow);
   __syncthreads();
   // 8 outputs (16 bytes) per thread and step; out is [B, T, G, H, D] contiguous
   for (int x = tid; x < kBM * (Tr::kBNd / 8); x += kThreads) {
@@ -387,41 +408,20 @@ __global__ void __launch_bounds__(kThreads) sb_key_grad_kernel(const Params<T16>
   for (int s = s_begin; s < s_begin + kStages - 1; ++s) load_step(s);
 
   const int wk = (warp % 2) * 32, wc = (warp / 2) * 32;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-
+  WarpTile32 tile_acc;
+  tile_acc.zero();
   for (int s = s_begin; s < n_steps; ++s) {
     __pipeline_wait_prior(kStages - 2);
     __syncthreads();
     load_step(s + kStages - 1);
     const T16* xst = xs + (s % kStages) * Tr::kBK * Tr::kXRow;
     const T16* yst = ys + (s % kStages) * Tr::kBK * Tr::kVRow;
-#pragma unroll
-    for (int kk = 0; kk < Tr::kBK / 16; ++kk) {
-      // weights^T as a column-major A operand: element (key, row) sits at xst[row * kXRow + key]
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T16, wmma::col_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T16, wmma::row_major> bq[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], xst + kk * 16 * Tr::kXRow + wk + i * 16, Tr::kXRow);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bq[j], yst + kk * 16 * Tr::kVRow + wc + j * 16, Tr::kVRow);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], bq[j], acc[i][j]);
-    }
+    // weights^T as a column-major A operand: element (key, row) sits at xst[row * kXRow + key]
+    tile_acc.mma<wmma::col_major, Tr::kBK>(xst + wk, Tr::kXRow, yst + wc, Tr::kVRow);
   }
   __pipeline_wait_prior(0);
   __syncthreads();
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(os + (wk + i * 16) * Tr::kORow + wc + j * 16, acc[i][j], Tr::kORow,
-                              wmma::mem_row_major);
+  tile_acc.store(os + wk * Tr::kORow + wc, Tr::kORow);
   __syncthreads();
   for (int x = tid; x < kBN * (Tr::kBNd / 4); x += kThreads) {
     const int kr = x / (Tr::kBNd / 4), d = (x % (Tr::kBNd / 4)) * 4, j = j0 + kr;
