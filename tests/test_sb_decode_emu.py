@@ -57,9 +57,13 @@ CASES = [(1, 1, 1, 1, 1, 64, 4), (2, 1, 7, 2, 1, 64, 4), (1, 1, 700, 2, 1, 1024,
          (1, 4, 4, 2, 1, 128, 4), (1, 1, 300, 5, 2, 64, 32), (2, 1, 100, 2, 1, 12, 8), (1, 2, 200, 3, 1, 20, 8)]
 
 
+def _case(case, dtype):
+    return pytest.param(*case, dtype, id="-".join(map(str, case)) + "-" + str(dtype).removeprefix("torch."))
+
+
 @pytest.mark.parametrize("B,T,S,G,H,D,sms,dtype", [
-    *[(*case, dtype) for case in CASES for dtype in (torch.bfloat16, torch.float32)],
-    *[(*case, dtype) for case in (CASES[3], CASES[6]) for dtype in (torch.float16, torch.float64)]])
+    *[_case(case, dtype) for case in CASES for dtype in (torch.bfloat16, torch.float32)],
+    *[_case(case, dtype) for case in (CASES[3], CASES[6]) for dtype in (torch.float16, torch.float64)]])
 def test_decode_matches_reference(lib, B, T, S, G, H, D, sms, dtype):
     padded = (S + G) % 2 == 1
     q, k, v, bias = sb_inputs(B, T, S, G, H, D, dtype, padded, shared_kv=(B + T) % 2 == 0)

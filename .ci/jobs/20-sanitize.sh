@@ -42,3 +42,18 @@ MOLM_FUZZ_EXAMPLES=3 python -m pytest -q -p asan_ops -p no:cacheprovider tests/t
 python -m pytest -q -p asan_ops -p no:cacheprovider tests/test_model.py tests/test_generate.py -k "extension"
 unset LD_PRELOAD
 echo "--- Python op and model tests under ASan/UBSan passed at $((SECONDS - start)) s"
+
+# The CUDA attention kernels on the CPU emulator (tests/emu_build.py, MOLM_EMU_SANITIZE): under ASan/UBSan a kernel
+# access outside its buffers aborts; under TSan, where every emulated CUDA thread is an OS thread and each barrier
+# orders exactly its participants, shared-memory accesses of different warps that no __syncthreads orders abort
+# (both checked to fire on a deliberately broken kernel when this job was written). A few shapes each: ~1 thread per
+# CUDA thread makes the instrumented runs slow.
+EMU_TESTS="tests/test_sb_prefill_emu.py tests/test_sb_decode_emu.py"
+LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)" MOLM_EMU_SANITIZE=address \
+  python -m pytest -q -s -p no:cacheprovider $EMU_TESTS -k "2-33-70 or strided or 2-3-100-3-2-64-16"
+echo "--- CUDA kernels on the emulator under ASan/UBSan passed at $((SECONDS - start)) s"
+LD_PRELOAD="$(g++ -print-file-name=libtsan.so)" MOLM_EMU_SANITIZE=thread OMP_NUM_THREADS=1 \
+  TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0 \
+  python -m pytest -q -s -p no:cacheprovider $EMU_TESTS \
+  -k "(reference and 2-33-70 and dtype0) or (backward_matches and 1-21-70) or 2-3-100-3-2-64-16-bfloat16"
+echo "--- CUDA kernels on the emulator under TSan passed at $((SECONDS - start)) s"
