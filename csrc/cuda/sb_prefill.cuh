@@ -109,9 +109,10 @@ struct alignas(4) Pair {
   T16 lo, hi;
 };
 
-// 16-byte async copy of src (when valid) or zeros into shared memory.
-__device__ __forceinline__ void copy16(void* dst, const void* src, bool valid) {
-  __pipeline_memcpy_async(dst, valid ? src : dst, 16, valid ? 0 : 16);
+// 16-byte async copy of src (when valid) or zeros into shared memory. An invalid src may point past its buffer,
+// so the copy, which then reads nothing, is given `base` (a valid global address) instead.
+__device__ __forceinline__ void copy16(void* dst, const void* src, bool valid, const void* base) {
+  __pipeline_memcpy_async(dst, valid ? src : base, 16, valid ? 0 : 16);
 }
 
 // A warp's 32 x 32 fp32 tile of a product, as 2 x 2 WMMA fragments (kernels 2 and 3).
@@ -190,7 +191,7 @@ __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> 
     const int lr = x / (D / 8), d = (x % (D / 8)) * 8, r = r0 + lr;
     const int t = p.t0 + r / p.G, g = r % p.G;
     const T16* src = p.q + b * p.qs0 + t * p.qs1 + g * p.qs2 + h * p.qs3 + d;
-    copy16(qs + lr * q_row + d, src, r < p.rows);
+    copy16(qs + lr * q_row + d, src, r < p.rows, p.q);
   }
   // K chunk of step s: keys of tile n_tiles - 1 - s / n_chunks, head dims (s % n_chunks) * BD .. + BD - 1
   auto load_chunk = [&](int s) {
@@ -199,7 +200,7 @@ __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> 
       T16* dst = ks + (s % kStages) * kBN * Tr::kKRow;
       for (int x = tid; x < kBN * (BD / 8); x += kThreads) {
         const int kr = x / (BD / 8), d = (x % (BD / 8)) * 8, j = n0 + kr;
-        copy16(dst + kr * Tr::kKRow + d, kb + int64_t(j) * p.ks1 + d0 + d, j < p.S);
+        copy16(dst + kr * Tr::kKRow + d, kb + int64_t(j) * p.ks1 + d0 + d, j < p.S, kb);
       }
     }
     __pipeline_commit();  // always, so that the group count per step stays uniform
@@ -321,12 +322,12 @@ __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p)
       T16* ad = as + (s % kStages) * kBM * Tr::kARow;
       for (int x = tid; x < kBM * (Tr::kBK / 8); x += kThreads) {
         const int lr = x / (Tr::kBK / 8), j = (x % (Tr::kBK / 8)) * 8;
-        copy16(ad + lr * Tr::kARow + j, wts + int64_t(r0 + lr) * p.width + j0 + j, r0 + lr < p.rows);
+        copy16(ad + lr * Tr::kARow + j, wts + int64_t(r0 + lr) * p.width + j0 + j, r0 + lr < p.rows, wts);
       }
       T16* vd = vs + (s % kStages) * Tr::kBK * Tr::kVRow;
       for (int x = tid; x < Tr::kBK * (Tr::kBNd / 8); x += kThreads) {
         const int kr = x / (Tr::kBNd / 8), d = (x % (Tr::kBNd / 8)) * 8, j = j0 + kr;
-        copy16(vd + kr * Tr::kVRow + d, vb + int64_t(j) * p.vs1 + d, j < p.S);
+        copy16(vd + kr * Tr::kVRow + d, vb + int64_t(j) * p.vs1 + d, j < p.S, vb);
       }
     }
     __pipeline_commit();
@@ -393,13 +394,13 @@ __global__ void __launch_bounds__(kThreads) sb_key_grad_kernel(const Params<T16>
       T16* xd = xs + (s % kStages) * Tr::kBK * Tr::kXRow;
       for (int x = tid; x < Tr::kBK * (kBN / 8); x += kThreads) {
         const int lr = x / (kBN / 8), j = (x % (kBN / 8)) * 8, r = ra + lr;
-        copy16(xd + lr * Tr::kXRow + j, xb + int64_t(r) * p.width + j, r < p.rows);
+        copy16(xd + lr * Tr::kXRow + j, xb + int64_t(r) * p.width + j, r < p.rows, xb);
       }
       T16* yd = ys + (s % kStages) * Tr::kBK * Tr::kVRow;
       for (int x = tid; x < Tr::kBK * (Tr::kBNd / 8); x += kThreads) {
         const int lr = x / (Tr::kBNd / 8), d = (x % (Tr::kBNd / 8)) * 8, r = ra + lr;
         const int t = p.t0 + r / p.G, g = r % p.G;
-        copy16(yd + lr * Tr::kVRow + d, qb + t * p.qs1 + g * p.qs2 + d, r < p.rows);
+        copy16(yd + lr * Tr::kVRow + d, qb + t * p.qs1 + g * p.qs2 + d, r < p.rows, qb);
       }
     }
     __pipeline_commit();
