@@ -197,7 +197,6 @@ bool sb_forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     p.weights = reinterpret_cast<T16*>(weights.data_ptr());
     p.first_key = first_key.data_ptr<int>();
     p.out = reinterpret_cast<T16*>(out.data_ptr());
-    p.row_stride = sp::row_tiles(p.G, tn_max) * sp::kBM;
     sp::run_passes(p, bd, static_cast<int>(tn_max), at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
@@ -224,7 +223,6 @@ bool sb_backward_fused(const at::Tensor& grad, const at::Tensor& q, const at::Te
     at::Tensor scores = at::empty({n}, f32), grads = at::empty({n}, f32);
     at::Tensor weights = at::empty({n}, q.options()), dlogits = at::empty({n}, q.options());
     at::Tensor dk_acc = at::zeros({B * H, S, D}, f32), dv_acc = at::zeros({B * H, S, D}, f32);
-    p.row_stride = sp::row_tiles(p.G, tn_max) * sp::kBM;
     const sp::BackwardBuffers<T16> buf{scores.data_ptr<float>(),
                                        grads.data_ptr<float>(),
                                        reinterpret_cast<T16*>(weights.data_ptr()),

@@ -495,9 +495,11 @@ inline int pass_positions(int64_t B, int64_t H, int64_t G, int64_t S, int64_t T,
   return static_cast<int>(tn < 1 ? 1 : (tn < T ? tn : T));
 }
 
-// Sets the pass fields of p for query positions [t0, t0 + min(tn_max, T - t0)).
+// Sets the pass fields of p for query positions [t0, t0 + min(tn_max, T - t0)); the buffers' row stride is that of
+// the largest pass (weights_elements(..., tn_max)).
 template <typename T16>
 void set_pass(Params<T16>& p, int t0, int tn_max) {
+  p.row_stride = row_tiles(p.G, tn_max) * kBM;
   p.t0 = t0;
   p.tn = tn_max < p.T - t0 ? tn_max : p.T - t0;
   p.rows = p.tn * p.G;
@@ -524,8 +526,8 @@ void launch_apply(const Params<T16>& p, sb::stream_t stream) {
 
 // Forward: kernel 1 then kernel 2 for each pass of tn_max query positions, on `stream`. p has everything but the
 // pass fields; p.weights holds weights_elements(..., tn_max), p.first_key B * H * row_tiles(G, tn_max) entries,
-// p.row_stride = row_tiles(G, tn_max) * kBM, out_scale = 1. bd from weights_chunk(); the caller has raised kernel
-// 1's dynamic shared-memory limit (both kScan variants) to WeightsTraits<bd>::smem_bytes(D).
+// out_scale = 1. bd from weights_chunk(); the caller has raised kernel 1's dynamic shared-memory limit (both kScan
+// variants) to WeightsTraits<bd>::smem_bytes(D).
 template <typename T16>
 void run_passes(Params<T16> p, int bd, int tn_max, sb::stream_t stream) {
   for (int t0 = 0; t0 < p.T; t0 += tn_max) {

@@ -75,7 +75,6 @@ int forward(const Inputs& in, float exit_below, void* out, int* first_key_out) {
   p.weights = reinterpret_cast<T16*>(weights.data);
   p.first_key = first_key.data();
   p.out = static_cast<T16*>(out);
-  p.row_stride = sp::row_tiles(p.G, tn_max) * sp::kBM;
   p.exit_below = exit_below;
   sp::run_passes(p, bd, tn_max, nullptr);
   if (first_key_out != nullptr)  // the last pass's record, for tests of the early exit
@@ -94,7 +93,6 @@ int backward(const Inputs& in, const void* grad_out, const int64_t* gs, void* dq
   const float nan = std::numeric_limits<float>::quiet_NaN();
   DeviceLikeBuffer<float> scores(n, nan), grads(n, nan);
   DeviceLikeBuffer<uint16_t> weights(n, kNan16), dlogits(n, kNan16);
-  p.row_stride = sp::row_tiles(p.G, tn_max) * sp::kBM;
   const sp::BackwardBuffers<T16> buf{scores.data, grads.data, reinterpret_cast<T16*>(weights.data),
                                      reinterpret_cast<T16*>(dlogits.data), dk_acc, dv_acc, dbias};
   const int64_t strides[4] = {gs[0], gs[1], gs[2], gs[3]};
