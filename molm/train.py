@@ -14,6 +14,8 @@ import json
 import math
 import os
 import shutil
+import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -208,6 +210,29 @@ def _maybe_init_distributed(device: str) -> None:
         dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
 
 
+def _average_across_ranks(grads: list[torch.Tensor], sums: dict, world: int) -> dict:
+    """Average the fp32 gradients (in place) and the logged sums over the ranks with one all-reduce.
+
+    gloo's worker thread drops its reference to the buffer only after the collective has completed, and dropping a
+    tensor that Python also holds takes the GIL. A rank that exits before that thread got the GIL aborts at
+    interpreter shutdown ("terminate called without an active exception"), so wait, with the GIL released, until
+    the backend has let go of the buffer.
+    """
+    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor(list(sums.values()), device=grads[0].device)])
+    held_by_python = sys.getrefcount(flat)
+    dist.all_reduce(flat)
+    flat /= world
+    if dist.get_backend() == "gloo":
+        deadline = time.monotonic() + 30.0
+        while sys.getrefcount(flat) > held_by_python and time.monotonic() < deadline:
+            time.sleep(1e-4)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return dict(zip(sums, flat[offset:].tolist()))
+
+
 # --- model -------------------------------------------------------------------------------------------------------
 def _as_model(model, seed: int, device: str):
     if isinstance(model, ModuleFormerConfig):
@@ -326,12 +351,11 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
         for (_, p), m in zip(params, master):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if world > 1:
-                dist.all_reduce(p.grad)
-                p.grad /= world
             if m is not p:
                 m.grad = p.grad.float()
                 p.grad = None
+        if world > 1:
+            sums = _average_across_ranks([m.grad for m in master], sums, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(master, cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -339,11 +363,6 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
             with torch.no_grad():
                 for (_, p), m in zip(params, master):
                     p.copy_(m)
-        if world > 1:
-            for key in sums:
-                t = torch.tensor(sums[key])
-                dist.all_reduce(t)
-                sums[key] = float(t) / world
         entry = {"step": step + 1, "lr": lr, **{k: round(v, 5) for k, v in sums.items()}}
         if grad_norm is not None:
             entry["grad_norm"] = round(float(grad_norm), 4)
