@@ -11,6 +11,7 @@ against it). Switches:
 
 import glob
 import os
+import re
 import site
 import sysconfig
 
@@ -46,6 +47,22 @@ def _cutlass_include_dirs():
                        zip(dirs, ("cutlass/cutlass.h", "cutlass/util/packed_stride.hpp"))) else []
 
 
+def cutlass_sm90a_usable(arch_list: str) -> tuple[bool, str]:
+    """Whether the CUTLASS grouped GEMM may be built for this TORCH_CUDA_ARCH_LIST, and why not.
+
+    Its kernels only exist for sm_90a: compiled for sm_90 (or JIT-compiled from compute_90 PTX) CUTLASS leaves a
+    stub that prints an error and writes nothing. A Hopper GPU runs sm_90a code only when the list has 9.0a, and a
+    plain 9.0 / 9.0+PTX entry beside it could be the variant the driver loads, so that is refused too.
+    """
+    archs = [a.strip() for a in arch_list.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    if not any(a.startswith("9.0a") for a in archs):
+        return False, f"TORCH_CUDA_ARCH_LIST={arch_list!r} has no 9.0a"
+    plain = [a for a in archs if a in ("9.0", "9.0+PTX")]
+    if plain:
+        return False, f"TORCH_CUDA_ARCH_LIST={arch_list!r} has {plain[0]} beside 9.0a"
+    return True, ""
+
+
 def _extension():
     cpu_sources = ["csrc/ops.cpp", "csrc/bindings.cpp", *_rel(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]
     cxx_flags = ["-O3", "-fopenmp"]  # the -std flag comes from torch (C++17 code; torch >= 2.10 headers need C++20)
@@ -54,19 +71,25 @@ def _extension():
         return CppExtension("molm._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cu"), recursive=True))
-    nvcc_flags = ["-O3", "--threads", "2", "-DMOLM_WITH_CUDA"]
+    # recorded for molm._C.build_info(); a preprocessor number, so no quoting reaches the shell
+    defines = ["-DMOLM_WITH_CUDA", "-DMOLM_CUDA_ARCHS=" + re.sub(r"[^0-9A-Za-z.]", "_", arch_list)]
+    nvcc_flags = ["-O3", "--threads", "2"]
     cutlass_dirs = _cutlass_include_dirs()
-    if cutlass_dirs:
-        # Only expert_gemm_sm90.cu uses it; its kernels have code for sm_90a only (other archs get CUTLASS's stub).
-        nvcc_flags.append("-DMOLM_WITH_CUTLASS")
+    cutlass_ok, why_not = cutlass_sm90a_usable(arch_list)
+    if cutlass_dirs and cutlass_ok:
+        defines.append("-DMOLM_WITH_CUTLASS")
     else:
-        print("molm setup.py: CUTLASS not found (pip install nvidia-cutlass, or set CUTLASS_PATH): building without "
-              "the sm_90a CUTLASS grouped GEMM; Hopper GPUs use the WMMA expert GEMM", flush=True)
+        why_not = why_not or "CUTLASS not found (pip install nvidia-cutlass, or set CUTLASS_PATH)"
+        print(f"molm setup.py: {why_not}: building without the sm_90a CUTLASS grouped GEMM; Hopper GPUs use the "
+              "WMMA expert GEMM", flush=True)
+        cutlass_dirs = []
     return CUDAExtension(
         "molm._C", cpu_sources + cuda_sources, include_dirs=_cuda_include_dirs() + cutlass_dirs,
-        extra_compile_args={"cxx": cxx_flags + ["-DMOLM_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags + defines},
         extra_link_args=["-fopenmp"])
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})
+if __name__ == "__main__":  # importable by the tests without building
+    setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})

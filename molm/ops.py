@@ -111,11 +111,15 @@ if _C is not None:
         ctx.n_rows, ctx.group = x.shape[0], group
 
     def _gather_rows_backward(ctx, grad):
-        """Rows that read the same source row (group > 1: the k slots of a token) sum, in fp32."""
+        """Rows that read the same source row (group > 1: the k slots of a token) sum, in fp32.
+
+        index_put_ with accumulate=True sums duplicates in index order (serially on CPU, after a stable sort on
+        CUDA), where index_add_ would use floating-point atomics on CUDA: the gradient is bitwise repeatable.
+        """
         (index,) = ctx.saved_tensors
         rows = torch.div(index, ctx.group, rounding_mode="floor")  # [M]
         dx = grad.new_zeros((ctx.n_rows, grad.shape[1]), dtype=torch.promote_types(grad.dtype, torch.float32))
-        return dx.index_add_(0, rows, grad.to(dx.dtype)).to(grad.dtype), None, None
+        return dx.index_put_((rows,), grad.to(dx.dtype), accumulate=True).to(grad.dtype), None, None
 
     torch.library.register_autograd("molm::gather_rows", _gather_rows_backward, setup_context=_gather_rows_setup)
 

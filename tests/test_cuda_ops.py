@@ -121,6 +121,20 @@ def test_gather_rows_strided_source(start):
     assert torch.equal(ops.gather_rows(x, index), reference.gather_rows_ref(x, index))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_rows_gradient_is_bitwise_repeatable(dtype):
+    """Many rows read the same source row: their gradients are summed in a fixed order (no float atomics)."""
+    x = _randn(64, 256, dtype=dtype).requires_grad_(True)
+    index = torch.randint(0, 64 * 2, (8192,), generator=_gen(3)).to(DEV)
+    grad = _randn(8192, 256, seed=4, dtype=dtype)
+    first = torch.autograd.grad(ops.gather_rows(x, index, 2), x, grad)[0]
+    for _ in range(3):
+        assert torch.equal(torch.autograd.grad(ops.gather_rows(x, index, 2), x, grad)[0], first)
+    dense = torch.zeros(64, 8192, dtype=torch.float64, device=DEV)
+    dense[torch.div(index, 2, rounding_mode="floor"), torch.arange(8192, device=DEV)] = 1.0
+    assert_close(first, dense @ grad.double(), dtype=dtype, what="gather_rows grad")
+
+
 # ------------------------------------------------------------------------------------------------------ scatter_ksum
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_tokens,n_experts,k,width", [(1, 4, 1, 8), (1, 32, 2, 1024), (37, 8, 3, 33),

@@ -24,4 +24,7 @@ assert ops, "molm._C registered no ops"
 missing = [n for n in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"molm::{n}", "CUDA")]
 print("molm ops:", ops, "| without a CUDA kernel:", missing or "none")
 assert not missing, f"no CUDA kernel registered for {missing}"
+info = module.build_info()
+print("build info:", info)
+assert info["cuda"] and info["cuda_archs"] == "8.0_9.0a" and info["cutlass_sm90a"], info
 PY

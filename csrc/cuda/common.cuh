@@ -45,7 +45,8 @@ inline void check_offsets(const char* op, const at::Tensor& expert_offsets, int6
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Largest grid.y / grid.z extent.
+// Largest grid.x and grid.y / grid.z extents.
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
 constexpr int64_t kMaxGridYZ = 65535;
 
 }  // namespace molm::cuda

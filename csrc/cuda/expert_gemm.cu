@@ -352,7 +352,9 @@ bool use_sm90_gemm(const at::Tensor& x, int64_t m) {
   const char* env = std::getenv("MOLM_CUDA_SM90_GEMM");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const bool forced = env != nullptr && std::strcmp(env, "1") == 0;
-  return (forced || m >= kSm90MinM) && at::cuda::getDeviceProperties(x.get_device())->major == 9;
+  // sm_90a code runs on compute capability 9.0 only
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.get_device());
+  return (forced || m >= kSm90MinM) && prop->major == 9 && prop->minor == 0;
 }
 
 bool tensor_cores_ok(const at::Tensor& t) {

@@ -26,6 +26,7 @@
 #include "../checks.h"
 #include "../sb_attention_common.h"
 #include "../dispatch.h"
+#include "common.cuh"
 #include "sb_decode.cuh"
 #include "sb_prefill.cuh"
 #include "sb_scan.cuh"
@@ -39,7 +40,6 @@ using sb_decode::kDecodeMaxQueries;
 constexpr int64_t kTileBytes = 256 << 20;  // fp32 score buffer per tile of query positions (prefill, backward)
 
 // ------------------------------------------------------------------------------------------------ host side
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename scalar_t>
 constexpr bool is_16bit() {
@@ -153,7 +153,9 @@ bool fused_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                  const float* bias, double scale, sb_prefill::Params<T16>& p, int& bd) {
   namespace sp = sb_prefill;
   const int64_t B = q.size(0), H = q.size(3), D = q.size(4);
-  if (!fused_prefill_enabled() || !sp::supports(static_cast<int>(D)) || B * H > (int64_t(1) << 31) - 1) return false;
+  if (!fused_prefill_enabled() || !sp::supports(static_cast<int>(D)) || B * H > kMaxGridX) return false;
+  // backward grids: key tiles on grid z of the key-gradient kernel, the batch on grid y of the bias gradient
+  if (grad_out && (ceil_div(k.size(1), int64_t(sp::kBN)) > kMaxGridYZ || (bias && B > kMaxGridYZ))) return false;
   auto aligned = [](const at::Tensor& t) { return rows_aligned16(t, 8); };
   if (!aligned(q) || !aligned(k) || !aligned(v) || (grad_out && !aligned(*grad_out))) return false;
   bd = sp::weights_chunk(static_cast<int>(D), at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
@@ -241,8 +243,10 @@ bool sb_backward_fused(const at::Tensor& grad, const at::Tensor& q, const at::Te
   }
 }
 
+// Returns false, having done nothing, when the grids would exceed CUDA's limits (chunks on grid y, more than
+// about 33.5 M keys; query rows x slots on grid x of the combine kernel): the tiled path takes those.
 template <typename scalar_t>
-void sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+bool sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const acc_type<scalar_t>* bias, double scale, at::Tensor& out) {
   using acc_t = acc_type<scalar_t>;
   using dev_t = device_t<scalar_t>;
@@ -250,6 +254,7 @@ void sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const sb_decode::DecodePlan plan =
       sb_decode::plan(B * T * H, G, D, S, props->multiProcessorCount, static_cast<int64_t>(sizeof(acc_t)));
+  if (plan.n_chunks > kMaxGridYZ || B * T * H * G > kMaxGridX) return false;
   TORCH_CHECK(plan.smem <= static_cast<int64_t>(props->sharedMemPerBlockOptin), "molm::sb_attention: k = ", G,
               " slots of D = ", D, " need ", plan.smem, " bytes of shared memory in the decode kernel, the device allows ",
               props->sharedMemPerBlockOptin);
@@ -276,6 +281,7 @@ void sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   a.out = reinterpret_cast<dev_t*>(out.data_ptr());
   sb_decode::launch(a, plan, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 void check_int_sizes(const at::Tensor& q, const at::Tensor& k) {
@@ -295,10 +301,7 @@ at::Tensor sb_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at:
     using acc_t = acc_type<scalar_t>;
     const at::Tensor bias_acc = sb_bias_as<acc_t>(bias);  // [B, S] in the accumulation dtype
     const acc_t* bp = sb_bias_ptr<acc_t>(bias_acc);
-    if (q.size(1) <= kDecodeMaxQueries) {
-      sb_forward_decode<scalar_t>(q, k, v, bp, scale, out);
-      return;
-    }
+    if (q.size(1) <= kDecodeMaxQueries && sb_forward_decode<scalar_t>(q, k, v, bp, scale, out)) return;
     if (sb_forward_fused<scalar_t>(q, k, v, bp, scale, out)) return;
     sb_forward_tiled<scalar_t>(q, k, v, bp, scale, out);
   });

@@ -357,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p)
     const int t = p.t0 + r / p.G, g = r % p.G;
     T16* dst = p.out + (((int64_t(b) * p.T + t) * p.G + g) * p.H + h) * p.D + d0 + d;
     const float* src = os + lr * Tr::kORow + d;
-    Pair<T16> packed[4];
+    alignas(16) Pair<T16> packed[4];  // read back as one uint4
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       packed[e].lo = from_float<T16>(src[2 * e] * p.out_scale);

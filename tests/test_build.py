@@ -1,0 +1,45 @@
+"""The build: which CUDA arch lists may compile the sm_90a CUTLASS GEMM, and what the extension reports."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_setup():
+    spec = importlib.util.spec_from_file_location("molm_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() itself only runs as __main__
+    return module
+
+
+@pytest.mark.parametrize("arch_list, usable", [
+    ("8.0;9.0a", True), ("9.0a", True), ("8.0 9.0a+PTX", True),
+    # CUTLASS compiles its kernel body to an error stub for these: the WMMA path must serve Hopper instead
+    ("9.0", False), ("9.0+PTX", False), ("8.0;9.0", False), ("9.0;9.0a", False), ("10.0", False), ("", False),
+])
+def test_cutlass_gemm_is_built_only_for_an_sm90a_target(arch_list, usable):
+    ok, why_not = load_setup().cutlass_sm90a_usable(arch_list)
+    assert ok is usable
+    assert (why_not == "") is usable and (usable or "TORCH_CUDA_ARCH_LIST" in why_not)
+
+
+def test_build_info_matches_the_torch_build():
+    ops = pytest.importorskip("molm.ops")
+    if not ops.extension_available():
+        pytest.skip("molm._C not built")
+    import torch
+
+    from molm import _C
+
+    info = _C.build_info()
+    cuda_build = torch.version.cuda is not None and os.environ.get("MOLM_CPU_ONLY", "0") != "1"
+    assert set(info) == {"cuda", "cuda_archs", "cutlass_sm90a"}
+    if not info["cuda"]:
+        assert info["cutlass_sm90a"] is False and info["cuda_archs"] == ""
+    else:
+        assert cuda_build
+        assert info["cutlass_sm90a"] == load_setup().cutlass_sm90a_usable(info["cuda_archs"].replace("_", ";"))[0] \
+            or not info["cutlass_sm90a"]
