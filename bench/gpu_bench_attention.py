@@ -185,6 +185,9 @@ def main() -> None:
         raise SystemExit("gpu_bench_attention: molm was built without CUDA kernels")
     gen = torch.Generator(device="cuda").manual_seed(0)
     records = []
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda, git_sha=sha,
+                date=datetime.datetime.now().isoformat())
     print(f"{'kind':<9} {'case':<26} {'path':<21} {'regime':<13} {'molm ms':>9} {'ref ms':>9} {'speedup':>8} "
           f"{'TFLOP/s':>8} {'Gspec/s':>8} "
           f"{'GB/s':>7} {'%HBM':>5} {'max err':>9} {'bitwise':>7}", flush=True)
@@ -196,12 +199,10 @@ def main() -> None:
               f"{rec['ref_ms']:>9.3f} {rec['speedup']:>7.2f}x "
               f"{rec['tflops']:>8.2f} {rec['gspecial_per_s']:>8.1f} {gbps} {pct} {rec['max_err']:>9.2e} "
               f"{str(rec['bitwise_repeat']):>7}", flush=True)
-    if args.json:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda, git_sha=sha,
-                    date=datetime.datetime.now().isoformat())
-        with open(args.json, "w") as f:
-            json.dump([dict(meta, **r) for r in records], f, indent=1)
+        if args.json:  # after every record: a run cut short by a time limit keeps what it measured
+            with open(args.json + ".tmp", "w") as f:
+                json.dump([dict(meta, **r) for r in records], f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
 
 
 if __name__ == "__main__":

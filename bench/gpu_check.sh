@@ -1,20 +1,34 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine (run from the repo root; results under $OUT, default ./out/gpu):
-#   env + card ceilings -> build (no build isolation) -> pytest -m cuda -> bench/e2e.py -> every bench/gpu_bench_*.py
-#   -> sanitizer.
-# Never stops at the first failure: each step is time-limited (the whole run stays under ~8 minutes) and its exit
-# status goes to summary.json; all output goes to gpu_check.log as well. The device tool brings back at most 8 files
-# from $OUT, so every result is written to a work folder and $OUT receives summary.json, env.json, e2e.json, the
-# expert-load PNG and results.tgz (everything).
+#   env + card ceilings -> build (no build isolation) -> pytest -m cuda -> compute-sanitizer on one case per kernel
+#   family -> bench/e2e.py -> every bench/gpu_bench_*.py.
+# Correctness comes first, so a run cut short still says whether the kernels are right. Never stops at the first
+# failure: each step is time-limited (the whole run stays under ~8 minutes, --quick under 4) and its exit status goes
+# to summary.json; all output goes to gpu_check.log as well. A step over its limit gets SIGINT first, so pytest still
+# writes its junit XML and the benchmarks (which write their JSON after every record) keep what they measured.
+# The device tool brings back at most 8 files from $OUT, so every result is written to a work folder and $OUT
+# receives summary.json, env.json, build.json, e2e.json, the expert-load PNG and results.tgz (everything).
 # Missing Python packages travel as wheels in .gpu-wheels/ (made by bench/fetch_gpu_wheels.sh).
+#
+# Usage: bash bench/gpu_check.sh [--quick] [--dry-run]
+#   --quick    a subset of every step that fits in about 4 minutes (first contact with a new machine)
+#   --dry-run  runs only the env step and records every other step as planned (no GPU needed; CI runs it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+QUICK=0 DRY_RUN=0
+for arg in "$@"; do
+  case $arg in
+    --quick) QUICK=1 ;;
+    --dry-run) DRY_RUN=1 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (expected --quick or --dry-run)" >&2; exit 2 ;;
+  esac
+done
 FINAL=${OUT:-out/gpu}
 OUT=$(mktemp -d /tmp/molm-gpu-check.XXXX)  # children (bench, sanitizer) write here too
 export OUT
 mkdir -p "$FINAL"
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-470}
+if ((QUICK)); then BUDGET=${GPU_CHECK_BUDGET_S:-230}; else BUDGET=${GPU_CHECK_BUDGET_S:-470}; fi
 START=$SECONDS
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
@@ -32,8 +46,12 @@ step() {
     return
   fi
   echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
+  if ((DRY_RUN)) && [ "$name" != env ]; then
+    STEPS+=("{\"step\": \"$name\", \"rc\": null, \"seconds\": 0, \"limit\": $limit, \"dry_run\": true}")
+    return
+  fi
   local t0=$SECONDS
-  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"
   STEPS+=("{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0))}")
@@ -101,20 +119,34 @@ info = molm._C.build_info()
 json.dump(info, open('$OUT/build.json', 'w'))
 print('build info:', info)
 assert info['cutlass_sm90a'], 'the CUTLASS sm_90a GEMM was not built'"
-step pytest_cuda 120 "$PY" -m pytest -m cuda tests/ -q -rfE -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml"
-# end to end first, then the per-kernel benchmarks; each writes its JSON as it goes
-step e2e 150 "$PY" bench/e2e.py --json "$OUT/e2e.json" --png "$OUT/e2e_expert_load.png"
-for bench in bench/gpu_bench_*.py; do
+# one case per kernel family (the MoE layer forward and backward, attention forward and backward, the CUTLASS GEMM)
+# for the sanitizer, and for the quick run's tests
+FAMILY_CASES="test_moe_layer_bitwise_repeatable_and_vs_reference or test_grad_layer_vs_reference or \
+test_cuda_matches_cpu_and_is_bitwise_repeatable or test_cuda_backward_matches_cpu_op or \
+test_expert_gemm_sm90_on_and_off_agree or test_gather_rows_gradient_is_bitwise_repeatable or graph_capture"
+PYTEST=("$PY" -m pytest -m cuda tests/ -q -rfE -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml")
+if ((QUICK)); then
+  step pytest_cuda 60 "${PYTEST[@]}" -k "$FAMILY_CASES"
+  step gpu_sanitize 50 env MEMCHECK_S=20 RACECHECK_S=20 OOM_S=8 SANITIZE_CASES="$FAMILY_CASES" bash bench/gpu_sanitize.sh
+  step e2e 50 "$PY" bench/e2e.py --models MoLM-350M-4B --impls extension reference --batches 1 8 --contexts 1024 \
+    --json "$OUT/e2e.json" --png "$OUT/e2e_expert_load.png"
+else
+  step pytest_cuda 120 "${PYTEST[@]}"
+  step gpu_sanitize 70 env SANITIZE_CASES="$FAMILY_CASES" bash bench/gpu_sanitize.sh
+  step e2e 150 "$PY" bench/e2e.py --json "$OUT/e2e.json" --png "$OUT/e2e_expert_load.png"
+fi
+for bench in bench/gpu_bench_*.py; do  # per-kernel benchmarks; each writes its JSON as it goes
   [ -e "$bench" ] || continue
   name=$(basename "$bench" .py)
-  step "$name" 110 "$PY" "$bench" --json "$OUT/$name.json"
+  if ((QUICK)); then
+    step "$name" 30 "$PY" "$bench" --quick --json "$OUT/$name.json"
+  else
+    step "$name" 90 "$PY" "$bench" --json "$OUT/$name.json"
+  fi
 done
-if [ -x bench/gpu_sanitize.sh ] || [ -f bench/gpu_sanitize.sh ]; then
-  step gpu_sanitize 60 bash bench/gpu_sanitize.sh
-fi
 
 {
-  echo "{\"total_seconds\": $((SECONDS - START)), \"steps\": ["
+  echo "{\"total_seconds\": $((SECONDS - START)), \"quick\": $QUICK, \"dry_run\": $DRY_RUN, \"budget_s\": $BUDGET, \"steps\": ["
   for i in "${!STEPS[@]}"; do
     [ "$i" -gt 0 ] && echo ","
     echo "  ${STEPS[$i]}"
