@@ -64,7 +64,7 @@ def cutlass_sm90a_usable(arch_list: str) -> tuple[bool, str]:
 
 
 def _extension():
-    cpu_sources = ["csrc/ops.cpp", "csrc/bindings.cpp", *_rel(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]
+    cpu_sources = ["csrc/ops.cpp", "csrc/bindings.cpp", "csrc/kernel_options.cpp", *_rel(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]
     cxx_flags = ["-O3", "-fopenmp"]  # the -std flag comes from torch (C++17 code; torch >= 2.10 headers need C++20)
     use_cuda = torch.version.cuda is not None and os.environ.get("MOLM_CPU_ONLY", "0") != "1"
     if not use_cuda:

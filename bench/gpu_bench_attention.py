@@ -66,14 +66,14 @@ def _causal_pairs(t: int, s: int) -> int:
     return t * s - t * (t - 1) // 2
 
 
-# Prefill paths, chosen through the environment (read by the extension on every call).
-PATHS = {"fused": {"MOLM_CUDA_SB_FUSED": "1", "MOLM_CUDA_SB_EARLY_EXIT": "1"},
-         "fused, no early exit": {"MOLM_CUDA_SB_FUSED": "1", "MOLM_CUDA_SB_EARLY_EXIT": "0"},
-         "tiled (cuBLAS)": {"MOLM_CUDA_SB_FUSED": "0", "MOLM_CUDA_SB_EARLY_EXIT": "1"}}
+# Prefill paths (molm.ops.set_kernel_options, read by the extension on every call).
+PATHS = {"fused": dict(sb_fused=True, sb_early_exit=True),
+         "fused, no early exit": dict(sb_fused=True, sb_early_exit=False),
+         "tiled (cuBLAS)": dict(sb_fused=False, sb_early_exit=True)}
 
 
 def _use_path(name: str) -> None:
-    os.environ.update(PATHS[name])
+    ops.set_kernel_options(**PATHS[name])
 
 
 def prefill_cases(quick: bool, runs: int, gen: torch.Generator):

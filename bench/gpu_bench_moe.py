@@ -66,19 +66,11 @@ def scaled_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1.0)).item()
 
 
-def with_env(name: str, value: str, fn):
-    """fn run with os.environ[name] = value (the CUDA ops read their switches per call)."""
+def with_sm90_gemm(choice: str, fn):
+    """fn run with the CUTLASS sm_90a GEMM switched "on" or "off" (molm.ops.set_kernel_options)."""
     def run():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
+        with ops.kernel_options_scope(sm90_gemm=choice):
             return fn()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    return run
 
 
 def gemm_impls(x, w, offsets, activation):
@@ -99,8 +91,8 @@ def gemm_impls(x, w, offsets, activation):
     impls = {"molm": lambda: ops.expert_gemm(x, w, offsets, activation), "ref_loop": ref_loop}
     if torch.cuda.get_device_capability()[0] == 9 and x.dtype != torch.float32 and m > 32:
         # molm's two Hopper paths side by side: the CUTLASS sm_90a grouped GEMM forced on, and the WMMA tiles
-        for name, switch in (("molm_sm90", "1"), ("molm_wmma", "0")):
-            impls[name] = with_env("MOLM_CUDA_SM90_GEMM", switch, lambda: ops.expert_gemm(x, w, offsets, activation))
+        for name, choice in (("molm_sm90", "on"), ("molm_wmma", "off")):
+            impls[name] = with_sm90_gemm(choice, lambda: ops.expert_gemm(x, w, offsets, activation))
     max_rows = max(sizes) if sizes else 0
     if max_rows * w.shape[0] * max(x.shape[1], n_out) <= 2 ** 31:
         padded = x.new_zeros(w.shape[0], max_rows, x.shape[1])

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "cpu/vec.h"
+#include "kernel_options.h"
 
 #define MOLM_STRINGIFY_(x) #x
 #define MOLM_STRINGIFY(x) MOLM_STRINGIFY_(x)
@@ -31,4 +32,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     return info;
   }, "How this extension was built: CUDA kernels, their arch list, the sm_90a CUTLASS GEMM");
+  m.def("kernel_options", [] {
+    const molm::KernelOptions& o = molm::kernel_options();
+    pybind11::dict d;
+    d["sm90_gemm"] = o.sm90_gemm.load();
+    d["sb_fused"] = o.sb_fused.load();
+    d["sb_early_exit"] = o.sb_early_exit.load();
+    d["value_checks"] = o.value_checks.load();
+    return d;
+  }, "The CUDA kernel path choices (see molm.ops.set_kernel_options)");
+  m.def("set_kernel_options", [](int sm90_gemm, bool sb_fused, bool sb_early_exit, bool value_checks) {
+    molm::KernelOptions& o = molm::kernel_options();
+    o.sm90_gemm.store(sm90_gemm);
+    o.sb_fused.store(sb_fused);
+    o.sb_early_exit.store(sb_early_exit);
+    o.value_checks.store(value_checks);
+  }, pybind11::arg("sm90_gemm"), pybind11::arg("sb_fused"), pybind11::arg("sb_early_exit"),
+     pybind11::arg("value_checks"));
 }

@@ -11,6 +11,8 @@ raises a RuntimeError that carries the original import error (see `extension_err
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import reference
@@ -34,6 +36,49 @@ def extension_available() -> bool:
 def extension_error() -> str | None:
     """Why `molm._C` could not be imported (None when it could)."""
     return _IMPORT_ERROR
+
+
+_SM90_GEMM = {"auto": 0, "on": 1, "off": -1}
+
+
+def kernel_options() -> dict:
+    """The CUDA kernels' path choices now in force (see `set_kernel_options`)."""
+    _require_extension()
+    raw = _C.kernel_options()
+    return {**raw, "sm90_gemm": {v: k for k, v in _SM90_GEMM.items()}[raw["sm90_gemm"]]}
+
+
+def set_kernel_options(*, sm90_gemm: str | None = None, sb_fused: bool | None = None,
+                       sb_early_exit: bool | None = None, value_checks: bool | None = None) -> dict:
+    """Choose the CUDA kernel paths (process-wide; returns the previous options, for restoring).
+
+    sm90_gemm: "auto" (the CUTLASS sm_90a grouped GEMM from 256 rows on, on compute capability 9.0 when built in),
+      "on" (for any row count above the GEMV range) or "off" (the WMMA tiles).
+    sb_fused: the fused tensor-core stick-breaking prefill/backward (False: the cuBLAS-tiled path).
+    sb_early_exit: the fused prefill stops walking keys once every row's remaining stick is below e^-30.
+    value_checks: copy indices and expert offsets to the host and raise the CPU kernels' exact errors (one
+      device->host sync per op, so not inside CUDA graphs); off, bad values are made memory-safe instead.
+    Each op reads the options when it is called: a captured CUDA graph keeps the paths it was captured with, and
+    torch.compile does not see them (set them before compiling).
+    """
+    previous = kernel_options()
+    if sm90_gemm is not None and sm90_gemm not in _SM90_GEMM:
+        raise ValueError(f"sm90_gemm must be one of {tuple(_SM90_GEMM)}, got {sm90_gemm!r}")
+    new = {**previous, **{k: v for k, v in dict(sm90_gemm=sm90_gemm, sb_fused=sb_fused, sb_early_exit=sb_early_exit,
+                                                    value_checks=value_checks).items() if v is not None}}
+    _C.set_kernel_options(_SM90_GEMM[new["sm90_gemm"]], bool(new["sb_fused"]), bool(new["sb_early_exit"]),
+                          bool(new["value_checks"]))
+    return previous
+
+
+@contextlib.contextmanager
+def kernel_options_scope(**options):
+    """`with kernel_options_scope(sb_fused=False): ...` sets options for the block and restores them after."""
+    previous = set_kernel_options(**options)
+    try:
+        yield
+    finally:
+        set_kernel_options(**previous)
 
 
 def _require_extension() -> None:

@@ -1,4 +1,5 @@
-"""The build: which CUDA arch lists may compile the sm_90a CUTLASS GEMM, and what the extension reports."""
+"""The build and run-time configuration of the extension: which CUDA arch lists may compile the sm_90a CUTLASS GEMM,
+what the extension reports about its build, and the kernel path options."""
 
 import importlib.util
 import os
@@ -43,3 +44,21 @@ def test_build_info_matches_the_torch_build():
         assert cuda_build
         assert info["cutlass_sm90a"] == load_setup().cutlass_sm90a_usable(info["cuda_archs"].replace("_", ";"))[0] \
             or not info["cutlass_sm90a"]
+
+
+def test_kernel_options_set_restore_and_refuse_bad_values(kernel_options):
+    ops = pytest.importorskip("molm.ops")
+    if not ops.extension_available():
+        pytest.skip("molm._C not built")
+    defaults = {"sm90_gemm": "auto", "sb_fused": True, "sb_early_exit": True, "value_checks": False}
+    assert ops.kernel_options() == defaults
+    with ops.kernel_options_scope(sm90_gemm="off", sb_fused=False):
+        assert ops.kernel_options() == {**defaults, "sm90_gemm": "off", "sb_fused": False}
+        previous = ops.set_kernel_options(value_checks=True)  # only the named option changes
+        assert previous["value_checks"] is False and ops.kernel_options()["sb_fused"] is False
+    assert ops.kernel_options() == defaults
+    with pytest.raises(ValueError, match="sm90_gemm must be one of"):
+        ops.set_kernel_options(sm90_gemm="1")
+    assert ops.kernel_options() == defaults
+    kernel_options(sb_early_exit=False)  # the fixture restores it after the test
+    assert ops.kernel_options()["sb_early_exit"] is False

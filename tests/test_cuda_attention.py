@@ -91,24 +91,23 @@ def test_cuda_matches_cpu_and_is_bitwise_repeatable(B, T, S, G, H, D):
 
 
 # Prefill in 16 bits with D a multiple of 128 takes the fused tensor-core kernels (csrc/cuda/sb_prefill.cuh);
-# MOLM_CUDA_SB_FUSED=0 sends it to the cuBLAS-tiled path, MOLM_CUDA_SB_EARLY_EXIT=0 walks every key.
-@pytest.mark.parametrize("fused,early_exit", [("1", "1"), ("1", "0"), ("0", "1")])
+# set_kernel_options(sb_fused=False) sends it to the cuBLAS-tiled path, sb_early_exit=False walks every key.
+@pytest.mark.parametrize("fused,early_exit", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,T,S,G,H,D,shift", [(2, 100, 300, 2, 1, 1024, 0.0), (1, 513, 513, 3, 2, 128, 0.0),
                                                (3, 64, 64, 1, 1, 256, 0.0), (1, 700, 700, 2, 1, 128, 8.0),
                                                (1, 300, 300, 2, 1, 128, -30.0)])
-def test_cuda_prefill_fused_and_tiled(monkeypatch, B, T, S, G, H, D, shift, dtype, fused, early_exit):
-    monkeypatch.setenv("MOLM_CUDA_SB_FUSED", fused)
-    monkeypatch.setenv("MOLM_CUDA_SB_EARLY_EXIT", early_exit)
+def test_cuda_prefill_fused_and_tiled(kernel_options, B, T, S, G, H, D, shift, dtype, fused, early_exit):
+    kernel_options(sb_fused=fused, sb_early_exit=early_exit)
     q, k, v, bias = _inputs(B, T, S, G, H, D, dtype, padded=shift == 0.0, shared_kv=B % 2 == 1, shift=shift)
     what = f"prefill fused={fused} exit={early_exit} {dtype} B={B} T={T} S={S} k={G} H={H} D={D} shift={shift}"
     out = _check_forward(q, k, v, bias, D ** -0.5, what)
     assert torch.equal(out, ops.sb_attention(q, k, v, bias, D ** -0.5)), f"{what}: not bitwise repeatable"
 
 
-@pytest.mark.parametrize("fused", ["1", "0"])
-def test_cuda_backward_fused_and_tiled(monkeypatch, fused):
-    monkeypatch.setenv("MOLM_CUDA_SB_FUSED", fused)
+@pytest.mark.parametrize("fused", [True, False])
+def test_cuda_backward_fused_and_tiled(kernel_options, fused):
+    kernel_options(sb_fused=fused)
     for B, T, S, G, H, D, shared_kv in [(2, 150, 200, 2, 1, 1024, False), (1, 300, 300, 3, 2, 128, True)]:
         q, k, v, bias = _inputs(B, T, S, G, H, D, torch.bfloat16, True, shared_kv)
         grad = torch.randn(q.shape, device=DEV).to(torch.bfloat16)

@@ -241,7 +241,7 @@ def test_expert_gemm_wgrad_strided_x():
 
 # ------------------------------------------------------------------------------------------------------ sm_90a CUTLASS
 # The CUTLASS grouped GEMM (csrc/cuda/expert_gemm_sm90.cu) runs on compute capability 9.x for bf16/fp16 with M above
-# the GEMV range when MOLM_CUDA_SM90_GEMM=1 (default: M >= 256); "0" forces the WMMA tiles. Elsewhere both settings
+# the GEMV range with set_kernel_options(sm90_gemm="on") (default: M >= 256); "off" forces the WMMA tiles. Elsewhere both settings
 # take the WMMA tiles, so the tests still hold. Cases: empty experts, M_e not a multiple of the 128-row tile, the
 # MoLM-350M shapes, 32 experts, and K/Nout not multiples of 8 (declined by the TMA path, falls back).
 SM90_CASES = [
@@ -255,12 +255,12 @@ SM90_CASES = [
 ]
 
 
-@pytest.mark.parametrize("sm90", ["1", "0"])
+@pytest.mark.parametrize("sm90", ["on", "off"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", ["none", "gelu_new"])
 @pytest.mark.parametrize("rows,k_in,n_out", SM90_CASES)
-def test_expert_gemm_sm90_switch(rows, k_in, n_out, activation, dtype, sm90, monkeypatch):
-    monkeypatch.setenv("MOLM_CUDA_SM90_GEMM", sm90)
+def test_expert_gemm_sm90_switch(rows, k_in, n_out, activation, dtype, sm90, kernel_options):
+    kernel_options(sm90_gemm=sm90)
     x, weight, offsets = _gemm_inputs(rows, k_in, n_out, dtype, seed=5)
     out = torch.full((sum(rows), n_out), float("nan"), device=DEV, dtype=dtype)  # poison the allocator's block
     del out
@@ -272,19 +272,19 @@ def test_expert_gemm_sm90_switch(rows, k_in, n_out, activation, dtype, sm90, mon
     assert torch.equal(out, ops.expert_gemm(x, weight, offsets, activation))  # no split-K: bitwise repeatable
 
 
-def test_expert_gemm_sm90_on_and_off_agree(monkeypatch):
+def test_expert_gemm_sm90_on_and_off_agree():
     """Both paths accumulate in fp32 and round once: they differ by at most a bf16 rounding of nearly equal sums."""
     x, weight, offsets = _gemm_inputs([300, 0, 700, 24], 1024, 2048, torch.bfloat16, seed=6)
-    monkeypatch.setenv("MOLM_CUDA_SM90_GEMM", "1")
-    on = ops.expert_gemm(x, weight, offsets, "gelu_new").float()
-    monkeypatch.setenv("MOLM_CUDA_SM90_GEMM", "0")
-    off = ops.expert_gemm(x, weight, offsets, "gelu_new").float()
+    with ops.kernel_options_scope(sm90_gemm="on"):
+        on = ops.expert_gemm(x, weight, offsets, "gelu_new").float()
+    with ops.kernel_options_scope(sm90_gemm="off"):
+        off = ops.expert_gemm(x, weight, offsets, "gelu_new").float()
     torch.testing.assert_close(on, off, rtol=2 ** -7, atol=2e-3)
 
 
-def test_expert_gemm_sm90_cuda_graph(monkeypatch):
+def test_expert_gemm_sm90_cuda_graph(kernel_options):
     """The device-side problem setup needs no host sync: the sm90 path captures, and replays with new offsets."""
-    monkeypatch.setenv("MOLM_CUDA_SM90_GEMM", "1")
+    kernel_options(sm90_gemm="on")
     x, weight, offsets = _gemm_inputs([200, 56, 0, 256], 256, 512, torch.bfloat16, seed=7)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -422,7 +422,7 @@ BAD = [
     ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 8, 3).double(), torch.tensor([0, 2, 4]), "none"),
      TypeError, "dtype"),
 ]
-# value errors need the data on the host: raised only with MOLM_CUDA_CHECKS=1
+# value errors need the data on the host: raised only with set_kernel_options(value_checks=True)
 BAD_VALUES = [
     ("gather_rows", lambda: (torch.randn(3, 4), torch.tensor([0, 3]), 1), "out of range"),
     ("gather_rows", lambda: (torch.randn(3, 4), torch.tensor([-1]), 1), "out of range"),
@@ -446,15 +446,15 @@ def test_bad_inputs(name, make, exc, needle):
 
 
 @pytest.mark.parametrize("name,make,needle", BAD_VALUES, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_VALUES)])
-def test_bad_values_raise_with_checks(name, make, needle, monkeypatch):
-    monkeypatch.setenv("MOLM_CUDA_CHECKS", "1")
+def test_bad_values_raise_with_checks(name, make, needle, kernel_options):
+    kernel_options(value_checks=True)
     with pytest.raises(ValueError, match=re.escape(needle)) as info:
         getattr(ops, name)(*_to_dev(make()))
     assert f"molm::{name}" in str(info.value)
 
 
-def test_bad_values_without_checks_are_memory_safe(monkeypatch):
-    monkeypatch.delenv("MOLM_CUDA_CHECKS", raising=False)
+def test_bad_values_without_checks_are_memory_safe(kernel_options):
+    kernel_options(value_checks=False)
     out = ops.gather_rows(_randn(3, 4), torch.tensor([0, 3, -1], device=DEV))
     assert not out[0].isnan().any() and out[1:].isnan().all()
     out = ops.scatter_ksum(_randn(4, 4), _randn(2, 2), torch.tensor([0, 1, 2, 9], device=DEV))

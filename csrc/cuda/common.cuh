@@ -2,8 +2,9 @@
 //
 // The CUDA ops never synchronise with the host (so they can be captured in a CUDA graph). That means index and
 // offset *values* (which need the data) are not validated by default: out-of-range values are made memory-safe
-// instead (a gathered/scattered row becomes NaN, expert offsets are clamped to [0, M]). Set MOLM_CUDA_CHECKS=1 to
-// copy them to the host and raise the CPU kernels' exact errors (one device->host sync per op).
+// instead (a gathered/scattered row becomes NaN, expert offsets are clamped to [0, M]).
+// molm.ops.set_kernel_options(value_checks=True) copies them to the host and raises the CPU kernels' exact errors
+// (one device->host sync per op).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,16 +12,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
+
+#include "../kernel_options.h"
 
 namespace molm::cuda {
 
-inline bool value_checks_enabled() {  // read per call (cheap) so tests can toggle it
-  const char* v = std::getenv("MOLM_CUDA_CHECKS");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
+inline bool value_checks_enabled() { return kernel_options().value_checks.load(std::memory_order_relaxed); }
 
 // Same messages as csrc/cpu/permute.cpp and csrc/cpu/expert_gemm.cpp: "<op>: <arg>[i] = v is out of range<what>0..L-1".
 inline void check_index_range(const char* op, const char* arg, const at::Tensor& index, int64_t limit,

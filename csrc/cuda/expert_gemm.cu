@@ -343,15 +343,15 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// CUTLASS sm_90a grouped GEMM (expert_gemm_sm90.cu) on compute capability 9.x from this many rows on (below, the
-// WMMA tiles' lower launch overhead wins). MOLM_CUDA_SM90_GEMM=0 turns it off, =1 takes it for any M above the
-// GEMV range (tests), read per call.
+// CUTLASS sm_90a grouped GEMM (expert_gemm_sm90.cu) on compute capability 9.0 from this many rows on (below, the
+// WMMA tiles' lower launch overhead wins). set_kernel_options(sm90_gemm="off") turns it off, "on" takes it for any M
+// above the GEMV range (tests).
 constexpr int64_t kSm90MinM = 256;
 
 bool use_sm90_gemm(const at::Tensor& x, int64_t m) {
-  const char* env = std::getenv("MOLM_CUDA_SM90_GEMM");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  const bool forced = env != nullptr && std::strcmp(env, "1") == 0;
+  const int choice = kernel_options().sm90_gemm.load(std::memory_order_relaxed);
+  if (choice < 0) return false;
+  const bool forced = choice > 0;
   // sm_90a code runs on compute capability 9.0 only
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.get_device());
   return (forced || m >= kSm90MinM) && prop->major == 9 && prop->minor == 0;

@@ -32,7 +32,7 @@ uint4 nan_pattern(at::ScalarType t) {
 }
 
 // out[i] = x[index[i] / group], copied in units of Unit (uint4 = 16 bytes when aligned, else one element).
-// An out-of-range index gives a NaN row (memory-safe; MOLM_CUDA_CHECKS=1 raises instead).
+// An out-of-range index gives a NaN row (memory-safe; set_kernel_options(value_checks=True) raises instead).
 template <typename Unit>
 __global__ void gather_rows_kernel(const Unit* __restrict__ x, int64_t x_row_units, const int64_t* __restrict__ index,
                                    int64_t m, int64_t group, int64_t limit, int64_t row_units, Unit nan_unit,

@@ -3,7 +3,7 @@
 //  * decode (T <= kDecodeMaxQueries): split-KV (sb_decode.cuh), capturable in a CUDA graph.
 //  * prefill and backward, 16-bit, D a multiple of 128 up to 1024: the fused tensor-core kernels of sb_prefill.cuh
 //    (scores + scan from the diagonal back, then A V over the causal range; the backward on the same tiles).
-//    MOLM_CUDA_SB_FUSED=0 turns them off.
+//    molm.ops.set_kernel_options(sb_fused=False) turns them off.
 //  * otherwise: tiles of query positions batched over (b, h). The two products with K and V run as cuBLAS batched
 //    GEMMs (tensor cores for bf16/fp16, fp32 output); a warp-per-row kernel (sb_scan.cuh) does the reverse scan
 //    (forward) or the two-pass gradient scan (backward) in place. dK/dV are summed over query tiles in a fixed
@@ -17,8 +17,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <tuple>
@@ -114,16 +112,13 @@ bool rows_aligned16(const at::Tensor& t, int64_t vec) {
   return true;
 }
 
-bool fused_prefill_enabled() {  // read per call so that tests and benchmarks can compare both paths
-  const char* v = std::getenv("MOLM_CUDA_SB_FUSED");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
+bool fused_prefill_enabled() { return kernel_options().sb_fused.load(std::memory_order_relaxed); }
 
 // Log-survival below which the fused prefill stops walking keys: -30 (the stick left is < 1e-13), or never with
-// MOLM_CUDA_SB_EARLY_EXIT=0.
+// set_kernel_options(sb_early_exit=False).
 float early_exit_below() {
-  const char* v = std::getenv("MOLM_CUDA_SB_EARLY_EXIT");
-  return v != nullptr && std::strcmp(v, "0") == 0 ? -std::numeric_limits<float>::infinity() : -30.f;
+  return kernel_options().sb_early_exit.load(std::memory_order_relaxed) ? -30.f
+                                                                         : -std::numeric_limits<float>::infinity();
 }
 
 // Kernel 1's dynamic shared-memory limit, raised once per device to what the widest head (kMaxD) needs with chunk
