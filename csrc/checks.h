@@ -106,6 +106,25 @@ inline void check_expert_gemm(const at::Tensor& x, const at::Tensor& weight, con
                     ": activation must be 'none' or 'gelu_new', got '", std::string(activation), "'");
 }
 
+// x [M, K], weight [N, K] (nn.Linear layout, same dtype and device, stride(-1) == 1), bias [N] or none.
+inline void check_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const char* op = "molm::linear";
+  check_rank(op, "x", x, 2);
+  check_floating(op, "x", x);
+  check_rank(op, "weight", weight, 2);
+  check_same_dtype(op, "weight", weight, "x", x);
+  check_same_device(op, "weight", weight, "x", x);
+  check_last_dim_contiguous(op, "weight", weight);
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), op, ": weight [N, K] must have K == x.size(1) = ", x.size(1),
+                    ", got weight shape ", weight.sizes());
+  if (bias.has_value()) {
+    check_rank(op, "bias", *bias, 1);
+    check_same_dtype(op, "bias", *bias, "x", x);
+    check_same_device(op, "bias", *bias, "x", x);
+    check_size(op, "bias.numel() (= weight.size(0))", bias->numel(), weight.size(0));
+  }
+}
+
 // x [M, K], grad_out [M, Nout] (same dtype), offsets [E+1], num_experts == E.
 inline void check_expert_gemm_wgrad(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& expert_offsets,
                                     int64_t num_experts) {

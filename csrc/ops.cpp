@@ -13,6 +13,9 @@ TORCH_LIBRARY(molm, m) {
   m.def("scatter_ksum(Tensor y, Tensor gates, Tensor slot_positions) -> Tensor");
   // out[rows of e] = act(x[rows of e] @ weight[e]) over contiguous expert segments; activation "none" | "gelu_new"
   m.def("expert_gemm(Tensor x, Tensor weight, Tensor expert_offsets, str activation) -> Tensor");
+  // y = x @ weight^T (+ bias) with nn.Linear weights [N, K]: lm_head, routers, K/V projections (decode-sized x
+  // streams the weight once, in its own dtype)
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // backward helper: grad_weight[e] = x[rows of e]^T @ grad_out[rows of e] (zeros for an empty expert), [E, K, Nout]
   m.def("expert_gemm_wgrad(Tensor x, Tensor grad_out, Tensor expert_offsets, int num_experts) -> Tensor");
   // fused causal stick-breaking attention (ModuleFormer variant), q [B,T,k,H,D], k/v [B,S,H,D], bias [B,S] -> [B,T,k,H,D]

@@ -331,3 +331,49 @@ if _C is not None:
                 dbias.to(bias.dtype) if bias_grad else None, None)
 
     torch.library.register_autograd("molm::sb_attention", _sb_attention_backward, setup_context=_sb_attention_setup)
+
+
+# ---------------------------------------------------------------------------------------------------- linear
+def _linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    torch._check(x.dim() == 2, lambda: f"linear: x must be [M, K], got {tuple(x.shape)}")
+    torch._check(weight.dim() == 2, lambda: f"linear: weight must be [N, K], got {tuple(weight.shape)}")
+    torch._check(weight.shape[1] == x.shape[1],
+                 lambda: f"linear: weight {tuple(weight.shape)} must have K == x.shape[1] = {x.shape[1]}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+                     lambda: f"linear: bias must be [N = {weight.shape[0]}], got {tuple(bias.shape)}")
+    return x.shape[0], weight.shape[0]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight^T + bias with an nn.Linear weight [N, K]; x [..., K] -> [..., N] in x's dtype.
+
+    On the CPU, decode-sized inputs (at most 16 rows) stream the weight once in its own dtype with fp32
+    accumulation (bf16 dot products on CPUs with AVX-512-BF16), each output computed by one thread: results do not
+    depend on the thread count or on the other rows.
+    """
+    _require_extension()
+    lead = x.shape[:-1]
+    y = torch.ops.molm.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*lead, weight.shape[0])
+
+
+if _C is not None:
+    @torch.library.register_fake("molm::linear")
+    def _linear_fake(x, weight, bias):
+        return x.new_empty(_linear_shape(x, weight, bias))
+
+    def _linear_setup(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    def _linear_backward(ctx, grad):
+        """dx = grad @ W, dW = grad^T x, db = sum over rows (ATen's GEMMs: training shapes, not decode)."""
+        x, weight = ctx.saved_tensors
+        d_x = grad @ weight if ctx.needs_input_grad[0] else None
+        d_w = grad.t() @ x if ctx.needs_input_grad[1] else None
+        d_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return d_x, d_w, d_b
+
+    torch.library.register_autograd("molm::linear", _linear_backward, setup_context=_linear_setup)

@@ -37,6 +37,11 @@ def sort_by_expert(experts: torch.Tensor, n_experts: int):
     return sorted_slots, slot_positions, expert_offsets
 
 
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight^T + bias. x [M, K], weight [N, K] (nn.Linear layout), bias [N] or None -> [M, N]."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def gather_rows_ref(x: torch.Tensor, index: torch.Tensor, group: int = 1) -> torch.Tensor:
     """out[i] = x[index[i] // group]. x [R, C], index [M] -> [M, C]."""
     return x[torch.div(index, group, rounding_mode="floor")]
