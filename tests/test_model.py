@@ -262,3 +262,14 @@ def test_cache_keeps_gradients(name, backend):
                                else torch.zeros(3, 1, cache.keys[0].shape[2]))
     assert keys.data_ptr() == cache.keys[0].data_ptr()
 
+
+def test_hidden_states_of_every_layer():
+    model = molm.load(os.path.join(DATA, "molm-tiny-a"), dtype=torch.float32)
+    ids = golden("molm-tiny-a")["input_ids"]
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        assert model(ids).hidden_states is None
+        states = out.hidden_states
+        assert len(states) == model.config.n_layer + 1
+        assert torch.equal(states[0], model.transformer.wte(ids))
+        assert torch.allclose(model.lm_head(states[-1]), out.logits, atol=1e-5)
