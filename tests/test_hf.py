@@ -36,7 +36,8 @@ def gen(model, prompt, **settings):
 
 
 # dtype given explicitly: 4.x defaults to float32, 5.x to the stored dtype (bf16 here); before 4.56 it was torch_dtype
-DTYPE_ARG = "dtype" if tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+DTYPE_ARG = "dtype" if TRANSFORMERS_VERSION >= (4, 56) else "torch_dtype"
 FP32 = {DTYPE_ARG: torch.float32}
 
 
@@ -404,7 +405,8 @@ def test_trainer_gradient_accumulation_logs_the_mean_loss(tmp_path):
 
     accumulated, whole = first_log(1, 4), first_log(4, 1)
     assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-3)
-    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
+    if TRANSFORMERS_VERSION >= (4, 47):  # 4.46's Trainer itself leaves accumulated gradients N times too large
+        assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
     with torch.no_grad():
         reference = load_hf("molm-tiny-b")(ids, labels=ids, use_cache=False).loss.item()
     assert whole["loss"] == pytest.approx(reference, rel=1e-3)
