@@ -10,6 +10,10 @@ class KVCache:
 
     `length` is a host integer: shapes stay known on the host, so no step needs a device sync. If more positions
     arrive than were reserved, the buffers grow by doubling (a reallocation, never per step).
+
+    The buffers hold detached copies. When autograd records (grad mode on and the new K/V require grad), `append`
+    returns past + new concatenated instead of a buffer view, keeping every appended position in the graph, so
+    gradients are the same with the cache as without it; the no-grad decode path stays allocation-free.
     """
 
     def __init__(self, n_layer: int, batch: int, max_length: int, width: int, shared_kv: bool,
@@ -21,6 +25,7 @@ class KVCache:
         # finite bias, which garbage NaN/Inf would turn into NaN
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.values = None if shared_kv else [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self._tracked: dict[int, tuple] = {}  # layer -> (K, V) of all positions so far, still in the graph
 
     @classmethod
     def for_model(cls, model, batch: int, max_length: int) -> "KVCache":
@@ -60,8 +65,21 @@ class KVCache:
         if self.values is not None:
             self.values[layer][:, self.length:end] = values.detach()
         self._pending = T
+        if torch.is_grad_enabled() and (keys.requires_grad or (values is not None and values.requires_grad)):
+            return self._append_tracked(layer, keys, values)
+        self._tracked.pop(layer, None)
         k = self.keys[layer][:, :end]
         v = None if self.values is None else self.values[layer][:, :end]
+        return k, v
+
+    def _append_tracked(self, layer: int, keys: torch.Tensor, values: torch.Tensor | None):
+        past_k, past_v = self._tracked.get(layer, (None, None))
+        if past_k is None or past_k.shape[1] != self.length:  # positions written without a graph: the buffer's
+            past_k = self.keys[layer][:, : self.length]
+            past_v = None if self.values is None else self.values[layer][:, : self.length]
+        k = torch.cat([past_k, keys], dim=1)
+        v = None if values is None else torch.cat([past_v, values], dim=1)
+        self._tracked[layer] = (k, v)
         return k, v
 
     def advance(self) -> None:
@@ -74,9 +92,15 @@ class KVCache:
         self.keys = [b.index_select(0, index) for b in self.keys]
         if self.values is not None:
             self.values = [b.index_select(0, index) for b in self.values]
+        self._tracked = {layer: tuple(None if t is None else t.index_select(0, index) for t in kv)
+                         for layer, kv in self._tracked.items()}
 
     def to_legacy(self):
-        """The original's format: a tuple over layers of (K, V), each [B, S, A] (the same tensor when K = V)."""
+        """The original's format: a tuple over layers of (K, V), each [B, S, A] (the same tensor when K = V); the
+        positions appended under autograd come back as the graph's tensors."""
+        tracked = [self._tracked.get(layer, (None, None)) for layer in range(len(self.keys))]
+        if all(k is not None and k.shape[1] == self.length for k, _ in tracked):
+            return tuple((k, k if v is None else v) for k, v in tracked)
         keys = [k[:, : self.length] for k in self.keys]
         if self.values is None:
             return tuple((k, k) for k in keys)

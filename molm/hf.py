@@ -1,8 +1,11 @@
 """Hugging Face transformers adapter (optional extra `molm[hf]`): ModuleFormer as `PreTrainedModel`s.
 
-The classes wrap molm's own model (same modules, same kernels, same state_dict keys) so `from_pretrained`,
-`save_pretrained`, `generate` (greedy, sampling, beam search) and the Auto* classes work on transformers 4.4x and
-5.x. Importing this module registers the classes with AutoConfig / AutoModelForCausalLM /
+The classes are molm's model as a transformers model: they own `transformer` (molm's trunk) and the head
+(`lm_head` / `score`) directly, with the original's state_dict keys, and run molm's own forward functions on
+them (same kernels), reading the live `config` and modules at every call. So `from_pretrained`,
+`save_pretrained`, `generate` (greedy, sampling, beam search), `resize_token_embeddings`, Trainer, PEFT (LoRA on
+any nn.Linear, `target_parameters` on the expert weights, `modules_to_save`) and the Auto* classes work on
+transformers 4.4x and 5.x. Importing this module registers the classes with AutoConfig / AutoModelForCausalLM /
 AutoModelForSequenceClassification.
 
 Generation keeps molm's static `KVCache` instead of a transformers `Cache`: the model opts out of the default
@@ -25,6 +28,7 @@ from transformers.utils import ModelOutput
 from . import config as molm_config
 from . import model as molm_model
 from .cache import KVCache
+from .modules import backend_ops
 
 # Fields that PretrainedConfig owns itself (token ids, labels, dtype, ...): passed to its __init__, not set here.
 _HF_OWNED = {"bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "architectures", "torch_dtype",
@@ -49,6 +53,9 @@ class ModuleFormerConfig(PretrainedConfig):
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.to_molm()  # validate now: a bad field fails here with molm's message naming it
 
+    identity_kv = molm_config.ModuleFormerConfig.identity_kv  # the same derived fields as molm's config
+    head_size = molm_config.ModuleFormerConfig.head_size
+
     @property
     def n_ctx(self) -> int:
         return self.history_length * self.n_layer
@@ -58,7 +65,7 @@ class ModuleFormerConfig(PretrainedConfig):
         return self.history_length + self.block_size
 
     def to_molm(self) -> molm_config.ModuleFormerConfig:
-        """The molm config (validated) that the wrapped model is built from."""
+        """The molm config (validated) that the trunk is built from."""
         fields = {name: getattr(self, name) for name in _DEFAULTS}
         problem_type = getattr(self, "problem_type", None)
         return molm_config.ModuleFormerConfig(
@@ -74,39 +81,32 @@ CACHE_NAME = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_
 ModuleFormerOutput = dataclasses.make_dataclass(
     "ModuleFormerOutput",
     [("loss", Optional[torch.Tensor], None), ("logits", Optional[torch.Tensor], None), (CACHE_NAME, Any, None),
-     ("aux_loss", Optional[torch.Tensor], None), ("hidden_states", Optional[torch.Tensor], None)],
+     ("aux_loss", Optional[torch.Tensor], None), ("hidden_states", Optional[tuple], None)],
     bases=(ModelOutput,))
 ModuleFormerOutput.__module__ = __name__
-
-
-def _output(out) -> ModelOutput:
-    return ModuleFormerOutput(loss=out.loss, logits=out.logits, aux_loss=out.aux_loss,
-                              hidden_states=out.hidden_states, **{CACHE_NAME: out.past_key_values})
 
 
 class ModuleFormerPreTrainedModel(PreTrainedModel):
     config_class = ModuleFormerConfig
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
+    # The loss is the mean over this batch's tokens (plus the aux loss), so Trainer scales it for gradient
+    # accumulation itself (forward takes no loss kwargs such as num_items_in_batch).
+    accepts_loss_kwargs = False
     _no_split_modules = ["Block"]
     # the original's attention buffers: stored in MoLM checkpoints, never read
     _keys_to_ignore_on_load_unexpected = [r"attn\.mask", r"attn\.cum_weight"]
-    _molm_class: type = molm_model.ModuleFormerForCausalLM
 
     def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
         super().__init__(config)
-        inner = self._molm_class(config.to_molm(), backend=backend)
-        # Share the molm model's modules (registered here, so HF sees the original key names) and keep the molm
-        # model itself outside the module tree, so every parameter is registered once.
-        for name, module in inner.named_children():
-            self.add_module(name, module)
-        object.__setattr__(self, "molm", inner)
-        self.post_init()
+        self.set_backend(backend or molm_model.default_backend())
+        self.transformer = molm_model.ModuleFormerModel(config.to_molm())
 
     def set_backend(self, backend: str):
         """'extension' (molm's kernels) or 'reference' (pure torch)."""
-        self.molm.set_backend(backend)
+        self._ops = backend_ops(backend)
+        self.backend = backend
         return self
 
     def _init_weights(self, module):
@@ -117,7 +117,24 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.transformer.wte = value
-        self.molm.transformer.wte = value
+
+    def _output(self, out, return_dict) -> ModelOutput | tuple:
+        output = ModuleFormerOutput(loss=out.loss, logits=out.logits, aux_loss=out.aux_loss,
+                                    hidden_states=out.hidden_states, **{CACHE_NAME: out.past_key_values})
+        if return_dict is None:
+            return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+        return output if return_dict else output.to_tuple()
+
+    def _output_hidden_states(self, output_hidden_states, output_attentions) -> bool:
+        """Resolves the two flags against the config; attention weights cannot be returned."""
+        if output_attentions is None:
+            output_attentions = getattr(self.config, "output_attentions", False)
+        if output_attentions:
+            raise ValueError("ModuleFormer cannot return attention weights (output_attentions=True): its "
+                             "stick-breaking attention never materialises them; pass output_attentions=False")
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        return bool(output_hidden_states)
 
 
 class GenerationCache(KVCache):
@@ -132,7 +149,10 @@ def _pick_cache(past_key_values, cache):
 
 
 class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
-    _molm_class = molm_model.ModuleFormerForCausalLM
+    def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
+        super().__init__(config, backend)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -143,22 +163,21 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
-        self.molm.lm_head = value
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, cache=None,
                 use_cache=None, token_type_ids=None, return_aux_loss: bool = True, logits_to_keep: int = 0,
-                return_dict=None, **kwargs) -> ModuleFormerOutput:
-        """Like molm's forward; `past_key_values` / `cache` is a molm KVCache or the legacy tuple. Unused HF
-        arguments (position_ids, cache_position, output_attentions, ...) are accepted and ignored: the model has
-        no positions."""
-        if input_ids is None:
-            raise ValueError("ModuleFormer needs input_ids (inputs_embeds are not supported)")
+                return_dict=None, output_hidden_states=None, output_attentions=None, inputs_embeds=None,
+                position_ids=None, cache_position=None) -> ModelOutput | tuple:
+        """Like molm's forward; `past_key_values` / `cache` is a molm KVCache or the legacy tuple. position_ids and
+        cache_position are accepted and ignored: the model has no positions."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("ModuleFormer needs input_ids or inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None and not self.training else bool(use_cache)
-        out = self.molm(input_ids, attention_mask=attention_mask, labels=labels,
-                        past_key_values=_pick_cache(past_key_values, cache), use_cache=use_cache,
-                        token_type_ids=token_type_ids, return_aux_loss=return_aux_loss,
-                        logits_to_keep=logits_to_keep)
-        return _output(out)
+        out = molm_model.causal_lm_forward(
+            self, input_ids, attention_mask, labels, _pick_cache(past_key_values, cache), use_cache, token_type_ids,
+            return_aux_loss, logits_to_keep, self._output_hidden_states(output_hidden_states, output_attentions),
+            inputs_embeds)
+        return self._output(out, return_dict)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache=None, attention_mask=None,
                                       token_type_ids=None, use_cache=True, **kwargs):
@@ -171,7 +190,7 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
                 token_type_ids = token_type_ids[:, seen:]
         elif use_cache:  # first step: reserve room for the whole generation up front
             max_length = getattr(getattr(self, "generation_config", None), "max_length", None) or 0
-            past = GenerationCache.for_model(self.molm, input_ids.shape[0], max(input_ids.shape[1], max_length))
+            past = GenerationCache.for_model(self, input_ids.shape[0], max(input_ids.shape[1], max_length))
         return {"input_ids": input_ids, CACHE_NAME: past, "attention_mask": attention_mask,
                 "token_type_ids": token_type_ids, "use_cache": use_cache, "return_aux_loss": False,
                 "logits_to_keep": 1}
@@ -186,17 +205,40 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
 
 
 class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
-    _molm_class = molm_model.ModuleFormerForSequenceClassification
+    """Scores every position and pools the rightmost token that is not config.pad_token_id (either padding
+    side)."""
+
+    def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
+        super().__init__(config, backend)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.post_init()
+
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
+    @num_labels.setter
+    def num_labels(self, value: int) -> None:
+        self.config.num_labels = value
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, cache=None,
                 use_cache=None, token_type_ids=None, return_aux_loss: bool = True, return_dict=None,
-                **kwargs) -> ModuleFormerOutput:
+                output_hidden_states=None, output_attentions=None, inputs_embeds=None,
+                position_ids=None) -> ModelOutput | tuple:
         if input_ids is None:
-            raise ValueError("ModuleFormer needs input_ids (inputs_embeds are not supported)")
-        out = self.molm(input_ids, attention_mask=attention_mask, labels=labels,
-                        past_key_values=_pick_cache(past_key_values, cache), use_cache=bool(use_cache),
-                        token_type_ids=token_type_ids, return_aux_loss=return_aux_loss)
-        return _output(out)
+            raise ValueError("ModuleFormerForSequenceClassification needs input_ids (to find the last token that "
+                             "is not padding); inputs_embeds alone are not supported")
+        if inputs_embeds is not None:
+            raise ValueError("pass either input_ids or inputs_embeds, not both")
+        out = molm_model.sequence_classification_forward(
+            self, input_ids, attention_mask, labels, _pick_cache(past_key_values, cache), bool(use_cache),
+            token_type_ids, return_aux_loss, self._output_hidden_states(output_hidden_states, output_attentions))
+        return self._output(out, return_dict)
+
+
+# The model has no token types: a tokenizer must not emit token_type_ids (the original would add them to the
+# token embeddings).
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
 def molm_tokenizer():
@@ -206,7 +248,7 @@ def molm_tokenizer():
     from .tokenizer import EOS, build_molm_tokenizer
 
     return PreTrainedTokenizerFast(tokenizer_object=build_molm_tokenizer(), bos_token=EOS, eos_token=EOS,
-                                   unk_token=EOS)
+                                   unk_token=EOS, pad_token=EOS, model_input_names=MODEL_INPUT_NAMES)
 
 
 def register() -> None:

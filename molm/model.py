@@ -24,7 +24,8 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # sum over all 2 * n_layer routers
     past_key_values: Any = None  # KVCache, or the legacy tuple when one was passed in
-    hidden_states: torch.Tensor | None = None  # final (ln_f) hidden states [B, T, C]
+    # with output_hidden_states: n_layer + 1 tensors [B, T, C], the embeddings first and the ln_f output last
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 def default_backend() -> str:
@@ -44,6 +45,9 @@ class ModuleFormerModel(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
+        # transformers' gradient_checkpointing_enable() sets these two (the function wraps torch's checkpoint)
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
 
     def padding_bias(self, attention_mask: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | None:
         """attention_mask [B, S] (1 keep, 0 pad) -> additive float32 bias [B, S]: 0 or the model dtype's min."""
@@ -56,23 +60,38 @@ class ModuleFormerModel(nn.Module):
         return (1.0 - attention_mask.to(torch.float32)) * dtype_min
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, token_type_ids=None,
-                ops=None, want_aux_loss: bool = True):
-        """input_ids [B, T] -> (hidden [B, T, C], aux loss or None). Appends to `cache` when given."""
-        B, T = input_ids.shape
+                ops=None, want_aux_loss: bool = True, inputs_embeds=None, output_hidden_states: bool = False):
+        """input_ids [B, T] (or inputs_embeds [B, T, C]) -> (hidden [B, T, C], aux loss or None, all hidden states
+        or None). Appends to `cache` when given."""
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
+        B, T = x.shape[:2]
         past = cache.length if cache is not None else 0
         bias = self.padding_bias(attention_mask, B, past + T)
-        x = self.wte(input_ids)  # [B, T, C]
-        if token_type_ids is not None:
+        if token_type_ids is not None:  # the original's semantics: token types index the token embeddings
             x = x + self.wte(token_type_ids)
         x = self.drop(x)
         aux = None
+        states = [] if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and cache is not None:
+            raise ValueError("gradient checkpointing recomputes each block, which would append to the KV cache "
+                             "twice: pass use_cache=False while training with gradient checkpointing")
         for layer, block in enumerate(self.h):
-            x, block_aux = block(x, bias, cache, layer, ops, want_aux_loss)
+            if states is not None:
+                states.append(x)
+            if checkpointing:
+                x, block_aux = self._gradient_checkpointing_func(block.__call__, x, bias, cache, layer, ops,
+                                                                 want_aux_loss)
+            else:
+                x, block_aux = block(x, bias, cache, layer, ops, want_aux_loss)
             if want_aux_loss:
                 aux = block_aux if aux is None else aux + block_aux
         if cache is not None:
             cache.advance()
-        return self.ln_f(x), aux
+        x = self.ln_f(x)
+        if states is not None:
+            states.append(x)
+        return x, aux, (tuple(states) if states is not None else None)
 
 
 @torch.no_grad()
@@ -127,34 +146,7 @@ class ModuleFormerPreTrainedModel(nn.Module):
         return self
 
     def check_input_ids(self, input_ids) -> None:
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be an int64 tensor, got {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape [batch, length], got {list(input_ids.shape)}")
-        if input_ids.numel() == 0:
-            raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}): give at least one token")
-        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():  # elsewhere: a host sync
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
-
-    def _run_trunk(self, input_ids, attention_mask, past_key_values, use_cache, token_type_ids, want_aux_loss):
-        self.check_input_ids(input_ids)
-        legacy = isinstance(past_key_values, (tuple, list))
-        cache = past_key_values
-        if legacy:
-            cache = KVCache.from_legacy(past_key_values, self.config.identity_kv) if past_key_values else None
-        if cache is None and use_cache:
-            cache = KVCache.for_model(self, input_ids.shape[0], input_ids.shape[1])
-        if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"past_key_values must be a molm KVCache or a tuple of (K, V), got {type(cache).__name__}")
-        hidden, aux = self.transformer(input_ids, attention_mask, cache, token_type_ids, self._ops, want_aux_loss)
-        if cache is not None and legacy:
-            cache = cache.to_legacy()
-        return hidden, aux, (cache if (use_cache or past_key_values is not None) else None)
+        check_input_ids(input_ids, self.transformer.wte.num_embeddings)
 
     def num_parameters(self, active: bool = False) -> int:
         """All parameters, or the parameters one token uses (k of E experts per MoE site)."""
@@ -188,80 +180,167 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
     def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                token_type_ids=None, return_aux_loss: bool = True, logits_to_keep: int = 0) -> ModelOutput:
+                token_type_ids=None, return_aux_loss: bool = True, logits_to_keep: int = 0,
+                output_hidden_states: bool = False) -> ModelOutput:
         """input_ids [B, T]; attention_mask [B, past + T]; labels [B, T] (-100 = ignore, shifted inside).
 
         `logits_to_keep` > 0 computes logits for the last positions only (generation); aux loss is skipped when
         return_aux_loss=False and no labels need it.
         """
-        want_aux = return_aux_loss or (labels is not None and self.config.aux_loss_weight > 0)
-        hidden, aux, cache = self._run_trunk(input_ids, attention_mask, past_key_values, use_cache,
-                                             token_type_ids, want_aux)
-        kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
-        logits = self.lm_head(kept).float()  # [B, T, V]
-        loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {list(input_ids.shape)}, "
-                                 f"got {list(labels.shape)}")
-            if logits_to_keep:
-                raise ValueError("labels need logits at every position: do not pass logits_to_keep")
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-            loss = loss.to(hidden.dtype)
-            if self.config.aux_loss_weight > 0:
-                loss = loss + aux * self.config.aux_loss_weight
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux, past_key_values=cache, hidden_states=hidden)
+        return causal_lm_forward(self, input_ids, attention_mask, labels, past_key_values, use_cache,
+                                 token_type_ids, return_aux_loss, logits_to_keep, output_hidden_states)
 
 
 class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
-    """Scores every position, pools the one at (count of non-pad tokens) - 1: assumes right padding, as the
-    original does."""
+    """Scores every position, pools the last token that is not padding (either padding side)."""
 
     def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
         super().__init__(config, backend)
         if not config.num_labels:
             config.num_labels = 2
-        self.num_labels = config.num_labels
         self.transformer = ModuleFormerModel(config)
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                token_type_ids=None, return_aux_loss: bool = True) -> ModelOutput:
-        hidden, aux, cache = self._run_trunk(input_ids, attention_mask, past_key_values, use_cache,
-                                             token_type_ids, return_aux_loss)
-        logits = self.score(hidden).float()  # [B, T, L]
-        B = input_ids.shape[0]
-        pad = self.config.pad_token_id
-        if pad is None:
-            if B != 1:
-                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
-            last = torch.full((B,), -1, dtype=torch.long, device=logits.device)
-        else:
-            last = input_ids.ne(pad).sum(-1) - 1
-        pooled = logits[torch.arange(B, device=logits.device), last]  # [B, L]
-        loss = None
-        if labels is not None:
-            loss = self._loss(pooled, labels)
-        return ModelOutput(logits=pooled, loss=loss, aux_loss=aux, past_key_values=cache, hidden_states=hidden)
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
 
-    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        problem = self.config.problem_type
-        if problem is None:
-            if self.num_labels == 1:
-                problem = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
-        if problem == "regression":
-            return F.mse_loss(pooled.squeeze(), labels.squeeze().float()) if self.num_labels == 1 \
-                else F.mse_loss(pooled, labels.float())
-        if problem == "single_label_classification":
-            return F.cross_entropy(pooled.view(-1, self.num_labels), labels.view(-1))
-        if problem == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(pooled, labels.float())
-        raise ValueError(f"config.problem_type must be regression, single_label_classification or "
-                         f"multi_label_classification, got {problem!r}")
+    def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
+                token_type_ids=None, return_aux_loss: bool = True, output_hidden_states: bool = False) -> ModelOutput:
+        return sequence_classification_forward(self, input_ids, attention_mask, labels, past_key_values, use_cache,
+                                               token_type_ids, return_aux_loss, output_hidden_states)
+
+
+# --- the forward passes, shared with the transformers classes (molm.hf): `model` is any module with `config`,
+# `transformer` (a ModuleFormerModel), `_ops` and the head (`lm_head` / `score`), and everything is read from them
+# at call time, so a replaced head or an edited config takes effect at once.
+
+def check_input_ids(input_ids, vocab_size: int) -> None:
+    """input_ids must be an int64/int32 [batch, length] tensor of ids below the embedding's row count."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be an int64 tensor, got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [batch, length], got {list(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {list(input_ids.shape)}): give at least one token")
+    if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():  # elsewhere: a host sync
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range for vocab_size {vocab_size} "
+                             "(the rows of the input embedding)")
+
+
+def run_trunk(model, input_ids, attention_mask, past_key_values, use_cache, token_type_ids, want_aux_loss,
+              inputs_embeds=None, output_hidden_states: bool = False):
+    """The trunk with cache handling: -> (hidden [B, T, C], aux, cache or legacy tuple or None, hidden states)."""
+    wte = model.transformer.wte
+    if inputs_embeds is None:
+        check_input_ids(input_ids, wte.num_embeddings)
+        batch, length = input_ids.shape
+    else:
+        if input_ids is not None:
+            raise ValueError("pass either input_ids or inputs_embeds, not both")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != wte.embedding_dim:
+            raise ValueError(f"inputs_embeds must have shape [batch, length, {wte.embedding_dim}], "
+                             f"got {list(inputs_embeds.shape)}")
+        batch, length = inputs_embeds.shape[:2]
+    if token_type_ids is not None:
+        check_input_ids(token_type_ids, wte.num_embeddings)
+    legacy = isinstance(past_key_values, (tuple, list))
+    cache = past_key_values
+    if legacy:
+        cache = KVCache.from_legacy(past_key_values, model.config.identity_kv) if past_key_values else None
+    if cache is None and use_cache:
+        cache = KVCache.for_model(model, batch, length)
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"past_key_values must be a molm KVCache or a tuple of (K, V), got {type(cache).__name__}")
+    hidden, aux, states = model.transformer(input_ids, attention_mask, cache, token_type_ids, model._ops,
+                                            want_aux_loss, inputs_embeds, output_hidden_states)
+    if cache is not None and legacy:
+        cache = cache.to_legacy()
+    return hidden, aux, (cache if (use_cache or past_key_values is not None) else None), states
+
+
+def causal_lm_forward(model, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
+                      token_type_ids=None, return_aux_loss: bool = True, logits_to_keep: int = 0,
+                      output_hidden_states: bool = False, inputs_embeds=None,
+                      num_items_in_batch=None) -> ModelOutput:
+    """Causal-LM forward of `model` (see ModuleFormerForCausalLM.forward). With `num_items_in_batch` (the
+    number of label tokens in the whole accumulated batch) the LM loss is the token sum divided by it."""
+    config = model.config
+    aux_weight = config.aux_loss_weight
+    want_aux = return_aux_loss or (labels is not None and aux_weight > 0)
+    hidden, aux, cache, states = run_trunk(model, input_ids, attention_mask, past_key_values, use_cache,
+                                           token_type_ids, want_aux, inputs_embeds, output_hidden_states)
+    kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
+    logits = model.lm_head(kept).float()  # [B, T, V]
+    loss = None
+    if labels is not None:
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels must have the shape of input_ids {list(hidden.shape[:2])}, "
+                             f"got {list(labels.shape)}")
+        if logits_to_keep:
+            raise ValueError("labels need logits at every position: do not pass logits_to_keep")
+        flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+        flat_labels = labels[:, 1:].reshape(-1).to(logits.device)
+        if num_items_in_batch is None:
+            loss = F.cross_entropy(flat_logits, flat_labels)
+        else:
+            loss = F.cross_entropy(flat_logits, flat_labels, reduction="sum") / num_items_in_batch
+        loss = loss.to(hidden.dtype)
+        if aux_weight > 0:
+            loss = loss + aux * aux_weight
+    return ModelOutput(logits=logits, loss=loss, aux_loss=aux, past_key_values=cache, hidden_states=states)
+
+
+def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """[B] position of each row's rightmost token that is not padding (left or right padding alike)."""
+    B, T = input_ids.shape
+    if pad_token_id is None:
+        if B != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined: set "
+                             "config.pad_token_id")
+        return torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+    positions = torch.arange(T, device=input_ids.device)
+    return (positions * input_ids.ne(pad_token_id)).argmax(-1)
+
+
+def sequence_classification_forward(model, input_ids, attention_mask=None, labels=None, past_key_values=None,
+                                    use_cache=False, token_type_ids=None, return_aux_loss: bool = True,
+                                    output_hidden_states: bool = False) -> ModelOutput:
+    hidden, aux, cache, states = run_trunk(model, input_ids, attention_mask, past_key_values, use_cache,
+                                           token_type_ids, return_aux_loss, None, output_hidden_states)
+    logits = model.score(hidden).float()  # [B, T, L]
+    last = last_token_index(input_ids, model.config.pad_token_id)
+    pooled = logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]  # [B, L]
+    loss = None
+    if labels is not None:
+        loss = classification_loss(pooled, labels, model.config)
+    return ModelOutput(logits=pooled, loss=loss, aux_loss=aux, past_key_values=cache, hidden_states=states)
+
+
+def classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
+    num_labels = config.num_labels
+    problem = config.problem_type
+    if problem is None:
+        if num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        return F.mse_loss(pooled.squeeze(), labels.squeeze().float()) if num_labels == 1 \
+            else F.mse_loss(pooled, labels.float())
+    if problem == "single_label_classification":
+        return F.cross_entropy(pooled.view(-1, num_labels), labels.view(-1))
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(pooled, labels.float())
+    raise ValueError(f"config.problem_type must be regression, single_label_classification or "
+                     f"multi_label_classification, got {problem!r}")
 
 
 ARCHITECTURES = {

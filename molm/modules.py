@@ -60,6 +60,12 @@ class ParallelExperts(nn.Module):
         bound = 1.0 / input_size  # the original's uniform(-1/in, 1/in); never left uninitialised
         nn.init.uniform_(self.weight, -bound, bound)
 
+    def forward(self, x: torch.Tensor, expert_offsets: torch.Tensor, activation: str,
+                ops: SimpleNamespace) -> torch.Tensor:
+        """Expert-sorted rows x [M, in] -> [M, out]. Reading `self.weight` inside a call of this module lets a
+        parametrization of it (PEFT's target_parameters LoRA) apply."""
+        return ops.expert_gemm(x, self.weight, expert_offsets, activation)
+
     def extra_repr(self) -> str:
         e, i, o = self.weight.shape
         return f"num_experts={e}, input_size={i}, output_size={o}"
@@ -139,20 +145,20 @@ class MoE(nn.Module):
         """The MoE MLP: sum_j p_j * (gelu_new(h @ W1[e_j]) @ W2[e_j]). h [N, C] -> ([N, C], aux)."""
         r, aux = self.gate(h, ops, want_aux_loss)
         x = ops.gather_rows(h, r.sorted_slots, r.k)  # [M, C] expert-sorted
-        x = ops.expert_gemm(x, self.experts.weight, r.expert_offsets, "gelu_new")  # [M, F]
-        y = ops.expert_gemm(x, self.output_experts.weight, r.expert_offsets, "none")  # [M, C]
+        x = self.experts(x, r.expert_offsets, "gelu_new", ops)  # [M, F]
+        y = self.output_experts(x, r.expert_offsets, "none", ops)  # [M, C]
         return ops.scatter_ksum(y, r.gates, r.slot_positions), aux  # [N, C]
 
     def map(self, h: torch.Tensor, r: Routing, ops: SimpleNamespace) -> torch.Tensor:
         """Per-slot expert inputs projections, in slot order: h [N, C] -> [M, A] (row n*k+j = h[n] @ W[e_nj])."""
         x = ops.gather_rows(h, r.sorted_slots, r.k)  # [M, C] expert-sorted
-        q = ops.expert_gemm(x, self.experts.weight, r.expert_offsets, "none")  # [M, A] expert-sorted
+        q = self.experts(x, r.expert_offsets, "none", ops)  # [M, A] expert-sorted
         return ops.gather_rows(q, r.slot_positions, 1)  # [M, A] slot order
 
     def reduce(self, o: torch.Tensor, r: Routing, ops: SimpleNamespace) -> torch.Tensor:
         """Output projections of slot-ordered rows, gate-weighted k-sum: o [M, A] -> [N, C]."""
         o = ops.gather_rows(o, r.sorted_slots, 1)  # [M, A] expert-sorted
-        y = ops.expert_gemm(o, self.output_experts.weight, r.expert_offsets, "none")  # [M, C]
+        y = self.output_experts(o, r.expert_offsets, "none", ops)  # [M, C]
         return ops.scatter_ksum(y, r.gates, r.slot_positions)  # [N, C]
 
 

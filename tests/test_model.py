@@ -224,3 +224,52 @@ def test_a_fresh_model_is_initialised():
     model = molm.ModuleFormerForCausalLM(config)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", FIXTURES)
+def test_cache_keeps_gradients(name, backend):
+    """With grad on, appended K/V stay in the graph: use_cache=True, and a prefix run through the cache followed by
+    the rest, give the gradients of one plain forward (also for the legacy tuple cache)."""
+    model = molm.load(os.path.join(DATA, name), dtype=torch.float32, backend=backend)
+    ids = golden(name)["input_ids"]
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def grads_of(run):
+        model.zero_grad(set_to_none=True)
+        logits = run()
+        loss_fn(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def in_two_steps(legacy):
+        first = model(ids[:, :10], use_cache=True)
+        past = first.past_key_values.to_legacy() if legacy else first.past_key_values
+        second = model(ids[:, 10:], past_key_values=past, use_cache=True)
+        if legacy:
+            assert all(k.requires_grad for k, _ in second.past_key_values)
+        return torch.cat([first.logits, second.logits], 1)
+
+    plain = grads_of(lambda: model(ids).logits)
+    for run in (lambda: model(ids, use_cache=True).logits, lambda: in_two_steps(False), lambda: in_two_steps(True)):
+        got = grads_of(run)
+        for key in plain:
+            assert torch.allclose(got[key], plain[key], rtol=1e-4, atol=1e-6), key
+    # and without grad the cache still hands back views of its buffers (no copies per decode step)
+    cache = molm.KVCache.for_model(model, 3, 30)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        keys, _ = cache.append(0, torch.zeros(3, 1, cache.keys[0].shape[2]), None if cache.values is None
+                               else torch.zeros(3, 1, cache.keys[0].shape[2]))
+    assert keys.data_ptr() == cache.keys[0].data_ptr()
+
+
+def test_hidden_states_of_every_layer():
+    model = molm.load(os.path.join(DATA, "molm-tiny-a"), dtype=torch.float32)
+    ids = golden("molm-tiny-a")["input_ids"]
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        assert model(ids).hidden_states is None
+        states = out.hidden_states
+        assert len(states) == model.config.n_layer + 1
+        assert torch.equal(states[0], model.transformer.wte(ids))
+        assert torch.allclose(model.lm_head(states[-1]), out.logits, atol=1e-5)

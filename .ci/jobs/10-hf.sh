@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Ecosystem job: the transformers adapter on transformers 4.x and 5.x, the lm-evaluation-harness model and local
-# tasks, the offline tokenizer. One venv with torch 2.13.0 (the torch molm._C was built against by the main test
-# command, so the in-place build is reused through PYTHONPATH); MOLM_REQUIRE_HF / MOLM_REQUIRE_LM_EVAL turn the
-# main suite's skips (no transformers, no lm_eval there) into failures. Offline: tasks and data are local.
+# Ecosystem job: the transformers adapter (with Trainer and PEFT) on transformers 4.x and 5.x, the
+# lm-evaluation-harness model and local tasks, the offline tokenizer. One venv with torch 2.13.0 (the torch molm._C
+# was built against by the main test command, so the in-place build is reused through PYTHONPATH); MOLM_REQUIRE_HF /
+# MOLM_REQUIRE_LM_EVAL turn the main suite's skips (no transformers, no lm_eval there) into failures. Offline: tasks
+# and data are local.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
@@ -23,7 +24,7 @@ if ! ls molm/_C*.so >/dev/null 2>&1; then  # run on its own: build the extension
   MAX_JOBS=${MAX_JOBS:-2} .venv-ci-hf/bin/python setup.py build_ext --inplace >/dev/null
 fi
 
-venv "transformers==$TRANSFORMERS_4" "lm_eval==$LM_EVAL"
+venv "transformers==$TRANSFORMERS_4" "lm_eval==$LM_EVAL" "peft==0.21.2"
 echo "--- transformers $TRANSFORMERS_4 + lm_eval $LM_EVAL venv ready at $((SECONDS - start)) s"
 .venv-ci-hf/bin/python -m pytest -q tests/test_hf.py tests/test_evaluate.py tests/test_tokenizer.py
 echo "--- transformers $TRANSFORMERS_4, lm_eval: passed at $((SECONDS - start)) s"
