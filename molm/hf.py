@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 from . import config as molm_config
 from . import model as molm_model
 from .cache import KVCache
-from .modules import backend_ops
+from .modules import Linear, backend_ops, bind_backend
 
 # Fields that PretrainedConfig owns itself (token ids, labels, dtype, ...): passed to its __init__, not set here.
 _HF_OWNED = {"bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "architectures", "torch_dtype",
@@ -107,6 +107,7 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
         """'extension' (molm's kernels) or 'reference' (pure torch)."""
         self._ops = backend_ops(backend)
         self.backend = backend
+        bind_backend(self, self._ops)
         return self
 
     def _init_weights(self, module):
@@ -151,7 +152,8 @@ def _pick_cache(past_key_values, cache):
 class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
     def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
         super().__init__(config, backend)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.set_backend(self.backend)  # binds the Linears built above
         self.post_init()
 
     @classmethod
@@ -210,7 +212,8 @@ class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
 
     def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
         super().__init__(config, backend)
-        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.score = Linear(config.n_embd, config.num_labels, bias=False)
+        self.set_backend(self.backend)  # binds the Linears built above
         self.post_init()
 
     @property

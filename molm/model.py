@@ -15,7 +15,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModuleFormerConfig
-from .modules import BACKENDS, Block, ParallelExperts, Router, backend_ops
+from .modules import BACKENDS, Block, Linear, ParallelExperts, Router, backend_ops, bind_backend
 
 
 @dataclass
@@ -126,6 +126,7 @@ class ModuleFormerPreTrainedModel(nn.Module):
         """'reference' (pure torch, the original algorithm) or 'extension' (molm's kernels)."""
         self._ops = backend_ops(backend)
         self.backend = backend
+        bind_backend(self, self._ops)
         return self
 
     @property
@@ -177,7 +178,8 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel):
     def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
         super().__init__(config, backend)
         self.transformer = ModuleFormerModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.set_backend(self.backend)  # binds the Linears built above
 
     def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
                 token_type_ids=None, return_aux_loss: bool = True, logits_to_keep: int = 0,
@@ -199,7 +201,8 @@ class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
         if not config.num_labels:
             config.num_labels = 2
         self.transformer = ModuleFormerModel(config)
-        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.score = Linear(config.n_embd, config.num_labels, bias=False)
+        self.set_backend(self.backend)  # binds the Linears built above
 
     @property
     def num_labels(self) -> int:

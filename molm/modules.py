@@ -19,12 +19,12 @@ from torch import nn
 from . import reference
 from .config import ModuleFormerConfig
 
-OP_NAMES = ("route_topk", "gather_rows", "scatter_ksum", "expert_gemm", "sb_attention")
+OP_NAMES = ("route_topk", "gather_rows", "scatter_ksum", "expert_gemm", "sb_attention", "linear")
 BACKENDS = ("reference", "extension")
 
 
 def backend_ops(name: str) -> SimpleNamespace:
-    """The five ops of one backend, by name."""
+    """The ops of one backend, by name."""
     if name == "reference":
         return SimpleNamespace(**{op: getattr(reference, op + "_ref") for op in OP_NAMES})
     if name == "extension":
@@ -49,6 +49,24 @@ class Routing(NamedTuple):
     slot_positions: torch.Tensor  # [M] inverse: where slot n*k+j sits in expert order
     expert_offsets: torch.Tensor  # [E+1]
     k: int
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, state_dict keys and PEFT targeting) whose product runs through the model's
+    backend: with the extension, molm's linear op streams the weight once in its own dtype for decode-sized inputs.
+    `bind_backend` sets `kernel`; an unbound Linear is a plain nn.Linear."""
+
+    kernel = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.kernel or F.linear)(x, self.weight, self.bias)
+
+
+def bind_backend(model: nn.Module, ops: SimpleNamespace) -> None:
+    """Point every molm Linear of `model` at the backend's linear op."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.kernel = ops.linear
 
 
 class ParallelExperts(nn.Module):
@@ -81,12 +99,12 @@ class Router(nn.Module):
         self.sample_topk = config.sample_topk
         C, G = config.n_embd, config.gating_size
         if config.gate_type == "mlp":
-            self.w_gate = nn.Sequential(nn.Linear(C, G), nn.GELU(), nn.Dropout(config.moe_pdrop),
-                                        nn.Linear(G, num_experts, bias=False))
+            self.w_gate = nn.Sequential(Linear(C, G), nn.GELU(), nn.Dropout(config.moe_pdrop),
+                                        Linear(G, num_experts, bias=False))
         elif config.gate_type == "linear":
-            self.w_gate = nn.Sequential(nn.Linear(C, num_experts, bias=False))
+            self.w_gate = nn.Sequential(Linear(C, num_experts, bias=False))
         else:  # "gmm": cosine similarity to learned centroids with a learned temperature
-            self.w_gate = nn.Linear(C, G, bias=False)
+            self.w_gate = Linear(C, G, bias=False)
             self.expert_centroids = nn.Parameter(torch.randn(num_experts, G))
             self.temperature = nn.Parameter(torch.zeros(1))
 
@@ -172,8 +190,8 @@ class MoA(nn.Module):
         if config.identity_kv:
             self.k_proj, self.v_proj = nn.Identity(), nn.Identity()
         else:
-            self.k_proj = nn.Linear(config.n_embd, config.att_hidden)
-            self.v_proj = nn.Linear(config.n_embd, config.att_hidden)
+            self.k_proj = Linear(config.n_embd, config.att_hidden)
+            self.v_proj = Linear(config.n_embd, config.att_hidden)
         self.identity_kv = config.identity_kv
 
     def forward(self, h: torch.Tensor, bias: torch.Tensor | None, cache, layer: int, ops: SimpleNamespace,
