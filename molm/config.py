@@ -195,7 +195,7 @@ def _molm(n_layer: int, k: int) -> ModuleFormerConfig:
                                      "universal": False, "world_size": None})
 
 
-# The three released models (spec §1.2; 700M-8B read from its config.json, the 4B ones inferred).
+# The three released models (docs/model.md §1; 700M-8B read from its config.json, the 4B ones inferred).
 PRESETS = {
     "MoLM-350M-4B": lambda: _molm(24, 2),
     "MoLM-700M-4B": lambda: _molm(24, 4),

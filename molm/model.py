@@ -1,6 +1,6 @@
 """ModuleFormer / MoLM (IBM, arXiv 2306.04640): the trunk, the causal-LM head and the sequence-classification head.
 
-Reproduces `ModuleFormerForCausalLM` of github:IBM/ModuleFormer (spec: shared/docs/moduleformer-spec.md) with the
+Reproduces `ModuleFormerForCausalLM` of github:IBM/ModuleFormer (specification: docs/model.md) with the
 same state_dict keys. No positional encoding; stick-breaking mixture-of-attention; sparse MoE MLP.
 """
 

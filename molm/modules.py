@@ -1,6 +1,7 @@
-"""The building blocks of ModuleFormer: Router, MoE (experts + router), MoA (stick-breaking mixture of attention), Block.
+"""The building blocks of ModuleFormer: Router, MoE (experts + router), MoA (stick-breaking mixture of attention),
+Block, and the Linear that runs through the backend.
 
-Parameter names follow the original checkpoints exactly (spec §2.2). Every op goes through a backend namespace
+Parameter names follow the original checkpoints exactly (docs/model.md §2.1). Every op goes through a backend namespace
 (`reference` = pure torch mirroring the original algorithm, `extension` = molm's C++/CUDA kernels), so the math
 below is written once. Shape alphabet: B batch, T new positions, S cached + new, N = B*T tokens, k slots per token,
 M = N*k rows, E experts, C model width, A att_hidden, H heads, D head size, F ffd_hidden.
@@ -136,7 +137,7 @@ class Router(nn.Module):
         return Routing(probs, gates, experts, sorted_slots, slot_positions, offsets, self.top_k)
 
     def aux_loss(self, logits: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """MI loss H(e|x) - H(e) (spec §4), or switch + 0.1 * z loss for any other aux_loss_type."""
+        """MI loss H(e|x) - H(e) (docs/model.md §4), or switch + 0.1 * z loss for any other aux_loss_type."""
         probs = routing.probs
         if self.aux_loss_type == "mi":
             neg_conditional_entropy = (probs * torch.log_softmax(logits, dim=-1)).sum() / probs.shape[0]

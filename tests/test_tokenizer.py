@@ -1,5 +1,5 @@
 """The offline MoLM tokenizer: GPT-2 ids (reference cases from tiktoken's r50k_base tests), the 38 CodeGen
-whitespace tokens at ids 50257..50294 (spec §1.3), and the load_tokenizer fallback."""
+whitespace tokens at ids 50257..50294 (docs/model.md §1), and the load_tokenizer fallback."""
 
 import json
 import os
