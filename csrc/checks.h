@@ -125,6 +125,53 @@ inline void check_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   }
 }
 
+// int8 weight-only ops: qweight int8, scale floating with one entry per output channel, on x's device.
+inline void check_q8_weight(const char* op, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale) {
+  TORCH_CHECK_TYPE(qweight.scalar_type() == at::kChar, op, ": qweight must be int8, got ", qweight.scalar_type());
+  check_floating(op, "scale", scale);
+  check_same_device(op, "qweight", qweight, "x", x);
+  check_same_device(op, "scale", scale, "x", x);
+}
+
+// x [M, K] floating, qweight [E, N, K] int8 (output rows), scale [E, N].
+inline void check_expert_gemm_q8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                                 const at::Tensor& expert_offsets, c10::string_view activation) {
+  const char* op = "molm::expert_gemm_q8";
+  check_rank(op, "x", x, 2);
+  check_floating(op, "x", x);
+  check_rank(op, "qweight", qweight, 3);
+  check_q8_weight(op, x, qweight, scale);
+  TORCH_CHECK_VALUE(qweight.size(2) == x.size(1), op, ": qweight [E, N, K] must have K == x.size(1) = ", x.size(1),
+                    ", got qweight shape ", qweight.sizes());
+  TORCH_CHECK_VALUE(scale.dim() == 2 && scale.size(0) == qweight.size(0) && scale.size(1) == qweight.size(1), op,
+                    ": scale must be [E, N] = [", qweight.size(0), ", ", qweight.size(1), "], got ", scale.sizes());
+  check_index(op, "expert_offsets", expert_offsets);
+  check_same_device(op, "expert_offsets", expert_offsets, "x", x);
+  check_size(op, "expert_offsets.numel() (= E + 1)", expert_offsets.numel(), qweight.size(0) + 1);
+  TORCH_CHECK_VALUE(activation == "none" || activation == "gelu_new", op,
+                    ": activation must be 'none' or 'gelu_new', got '", std::string(activation), "'");
+}
+
+// x [M, K] floating, qweight [N, K] int8 (nn.Linear layout), scale [N], bias [N] (x's dtype) or none.
+inline void check_linear_q8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                            const c10::optional<at::Tensor>& bias) {
+  const char* op = "molm::linear_q8";
+  check_rank(op, "x", x, 2);
+  check_floating(op, "x", x);
+  check_rank(op, "qweight", qweight, 2);
+  check_q8_weight(op, x, qweight, scale);
+  TORCH_CHECK_VALUE(qweight.size(1) == x.size(1), op, ": qweight [N, K] must have K == x.size(1) = ", x.size(1),
+                    ", got qweight shape ", qweight.sizes());
+  TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == qweight.size(0), op, ": scale must be [N] = [",
+                    qweight.size(0), "], got ", scale.sizes());
+  if (bias.has_value()) {
+    check_rank(op, "bias", *bias, 1);
+    check_same_dtype(op, "bias", *bias, "x", x);
+    check_same_device(op, "bias", *bias, "x", x);
+    check_size(op, "bias.numel() (= qweight.size(0))", bias->numel(), qweight.size(0));
+  }
+}
+
 // x [M, K], grad_out [M, Nout] (same dtype), offsets [E+1], num_experts == E.
 inline void check_expert_gemm_wgrad(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& expert_offsets,
                                     int64_t num_experts) {

@@ -16,6 +16,10 @@ TORCH_LIBRARY(molm, m) {
   // y = x @ weight^T (+ bias) with nn.Linear weights [N, K]: lm_head, routers, K/V projections (decode-sized x
   // streams the weight once, in its own dtype)
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // int8 weight-only variants (molm.quantize): y = (x @ qweight) * scale per output channel, fp32 accumulation;
+  // qweight [E, N, K] int8 (experts stored as output rows) with scale [E, N] / qweight [N, K] int8 with scale [N]
+  m.def("expert_gemm_q8(Tensor x, Tensor qweight, Tensor scale, Tensor expert_offsets, str activation) -> Tensor");
+  m.def("linear_q8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   // backward helper: grad_weight[e] = x[rows of e]^T @ grad_out[rows of e] (zeros for an empty expert), [E, K, Nout]
   m.def("expert_gemm_wgrad(Tensor x, Tensor grad_out, Tensor expert_offsets, int num_experts) -> Tensor");
   // fused causal stick-breaking attention (ModuleFormer variant), q [B,T,k,H,D], k/v [B,S,H,D], bias [B,S] -> [B,T,k,H,D]

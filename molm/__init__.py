@@ -4,6 +4,7 @@ from .cache import KVCache
 from .config import PRESETS, ModuleFormerConfig
 from .generate import generate, generate_ids, load_tokenizer
 from .loading import CheckpointError, load, save_pretrained
+from .quantization import dequantize, quantize
 from .model import ModelOutput, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification, ModuleFormerModel
 from .surgery import extend, prune
 from .train import TrainConfig, perplexity, train
@@ -12,4 +13,4 @@ from .usage import ExpertUsage, expert_usage, plot_usage
 __version__ = "0.3.0"
 __all__ = ["KVCache", "PRESETS", "ModuleFormerConfig", "CheckpointError", "generate", "load", "load_tokenizer", "save_pretrained", "ModelOutput",
            "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification", "ModuleFormerModel",
-           "extend", "prune", "TrainConfig", "perplexity", "train", "ExpertUsage", "expert_usage", "plot_usage"]
+           "extend", "prune", "quantize", "dequantize", "TrainConfig", "perplexity", "train", "ExpertUsage", "expert_usage", "plot_usage"]

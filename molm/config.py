@@ -59,6 +59,8 @@ class ModuleFormerConfig:
     torch_dtype: str | None = None
     num_labels: int | None = None
     problem_type: str | None = None
+    # {"method": "int8", ...} for a checkpoint written by molm.quantize (molm/quantization.py); None: float weights
+    quantization: dict[str, Any] | None = None
     # keys the code does not use (att_func, moe_type, id2label, transformers_version, ...) kept verbatim
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -156,7 +158,7 @@ class ModuleFormerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        for key in ("architectures", "torch_dtype", "num_labels", "problem_type", "pad_token_id"):
+        for key in ("architectures", "torch_dtype", "num_labels", "problem_type", "pad_token_id", "quantization"):
             if data[key] is None:
                 del data[key]
         data.update(self.extra)

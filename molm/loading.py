@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import quantization as quant
 from .config import ModuleFormerConfig
 from .model import ARCHITECTURES, ModuleFormerForCausalLM, ModuleFormerPreTrainedModel
 
@@ -141,13 +142,17 @@ def model_class(config: ModuleFormerConfig, config_path: str) -> type[ModuleForm
 
 
 def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", backend: str | None = None,
-         cls: type[ModuleFormerPreTrainedModel] | None = None, progress: bool = False) -> ModuleFormerPreTrainedModel:
+         cls: type[ModuleFormerPreTrainedModel] | None = None, progress: bool = False,
+         quantize: str | None = None) -> ModuleFormerPreTrainedModel:
     """Load an HF-format ModuleFormer directory (or hub id) as the class named in `architectures`.
 
     dtype=None keeps the stored dtype (bf16 for the released MoLM models); pass torch.float32 to upcast as
     transformers' from_pretrained does by default. `cls` forces a head (a causal-LM checkpoint loaded as a
-    classifier gets a freshly initialised `score`, as in the original).
+    classifier gets a freshly initialised `score`, as in the original). quantize="int8" quantizes the experts and
+    lm_head after loading (molm.quantize); a checkpoint saved quantized loads as such without it.
     """
+    if quantize is not None and quantize not in quant.METHODS:
+        raise ValueError(f"quantize must be one of {quant.METHODS} or None, got {quantize!r}")
     directory = resolve(path)
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
@@ -162,8 +167,15 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     if dtype is None and config.torch_dtype in DTYPES:
         dtype = DTYPES[config.torch_dtype]
     _check_size(cls, config, files, config_path)
+    if quantize is not None and config.quantization:
+        raise CheckpointError(f"{directory} is already quantized ({config.quantization.get('method')}): load it "
+                              "without quantize=")
     with torch.device("meta"):  # shapes only: nothing is allocated until a tensor is read
         model = cls(config, backend=backend)
+        try:
+            quant.prepare_for_checkpoint(model, config.quantization)
+        except ValueError as exc:
+            raise CheckpointError(f"{config_path}: {exc}") from exc
     expected = dict(model.state_dict())
     loaded: dict[str, torch.Tensor] = {}
     unexpected, mis_shaped, seen_in = [], [], {}
@@ -183,6 +195,13 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
             continue
         if tuple(tensor.shape) != tuple(expected[key].shape):
             mis_shaped.append(f"{key}: checkpoint {list(tensor.shape)} vs model {list(expected[key].shape)}")
+            continue
+        if expected[key].dtype == torch.int8 or key.endswith("_scale"):  # int8 weights and their fp32 scales
+            want = expected[key].dtype if expected[key].dtype == torch.int8 else torch.float32
+            if tensor.dtype != want and not (want == torch.float32 and tensor.is_floating_point()):
+                mis_shaped.append(f"{key}: dtype {tensor.dtype}, expected {want} (quantized checkpoint)")
+                continue
+            loaded[key] = tensor.to(device=device, dtype=want, copy=True)
             continue
         if not tensor.is_floating_point():
             mis_shaped.append(f"{key}: dtype {tensor.dtype} is not floating point")
@@ -206,6 +225,9 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
         module.to(dtype)
         with torch.no_grad():
             module.weight.normal_(0.0, config.initializer_range)
+    model.set_backend(model.backend)  # binds the modules swapped in above
+    if quantize is not None:
+        quant.quantize(model, quantize)
     model.name_or_path = directory
     return model.eval()
 

@@ -20,7 +20,8 @@ from torch import nn
 from . import reference
 from .config import ModuleFormerConfig
 
-OP_NAMES = ("route_topk", "gather_rows", "scatter_ksum", "expert_gemm", "sb_attention", "linear")
+OP_NAMES = ("route_topk", "gather_rows", "scatter_ksum", "expert_gemm", "sb_attention", "linear", "expert_gemm_q8",
+            "linear_q8")
 BACKENDS = ("reference", "extension")
 
 
@@ -62,12 +63,15 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.kernel or F.linear)(x, self.weight, self.bias)
 
+    def bind_ops(self, ops: SimpleNamespace) -> None:
+        self.kernel = ops.linear
+
 
 def bind_backend(model: nn.Module, ops: SimpleNamespace) -> None:
-    """Point every molm Linear of `model` at the backend's linear op."""
+    """Point every module of `model` that calls an op itself (molm Linears, int8 linears) at the backend's ops."""
     for module in model.modules():
-        if isinstance(module, Linear):
-            module.kernel = ops.linear
+        if hasattr(module, "bind_ops"):
+            module.bind_ops(ops)
 
 
 class ParallelExperts(nn.Module):

@@ -377,3 +377,71 @@ if _C is not None:
         return d_x, d_w, d_b
 
     torch.library.register_autograd("molm::linear", _linear_backward, setup_context=_linear_setup)
+
+
+# ---------------------------------------------------------------------------------------------------- int8 weights
+def expert_gemm_q8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, expert_offsets: torch.Tensor,
+                   activation: str = "none") -> torch.Tensor:
+    """expert_gemm with int8 weights and one scale per (expert, output channel): act((x @ qweight[e]^T) * scale[e]).
+
+    x [M, K] expert-sorted, qweight [E, N, K] int8 (each expert's output rows, so a decode step streams contiguous
+    rows), scale [E, N], expert_offsets [E+1] -> [M, N] in x's dtype.
+    """
+    _require_extension()
+    return torch.ops.molm.expert_gemm_q8(x, qweight, scale, expert_offsets, activation)
+
+
+def linear_q8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear with int8 weights and one scale per output row: (x @ qweight^T) * scale + bias; x [..., K]."""
+    _require_extension()
+    lead = x.shape[:-1]
+    y = torch.ops.molm.linear_q8(x.reshape(-1, x.shape[-1]), qweight, scale, bias)
+    return y.view(*lead, qweight.shape[0])
+
+
+if _C is not None:
+    @torch.library.register_fake("molm::expert_gemm_q8")
+    def _expert_gemm_q8_fake(x, qweight, scale, expert_offsets, activation):
+        torch._check(qweight.dtype == torch.int8, lambda: "expert_gemm_q8: qweight must be int8")
+        return x.new_empty(_expert_gemm_shape(x, qweight.transpose(1, 2), expert_offsets))
+
+    @torch.library.register_fake("molm::linear_q8")
+    def _linear_q8_fake(x, qweight, scale, bias):
+        torch._check(qweight.dtype == torch.int8, lambda: "linear_q8: qweight must be int8")
+        return x.new_empty(_linear_shape(x, qweight, bias))
+
+    # Gradients reach the activations (adapters on top of a quantized model train); the int8 weights are buffers.
+    def _expert_gemm_q8_setup(ctx, inputs, output):
+        x, qweight, scale, expert_offsets, activation = inputs
+        ctx.save_for_backward(x, qweight, scale, expert_offsets)
+        ctx.activation = activation
+
+    def _expert_gemm_q8_backward(ctx, grad):
+        x, qweight, scale, expert_offsets = ctx.saved_tensors
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("molm: int8 weights cannot be trained; dequantize the model first (molm.dequantize)")
+        weight = (qweight.float() * scale.float()[:, :, None]).transpose(1, 2).to(x.dtype)  # [E, K, N]
+        grad = grad.contiguous()
+        if ctx.activation == "gelu_new":
+            pre = torch.ops.molm.expert_gemm(x, weight, expert_offsets, "none")
+            grad = torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
+        d_x = torch.ops.molm.expert_gemm(grad, weight.transpose(1, 2), expert_offsets, "none")
+        return d_x, None, None, None, None
+
+    def _linear_q8_setup(ctx, inputs, output):
+        x, qweight, scale, bias = inputs
+        ctx.save_for_backward(qweight, scale)
+        ctx.has_bias = bias is not None
+
+    def _linear_q8_backward(ctx, grad):
+        qweight, scale = ctx.saved_tensors
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("molm: int8 weights cannot be trained; dequantize the model first (molm.dequantize)")
+        d_x = grad @ (qweight.float() * scale.float()[:, None]).to(grad.dtype)
+        d_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return d_x, None, None, d_b
+
+    torch.library.register_autograd("molm::expert_gemm_q8", _expert_gemm_q8_backward,
+                                    setup_context=_expert_gemm_q8_setup)
+    torch.library.register_autograd("molm::linear_q8", _linear_q8_backward, setup_context=_linear_q8_setup)

@@ -42,6 +42,21 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def expert_gemm_q8_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, expert_offsets: torch.Tensor,
+                       activation: str = "none") -> torch.Tensor:
+    """expert_gemm with int8 weights stored as output rows: W[e] = (qweight[e] * scale[e][:, None])^T, in fp32,
+    output in x's dtype. qweight [E, N, K] int8, scale [E, N]."""
+    weight = (qweight.float() * scale.float()[:, :, None]).transpose(1, 2)
+    return expert_gemm_ref(x.float(), weight, expert_offsets, activation).to(x.dtype)
+
+
+def linear_q8_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear with int8 weights: W = qweight * scale[:, None], in fp32, output in x's dtype. qweight [N, K] int8."""
+    weight = qweight.float() * scale.float()[:, None]
+    return linear_ref(x.float(), weight, None if bias is None else bias.float()).to(x.dtype)
+
+
 def gather_rows_ref(x: torch.Tensor, index: torch.Tensor, group: int = 1) -> torch.Tensor:
     """out[i] = x[index[i] // group]. x [R, C], index [M] -> [M, C]."""
     return x[torch.div(index, group, rounding_mode="floor")]

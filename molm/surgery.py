@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .model import ModuleFormerForCausalLM
+from .quantization import require_float_weights
 
 SITES = {"att": ("n_att_experts", "k_att", "attn.q_proj"), "mlp": ("n_mlp_experts", "k_mlp", "mlpf")}
 
@@ -66,6 +67,7 @@ def extend(model: ModuleFormerForCausalLM, new_att_experts: int = 0, new_mlp_exp
     also keeps those tensors out of weight decay), so AdamW leaves the old rows bitwise unchanged.
     `model.frozen_rows` maps each partly trainable parameter to its number of frozen leading rows.
     """
+    require_float_weights(model, "molm.extend")
     for name, n in (("new_att_experts", new_att_experts), ("new_mlp_experts", new_mlp_experts)):
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
@@ -144,6 +146,7 @@ def prune(model: ModuleFormerForCausalLM, usage, keep=None, mass: float | None =
     rescale=True multiplies the kept experts' output projections by (1 - m̄), m̄ = the dropped experts' mean
     probability in `usage`: exact when m(x) is the same for every token, a no-op when m̄ = 0. (In experiments/ it
     did not help: the damage comes from the dropped experts, not from the gate scale.)"""
+    require_float_weights(model, "molm.prune")
     counts = keep_counts(model, usage, keep, mass)
     c = model.config
     for kind in SITES:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .config import ModuleFormerConfig
 from .model import ModuleFormerForCausalLM
 from .modules import Router
+from .quantization import require_float_weights
 
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "log.jsonl"
@@ -272,6 +273,7 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
     rank, world = _rank_world()
     tokenizer = _as_tokenizer(tokenizer)
     model = _as_model(model, cfg.seed, cfg.device)
+    require_float_weights(model, "training")
     if tokenizer is None and getattr(model, "name_or_path", None):
         try:
             tokenizer = _as_tokenizer(model.name_or_path)

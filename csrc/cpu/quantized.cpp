@@ -1,0 +1,245 @@
+// CPU kernels of the int8 weight-only ops (molm.quantize): symmetric int8 weights with one fp32 scale per output
+// channel, activations in the model dtype, fp32 accumulation: y = (sum_k x_k q_k) * scale.
+//   expert_gemm_q8: experts stored [E, N, K] (output rows, so a GEMV streams contiguous rows), scales [E, N]
+//   linear_q8:      nn.Linear layout [N, K], scales [N]
+// Decode-sized inputs stream the int8 weights once, widening them to fp32 in registers (half the bytes of bf16 for
+// the same FMAs): every output is one dot product over a contiguous weight row, computed by one thread in a fixed
+// order, so results do not depend on the thread count or on the other rows. Larger inputs (prefill) dequantise one
+// expert / weight block at a time to fp32 and use at::mm.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../dispatch.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOLM_X86 1
+#include <immintrin.h>
+#endif
+
+namespace molm::cpu {
+namespace {
+
+constexpr int64_t kGemvMaxRows = 16;  // rows (per expert segment, or in x for linear) served by the streaming path
+constexpr int64_t kRowsPerItem = 64;  // weight rows (outputs) per work item of the streaming path
+
+// ---------------------------------------------------------------- linear GEMV bodies: y[r] = sum_k x[k] q[r, k]
+void row_dots_scalar(const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows, float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* qr = q + r * ldq;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4)
+      for (int u = 0; u < 4; ++u) acc[u] += x[k + u] * static_cast<float>(qr[k + u]);
+    float s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (; k < K; ++k) s += x[k] * static_cast<float>(qr[k]);
+    y[r] = s;
+  }
+}
+
+#ifdef MOLM_X86
+#define MOLM_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define MOLM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+
+MOLM_TARGET_AVX2 inline __m256 widen8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+MOLM_TARGET_AVX512 inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+MOLM_TARGET_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// four weight rows at a time, one dot product each
+MOLM_TARGET_AVX2 void row_dots_avx2(const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows,
+                                    float* y) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const int8_t* q0 = q + r * ldq;
+    const int8_t* q1 = q0 + ldq;
+    const int8_t* q2 = q1 + ldq;
+    const int8_t* q3 = q2 + ldq;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      a0 = _mm256_fmadd_ps(xv, widen8(q0 + k), a0);
+      a1 = _mm256_fmadd_ps(xv, widen8(q1 + k), a1);
+      a2 = _mm256_fmadd_ps(xv, widen8(q2 + k), a2);
+      a3 = _mm256_fmadd_ps(xv, widen8(q3 + k), a3);
+    }
+    float s[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
+    for (; k < K; ++k) {
+      s[0] += x[k] * static_cast<float>(q0[k]);
+      s[1] += x[k] * static_cast<float>(q1[k]);
+      s[2] += x[k] * static_cast<float>(q2[k]);
+      s[3] += x[k] * static_cast<float>(q3[k]);
+    }
+    for (int u = 0; u < 4; ++u) y[r + u] = s[u];
+  }
+  if (r < rows) row_dots_scalar(x, K, q + r * ldq, ldq, rows - r, y + r);
+}
+
+MOLM_TARGET_AVX512 void row_dots_avx512(const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows,
+                                        float* y) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const int8_t* q0 = q + r * ldq;
+    const int8_t* q1 = q0 + ldq;
+    const int8_t* q2 = q1 + ldq;
+    const int8_t* q3 = q2 + ldq;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + k);
+      a0 = _mm512_fmadd_ps(xv, widen16(q0 + k), a0);
+      a1 = _mm512_fmadd_ps(xv, widen16(q1 + k), a1);
+      a2 = _mm512_fmadd_ps(xv, widen16(q2 + k), a2);
+      a3 = _mm512_fmadd_ps(xv, widen16(q3 + k), a3);
+    }
+    float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                  _mm512_reduce_add_ps(a3)};
+    for (; k < K; ++k) {
+      s[0] += x[k] * static_cast<float>(q0[k]);
+      s[1] += x[k] * static_cast<float>(q1[k]);
+      s[2] += x[k] * static_cast<float>(q2[k]);
+      s[3] += x[k] * static_cast<float>(q3[k]);
+    }
+    for (int u = 0; u < 4; ++u) y[r + u] = s[u];
+  }
+  if (r < rows) row_dots_scalar(x, K, q + r * ldq, ldq, rows - r, y + r);
+}
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    return Isa::kAvx512;
+  return avx2 ? Isa::kAvx2 : Isa::kScalar;
+}
+const Isa kIsa = detect_isa();
+#endif
+
+void row_dots(const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows, float* y) {
+#ifdef MOLM_X86
+  if (kIsa == Isa::kAvx512) return row_dots_avx512(x, K, q, ldq, rows, y);
+  if (kIsa == Isa::kAvx2) return row_dots_avx2(x, K, q, ldq, rows, y);
+#endif
+  row_dots_scalar(x, K, q, ldq, rows, y);
+}
+
+std::vector<int64_t> read_q8_offsets(const at::Tensor& expert_offsets, int64_t m) {
+  const int64_t* p = expert_offsets.data_ptr<int64_t>();
+  std::vector<int64_t> b(p, p + expert_offsets.numel());
+  TORCH_CHECK_VALUE(b.front() == 0 && b.back() == m, "molm::expert_gemm_q8: expert_offsets must start at 0 and end "
+                    "at x.size(0) = ", m, ", got ", b.front(), " .. ", b.back());
+  for (size_t e = 0; e + 1 < b.size(); ++e)
+    TORCH_CHECK_VALUE(b[e] <= b[e + 1], "molm::expert_gemm_q8: expert_offsets must be non-decreasing, got offsets[",
+                      e, "] = ", b[e], " > offsets[", e + 1, "] = ", b[e + 1]);
+  return b;
+}
+
+// fp32 copy of the int8 rows q [N, K] times their scales s [N]
+at::Tensor dequantize_rows(const at::Tensor& q, const at::Tensor& s) { return q.to(at::kFloat) * s.unsqueeze(1); }
+
+// y[m, r0 + r] = scale[r0 + r] * sum_k x[m, k] q[r0 + r, k] for the M rows of x and `rows` weight rows
+void gemv_rows_q8(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t ldq, const float* scale,
+                  int64_t rows, float* y, int64_t ldy) {
+  float acc[kRowsPerItem];
+  for (int64_t m = 0; m < M; ++m) {
+    row_dots(x + m * K, K, q, ldq, rows, acc);
+    for (int64_t r = 0; r < rows; ++r) y[m * ldy + r] = acc[r] * scale[r];
+  }
+}
+
+at::Tensor expert_gemm_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                              const at::Tensor& expert_offsets, c10::string_view activation) {
+  check_expert_gemm_q8(x, qweight, scale, expert_offsets, activation);
+  const int64_t m = x.size(0), depth = x.size(1), n_experts = qweight.size(0), cols = qweight.size(1);
+  const std::vector<int64_t> b = read_q8_offsets(expert_offsets, m);
+  at::Tensor y = at::empty({m, cols}, x.options().dtype(at::kFloat));  // fp32, rounded once at the end
+  if (y.numel() == 0) return y.to(x.scalar_type());
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const at::Tensor s32 = scale.to(at::kFloat).contiguous();  // [E, N]
+  const float* xp = x32.data_ptr<float>();
+  const float* sp = s32.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int8_t* qp = qweight.data_ptr<int8_t>();
+  const int64_t qs0 = qweight.stride(0), qs1 = qweight.stride(1);
+  const bool gemv_ok = qweight.stride(2) == 1 && depth > 0;
+  struct Item {
+    int64_t expert, lo, rows, r0;
+  };
+  std::vector<Item> items;
+  const int64_t n_blocks = (cols + kRowsPerItem - 1) / kRowsPerItem;
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t rows = b[e + 1] - b[e];
+    if (rows == 0) continue;
+    if (gemv_ok && rows <= kGemvMaxRows) {
+      for (int64_t blk = 0; blk < n_blocks; ++blk) items.push_back({e, b[e], rows, blk * kRowsPerItem});
+    } else {  // prefill: one dequantised expert at a time
+      at::Tensor seg = y.narrow(0, b[e], rows);
+      at::mm_out(seg, x32.narrow(0, b[e], rows), dequantize_rows(qweight[e], s32[e]).t());
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const Item& it = items[i];
+      gemv_rows_q8(xp + it.lo * depth, it.rows, depth, qp + it.expert * qs0 + it.r0 * qs1, qs1,
+                   sp + it.expert * cols + it.r0, std::min(kRowsPerItem, cols - it.r0), yp + it.lo * cols + it.r0,
+                   cols);
+    }
+  });
+  if (activation == "gelu_new") at::gelu_(y, "tanh");
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+at::Tensor linear_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                         const c10::optional<at::Tensor>& bias) {
+  check_linear_q8(x, qweight, scale, bias);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const at::Tensor s32 = scale.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x32.options());
+  if (y.numel() > 0 && M <= kGemvMaxRows && qweight.stride(1) == 1 && K > 0) {
+    const float* xp = x32.data_ptr<float>();
+    const float* sp = s32.data_ptr<float>();
+    const int8_t* qp = qweight.data_ptr<int8_t>();
+    float* yp = y.data_ptr<float>();
+    const int64_t ldq = qweight.stride(0), n_items = (N + kRowsPerItem - 1) / kRowsPerItem;
+    at::parallel_for(0, n_items, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t it = lo; it < hi; ++it) {
+        const int64_t r0 = it * kRowsPerItem;
+        gemv_rows_q8(xp, M, K, qp + r0 * ldq, ldq, sp + r0, std::min(kRowsPerItem, N - r0), yp + r0, N);
+      }
+    });
+  } else if (y.numel() > 0) {
+    constexpr int64_t kBlock = 4096;  // dequantise this many weight rows at a time: bounded extra memory
+    for (int64_t r0 = 0; r0 < N; r0 += kBlock) {
+      const int64_t rows = std::min(kBlock, N - r0);
+      y.narrow(1, r0, rows).copy_(at::mm(x32, dequantize_rows(qweight.narrow(0, r0, rows), s32.narrow(0, r0, rows)).t()));
+    }
+  }
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+}  // namespace molm::cpu
+
+TORCH_LIBRARY_IMPL(molm, CPU, m) {
+  m.impl("expert_gemm_q8", &molm::cpu::expert_gemm_q8_cpu);
+  m.impl("linear_q8", &molm::cpu::linear_q8_cpu);
+}
