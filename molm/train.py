@@ -41,7 +41,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup: int = 50
+    warmup: int | None = None  # None: min(50, 10% of steps), so that a short run still reaches lr
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -181,11 +181,17 @@ def perplexity(model, tokens, seq_len: int = 128, batch_size: int = 16, max_batc
 
 
 # --- schedule, optimiser -----------------------------------------------------------------------------------------
+def warmup_steps(cfg: TrainConfig) -> int:
+    """cfg.warmup when given, else 50 steps or 10% of the run, whichever is fewer."""
+    return cfg.warmup if cfg.warmup is not None else max(1, min(50, cfg.steps // 10))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to cfg.lr, then cosine down to cfg.lr * min_lr_ratio at cfg.steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    warmup = warmup_steps(cfg)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
