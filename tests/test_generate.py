@@ -1,6 +1,7 @@
 """Generation: greedy/sampling, batching with left padding, eos, stop strings, streaming, bad settings."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -80,3 +81,32 @@ def test_bad_settings(model):
         molm.generate(model, 42)
     with pytest.raises(ValueError, match="no tokens"):
         molm.generate(model, "")
+
+
+def test_bad_settings_fail_before_a_stream_starts(model):
+    """stream=True validates at the call, not at the first token (a CLI would have printed the prompt by then)."""
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        molm.generate(model, "It was", max_new_tokens=-1, stream=True)
+    with pytest.raises(ValueError, match="top_k"):
+        molm.generate(model, torch.tensor([[1, 2]]), top_k=0, stream=True)
+
+
+def test_a_tokenizer_of_another_model_is_named(model):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    big = Tokenizer(models.WordLevel({"[UNK]": 0, "It": 600, "was": 601}, unk_token="[UNK]"))
+    big.pre_tokenizer = pre_tokenizers.Whitespace()
+    vocab = model.config.vocab_size
+    assert vocab < 600
+    with pytest.raises(ValueError, match=f"the tokenizer does not match the model: it encodes the prompt to token id "
+                                         f"601, but the model has only {vocab} tokens"):
+        molm.generate(model, "It was", tokenizer=big, stream=True)
+
+
+def test_a_prompt_longer_than_the_trained_context_warns(model):
+    context = model.config.history_length + model.config.block_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        molm.generate(model, torch.ones(1, context, dtype=torch.long), max_new_tokens=1)  # exactly fits: quiet
+    with pytest.warns(UserWarning, match=f"the prompt is {context + 1} tokens long, longer than the {context} tokens"):
+        molm.generate(model, torch.ones(1, context + 1, dtype=torch.long), max_new_tokens=1)
