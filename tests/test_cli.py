@@ -232,3 +232,34 @@ def test_readme_python_api_snippet_runs(capsys):
     out = namespace["out"]
     ids = namespace["input_ids"]
     assert out.logits.shape == (*ids.shape, 512) and out.loss is not None and out.past_key_values.length == ids.shape[1]
+
+
+# --- installing ------------------------------------------------------------------------------------------------------
+def test_setup_without_torch_says_how_to_install(tmp_path):
+    """pip's default isolated build has no torch: say what to do, not only "No module named 'torch'"."""
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "no_torch")}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "setup.py"), "--name"], capture_output=True,
+                            text=True, env=env, cwd=ROOT)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "install torch first" in result.stderr and "pip install --no-build-isolation -e ." in result.stderr
+
+
+def test_setup_with_cuda_torch_but_no_toolkit_builds_the_cpu_kernels(monkeypatch, capsys):
+    import runpy
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv("MOLM_CPU_ONLY", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA build of torch ...
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)  # ... on a machine without nvcc
+    setup_py = runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="molm_setup")  # defines, does not build
+    extension = setup_py["_extension"]()
+    assert extension.name == "molm._C"
+    assert extension.sources and not any(src.endswith(".cu") for src in extension.sources)
+    assert "-DMOLM_WITH_CUDA" not in str(extension.extra_compile_args)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "building the CPU kernels only" in err and "CUDA_HOME" in err
