@@ -27,6 +27,10 @@ class ModelOutput:
     hidden_states: torch.Tensor | None = None  # final (ln_f) hidden states [B, T, C]
 
 
+# A pytree node, so that torch.export / torch.compile graphs can return it (its fields are tensors, None or a cache).
+torch.export.register_dataclass(ModelOutput, serialized_type_name="molm.ModelOutput")
+
+
 def default_backend() -> str:
     """'extension' when molm's compiled ops are importable, else 'reference'."""
     try:

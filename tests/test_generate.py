@@ -9,6 +9,8 @@ import torch
 import molm
 from molm.generate import sample_next
 
+from backends import BACKENDS
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
@@ -110,3 +112,21 @@ def test_a_prompt_longer_than_the_trained_context_warns(model):
         molm.generate(model, torch.ones(1, context, dtype=torch.long), max_new_tokens=1)  # exactly fits: quiet
     with pytest.warns(UserWarning, match=f"the prompt is {context + 1} tokens long, longer than the {context} tokens"):
         molm.generate(model, torch.ones(1, context + 1, dtype=torch.long), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_export_round_trip(tmp_path, backend):
+    """torch.export.export(model, (ids,)) returns molm's ModelOutput; the exported program, also after
+    save/load, gives the eager logits on other tokens of the same shape."""
+    model = molm.load(os.path.join(DATA, "molm-tiny-b"), dtype=torch.float32, backend=backend)
+    exported = torch.export.export(model, (torch.tensor([[5, 6, 7, 8, 9]]),))
+    torch.export.save(exported, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2")
+    ids = torch.tensor([[11, 3, 40, 2, 17]])
+    with torch.no_grad():
+        eager = model(ids)
+        for program in (exported, loaded):
+            out = program.module()(ids)
+            assert isinstance(out, molm.ModelOutput)
+            torch.testing.assert_close(out.logits, eager.logits, rtol=0, atol=1e-5)
+            torch.testing.assert_close(out.aux_loss, eager.aux_loss, rtol=0, atol=1e-6)
