@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 
+import lm_eval.models  # noqa: F401  (lm_eval fills its built-in model table only while the registry is empty)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -134,8 +135,15 @@ def run_tasks(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """lm_eval's own command line, with `molm` registered."""
+    """lm_eval's own command line, with `molm` registered, and with ModuleFormer registered with transformers'
+    Auto classes when transformers is installed (so `--model hf --model_args pretrained=DIR` reads molm
+    directories too)."""
     from lm_eval.__main__ import cli_evaluate
+
+    try:
+        import molm.hf  # noqa: F401
+    except ImportError:
+        pass
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

@@ -28,6 +28,20 @@ UNUSED_KEYS = re.compile(r"^transformer\.h\.\d+\.attn\.(mask|cum_weight)$")
 SMALL_MODEL = 2**26  # parameters; below this a config/weights mismatch is reported key by key
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Files a tokenizer may consist of; save_pretrained copies them next to the weights (and generation settings).
+# transformers' `trust_remote_code` entry point written next to the weights: config.json's auto_map names its classes,
+# which it imports from the installed molm package, so stock tools (`lm_eval --model hf`) load the directory.
+AUTO_MODULE = "moduleformer_auto"
+AUTO_MAP = {"AutoConfig": f"{AUTO_MODULE}.ModuleFormerConfig",
+            "AutoModelForCausalLM": f"{AUTO_MODULE}.ModuleFormerForCausalLM",
+            "AutoModelForSequenceClassification": f"{AUTO_MODULE}.ModuleFormerForSequenceClassification"}
+AUTO_MODULE_SOURCE = '''"""Lets transformers load this directory with trust_remote_code=True (and tools built on it, such as
+`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`). The classes come from the installed molm
+package (pip install "molm[hf]"); this file defines nothing else."""
+
+from moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification
+
+__all__ = ["ModuleFormerConfig", "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification"]
+'''
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "generation_config.json")
 
@@ -305,9 +319,13 @@ def save_pretrained(model: ModuleFormerPreTrainedModel, directory, max_shard_siz
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     _copy_tokenizer(model, directory)
+    _write_tokenizer_config(model, directory)
     config = model.config.replace(architectures=[type(model).__name__],
-                                  torch_dtype=str(model.dtype).removeprefix("torch."))
+                                  torch_dtype=str(model.dtype).removeprefix("torch."),
+                                  extra={**model.config.extra, "auto_map": AUTO_MAP})
     config.save_pretrained(directory)
+    with open(os.path.join(directory, AUTO_MODULE + ".py"), "w", encoding="utf-8") as f:
+        f.write(AUTO_MODULE_SOURCE)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -342,3 +360,23 @@ def _copy_tokenizer(model, directory: str) -> None:
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(source, name)):
             shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+
+
+def _write_tokenizer_config(model, directory: str) -> None:
+    """tokenizer.json alone does not tell transformers' AutoTokenizer which class to use or which token ends a text:
+    write a tokenizer_config.json (unless one came with the tokenizer) with the token molm's evaluation uses."""
+    tokenizer_json = os.path.join(directory, "tokenizer.json")
+    config_json = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(tokenizer_json) or os.path.isfile(config_json):
+        return
+    from tokenizers import Tokenizer
+
+    from .evaluate import eot_id
+
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+    eot = tokenizer.id_to_token(eot_id(model, tokenizer))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.max_position_embeddings}
+    if eot is not None:
+        settings.update(bos_token=eot, eos_token=eot)
+    with open(config_json, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)

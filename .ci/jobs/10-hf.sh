@@ -23,7 +23,7 @@ if ! ls molm/_C*.so >/dev/null 2>&1; then  # run on its own: build the extension
   MAX_JOBS=${MAX_JOBS:-2} .venv-ci-hf/bin/python setup.py build_ext --inplace >/dev/null
 fi
 
-venv "transformers==$TRANSFORMERS_4" "lm_eval==$LM_EVAL"
+venv "transformers==$TRANSFORMERS_4" "lm_eval==$LM_EVAL" accelerate  # accelerate: lm_eval's hf model
 echo "--- transformers $TRANSFORMERS_4 + lm_eval $LM_EVAL venv ready at $((SECONDS - start)) s"
 .venv-ci-hf/bin/python -m pytest -q tests/test_hf.py tests/test_evaluate.py tests/test_tokenizer.py
 echo "--- transformers $TRANSFORMERS_4, lm_eval: passed at $((SECONDS - start)) s"
