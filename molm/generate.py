@@ -134,14 +134,19 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                 decoder = StaticDecoder(model, cache, full_mask, cuda_graphs=True)
 
 
+def check_tokenizer_fits(ids: list[int], vocab_size: int, what: str) -> None:
+    """Token ids past the model's vocabulary mean the tokenizer belongs to another model: say so."""
+    if ids and max(ids) >= vocab_size:
+        raise ValueError(f"the tokenizer does not match the model: it encodes {what} to token id {max(ids)}, but "
+                         f"the model has only {vocab_size} tokens (pass the model's own tokenizer)")
+
+
 def _encode_batch(tokenizer, prompts: list[str], pad_id: int, vocab_size: int):
     encoded = [tokenizer.encode(p).ids for p in prompts]
     for text, ids in zip(prompts, encoded):
         if not ids:
             raise ValueError(f"prompt {text!r} encodes to no tokens")
-        if max(ids) >= vocab_size:
-            raise ValueError(f"the tokenizer does not match the model: it encodes the prompt to token id {max(ids)}, "
-                             f"but the model has only {vocab_size} tokens (pass the model's own tokenizer)")
+        check_tokenizer_fits(ids, vocab_size, "the prompt")
     T = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), T, dtype=torch.long)

@@ -48,6 +48,16 @@ def test_bad_stride_is_named():
         list(strided_windows([1, 2, 3], 0, 4, 5))
 
 
+def test_perplexity_with_another_model_s_tokenizer_is_named(tiny):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model, _ = tiny
+    big = Tokenizer(models.WordLevel({"[UNK]": 0, "some": 700, "text": 701}, unk_token="[UNK]"))
+    big.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match="the tokenizer does not match the model: it encodes the text to token id 701"):
+        perplexity(model, big, "some text", progress=False)
+
+
 def brute_force_loglik(model, ids, prefix, max_length, stride):
     """Every token scored by its own forward pass over the context the strided scheme gives it."""
     seq = [prefix] + ids
