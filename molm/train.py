@@ -385,6 +385,7 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
         bar.close()
     if out_dir and rank == 0:
         plot_history(history, os.path.join(out_dir, "loss.png"))
+        model.name_or_path = os.fspath(out_dir)  # saved there with its tokenizer: later saves copy it from there
     if master[0] is not params[0][1]:  # hand back an fp32 model
         model.float()
         with torch.no_grad():

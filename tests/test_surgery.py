@@ -165,3 +165,16 @@ def test_saved_surgery_result_keeps_the_tokenizer(tmp_path, capsys, surgery):
     assert main(["generate", "--model", str(tmp_path / "out"), "It was the", "--max-new-tokens", "6",
                  "--dtype", "float32"]) == 0
     assert capsys.readouterr().out == "It was the" + expected + "\n"
+
+
+def test_trained_then_extended_model_saves_its_tokenizer(tmp_path):
+    """The README's flow: molm.train(config, ..., tokenizer=DIR, out_dir) -> extend -> save_pretrained keeps it."""
+    import os
+
+    tokenizer_dir = os.path.join(os.path.dirname(__file__), "data", "molm-tiny-a")
+    (tmp_path / "a.txt").write_text("It was the best of times, it was the worst of times.\n" * 40)
+    run = train(tiny_config(vocab_size=300), str(tmp_path / "a.txt"), out_dir=tmp_path / "run",
+                tokenizer=tokenizer_dir, steps=1, **FAST)
+    molm.extend(run.model, new_mlp_experts=1).save_pretrained(tmp_path / "bigger")
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
+        assert (tmp_path / "bigger" / "tokenizer.json").read_bytes() == f.read()
