@@ -85,8 +85,10 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
     except KeyboardInterrupt:
         sys.stdout.write("\n")
+        sys.stdout.flush()
         return 130
     sys.stdout.write("\n")
+    sys.stdout.flush()  # here, where a closed pipe is handled, not at interpreter exit
     return 0
 
 
