@@ -28,17 +28,24 @@ def unescape(text: str) -> str:
 
 def check_device(device: str, allow_auto: bool = False) -> None:
     """A device torch can use here; asking for CUDA on a CPU-only torch or machine is a usage error, not a crash."""
-    flag = "--device"
     if device == "auto" and allow_auto:
         return
     try:
         kind = torch.device(device).type
     except RuntimeError:
-        raise UsageError(f"{flag} {device!r} is not a device (try cpu, cuda or cuda:1)") from None
+        raise UsageError(f"--device {device!r} is not a device (try cpu, cuda or cuda:1)") from None
     if kind == "cuda" and not torch.cuda.is_available():
         why = ("this torch was built without CUDA" if torch.version.cuda is None
                else "no CUDA GPU is visible to this torch")
-        raise UsageError(f"{flag} {device}: CUDA is not available ({why}); use --device cpu")
+        raise UsageError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
+
+
+def check_at_least(args, minimums: dict[str, float]) -> None:
+    """Numeric flags with a lower bound, checked (and named as typed) before anything is loaded."""
+    for dest, lowest in minimums.items():
+        value = getattr(args, dest)
+        if value is not None and value < lowest:
+            raise UsageError(f"--{dest.replace('_', '-')} must be >= {lowest}, got {value}")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -50,12 +57,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _check_generate_flags(args) -> None:
     """Validate with the flag names before anything is loaded or printed."""
-    if args.max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature is not None and args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    check_at_least(args, {"max_new_tokens": 0, "temperature": 0, "top_k": 1})
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.prompt:
@@ -148,6 +150,9 @@ def cmd_train(args) -> int:
     from molm.train import TrainConfig
 
     check_device(args.device, allow_auto=True)
+    check_at_least(args, {"steps": 1, "seq_len": 2, "batch_size": 1, "grad_accum": 1, "lr": 0, "warmup": 0,
+                          "weight_decay": 0, "eval_every": 0, "save_every": 0, "new_att_experts": 0,
+                          "new_mlp_experts": 0})
     if (args.model is None) == (args.config is None):
         raise UsageError("molm train needs exactly one of --model DIR (finetune) or --config config.json "
                          "(from scratch)")
@@ -231,6 +236,7 @@ def cmd_eval(args) -> int:
     if (args.perplexity is None) == (args.tasks is None):
         raise UsageError("molm eval needs exactly one of --perplexity FILE or --tasks NAMES")
     check_device(args.device)
+    check_at_least(args, {"max_length": 2, "stride": 1, "batch_size": 1, "num_fewshot": 0, "limit": 0})
     if args.perplexity:
         import molm
         from molm.evaluate import perplexity

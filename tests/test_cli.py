@@ -80,6 +80,16 @@ def test_bad_generate_flags_are_named_and_nothing_is_printed(capsys, flag, value
     assert err.strip() == f"molm: error: {message}, got {value}"
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["train", "data.txt", "--out", "out", "--config", "c.json", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["train", "data.txt", "--out", "out", "--config", "c.json", "--seq-len", "1"], "--seq-len must be >= 2, got 1"),
+    (["eval", "--model", TINY, "--perplexity", "README.md", "--stride", "0"], "--stride must be >= 1, got 0"),
+    (["eval", "--model", TINY, "--perplexity", "README.md", "--batch-size", "0"], "--batch-size must be >= 1, got 0")])
+def test_bad_train_and_eval_flags_are_named(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and err.strip() == f"molm: error: {message}"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda_is_one_line(capsys):
     code, out, err = run_cli(capsys, "generate", "--model", TINY, "It was the", "--device", "cuda")
