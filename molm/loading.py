@@ -27,7 +27,6 @@ BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 UNUSED_KEYS = re.compile(r"^transformer\.h\.\d+\.attn\.(mask|cum_weight)$")
 SMALL_MODEL = 2**26  # parameters; below this a config/weights mismatch is reported key by key
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Files a tokenizer may consist of; save_pretrained copies them next to the weights (and generation settings).
 # transformers' `trust_remote_code` entry point written next to the weights: config.json's auto_map names its classes,
 # which it imports from the installed molm package, so stock tools (`lm_eval --model hf`) load the directory.
 AUTO_MODULE = "moduleformer_auto"
@@ -42,6 +41,7 @@ from moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM, ModuleForm
 
 __all__ = ["ModuleFormerConfig", "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification"]
 '''
+# Files a tokenizer may consist of; save_pretrained copies them next to the weights (and generation settings).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "generation_config.json")
 
@@ -353,12 +353,12 @@ def save_pretrained(model: ModuleFormerPreTrainedModel, directory, max_shard_siz
 def _copy_tokenizer(model, directory: str) -> None:
     """A model loaded from a directory (or extended / pruned from one) keeps that directory in `name_or_path`: its
     tokenizer files travel with the saved weights, so the saved directory works on its own (`molm generate
-    --model`)."""
+    --model`). Files `directory` already has are kept."""
     source = getattr(model, "name_or_path", None)
     if not source or not os.path.isdir(source) or os.path.realpath(source) == os.path.realpath(directory):
         return
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(source, name)):
+    for name in TOKENIZER_FILES:  # a tokenizer already saved in `directory` (by the trainer, say) wins
+        if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(directory, name)):
             shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
 
 

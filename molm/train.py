@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -397,12 +396,9 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
 
 def _save(model, out_dir, master, optimizer, step, history, cfg, tokenizer) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    if tokenizer is not None and hasattr(tokenizer, "save"):
+    if tokenizer is not None and hasattr(tokenizer, "save"):  # first: save_pretrained describes it for transformers
         tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    elif getattr(model, "name_or_path", None) and os.path.isfile(os.path.join(model.name_or_path, "tokenizer.json")):
-        if os.path.realpath(model.name_or_path) != os.path.realpath(out_dir):
-            shutil.copy(os.path.join(model.name_or_path, "tokenizer.json"), out_dir)
+    model.save_pretrained(out_dir)  # also copies the tokenizer files of model.name_or_path when there are any
     state = {"step": step, "master": [m.detach().cpu() for m in master], "optimizer": optimizer.state_dict(),
              "history": json.dumps(history), "train_config": json.dumps(dataclasses.asdict(cfg))}
     tmp = os.path.join(out_dir, STATE_FILE + ".tmp")
