@@ -4,7 +4,8 @@
         --include_path "$(python -c 'import molm.tasks, os; print(os.path.dirname(molm.tasks.__file__))')"
 
 lm_eval 0.4 has no plugin entry points for models: importing this module registers `molm` with its registry, and
-`python -m molm.lm_eval` is lm_eval's own command line after that import (`molm eval --tasks` wraps it too).
+`python -m molm.lm_eval` is lm_eval's own command line after that import (`molm eval --tasks` wraps it too). The
+harness' own model types stay available; `--model hf` reads ModuleFormer directories there as well.
 """
 
 from __future__ import annotations
