@@ -2,7 +2,8 @@
 
 Build with `pip install --no-build-isolation -e .` (torch must already be installed: the extension is compiled
 against it). Switches:
-  MOLM_CPU_ONLY=1          build the CPU kernels only, even with a CUDA torch
+  MOLM_CPU_ONLY=1          build the CPU kernels only, even with a CUDA torch (also the fallback, with a
+                           warning, when torch has CUDA but no CUDA toolkit / nvcc is found)
   TORCH_CUDA_ARCH_LIST     CUDA archs (default "8.0;9.0a")
   MAX_JOBS                 parallel compile jobs (torch's ninja builder reads it)
   CUTLASS_PATH             CUTLASS source tree (default: the pip package nvidia-cutlass); without CUTLASS the
@@ -13,10 +14,17 @@ import glob
 import os
 import re
 import site
+import sys
 import sysconfig
 
-import torch
+try:
+    import torch
+except ImportError as exc:  # most often: pip's isolated build environment, which has no torch
+    sys.exit(f"molm setup.py: cannot import torch ({exc}). molm's extension is compiled against the torch you "
+             "already have: install torch first (pip install torch), then install molm without build isolation: "
+             "pip install --no-build-isolation -e .")
 from setuptools import setup
+from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -63,10 +71,24 @@ def cutlass_sm90a_usable(arch_list: str) -> tuple[bool, str]:
     return True, ""
 
 
+def _nvcc() -> str | None:
+    """The nvcc torch's builder would use ($CUDA_HOME/bin/nvcc, CUDA_HOME as torch finds it), or None."""
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    return nvcc if nvcc and os.path.isfile(nvcc) else None
+
+
 def _extension():
-    cpu_sources = ["csrc/ops.cpp", "csrc/bindings.cpp", "csrc/kernel_options.cpp", *_rel(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]
+    cpu_sources = ["csrc/ops.cpp", "csrc/bindings.cpp", "csrc/kernel_options.cpp",
+                   *_rel(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]
     cxx_flags = ["-O3", "-fopenmp"]  # the -std flag comes from torch (C++17 code; torch >= 2.10 headers need C++20)
     use_cuda = torch.version.cuda is not None and os.environ.get("MOLM_CPU_ONLY", "0") != "1"
+    if use_cuda and _nvcc() is None:
+        print(f"molm setup.py: WARNING: torch is built with CUDA {torch.version.cuda} but no CUDA toolkit was found "
+              "(nvcc not on PATH, CUDA_HOME not set): building the CPU kernels only. To build the CUDA kernels, "
+              "install the CUDA toolkit and set CUDA_HOME (or put nvcc on PATH); set MOLM_CPU_ONLY=1 to silence "
+              "this.", file=sys.stderr, flush=True)
+        use_cuda = False
     if not use_cuda:
         return CppExtension("molm._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=["-fopenmp"])
@@ -91,5 +113,5 @@ def _extension():
         extra_link_args=["-fopenmp"])
 
 
-if __name__ == "__main__":  # importable by the tests without building
+if __name__ == "__main__":  # pip, setuptools' build backend and `python setup.py` run it as __main__; tests import it
     setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})

@@ -4,13 +4,48 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import warnings
 
 import torch
 
 # A small MoE model trained on Shakespeare (experiments/run.py, stage 1), shipped so `molm generate` works as is.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 DTYPE_NAMES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Backslash escapes understood in --stop, so that `--stop "\n\n"` means two newlines as users expect.
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for (a flag, a file, the machine): reported as one line, no traceback."""
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t, \\r and \\\\ become newline, tab, carriage return and a backslash; anything else stays as typed."""
+    return re.sub(r"\\([ntr\\])", lambda m: ESCAPES[m.group(1)], text)
+
+
+def check_device(device: str, allow_auto: bool = False) -> None:
+    """A device torch can use here; asking for CUDA on a CPU-only torch or machine is a usage error, not a crash."""
+    if device == "auto" and allow_auto:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device (try cpu, cuda or cuda:1)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = ("this torch was built without CUDA" if torch.version.cuda is None
+               else "no CUDA GPU is visible to this torch")
+        raise UsageError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
+
+
+def check_at_least(args, minimums: dict[str, float]) -> None:
+    """Numeric flags with a lower bound, checked (and named as typed) before anything is loaded."""
+    for dest, lowest in minimums.items():
+        value = getattr(args, dest)
+        if value is not None and value < lowest:
+            raise UsageError(f"--{dest.replace('_', '-')} must be >= {lowest}, got {value}")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -20,15 +55,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="ops backend (default: extension when built)")
 
 
+def _check_generate_flags(args) -> None:
+    """Validate with the flag names before anything is loaded or printed."""
+    check_at_least(args, {"max_new_tokens": 0, "temperature": 0, "top_k": 1})
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.prompt:
+        raise UsageError("the prompt is empty: give some text to continue")
+    check_device(args.device)
+    if args.temperature is None:  # --top-k / --top-p alone ask for sampling: sample at temperature 1
+        args.temperature = 1.0 if (args.top_k is not None or args.top_p is not None) else 0.0
+    elif args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        warnings.warn("--top-k / --top-p have no effect with --temperature 0 (greedy decoding)")
+
+
 def cmd_generate(args) -> int:
     import molm
 
+    _check_generate_flags(args)
     model = molm.load(args.model or DEFAULT_MODEL, dtype=DTYPE_NAMES[args.dtype], device=args.device,
                       backend=args.backend, progress=sys.stderr.isatty())
     tokenizer = molm.load_tokenizer(args.tokenizer or model.name_or_path)
     pieces = molm.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, tokenizer=tokenizer,
-                           stream=True)
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           stop=[unescape(s) for s in args.stop or []], tokenizer=tokenizer, stream=True)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     try:
@@ -37,8 +87,10 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
     except KeyboardInterrupt:
         sys.stdout.write("\n")
+        sys.stdout.flush()
         return 130
     sys.stdout.write("\n")
+    sys.stdout.flush()  # here, where a closed pipe is handled, not at interpreter exit
     return 0
 
 
@@ -53,7 +105,7 @@ def _human(n: float, unit: str = "") -> str:
 def model_info(path) -> dict:
     """Sizes of a checkpoint directory without reading its weights (the model is built on the meta device)."""
     from .config import ModuleFormerConfig
-    from .loading import model_class, resolve, weight_files
+    from .loading import check_weight_file, model_class, resolve, weight_files
 
     directory = resolve(path)
     config = ModuleFormerConfig.from_pretrained(directory)
@@ -74,6 +126,8 @@ def model_info(path) -> dict:
         "dtype": config.torch_dtype or "unknown",
         "files": len(files),
         "file size": sum(os.path.getsize(f) for f in files),
+        "integrity": "; ".join(f"{os.path.basename(f)}: {problem}" for f in files
+                               if (problem := check_weight_file(f))) or "ok",
     }
 
 
@@ -85,6 +139,9 @@ def cmd_info(args) -> int:
         elif key == "file size":
             value = f"{value:,} bytes ({_human(value, 'B')})"
         print(f"{key:>28}: {value}")
+    if info["integrity"] != "ok":
+        print(f"molm: error: {args.model} is damaged: {info['integrity']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -92,8 +149,12 @@ def cmd_train(args) -> int:
     import molm
     from molm.train import TrainConfig
 
+    check_device(args.device, allow_auto=True)
+    check_at_least(args, {"steps": 1, "seq_len": 2, "batch_size": 1, "grad_accum": 1, "lr": 0, "warmup": 0,
+                          "weight_decay": 0, "eval_every": 0, "save_every": 0, "new_att_experts": 0,
+                          "new_mlp_experts": 0})
     if (args.model is None) == (args.config is None):
-        raise ValueError("molm train needs exactly one of --model DIR (finetune) or --config config.json "
+        raise UsageError("molm train needs exactly one of --model DIR (finetune) or --config config.json "
                          "(from scratch)")
     model = molm.ModuleFormerConfig.from_pretrained(args.config) if args.config else args.model
     if args.new_att_experts or args.new_mlp_experts:
@@ -133,6 +194,9 @@ def cmd_usage(args) -> int:
     return 0
 
 
+TRAIN_HELP = {"warmup": "linear warmup steps (default: 50, or 10%% of --steps when that is fewer)"}
+
+
 def _add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train or finetune a causal LM on text or token files (torchrun for DDP)")
     t.add_argument("data", nargs="+", help="text files (encoded with the tokenizer), .npy or uint16 .bin tokens")
@@ -146,11 +210,11 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--new-mlp-experts", type=int, default=0, help="append MLP experts (molm.extend)")
     t.add_argument("--freeze-old", action="store_true", help="with --new-*-experts: train only the new experts")
     for name, typ, default in (("steps", int, 1000), ("seq-len", int, 128), ("batch-size", int, 16),
-                               ("grad-accum", int, 1), ("lr", float, 1e-3), ("warmup", int, 50),
+                               ("grad-accum", int, 1), ("lr", float, 1e-3), ("warmup", int, None),
                                ("weight-decay", float, 0.1), ("aux-loss-weight", float, None),
                                ("sample-topk", int, None), ("concentration-weight", float, 0.0),
                                ("eval-every", int, 100), ("save-every", int, 0), ("seed", int, 0)):
-        t.add_argument(f"--{name}", type=typ, default=default)
+        t.add_argument(f"--{name}", type=typ, default=default, help=TRAIN_HELP.get(name))
     t.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     t.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     t.set_defaults(func=cmd_train)
@@ -170,7 +234,9 @@ def cmd_eval(args) -> int:
     import json
 
     if (args.perplexity is None) == (args.tasks is None):
-        raise ValueError("molm eval needs exactly one of --perplexity FILE or --tasks NAMES")
+        raise UsageError("molm eval needs exactly one of --perplexity FILE or --tasks NAMES")
+    check_device(args.device)
+    check_at_least(args, {"max_length": 2, "stride": 1, "batch_size": 1, "num_fewshot": 0, "limit": 0})
     if args.perplexity:
         import molm
         from molm.evaluate import perplexity
@@ -186,8 +252,13 @@ def cmd_eval(args) -> int:
             value = report[key]
             print(f"{key:>16}: {value:.4f}" if isinstance(value, float) else f"{key:>16}: {value}")
     else:
-        from molm.lm_eval import run_tasks
-
+        try:
+            from molm.lm_eval import run_tasks
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] != "lm_eval":
+                raise
+            raise UsageError("molm eval --tasks needs lm-evaluation-harness, which is not installed: "
+                             "pip install 'molm[eval]'") from exc
         report = run_tasks(args)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -215,6 +286,7 @@ def _add_eval_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molm", description="ModuleFormer / MoLM: generate, inspect, evaluate, train, analyse expert usage")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from a prompt (streamed)")
     g.add_argument("prompt")
@@ -222,11 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "small Shakespeare model)")
     g.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (the default); without it, --top-k / --top-p sample at temperature 1")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with "
+                   "probability >= p (nucleus)")
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable); \\n, \\t, \\r and "
+                   "\\\\ are read as newline, tab, carriage return and backslash, so --stop '\\n\\n' stops at a "
+                   "blank line")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
     i = sub.add_parser("info", help="parameters (total and active per token), experts, layers, dtype, size")
@@ -234,18 +310,51 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     _add_eval_parser(sub)
     _add_train_parser(sub)
+    for command in sub.choices.values():  # `molm generate --debug ...` too; SUPPRESS keeps `molm --debug ...`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of every error")
     return parser
+
+
+# Errors that mean "the input or the machine is not as required": one line. Anything else is a bug and keeps its
+# traceback. ValueError covers molm's validation errors and CheckpointError.
+USER_ERRORS = (UsageError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+               torch.OutOfMemoryError)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"molm: warning: {message}\n"
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (`molm generate ... | head`): stop quietly, as Unix tools do."""
+    try:  # the interpreter flushes stdout at exit: point it at /dev/null so that flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE: what a shell reports for a tool ended by a closed pipe
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    show_warning = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        print(f"molm: error: {exc}", file=sys.stderr)
+    except BrokenPipeError:
+        return _stdout_gone()
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        message = str(exc) if str(exc) else type(exc).__name__
+        print(f"molm: error: {' '.join(message.split())}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = show_warning
 
 
 if __name__ == "__main__":

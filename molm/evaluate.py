@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .generate import check_tokenizer_fits
+
 
 def eot_id(model, tokenizer=None) -> int:
     """The token that conditions a document's first token: eos when the model has it, else the tokenizer's
@@ -137,6 +139,7 @@ def perplexity(model, tokenizer, text: str, max_length: int | None = None, strid
     ids = tokenizer.encode(text).ids
     if not ids:
         raise ValueError("the text encodes to no tokens")
+    check_tokenizer_fits(ids, model.config.vocab_size, "the text")
     windows = list(strided_windows(ids, eot_id(model, tokenizer), max_length, stride))
     bar = None
     if progress:

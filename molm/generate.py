@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -133,11 +134,19 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                 decoder = StaticDecoder(model, cache, full_mask, cuda_graphs=True)
 
 
-def _encode_batch(tokenizer, prompts: list[str], pad_id: int):
+def check_tokenizer_fits(ids: list[int], vocab_size: int, what: str) -> None:
+    """Token ids past the model's vocabulary mean the tokenizer belongs to another model: say so."""
+    if ids and max(ids) >= vocab_size:
+        raise ValueError(f"the tokenizer does not match the model: it encodes {what} to token id {max(ids)}, but "
+                         f"the model has only {vocab_size} tokens (pass the model's own tokenizer)")
+
+
+def _encode_batch(tokenizer, prompts: list[str], pad_id: int, vocab_size: int):
     encoded = [tokenizer.encode(p).ids for p in prompts]
     for text, ids in zip(prompts, encoded):
         if not ids:
             raise ValueError(f"prompt {text!r} encodes to no tokens")
+        check_tokenizer_fits(ids, vocab_size, "the prompt")
     T = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), T, dtype=torch.long)
@@ -178,11 +187,14 @@ def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, 
     (the stop string is cut). stream=True returns an iterator of text pieces (one str prompt) or of next-id
     tensors [B] (tensor prompt).
     """
+    _check_settings(max_new_tokens, temperature, top_k, top_p)  # now, not at the first token of a stream
     config = model.config
     eos = config.eos_token_id if config.eos_token_id is not None and config.eos_token_id < config.vocab_size else None
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     eos_token_id=eos, pad_token_id=config.pad_token_id)
     if isinstance(prompt, torch.Tensor):
+        model.check_input_ids(prompt)
+        _warn_if_beyond_context(config, prompt.shape[1])
         steps = generate_ids(model, prompt, attention_mask, **settings)
         if stream:
             return steps
@@ -204,7 +216,8 @@ def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, 
         tokenizer = load_tokenizer(directory)
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     pad_id = config.pad_token_id if config.pad_token_id is not None else (eos if eos is not None else 0)
-    input_ids, mask = _encode_batch(tokenizer, prompts, pad_id)
+    input_ids, mask = _encode_batch(tokenizer, prompts, pad_id, config.vocab_size)
+    _warn_if_beyond_context(config, input_ids.shape[1])
     steps = generate_ids(model, input_ids, mask, **settings)
     if stream:
         if not single:
@@ -224,6 +237,14 @@ def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, 
             break
     texts = [_truncate_at_stop(tokenizer.decode(ids), stop)[0] for ids in new_ids]
     return texts[0] if single else texts
+
+
+def _warn_if_beyond_context(config, prompt_length: int) -> None:
+    """The model has no positions, so nothing stops a longer prompt, but it never saw one in training."""
+    context = config.history_length + config.block_size
+    if prompt_length > context:
+        warnings.warn(f"the prompt is {prompt_length} tokens long, longer than the {context} tokens of context the "
+                      f"model was trained on (history_length + block_size): expect worse text", stacklevel=3)
 
 
 def _stream_text(steps, tokenizer, stop: list[str], eos: int | None) -> Iterator[str]:

@@ -4,7 +4,8 @@
         --include_path "$(python -c 'import molm.tasks, os; print(os.path.dirname(molm.tasks.__file__))')"
 
 lm_eval 0.4 has no plugin entry points for models: importing this module registers `molm` with its registry, and
-`python -m molm.lm_eval` is lm_eval's own command line after that import (`molm eval --tasks` wraps it too).
+`python -m molm.lm_eval` is lm_eval's own command line after that import (`molm eval --tasks` wraps it too). The
+harness' own model types stay available; `--model hf` reads ModuleFormer directories there as well.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import sys
 import warnings
 
+import lm_eval.models  # noqa: F401  (lm_eval fills its built-in model table only while the registry is empty)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -134,8 +136,15 @@ def run_tasks(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """lm_eval's own command line, with `molm` registered."""
+    """lm_eval's own command line, with `molm` registered, and with ModuleFormer registered with transformers'
+    Auto classes when transformers is installed (so `--model hf --model_args pretrained=DIR` reads molm
+    directories too)."""
     from lm_eval.__main__ import cli_evaluate
+
+    try:
+        import molm.hf  # noqa: F401
+    except ImportError:
+        pass
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

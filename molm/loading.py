@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -27,6 +28,23 @@ BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 UNUSED_KEYS = re.compile(r"^transformer\.h\.\d+\.attn\.(mask|cum_weight)$")
 SMALL_MODEL = 2**26  # parameters; below this a config/weights mismatch is reported key by key
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# transformers' `trust_remote_code` entry point written next to the weights: config.json's auto_map names its classes,
+# which it imports from the installed molm package, so stock tools (`lm_eval --model hf`) load the directory.
+AUTO_MODULE = "moduleformer_auto"
+AUTO_MAP = {"AutoConfig": f"{AUTO_MODULE}.ModuleFormerConfig",
+            "AutoModelForCausalLM": f"{AUTO_MODULE}.ModuleFormerForCausalLM",
+            "AutoModelForSequenceClassification": f"{AUTO_MODULE}.ModuleFormerForSequenceClassification"}
+AUTO_MODULE_SOURCE = '''"""Lets transformers load this directory with trust_remote_code=True (and tools built on it, such as
+`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`). The classes come from the installed molm
+package (pip install "molm[hf]"); this file defines nothing else."""
+
+from moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification
+
+__all__ = ["ModuleFormerConfig", "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification"]
+'''
+# Files a tokenizer may consist of; save_pretrained copies them next to the weights (and generation settings).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "generation_config.json")
 
 
 class CheckpointError(ValueError):
@@ -50,7 +68,7 @@ def resolve(path: str | os.PathLike) -> str:
             return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"])
         except Exception as exc:  # network errors, missing repos, auth: all end the same way for the user
             raise CheckpointError(f"could not fetch {path!r} from the Hugging Face hub ({type(exc).__name__}: "
-                                  f"{exc}); pass a local directory instead") from None
+                                  f"{exc}); pass a local directory instead") from exc
     raise CheckpointError(f"model directory {path!r} does not exist")
 
 
@@ -87,7 +105,7 @@ def weight_files(directory: str) -> list[str]:
                 with open(index_path, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index_path}: not a valid index ({exc!r})") from None
+                raise CheckpointError(f"{index_path}: not a valid index ({exc!r})") from exc
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index_path}: weight_map must be an object")
             for name in weight_map.values():
@@ -106,10 +124,54 @@ def _read_bin(path: str) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # UnpicklingError for hostile pickles, RuntimeError/EOFError for truncation
         raise CheckpointError(f"{path}: cannot be loaded safely ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated'})") from None
+                              f"{str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated'})") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, found a {type(state).__name__}")
     return state
+
+
+def check_weight_file(path: str) -> str | None:
+    """What is wrong with a weights file, judged from its size and structure without reading the tensors, or None.
+
+    safetensors: the header's last data offset must end exactly at the end of the file. Zip pickles (torch.save):
+    the zip directory at the end of the file must be readable and every entry must lie inside the file. Old-style
+    (non-zip) pickles have no such record and are not checked."""
+    size = os.path.getsize(path)
+    if path.endswith(".safetensors"):
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                return f"truncated: {size} bytes, shorter than a safetensors header"
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > size - 8:
+                return f"truncated: the header alone needs {header_len + 8:,} bytes, the file has {size:,}"
+            try:
+                header = json.loads(f.read(header_len))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                return f"unreadable safetensors header ({type(exc).__name__}: {exc})"
+        expected = 8 + header_len + end
+        if size < expected:
+            return f"truncated: {size:,} bytes, its header describes {expected:,}"
+        if size > expected:
+            return f"{size - expected:,} bytes more than its header describes"
+        return None
+    if not zipfile.is_zipfile(path):
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(2)
+        except OSError as exc:
+            return f"unreadable ({exc})"
+        # torch.save's zip format starts with PK; a file that does and is no valid zip lost its end
+        return "truncated or corrupt: its zip directory is missing" if magic == b"PK" else None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.infolist():
+                if entry.header_offset + entry.compress_size > size:
+                    return f"truncated: entry {entry.filename!r} runs past the end of the file ({size:,} bytes)"
+    except (zipfile.BadZipFile, OSError) as exc:
+        return f"corrupt zip archive ({exc})"
+    return None
 
 
 def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor, str]]:
@@ -125,7 +187,7 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor, str]]:
             except CheckpointError:
                 raise
             except Exception as exc:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from exc
         else:
             for key, tensor in _read_bin(path).items():
                 if not isinstance(tensor, torch.Tensor):
@@ -160,7 +222,7 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     try:
         config = ModuleFormerConfig.from_json_file(config_path)
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{config_path}: {exc}") from None
+        raise CheckpointError(f"{config_path}: {exc}") from exc
     files = weight_files(directory)
     if cls is None:
         cls = model_class(config, config_path)
@@ -278,9 +340,14 @@ def save_pretrained(model: ModuleFormerPreTrainedModel, directory, max_shard_siz
         raise ValueError("molm writes safetensors only (pickle checkpoints can execute code when loaded)")
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
+    _copy_tokenizer(model, directory)
+    _write_tokenizer_config(model, directory)
     config = model.config.replace(architectures=[type(model).__name__],
-                                  torch_dtype=str(model.dtype).removeprefix("torch."))
+                                  torch_dtype=str(model.dtype).removeprefix("torch."),
+                                  extra={**model.config.extra, "auto_map": AUTO_MAP})
     config.save_pretrained(directory)
+    with open(os.path.join(directory, AUTO_MODULE + ".py"), "w", encoding="utf-8") as f:
+        f.write(AUTO_MODULE_SOURCE)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -303,3 +370,35 @@ def save_pretrained(model: ModuleFormerPreTrainedModel, directory, max_shard_siz
     total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(directory, SAFE_INDEX), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _copy_tokenizer(model, directory: str) -> None:
+    """A model loaded from a directory (or extended / pruned from one) keeps that directory in `name_or_path`: its
+    tokenizer files travel with the saved weights, so the saved directory works on its own (`molm generate
+    --model`). Files `directory` already has are kept."""
+    source = getattr(model, "name_or_path", None)
+    if not source or not os.path.isdir(source) or os.path.realpath(source) == os.path.realpath(directory):
+        return
+    for name in TOKENIZER_FILES:  # a tokenizer already saved in `directory` (by the trainer, say) wins
+        if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(directory, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(directory, name))
+
+
+def _write_tokenizer_config(model, directory: str) -> None:
+    """tokenizer.json alone does not tell transformers' AutoTokenizer which class to use or which token ends a text:
+    write a tokenizer_config.json (unless one came with the tokenizer) with the token molm's evaluation uses."""
+    tokenizer_json = os.path.join(directory, "tokenizer.json")
+    config_json = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(tokenizer_json) or os.path.isfile(config_json):
+        return
+    from tokenizers import Tokenizer
+
+    from .evaluate import eot_id
+
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+    eot = tokenizer.id_to_token(eot_id(model, tokenizer))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.max_position_embeddings}
+    if eot is not None:
+        settings.update(bos_token=eot, eos_token=eot)
+    with open(config_json, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)

@@ -28,6 +28,10 @@ class ModelOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+# A pytree node, so that torch.export / torch.compile graphs can return it (its fields are tensors, None or a cache).
+torch.export.register_dataclass(ModelOutput, serialized_type_name="molm.ModelOutput")
+
+
 def default_backend() -> str:
     """'extension' when molm's compiled ops are importable, else 'reference'."""
     try:

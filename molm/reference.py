@@ -96,8 +96,11 @@ def expert_gemm_ref(x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch
     bounds = expert_offsets.tolist()
     for e in range(weight.shape[0]):
         lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            out[lo:hi] = x[lo:hi] @ weight[e]
+        # stated rather than branched on (an empty segment is a no-op), so torch.export can trace data-dependent bounds
+        torch._check(lo >= 0)
+        torch._check(hi >= lo)
+        torch._check(hi <= x.shape[0])
+        out[lo:hi] = x[lo:hi] @ weight[e]
     return gelu_new(out) if activation == "gelu_new" else out
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -42,7 +41,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup: int = 50
+    warmup: int | None = None  # None: min(50, 10% of steps), so that a short run still reaches lr
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -182,11 +181,17 @@ def perplexity(model, tokens, seq_len: int = 128, batch_size: int = 16, max_batc
 
 
 # --- schedule, optimiser -----------------------------------------------------------------------------------------
+def warmup_steps(cfg: TrainConfig) -> int:
+    """cfg.warmup when given, else 50 steps or 10% of the run, whichever is fewer."""
+    return cfg.warmup if cfg.warmup is not None else max(1, min(50, cfg.steps // 10))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to cfg.lr, then cosine down to cfg.lr * min_lr_ratio at cfg.steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    warmup = warmup_steps(cfg)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -381,6 +386,7 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
         bar.close()
     if out_dir and rank == 0:
         plot_history(history, os.path.join(out_dir, "loss.png"))
+        model.name_or_path = os.fspath(out_dir)  # saved there with its tokenizer: later saves copy it from there
     if master[0] is not params[0][1]:  # hand back an fp32 model
         model.float()
         with torch.no_grad():
@@ -392,12 +398,9 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
 
 def _save(model, out_dir, master, optimizer, step, history, cfg, tokenizer) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    if tokenizer is not None and hasattr(tokenizer, "save"):
+    if tokenizer is not None and hasattr(tokenizer, "save"):  # first: save_pretrained describes it for transformers
         tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    elif getattr(model, "name_or_path", None) and os.path.isfile(os.path.join(model.name_or_path, "tokenizer.json")):
-        if os.path.realpath(model.name_or_path) != os.path.realpath(out_dir):
-            shutil.copy(os.path.join(model.name_or_path, "tokenizer.json"), out_dir)
+    model.save_pretrained(out_dir)  # also copies the tokenizer files of model.name_or_path when there are any
     state = {"step": step, "master": [m.detach().cpu() for m in master], "optimizer": optimizer.state_dict(),
              "history": json.dumps(history), "train_config": json.dumps(dataclasses.asdict(cfg))}
     tmp = os.path.join(out_dir, STATE_FILE + ".tmp")

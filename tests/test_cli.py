@@ -29,3 +29,247 @@ def test_console_entry_point_reports_errors_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("molm: error:") and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- a new user's first commands -----------------------------------------------------------------------------------
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import molm
+import molm.cli as cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(DATA, "molm-tiny-a")
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_stop_reads_backslash_escapes(capsys):
+    """`--stop "\\n\\n"` (as typed in a shell: backslash, n) stops at a blank line."""
+    prompt = "It was the"
+    model = molm.load(cli.DEFAULT_MODEL, dtype=torch.float32)
+    full = molm.generate(model, prompt, max_new_tokens=40)
+    assert "\n\n" in full  # otherwise this test could not tell the difference
+    code, out, _ = run_cli(capsys, "generate", prompt, "--stop", "\\n\\n", "--max-new-tokens", "40",
+                           "--dtype", "float32")
+    assert code == 0
+    assert out == prompt + full[:full.index("\n\n")] + "\n"
+
+
+@pytest.mark.parametrize("typed,meant", [("\\n\\n", "\n\n"), ("a\\tb", "a\tb"), ("\\r\\n", "\r\n"),
+                                         ("\\\\n", "\\n"), ("\\x", "\\x"), ("plain", "plain"), ("é\\n", "é\n")])
+def test_unescape(typed, meant):
+    assert cli.unescape(typed) == meant
+
+
+@pytest.mark.parametrize("flag,value,message", [("--max-new-tokens", "-1", "--max-new-tokens must be >= 0"),
+                                                ("--temperature", "-0.5", "--temperature must be >= 0"),
+                                                ("--top-k", "0", "--top-k must be >= 1"),
+                                                ("--top-p", "1.5", "--top-p must be in (0, 1]")])
+def test_bad_generate_flags_are_named_and_nothing_is_printed(capsys, flag, value, message):
+    code, out, err = run_cli(capsys, "generate", "--model", TINY, "It was the", flag, value)
+    assert code == 1 and out == ""  # the prompt is not echoed before the error
+    assert err.strip() == f"molm: error: {message}, got {value}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "data.txt", "--out", "out", "--config", "c.json", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["train", "data.txt", "--out", "out", "--config", "c.json", "--seq-len", "1"], "--seq-len must be >= 2, got 1"),
+    (["eval", "--model", TINY, "--perplexity", "README.md", "--stride", "0"], "--stride must be >= 1, got 0"),
+    (["eval", "--model", TINY, "--perplexity", "README.md", "--batch-size", "0"], "--batch-size must be >= 1, got 0")])
+def test_bad_train_and_eval_flags_are_named(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1 and err.strip() == f"molm: error: {message}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line(capsys):
+    code, out, err = run_cli(capsys, "generate", "--model", TINY, "It was the", "--device", "cuda")
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("molm: error: --device cuda: CUDA is not available")
+
+
+def test_top_p_without_temperature_samples_at_temperature_1(capsys):
+    prompt = "It was the"
+    model = molm.load(TINY, dtype=torch.float32)
+    sampled = molm.generate(model, prompt, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=0)
+    assert sampled != molm.generate(model, prompt, max_new_tokens=8)  # sampling visibly differs from greedy here
+    code, out, _ = run_cli(capsys, "generate", "--model", TINY, prompt, "--top-p", "0.9", "--seed", "0",
+                           "--max-new-tokens", "8", "--dtype", "float32")
+    assert code == 0 and out == prompt + sampled + "\n"
+
+
+def test_top_k_with_explicit_greedy_warns(capsys):
+    with pytest.warns(UserWarning, match="--top-k / --top-p have no effect with --temperature 0"):
+        code, out, err = run_cli(capsys, "generate", "--model", TINY, "It was the", "--top-k", "5", "--temperature",
+                                 "0", "--max-new-tokens", "4", "--dtype", "float32")
+    assert code == 0
+
+
+def test_eval_tasks_without_lm_eval_is_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm_eval were not installed
+    monkeypatch.delitem(sys.modules, "molm.lm_eval", raising=False)
+    code, _, err = run_cli(capsys, "eval", "--model", TINY, "--tasks", "molm_local")
+    assert code == 1
+    assert err.strip() == ("molm: error: molm eval --tasks needs lm-evaluation-harness, which is not installed: "
+                           "pip install 'molm[eval]'")
+
+
+def test_closed_stdout_ends_quietly():
+    """`molm generate ... | head -1`: the reader is gone; no traceback, a non-zero exit (128 + SIGPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "molm.cli", "generate", "--model", TINY, "It was the",
+                                 "--max-new-tokens", "4"], stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert result.stderr == ""
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys, monkeypatch):
+    def user_error(args):
+        raise ValueError("first line\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_info", user_error)
+    code, _, err = run_cli(capsys, "info", "somewhere")
+    assert code == 1 and err == "molm: error: first line second line\n"
+    for argv in (["--debug", "info", "x"], ["info", "x", "--debug"]):  # --debug shows the traceback of anything
+        with pytest.raises(ValueError, match="first line"):
+            main(argv)
+
+    def bug(args):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(cli, "cmd_info", bug)
+    with pytest.raises(RuntimeError, match="an internal bug"):  # not swallowed into one line
+        main(["info", "somewhere"])
+
+
+def test_bug_in_a_subprocess_shows_a_traceback(tmp_path):
+    script = ("import sys, molm.cli as c\n"
+              "def bug(args): raise RuntimeError('an internal bug')\n"
+              "c.cmd_info = bug\nsys.exit(c.main(['info', 'x']))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr and "RuntimeError: an internal bug" in result.stderr
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "safetensors"])
+def test_info_reports_a_truncated_checkpoint(tmp_path, capsys, fmt):
+    if fmt == "pickle":
+        directory = _copy(TINY, tmp_path / "m")
+        weights = os.path.join(directory, "pytorch_model.bin")
+    else:
+        directory = str(tmp_path / "m")
+        molm.load(TINY).save_pretrained(directory)
+        weights = os.path.join(directory, "model.safetensors")
+    assert model_info(directory)["integrity"] == "ok"
+    assert main(["info", directory]) == 0
+    capsys.readouterr()
+    with open(weights, "r+b") as f:  # an interrupted download or copy
+        f.truncate(os.path.getsize(weights) - 1000)
+    problem = model_info(directory)["integrity"]
+    assert problem.startswith(os.path.basename(weights) + ": truncated")
+    code, out, err = run_cli(capsys, "info", directory)
+    assert code == 1 and "integrity: " + problem in out
+    assert err.strip() == f"molm: error: {directory} is damaged: {problem}"
+
+
+def test_safetensors_with_trailing_bytes_is_damaged(tmp_path):
+    directory = str(tmp_path / "m")
+    molm.load(TINY).save_pretrained(directory)
+    with open(os.path.join(directory, "model.safetensors"), "ab") as f:
+        f.write(b"\0" * 10)
+    assert model_info(directory)["integrity"] == "model.safetensors: 10 bytes more than its header describes"
+
+
+def test_short_training_run_reaches_the_peak_lr(tmp_path, capsys):
+    """`molm train --steps 10` with the default warmup: the lr reaches --lr, then decays."""
+    cfg = molm.ModuleFormerConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, att_hidden=16, ffd_hidden=32,
+                                  gating_size=16, n_att_experts=4, k_att=2, n_mlp_experts=4, k_mlp=2, block_size=16,
+                                  history_length=16, bos_token_id=0, eos_token_id=0)
+    cfg.save_pretrained(tmp_path / "cfg")
+    np.save(tmp_path / "tokens.npy", np.arange(2000) % 64)
+    assert main(["train", str(tmp_path / "tokens.npy"), "--config", str(tmp_path / "cfg" / "config.json"),
+                 "--out", str(tmp_path / "out"), "--steps", "10", "--lr", "0.002", "--seq-len", "16",
+                 "--batch-size", "2", "--eval-every", "0"]) == 0
+    with open(tmp_path / "out" / "log.jsonl", encoding="utf-8") as f:
+        lrs = [json.loads(line)["lr"] for line in f]
+    assert len(lrs) == 10 and max(lrs) == pytest.approx(0.002)
+    assert lrs[-1] < lrs[0] or lrs[0] < max(lrs)  # a schedule, not a constant
+
+
+def readme():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_readme_quick_start_test_command_runs_in_the_venv_and_ci_runs_it_verbatim():
+    blocks = re.findall(r"```bash\n(.*?)```", readme(), flags=re.S)
+    install, test = blocks[0].strip(), blocks[1].strip()
+    assert install.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
+    assert test.startswith(". .venv/bin/activate && ")  # a new shell: the venv of the first command
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        assert test in f.read().splitlines()
+
+
+def test_readme_python_api_snippet_runs(capsys):
+    """The README's Python API example, on the small test model instead of the 4B one."""
+    section = readme().split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert '"path/to/MoLM-350M-4B"' in code
+    code = code.replace('"path/to/MoLM-350M-4B"', repr(TINY))
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    out = namespace["out"]
+    ids = namespace["input_ids"]
+    assert out.logits.shape == (*ids.shape, 512) and out.loss is not None and out.past_key_values.length == ids.shape[1]
+
+
+# --- installing ------------------------------------------------------------------------------------------------------
+def test_setup_without_torch_says_how_to_install(tmp_path):
+    """pip's default isolated build has no torch: say what to do, not only "No module named 'torch'"."""
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "no_torch")}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "setup.py"), "--name"], capture_output=True,
+                            text=True, env=env, cwd=ROOT)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "install torch first" in result.stderr and "pip install --no-build-isolation -e ." in result.stderr
+
+
+def test_setup_with_cuda_torch_but_no_toolkit_builds_the_cpu_kernels(monkeypatch, capsys):
+    import runpy
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv("MOLM_CPU_ONLY", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA build of torch ...
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)  # ... on a machine without nvcc
+    setup_py = runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="molm_setup")  # defines, does not build
+    extension = setup_py["_extension"]()
+    assert extension.name == "molm._C"
+    assert extension.sources and not any(src.endswith(".cu") for src in extension.sources)
+    assert "-DMOLM_WITH_CUDA" not in str(extension.extra_compile_args)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "building the CPU kernels only" in err and "CUDA_HOME" in err

@@ -48,6 +48,16 @@ def test_bad_stride_is_named():
         list(strided_windows([1, 2, 3], 0, 4, 5))
 
 
+def test_perplexity_with_another_model_s_tokenizer_is_named(tiny):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model, _ = tiny
+    big = Tokenizer(models.WordLevel({"[UNK]": 0, "some": 700, "text": 701}, unk_token="[UNK]"))
+    big.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match="the tokenizer does not match the model: it encodes the text to token id 701"):
+        perplexity(model, big, "some text", progress=False)
+
+
 def brute_force_loglik(model, ids, prefix, max_length, stride):
     """Every token scored by its own forward pass over the context the strided scheme gives it."""
     seq = [prefix] + ids
@@ -214,3 +224,57 @@ def test_lm_eval_command_line_knows_molm(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "molm_choice" in run.stdout and "acc" in run.stdout
+
+
+def _harness_env():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(molm.__file__)))
+    return {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_registering_molm_keeps_the_harness_own_models():
+    """Importing molm.lm_eval must not hide lm_eval's built-in model types (`python -m molm.lm_eval --model hf`)."""
+    import subprocess
+    import sys
+
+    need_lm_eval()
+    script = ("import molm.lm_eval\nfrom lm_eval.api.registry import get_model\n"
+              "print(get_model('molm').__name__, get_model('hf').__name__, get_model('dummy').__name__)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_harness_env(),
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["MolmLM", "HFLM", "DummyLM"]
+
+
+def need_harness_hf():
+    need_lm_eval()
+    if os.environ.get("MOLM_REQUIRE_LM_EVAL") != "1":
+        pytest.importorskip("transformers")
+        pytest.importorskip("accelerate")  # lm_eval's hf model needs it (lm_eval[hf])
+
+
+@pytest.mark.parametrize("command", ["stock", "molm"])
+def test_saved_directory_runs_under_the_harness_hf_model(tmp_path, tiny, command):
+    """A directory written by save_pretrained runs under lm_eval's own `--model hf`: stock `lm_eval` with
+    trust_remote_code=True, or `python -m molm.lm_eval` without it; the perplexities equal molm's own."""
+    import subprocess
+    import sys
+
+    need_harness_hf()
+    model, tok = tiny
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    model_args = f"pretrained={saved},dtype=float32" + (",trust_remote_code=True" if command == "stock" else "")
+    module = "lm_eval" if command == "stock" else "molm.lm_eval"
+    run = subprocess.run([sys.executable, "-m", module, "--model", "hf", "--model_args", model_args, "--device",
+                          "cpu", "--tasks", "molm_text", "--include_path", TASKS, "--limit", "3",
+                          "--output_path", str(tmp_path / "results")], capture_output=True, text=True,
+                         env=_harness_env(), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [path] = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "results") for f in files
+              if f.startswith("results")]
+    with open(path, encoding="utf-8") as f:
+        got = json.load(f)["results"]["molm_text"]
+    runs = [perplexity(model, tok, d, progress=False) for d in text_docs()[:3]]
+    loglik, nbytes = sum(r.loglikelihood for r in runs), sum(r.bytes for r in runs)
+    assert got["byte_perplexity,none"] == pytest.approx(math.exp(-loglik / nbytes), rel=1e-5)

@@ -1,12 +1,15 @@
 """Generation: greedy/sampling, batching with left padding, eos, stop strings, streaming, bad settings."""
 
 import os
+import warnings
 
 import pytest
 import torch
 
 import molm
 from molm.generate import sample_next
+
+from backends import BACKENDS
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -80,3 +83,50 @@ def test_bad_settings(model):
         molm.generate(model, 42)
     with pytest.raises(ValueError, match="no tokens"):
         molm.generate(model, "")
+
+
+def test_bad_settings_fail_before_a_stream_starts(model):
+    """stream=True validates at the call, not at the first token (a CLI would have printed the prompt by then)."""
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        molm.generate(model, "It was", max_new_tokens=-1, stream=True)
+    with pytest.raises(ValueError, match="top_k"):
+        molm.generate(model, torch.tensor([[1, 2]]), top_k=0, stream=True)
+
+
+def test_a_tokenizer_of_another_model_is_named(model):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    big = Tokenizer(models.WordLevel({"[UNK]": 0, "It": 600, "was": 601}, unk_token="[UNK]"))
+    big.pre_tokenizer = pre_tokenizers.Whitespace()
+    vocab = model.config.vocab_size
+    assert vocab < 600
+    with pytest.raises(ValueError, match=f"the tokenizer does not match the model: it encodes the prompt to token id "
+                                         f"601, but the model has only {vocab} tokens"):
+        molm.generate(model, "It was", tokenizer=big, stream=True)
+
+
+def test_a_prompt_longer_than_the_trained_context_warns(model):
+    context = model.config.history_length + model.config.block_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        molm.generate(model, torch.ones(1, context, dtype=torch.long), max_new_tokens=1)  # exactly fits: quiet
+    with pytest.warns(UserWarning, match=f"the prompt is {context + 1} tokens long, longer than the {context} tokens"):
+        molm.generate(model, torch.ones(1, context + 1, dtype=torch.long), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_export_round_trip(tmp_path, backend):
+    """torch.export.export(model, (ids,)) returns molm's ModelOutput; the exported program, also after
+    save/load, gives the eager logits on other tokens of the same shape."""
+    model = molm.load(os.path.join(DATA, "molm-tiny-b"), dtype=torch.float32, backend=backend)
+    exported = torch.export.export(model, (torch.tensor([[5, 6, 7, 8, 9]]),))
+    torch.export.save(exported, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2")
+    ids = torch.tensor([[11, 3, 40, 2, 17]])
+    with torch.no_grad():
+        eager = model(ids)
+        for program in (exported, loaded):
+            out = program.module()(ids)
+            assert isinstance(out, molm.ModelOutput)
+            torch.testing.assert_close(out.logits, eager.logits, rtol=0, atol=1e-5)
+            torch.testing.assert_close(out.aux_loss, eager.aux_loss, rtol=0, atol=1e-6)

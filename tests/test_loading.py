@@ -125,8 +125,11 @@ def test_truncated_weights_give_a_clear_error(tmp_path, fmt):
         path = directory / "pytorch_model.bin"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=path.name):
+    with pytest.raises(CheckpointError, match=path.name) as info:
         molm.load(directory)
+    assert len(str(info.value).splitlines()) == 1
+    # the reader's own error stays attached as the cause (shown by tracebacks, e.g. `molm --debug`)
+    assert info.value.__cause__ is not None and not isinstance(info.value.__cause__, CheckpointError)
 
 
 @pytest.mark.parametrize("shard", ["../escape.bin", "/etc/passwd", "sub/../../x.bin"])

@@ -142,3 +142,39 @@ def test_prune_by_mass_and_bad_arguments():
         molm.prune(trained_tiny(n_att_experts=5), usage, keep=2)
     with pytest.raises(ValueError, match="new_att_experts"):
         molm.extend(model, new_att_experts=-1)
+
+
+@pytest.mark.parametrize("surgery", ["prune", "extend"])
+def test_saved_surgery_result_keeps_the_tokenizer(tmp_path, capsys, surgery):
+    """A pruned or extended model saved on its own works with `molm generate --model` (the tokenizer travels)."""
+    import os
+
+    from molm.cli import main
+
+    source = os.path.join(os.path.dirname(__file__), "data", "molm-tiny-a")
+    model = molm.load(source, dtype=torch.float32)
+    if surgery == "prune":
+        usage = molm.expert_usage(model, torch.arange(256) % model.config.vocab_size, seq_len=32)
+        new = molm.prune(model, usage, keep=0.5)
+    else:
+        new = molm.extend(model, new_att_experts=1, new_mlp_experts=1, seed=0)
+    new.save_pretrained(tmp_path / "out")
+    with open(os.path.join(source, "tokenizer.json"), "rb") as f:
+        assert (tmp_path / "out" / "tokenizer.json").read_bytes() == f.read()
+    expected = "".join(molm.generate(new, "It was the", max_new_tokens=6, stream=True))
+    assert main(["generate", "--model", str(tmp_path / "out"), "It was the", "--max-new-tokens", "6",
+                 "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == "It was the" + expected + "\n"
+
+
+def test_trained_then_extended_model_saves_its_tokenizer(tmp_path):
+    """The README's flow: molm.train(config, ..., tokenizer=DIR, out_dir) -> extend -> save_pretrained keeps it."""
+    import os
+
+    tokenizer_dir = os.path.join(os.path.dirname(__file__), "data", "molm-tiny-a")
+    (tmp_path / "a.txt").write_text("It was the best of times, it was the worst of times.\n" * 40)
+    run = train(tiny_config(vocab_size=300), str(tmp_path / "a.txt"), out_dir=tmp_path / "run",
+                tokenizer=tokenizer_dir, steps=1, **FAST)
+    molm.extend(run.model, new_mlp_experts=1).save_pretrained(tmp_path / "bigger")
+    with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
+        assert (tmp_path / "bigger" / "tokenizer.json").read_bytes() == f.read()

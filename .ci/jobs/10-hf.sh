@@ -24,7 +24,7 @@ if ! ls molm/_C*.so >/dev/null 2>&1; then  # run on its own: build the extension
   MAX_JOBS=${MAX_JOBS:-2} .venv-ci-hf/bin/python setup.py build_ext --inplace >/dev/null
 fi
 
-venv "transformers==$TRANSFORMERS_4" "lm_eval==$LM_EVAL" "peft==0.21.2"
+venv "transformers==$TRANSFORMERS_4" "lm_eval==$LM_EVAL" "peft==0.21.2" accelerate  # accelerate: lm_eval's hf model
 echo "--- transformers $TRANSFORMERS_4 + lm_eval $LM_EVAL venv ready at $((SECONDS - start)) s"
 .venv-ci-hf/bin/python -m pytest -q tests/test_hf.py tests/test_evaluate.py tests/test_tokenizer.py
 echo "--- transformers $TRANSFORMERS_4, lm_eval: passed at $((SECONDS - start)) s"
