@@ -53,6 +53,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", choices=["extension", "reference"], default=None,
                    help="ops backend (default: extension when built)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="quantize the experts and lm_head to int8 after loading (half the bytes of bf16 per step)")
 
 
 def _check_generate_flags(args) -> None:
@@ -74,7 +76,7 @@ def cmd_generate(args) -> int:
 
     _check_generate_flags(args)
     model = molm.load(args.model or DEFAULT_MODEL, dtype=DTYPE_NAMES[args.dtype], device=args.device,
-                      backend=args.backend, progress=sys.stderr.isatty())
+                      backend=args.backend, progress=sys.stderr.isatty(), quantize=args.quantize)
     tokenizer = molm.load_tokenizer(args.tokenizer or model.name_or_path)
     pieces = molm.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -124,6 +126,8 @@ def model_info(path) -> dict:
         "parameters": model.num_parameters(),
         "active parameters per token": model.num_parameters(active=True),
         "dtype": config.torch_dtype or "unknown",
+        "quantization": (f"{config.quantization.get('method')} experts and lm_head, one scale per output channel"
+                         if config.quantization else "none"),
         "files": len(files),
         "file size": sum(os.path.getsize(f) for f in files),
         "integrity": "; ".join(f"{os.path.basename(f)}: {problem}" for f in files
@@ -142,6 +146,18 @@ def cmd_info(args) -> int:
     if info["integrity"] != "ok":
         print(f"molm: error: {args.model} is damaged: {info['integrity']}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    import molm
+
+    if os.path.abspath(args.out) == os.path.abspath(args.model):
+        raise UsageError("OUT must be a new directory, not the model being quantized")
+    model = molm.load(args.model, quantize=args.method, progress=sys.stderr.isatty())
+    model.save_pretrained(args.out)
+    before, after = model_info(args.model)["file size"], model_info(args.out)["file size"]
+    print(f"quantized {args.model} ({args.method}): {_human(before, 'B')} -> {_human(after, 'B')}, saved to {args.out}")
     return 0
 
 
@@ -243,7 +259,8 @@ def cmd_eval(args) -> int:
 
         with open(args.perplexity, encoding="utf-8") as f:
             text = f.read()
-        model = molm.load(args.model, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend)
+        model = molm.load(args.model, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend,
+                          quantize=args.quantize)
         result = perplexity(model, molm.load_tokenizer(args.tokenizer or model.name_or_path), text,
                             max_length=args.max_length, stride=args.stride, batch_size=args.batch_size)
         report = result.as_dict()
@@ -308,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="parameters (total and active per token), experts, layers, dtype, size")
     i.add_argument("model")
     i.set_defaults(func=cmd_info)
+    q = sub.add_parser("quantize", help="write an int8 copy of a model (experts and lm_head; loads back as int8)")
+    q.add_argument("model")
+    q.add_argument("out")
+    q.add_argument("--method", choices=["int8"], default="int8")
+    q.set_defaults(func=cmd_quantize)
     _add_eval_parser(sub)
     _add_train_parser(sub)
     for command in sub.choices.values():  # `molm generate --debug ...` too; SUPPRESS keeps `molm --debug ...`

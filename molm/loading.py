@@ -230,8 +230,8 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
         dtype = DTYPES[config.torch_dtype]
     _check_size(cls, config, files, config_path)
     if quantize is not None and config.quantization:
-        raise CheckpointError(f"{directory} is already quantized ({config.quantization.get('method')}): load it "
-                              "without quantize=")
+        raise CheckpointError(f"{directory} is already quantized ({config.quantization.get('method')}): load it as "
+                              "it is (without quantize= or --quantize)")
     with torch.device("meta"):  # shapes only: nothing is allocated until a tensor is read
         model = cls(config, backend=backend)
         try:

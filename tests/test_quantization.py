@@ -207,3 +207,22 @@ def test_bad_quantization_requests_name_the_problem(float_model, tmp_path):
     (tmp_path / "int8" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(molm.CheckpointError, match="unknown quantization"):
         molm.load(tmp_path / "int8")
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def test_cli_quantize_info_and_generate(tmp_path, capsys):
+    from molm.cli import DEFAULT_MODEL, main
+
+    out = tmp_path / "int8"
+    assert main(["quantize", DEFAULT_MODEL, str(out)]) == 0
+    assert "saved to" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    assert "quantization: int8 experts and lm_head" in capsys.readouterr().out
+    prompt = ["generate", "ROMEO.", "--max-new-tokens", "16"]
+    assert main(prompt + ["--model", str(out)]) == 0
+    from_file = capsys.readouterr().out
+    assert main(prompt + ["--quantize", "int8"]) == 0
+    assert capsys.readouterr().out == from_file  # quantizing at load time gives the saved int8 model's tokens
+    assert main(["quantize", str(out), str(tmp_path / "again")]) == 1
+    err = capsys.readouterr().err
+    assert "already quantized" in err and len(err.strip().splitlines()) == 1
