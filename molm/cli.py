@@ -10,9 +10,11 @@ import warnings
 
 import torch
 
+from .config import DTYPES
+
 # A small MoE model trained on Shakespeare (experiments/run.py, stage 1), shipped so `molm generate` works as is.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
-DTYPE_NAMES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {"auto": None, **DTYPES}  # auto: as stored
 # Backslash escapes understood in --stop, so that `--stop "\n\n"` means two newlines as users expect.
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
@@ -107,7 +109,8 @@ def _human(n: float, unit: str = "") -> str:
 def model_info(path) -> dict:
     """Sizes of a checkpoint directory without reading its weights (the model is built on the meta device)."""
     from .config import ModuleFormerConfig
-    from .loading import check_weight_file, model_class, resolve, weight_files
+    from .checkpoint import check_weight_file, resolve, weight_files
+    from .loading import model_class
 
     directory = resolve(path)
     config = ModuleFormerConfig.from_pretrained(directory)

@@ -8,7 +8,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 MODEL_TYPE = "moduleformer"
+# config.json's torch_dtype names (and the --dtype choices) -> torch dtypes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # HF attribute_map of the original: alias -> field
 ALIASES = {
     "hidden_size": "n_embd",

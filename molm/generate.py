@@ -2,42 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator
 
 import torch
 
 from .cache import KVCache
+from .tokenizer import load_tokenizer  # noqa: F401  (molm.load_tokenizer, callers below)
 from .engine import StaticDecoder
-
-
-def load_tokenizer(directory: str | os.PathLike):
-    """The `tokenizers` object saved as tokenizer.json next to the model."""
-    from tokenizers import Tokenizer
-
-    path = os.path.join(os.fspath(directory), "tokenizer.json")
-    if not os.path.isfile(path) and _is_molm_vocab(directory):  # a MoLM dir without tokenizer.json: build it
-        from .tokenizer import build_molm_tokenizer
-
-        return build_molm_tokenizer()
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} has no tokenizer.json: pass tokenizer= (a tokenizers.Tokenizer) or "
-                                "token ids as a LongTensor")
-    return Tokenizer.from_file(path)
-
-
-def _is_molm_vocab(directory) -> bool:
-    """config.json says vocab_size 50295: MoLM's tokenizer (GPT-2 + 38 whitespace tokens)."""
-    import json
-
-    from .tokenizer import MOLM_VOCAB_SIZE
-
-    try:
-        with open(os.path.join(os.fspath(directory), "config.json"), encoding="utf-8") as f:
-            return json.load(f).get("vocab_size") == MOLM_VOCAB_SIZE
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

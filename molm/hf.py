@@ -19,7 +19,6 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
-from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationMixin,
                           PretrainedConfig, PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutputWithPast

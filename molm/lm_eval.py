@@ -20,10 +20,11 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from . import config
 from .evaluate import default_max_length, eot_id, strided_windows, token_logprobs
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"auto": None, **config.DTYPES}  # auto: as stored
 
 
 @register_model("molm")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoint
 from .cache import KVCache
 from .config import ModuleFormerConfig
 from .modules import BACKENDS, Block, Linear, ParallelExperts, Router, backend_ops, bind_backend
@@ -167,15 +168,12 @@ class ModuleFormerPreTrainedModel(nn.Module):
         return total
 
     def save_pretrained(self, directory, max_shard_size: int = 5 * 2**30, safe_serialization: bool = True) -> None:
-        from .loading import save_pretrained
-
-        save_pretrained(self, directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+        checkpoint.save_pretrained(self, directory, max_shard_size=max_shard_size,
+                                   safe_serialization=safe_serialization)
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu", backend=None):
-        from .loading import load
-
-        return load(path, dtype=dtype, device=device, backend=backend, cls=cls)
+    def from_pretrained(cls, path, dtype=None, device="cpu", backend=None, quantize=None):
+        return checkpoint.load(path, dtype=dtype, device=device, backend=backend, cls=cls, quantize=quantize)
 
 
 class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel):

@@ -53,3 +53,27 @@ def build_molm_tokenizer():
         if tokenizer.token_to_id(text) != GPT2_VOCAB_SIZE + offset:
             raise RuntimeError(f"whitespace token {text!r} did not get id {GPT2_VOCAB_SIZE + offset}")
     return tokenizer
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """The `tokenizers` object saved as tokenizer.json next to the model."""
+    from tokenizers import Tokenizer
+
+    path = os.path.join(os.fspath(directory), "tokenizer.json")
+    if not os.path.isfile(path) and _is_molm_vocab(directory):  # a MoLM dir without tokenizer.json: build it
+        return build_molm_tokenizer()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no tokenizer.json: pass tokenizer= (a tokenizers.Tokenizer) or "
+                                "token ids as a LongTensor")
+    return Tokenizer.from_file(path)
+
+
+def _is_molm_vocab(directory) -> bool:
+    """config.json says vocab_size 50295: MoLM's tokenizer (GPT-2 + 38 whitespace tokens)."""
+    import json
+
+    try:
+        with open(os.path.join(os.fspath(directory), "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("vocab_size") == MOLM_VOCAB_SIZE
+    except (OSError, ValueError, AttributeError):
+        return False

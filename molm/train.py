@@ -17,16 +17,16 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ModuleFormerConfig
 from .model import ModuleFormerForCausalLM
+from .data import as_tokenizer, batch_windows, check_tokens, load_tokens, token_windows
 from .modules import Router
+from .probes import RouterProbes
 from .quantization import require_float_weights
 
 STATE_FILE = "trainer_state.pt"
@@ -58,84 +58,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # free-form notes stored with the checkpoint
 
 
-# --- data --------------------------------------------------------------------------------------------------------
-def load_tokens(data, tokenizer=None) -> torch.Tensor:
-    """A 1-D int64 token stream from a tensor / array, a token file (.npy; .bin = raw uint16 as in nanoGPT), or text
-    files (anything else; encoded with `tokenizer`, files joined by its eos/bos-free concatenation). `data` may be
-    a list of these."""
-    if isinstance(data, torch.Tensor):
-        return data.reshape(-1).long()
-    if isinstance(data, np.ndarray):
-        return torch.from_numpy(data.astype(np.int64).reshape(-1))
-    if isinstance(data, (list, tuple)):
-        parts = [load_tokens(d, tokenizer) for d in data]
-        if not parts:
-            raise ValueError("no training data given")
-        return torch.cat(parts)
-    path = os.fspath(data)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
-    if path.endswith(".npy"):
-        return load_tokens(np.load(path), tokenizer)
-    if path.endswith(".bin"):
-        return load_tokens(np.fromfile(path, dtype=np.uint16), tokenizer)
-    if tokenizer is None:
-        raise ValueError(f"{path} is a text file: pass a tokenizer (a tokenizers.Tokenizer or a directory with "
-                         "tokenizer.json) to encode it")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines(keepends=True)
-    chunks = ["".join(lines[i:i + 2000]) for i in range(0, len(lines), 2000)]
-    ids = [i for enc in tokenizer.encode_batch(chunks) for i in enc.ids]
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _as_tokenizer(tokenizer):
-    if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    from .generate import load_tokenizer
-
-    path = os.fspath(tokenizer)
-    return load_tokenizer(os.path.dirname(path) if path.endswith(".json") else path)
-
-
-def batch_windows(tokens: torch.Tensor, seq_len: int, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """`batch` random windows [batch, seq_len] of the stream."""
-    starts = torch.randint(0, len(tokens) - seq_len + 1, (batch,), generator=generator)
-    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
-
-
-def _check_tokens(tokens: torch.Tensor, seq_len: int, vocab_size: int, what: str) -> None:
-    if len(tokens) < seq_len:
-        raise ValueError(f"{what} has {len(tokens)} tokens, fewer than seq_len={seq_len}")
-    hi = int(tokens.max())
-    if int(tokens.min()) < 0 or hi >= vocab_size:
-        raise ValueError(f"{what} holds token id {hi} outside the model's vocab_size {vocab_size}: "
-                         "was it encoded with another tokenizer?")
-
-
 # --- losses ------------------------------------------------------------------------------------------------------
-class RouterProbes:
-    """Forward hooks on every Router: keep each call's Routing (probs [N, E], experts [N, k]) for extra losses
-    and usage statistics. Use as a context manager; `routings` holds (router name, Routing) in call order."""
-
-    def __init__(self, model):
-        self.routers = [(name, m) for name, m in model.named_modules() if isinstance(m, Router)]
-        self.routings: list = []
-        self._handles = []
-
-    def __enter__(self):
-        self._handles = [m.register_forward_hook(partial(self._hook, name)) for name, m in self.routers]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def _hook(self, name, module, inputs, output):
-        self.routings.append((name, output[0]))
-
-
 def concentration_loss(routings) -> torch.Tensor:
     """Sum over routers of the marginal entropy H(p̄) of expert usage, p̄_e = mean over tokens of p(e|x).
 
@@ -150,15 +73,6 @@ def concentration_loss(routings) -> torch.Tensor:
         h = -(marginal * (marginal + 1e-8).log()).sum()
         total = h if total is None else total + h
     return total
-
-
-def token_windows(data, tokenizer, seq_len: int, vocab_size: int, what: str, max_windows: int | None = None):
-    """Consecutive non-overlapping windows [n, seq_len] of the tokens of `data` (see load_tokens)."""
-    tokens = load_tokens(data, _as_tokenizer(tokenizer))
-    _check_tokens(tokens, seq_len, vocab_size, what)
-    n = len(tokens) // seq_len
-    windows = tokens[: n * seq_len].view(n, seq_len)
-    return windows if max_windows is None else windows[:max_windows]
 
 
 @torch.no_grad()
@@ -276,12 +190,12 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
         raise ValueError("steps, batch_size and grad_accum must be >= 1 and seq_len >= 2")
     _maybe_init_distributed(cfg.device)
     rank, world = _rank_world()
-    tokenizer = _as_tokenizer(tokenizer)
+    tokenizer = as_tokenizer(tokenizer)
     model = _as_model(model, cfg.seed, cfg.device)
     require_float_weights(model, "training")
     if tokenizer is None and getattr(model, "name_or_path", None):
         try:
-            tokenizer = _as_tokenizer(model.name_or_path)
+            tokenizer = as_tokenizer(model.name_or_path)
         except FileNotFoundError:
             pass
     if cfg.aux_loss_weight is not None:
@@ -293,10 +207,10 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
                 m.sample_topk = cfg.sample_topk
     model.config.validate()
     tokens = load_tokens(train_data, tokenizer)
-    _check_tokens(tokens, cfg.seq_len, model.config.vocab_size, "training data")
+    check_tokens(tokens, cfg.seq_len, model.config.vocab_size, "training data")
     eval_tokens = load_tokens(eval_data, tokenizer) if eval_data is not None else None
     if eval_tokens is not None:
-        _check_tokens(eval_tokens, cfg.seq_len, model.config.vocab_size, "evaluation data")
+        check_tokens(eval_tokens, cfg.seq_len, model.config.vocab_size, "evaluation data")
 
     frozen_rows = getattr(model, "frozen_rows", {})
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .train import RouterProbes, token_windows
+from .data import token_windows
+from .probes import RouterProbes
 
 
 @dataclass

@@ -6,7 +6,6 @@ symlinked-out shard names, duplicate keys across .bin shards, missing/unexpected
 the rest; `HOSTILE_COUNT` below is the number of hostile inputs it tries (quoted in README "Reliability").
 """
 
-import copy
 import json
 import os
 import pickle
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import molm
-from molm.loading import CheckpointError
+from molm.checkpoint import CheckpointError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import molm
-from molm.loading import CheckpointError
+from molm.checkpoint import CheckpointError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
