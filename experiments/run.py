@@ -207,7 +207,7 @@ def main() -> None:
 
     # 2. extendability: continue on B
     ext = molm.extend(moe, new_att_experts=4, new_mlp_experts=4, freeze_old=True, seed=1)
-    ext_trainable = sum(p[ext.frozen_rows[n]:].numel() for n, p in ext.named_parameters() if n in ext.frozen_rows)
+    ext_trainable = sum(p[ext.expert_edits.frozen_rows[n]:].numel() for n, p in ext.named_parameters() if n in ext.expert_edits.frozen_rows)
     at_extend = {"ppl_A_at_extend": ppl(ext, A_val, fine), "ppl_B_at_extend": ppl(ext, B_val, fine)}
     runs2 = {
         "moe_full": lambda: run("moe_full_B", molm.load(os.path.join(RUNS, "moe_A"), dtype=torch.float32), B, fine,

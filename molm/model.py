@@ -6,7 +6,7 @@ same state_dict keys. No positional encoding; stick-breaking mixture-of-attentio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +17,18 @@ from . import checkpoint
 from .cache import KVCache
 from .config import ModuleFormerConfig
 from .modules import BACKENDS, Block, Linear, ParallelExperts, Router, backend_ops, bind_backend
+
+
+@dataclass
+class ExpertEdits:
+    """What molm.extend / molm.prune did to a model, read by molm.train and by users."""
+
+    # parameter name -> leading rows that stay frozen (extend(freeze_old=True): the old experts and router rows)
+    frozen_rows: dict[str, int] = field(default_factory=dict)
+    # "att.<layer>" / "mlp.<layer>" -> the original ids of the experts prune kept, ascending
+    kept_experts: dict[str, list[int]] = field(default_factory=dict)
+    # same keys -> the factor prune(rescale=True) applied to the kept output projections (1.0 without rescale)
+    output_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,6 +137,7 @@ class ModuleFormerPreTrainedModel(nn.Module):
     def __init__(self, config: ModuleFormerConfig, backend: str | None = None):
         super().__init__()
         self.config = config
+        self.expert_edits = ExpertEdits()
         self.set_backend(backend or default_backend())
 
     def set_backend(self, backend: str) -> "ModuleFormerPreTrainedModel":

@@ -65,7 +65,7 @@ def extend(model: ModuleFormerForCausalLM, new_att_experts: int = 0, new_mlp_exp
     freeze_old=True leaves only the new experts and their router rows trainable: every other parameter gets
     requires_grad=False, and the old rows of the expert tensors get a gradient hook that zeroes them (the trainer
     also keeps those tensors out of weight decay), so AdamW leaves the old rows bitwise unchanged.
-    `model.frozen_rows` maps each partly trainable parameter to its number of frozen leading rows.
+    `model.expert_edits.frozen_rows` maps each partly trainable parameter to its number of frozen leading rows.
     """
     require_float_weights(model, "molm.extend")
     for name, n in (("new_att_experts", new_att_experts), ("new_mlp_experts", new_mlp_experts)):
@@ -82,14 +82,13 @@ def extend(model: ModuleFormerForCausalLM, new_att_experts: int = 0, new_mlp_exp
     new = _rebuild(model, config, rows, seed)
     if freeze_old:
         old_counts = {"att": c.n_att_experts, "mlp": c.n_mlp_experts}
-        new.frozen_rows = {}
         for name, p in new.named_parameters():
             site = _site_of(name, config.gate_type)
             if site is None or p.shape[0] == old_counts[site[0]]:
                 p.requires_grad_(False)
                 continue
             n_old = old_counts[site[0]]
-            new.frozen_rows[name] = n_old
+            new.expert_edits.frozen_rows[name] = n_old
             p.register_hook(lambda g, n=n_old: torch.cat([torch.zeros_like(g[:n]), g[n:]]))
     return new
 
@@ -167,6 +166,6 @@ def prune(model: ModuleFormerForCausalLM, usage, keep=None, mass: float | None =
         return kept_rows
 
     new = _rebuild(model, config, rows, seed=0)
-    new.kept_experts = {f"{kind}.{layer}": ids for (kind, layer), ids in kept.items()}
-    new.output_scale = {f"{kind}.{layer}": s if rescale else 1.0 for (kind, layer), s in scale.items()}
+    new.expert_edits.kept_experts = {f"{kind}.{layer}": ids for (kind, layer), ids in kept.items()}
+    new.expert_edits.output_scale = {f"{kind}.{layer}": s if rescale else 1.0 for (kind, layer), s in scale.items()}
     return new

@@ -212,7 +212,8 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
     if eval_tokens is not None:
         check_tokens(eval_tokens, cfg.seq_len, model.config.vocab_size, "evaluation data")
 
-    frozen_rows = getattr(model, "frozen_rows", {})
+    edits = getattr(model, "expert_edits", None)
+    frozen_rows = edits.frozen_rows if edits is not None else {}
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.precision == "bfloat16":  # the model computes in bf16; AdamW updates fp32 master copies
         master = [p.detach().float().clone().requires_grad_(True) for _, p in params]

@@ -77,7 +77,7 @@ def test_prune_of_experts_never_selected_leaves_outputs_unchanged(tmp_path):
     usage = molm.expert_usage(model, data, seq_len=16)
     assert usage.att_freq[0, [0, 3]].sum() == 0 and usage.mlp_freq[1, [0, 1, 2, 6]].sum() == 0
     pruned = molm.prune(model, usage, keep={"att": 4, "mlp": 4})
-    assert pruned.kept_experts["att.0"] == [1, 2, 4, 5] and pruned.kept_experts["mlp.1"] == [3, 4, 5, 7]
+    assert pruned.expert_edits.kept_experts["att.0"] == [1, 2, 4, 5] and pruned.expert_edits.kept_experts["mlp.1"] == [3, 4, 5, 7]
     x = data[:64].view(4, 16)
     torch.testing.assert_close(pruned(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "full")
@@ -99,8 +99,8 @@ def test_prune_in_general_equals_the_original_with_dropped_router_logits_at_minu
     assert (pruned.config.n_att_experts, pruned.config.n_mlp_experts) == (2, 3)
     masked = molm.ModuleFormerForCausalLM(model.config).eval()
     masked.load_state_dict(model.state_dict())
-    silence_experts(masked, {0: sorted(set(range(4)) - set(pruned.kept_experts["att.0"]))}, "attn.q_proj")
-    silence_experts(masked, {0: sorted(set(range(6)) - set(pruned.kept_experts["mlp.0"]))}, "mlpf")
+    silence_experts(masked, {0: sorted(set(range(4)) - set(pruned.expert_edits.kept_experts["att.0"]))}, "attn.q_proj")
+    silence_experts(masked, {0: sorted(set(range(6)) - set(pruned.expert_edits.kept_experts["mlp.0"]))}, "mlpf")
     for site in SITES:  # the same constant hidden unit on the pruned side
         silence_experts(pruned, {0: []}, site)
     x = data[:64].view(4, 16)
@@ -119,8 +119,8 @@ def test_prune_rescale_undoes_the_gate_inflation_when_the_dropped_mass_is_the_sa
     usage = molm.expert_usage(model, data, seq_len=16)
     x = data[:64].view(4, 16)
     rescaled, plain = molm.prune(model, usage, keep=2, rescale=True), molm.prune(model, usage, keep=2)
-    dropped = 1 - usage.mlp_prob[0][rescaled.kept_experts["mlp.0"]].sum()
-    assert 0.05 < dropped < 0.95 and rescaled.output_scale["mlp.0"] == pytest.approx(float(1 - dropped))
+    dropped = 1 - usage.mlp_prob[0][rescaled.expert_edits.kept_experts["mlp.0"]].sum()
+    assert 0.05 < dropped < 0.95 and rescaled.expert_edits.output_scale["mlp.0"] == pytest.approx(float(1 - dropped))
     torch.testing.assert_close(rescaled(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain(x).logits, model(x).logits, atol=1e-3)
 
@@ -132,8 +132,8 @@ def test_prune_by_mass_and_bad_arguments():
                               seq_len=16)
     pruned = molm.prune(model, usage, mass=1.0)  # keeps exactly the experts ever selected (at least k)
     selected = torch.nonzero(usage.att_freq[0]).flatten().tolist()
-    assert len(selected) < 6 and pruned.kept_experts["att.0"] == selected
-    assert pruned.kept_experts["mlp.0"] == torch.nonzero(usage.mlp_freq[0]).flatten().tolist()
+    assert len(selected) < 6 and pruned.expert_edits.kept_experts["att.0"] == selected
+    assert pruned.expert_edits.kept_experts["mlp.0"] == torch.nonzero(usage.mlp_freq[0]).flatten().tolist()
     with pytest.raises(ValueError, match="exactly one of"):
         molm.prune(model, usage)
     with pytest.raises(ValueError, match="keep 9 att experts: must be between 1 and n_att_experts"):
