@@ -3,7 +3,7 @@
 // product over a contiguous weight row, computed for four weight rows at a time and all M input rows, with fp32
 // accumulators in registers and whole outputs per thread (no split-K, so results do not depend on the thread
 // count). 16-bit weights are read as they are stored (bf16 with AVX-512-BF16 dot products where the CPU has them),
-// never through ATen's 16-bit CPU GEMM. Larger M goes to at::mm (16-bit inputs upcast to fp32; see expert_gemm.cpp).
+// never through ATen's 16-bit CPU GEMV. Larger M goes to the GEMM this CPU runs fastest (gemm.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,6 +12,7 @@
 
 #include "../checks.h"
 #include "../dispatch.h"
+#include "gemm.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MOLM_X86 1
@@ -241,13 +242,14 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
     });
     return out;
   }
-  if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) {
-    at::mm_out(out, x, weight.t());
-    if (bias.has_value()) out.add_(*bias);
-  } else {
-    at::Tensor y = at::mm(x.to(at::kFloat), weight.t().to(at::kFloat));
-    if (bias.has_value()) y.add_(bias->to(at::kFloat));
-    out.copy_(y);
+  if (!bias.has_value()) {
+    mm_into(out, x, weight.t());
+  } else if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) {
+    at::addmm_out(out, *bias, x, weight.t());
+  } else {  // 16-bit with bias: add it in fp32, round once
+    at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    mm_into(y, x.to(at::kFloat), weight.t().to(at::kFloat));
+    out.copy_(y.add_(bias->to(at::kFloat)));
   }
   return out;
 }
