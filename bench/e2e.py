@@ -4,8 +4,8 @@
     python bench/e2e.py --device cpu --smoke                      # a seconds-long run of the same code paths
 
 For every model and implementation:
-  * seed_table: the setting of the seed's table as far as it can be inferred (one forward of 16 x 2048 tokens:
-    latency ms, throughput tok/s, peak memory GB; the seed reports 497 ms / 71,017 tok/s / 27 GB for
+  * paper_setting: the setting of the ModuleFormer README's speed table as far as it can be inferred (one forward of 16 x 2048 tokens:
+    latency ms, throughput tok/s, peak memory GB; the README reports 497 ms / 71,017 tok/s / 27 GB for
     MoLM-350M-4B and does not state batch or length — 71,017 tok/s x 0.497 s ~ 35k tokens ~ 16 x 2048),
   * decode at batch 1 / 8 / 64 and context 128 / 1024 / 4096 (tok/s and % of the HBM roofline: bytes the step
     must read / time / --hbm-gbs),
@@ -301,9 +301,9 @@ def main() -> None:
     dtype = torch.bfloat16
     if args.smoke:
         args.batches, args.contexts, args.steps = [1, 2], [8, 24], 3
-        seed_shape, prefill_shape, ttft_len = (2, 32), (2, 32), 32
+        paper_shape, prefill_shape, ttft_len = (2, 32), (2, 32), 32
     else:
-        seed_shape, prefill_shape, ttft_len = (16, 2048), (32, 2048), 2048
+        paper_shape, prefill_shape, ttft_len = (16, 2048), (32, 2048), 2048
     kernels = cuda_kernels() if device.type == "cuda" else {}
     if kernels and not all(kernels.values()):
         print(f"WARNING: ops without a CUDA kernel (the extension backend will fail on them): "
@@ -326,17 +326,17 @@ def main() -> None:
         with torch.inference_mode():
             if impl == "extension":
                 loads[name] = expert_load(model, *prefill_shape[:1], min(prefill_shape[1], 512))
-            seconds, peak = forward_seconds(model, *seed_shape)
-            rec["seed_table"] = {"batch": seed_shape[0], "length": seed_shape[1], "latency_ms": seconds * 1e3,
-                                 "throughput_tok_s": seed_shape[0] * seed_shape[1] / seconds,
+            seconds, peak = forward_seconds(model, *paper_shape)
+            rec["paper_setting"] = {"batch": paper_shape[0], "length": paper_shape[1], "latency_ms": seconds * 1e3,
+                                 "throughput_tok_s": paper_shape[0] * paper_shape[1] / seconds,
                                  "peak_memory_GB": peak}
             seconds, peak = forward_seconds(model, *prefill_shape)
             rec["prefill"] = {"batch": prefill_shape[0], "length": prefill_shape[1],
                               "tok_s": prefill_shape[0] * prefill_shape[1] / seconds, "peak_memory_GB": peak}
             seconds, _ = forward_seconds(model, 1, ttft_len)
             rec["ttft_ms"] = {"length": ttft_len, "ms": seconds * 1e3}
-            print(f"   seed setting {seed_shape}: {rec['seed_table']['latency_ms']:.1f} ms, "
-                  f"{rec['seed_table']['throughput_tok_s']:.0f} tok/s, {rec['seed_table']['peak_memory_GB']:.1f} GB;"
+            print(f"   paper setting {paper_shape}: {rec['paper_setting']['latency_ms']:.1f} ms, "
+                  f"{rec['paper_setting']['throughput_tok_s']:.0f} tok/s, {rec['paper_setting']['peak_memory_GB']:.1f} GB;"
                   f" prefill {prefill_shape}: {rec['prefill']['tok_s']:.0f} tok/s; TTFT {rec['ttft_ms']['ms']:.1f} ms")
             rec["decode"] = []
             for batch in args.batches:

@@ -20,7 +20,7 @@ def test_e2e_smoke_run_writes_every_measurement(tmp_path):
     impls = {r["impl"]: r for r in result["records"]}
     assert set(impls) == {"extension", "dense"}
     for rec in impls.values():
-        assert rec["seed_table"]["throughput_tok_s"] > 0 and rec["prefill"]["tok_s"] > 0
+        assert rec["paper_setting"]["throughput_tok_s"] > 0 and rec["prefill"]["tok_s"] > 0
         assert len(rec["decode"]) == 4 and all(d["tok_s"] > 0 for d in rec["decode"])
     # the dense twin has the MoE model's active parameters (within the 256-wide rounding of its MLP)
     moe, dense = impls["extension"]["active_params"], impls["dense"]["active_params"]
