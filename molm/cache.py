@@ -30,7 +30,7 @@ class KVCache:
     @classmethod
     def for_model(cls, model, batch: int, max_length: int) -> "KVCache":
         config = model.config
-        param = model.transformer.wte.weight
+        param = getattr(model, "transformer", model).wte.weight  # a head's trunk, or a base model itself
         return cls(config.n_layer, batch, max_length, config.att_hidden, config.identity_kv, param.dtype, param.device)
 
     @property
@@ -86,6 +86,15 @@ class KVCache:
         """Called once after all layers have appended the same T positions."""
         self.length += self._pending
         self._pending = 0
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions and drop the rest (speculative decoding rolls back rejected draft
+        tokens). The buffers keep their size: later appends overwrite the dropped positions."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KVCache.crop: length {length} must be between 0 and the cached length {self.length}")
+        self.length = length
+        self._pending = 0
+        self._tracked.clear()  # graph tensors of the dropped positions
 
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search: keep batch rows `index` (index_select on dim 0 of every buffer)."""
