@@ -16,6 +16,7 @@ import importlib
 import os
 import sys
 import types
+import unittest
 
 import pytest
 
@@ -34,7 +35,7 @@ TESTS_DIR = os.environ.get("MOLM_TRANSFORMERS_TESTS")
 _COMMON = TESTS_DIR and os.path.join(TESTS_DIR, "test_modeling_common.py")
 if not (_COMMON and os.path.isfile(_COMMON)):
     message = ("transformers' common model tests not found: set MOLM_TRANSFORMERS_TESTS to the tests/ directory of "
-               f"the transformers {transformers.__version__} source distribution")
+               f"the transformers {transformers.__version__} source distribution (with an empty __init__.py added)")
     if REQUIRED:
         raise RuntimeError(message)
     pytest.skip(message, allow_module_level=True)
@@ -120,15 +121,12 @@ class ModuleFormerModelTester:
         return config, {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-class TestModuleFormerModel(ModelTesterMixin, *([GENERATION_MIXIN] if GENERATION_MIXIN else []),
-                            __import__("unittest").TestCase):
+class TestModuleFormerModel(ModelTesterMixin, *([GENERATION_MIXIN] if GENERATION_MIXIN else []), unittest.TestCase):
     all_model_classes = (ModuleFormerModel, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification)
-    pipeline_model_mapping = {}
     has_attentions = False  # stick-breaking attention never materialises attention weights
     test_resize_position_embeddings = False  # no positional embeddings
     test_pruning = False  # no attention heads to prune (one head, mixture of attention experts)
     test_head_masking = False  # no per-head attention probabilities to mask
-    _is_stateful = False
 
     @classmethod
     def setUpClass(cls):
