@@ -126,6 +126,29 @@ class KVCache:
         return cache
 
 
+def register_pytree(cls: type) -> None:
+    """Make a KVCache class a pytree node (its buffers the leaves), so torch.export / torch.compile can return one
+    from a forward. Graph-tracked tensors are not part of it: they only exist while autograd records."""
+    from torch.utils import _pytree
+
+    def flatten(cache):
+        values = cache.values if cache.values is not None else []
+        return list(cache.keys) + list(values), (len(cache.keys), cache.values is not None, cache.length)
+
+    def unflatten(leaves, context):
+        n_layer, separate_values, length = context
+        cache = cls.__new__(cls)
+        leaves = list(leaves)
+        cache.keys, cache.values = leaves[:n_layer], (leaves[n_layer:] if separate_values else None)
+        cache.length, cache._pending, cache._tracked = length, 0, {}
+        return cache
+
+    _pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+
+
+register_pytree(KVCache)
+
+
 class StaticWindow(KVCache):
     """A fixed-shape decode view of a KVCache, for CUDA graphs: every step has the same shapes and pointers.
 

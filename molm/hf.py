@@ -31,7 +31,7 @@ from transformers.utils import ModelOutput
 
 from . import config as molm_config
 from . import model as molm_model
-from .cache import KVCache
+from .cache import KVCache, register_pytree
 from .modules import Block, Linear, backend_ops, bind_backend
 
 # Fields that PretrainedConfig owns itself (token ids, labels, dtype, ...): passed to its __init__, not set here.
@@ -118,8 +118,9 @@ class GenerationCache(KVCache):
         return -1  # no maximum: the buffers grow
 
     def crop(self, max_length: int) -> None:
-        """transformers' semantics: keep the first max_length positions; a negative value drops that many."""
-        if max_length < 0:
+        """transformers' semantics: 0 or a negative value drops that many positions (5.x), a positive one keeps the
+        first max_length positions (4.x)."""
+        if max_length <= 0:
             max_length = self.length + max_length
         if max_length < self.length:
             super().crop(max(max_length, 0))
@@ -132,6 +133,9 @@ class GenerationCache(KVCache):
 
     def to_legacy_cache(self):
         return self.to_legacy()
+
+
+register_pytree(GenerationCache)
 
 
 def _layer_tensors(layer) -> tuple:
@@ -329,8 +333,14 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
             input_ids = None
         else:
             inputs_embeds = None
-            # with a prompt given as embeddings, input_ids holds only the generated tokens: count from the mask
-            new = attention_mask.shape[1] - seen if attention_mask is not None else input_ids.shape[1] - seen
+            # how many positions are new: transformers 5.x says so; else count from the full-length mask (with a
+            # prompt given as embeddings, input_ids holds only the generated tokens), else from input_ids
+            if next_sequence_length is not None:
+                new = next_sequence_length
+            elif attention_mask is not None:
+                new = attention_mask.shape[1] - seen
+            else:
+                new = input_ids.shape[1] - seen
             input_ids = input_ids[:, -new:] if new > 0 else input_ids[:, input_ids.shape[1]:]
             if token_type_ids is not None:
                 token_type_ids = token_type_ids[:, -input_ids.shape[1]:]

@@ -31,7 +31,8 @@ def golden(name):
 
 def gen(model, prompt, **settings):
     """generate with an explicit all-ones mask: transformers would otherwise infer one from the pad id."""
-    settings.setdefault("attention_mask", torch.ones_like(prompt))
+    if prompt is not None:
+        settings.setdefault("attention_mask", torch.ones_like(prompt))
     return model.generate(prompt, pad_token_id=0, **settings)
 
 
@@ -563,7 +564,10 @@ def test_generation_cache_crop_rolls_back():
     ids = golden("molm-tiny-a")["input_ids"][:2, :10]
     with torch.no_grad():
         cache = returned_cache(model(ids, use_cache=True))
-        cache.crop(-4)  # transformers' form: drop the last 4
+        cache.crop(0)  # transformers 5.x: drop none
+        assert cache.get_seq_length() == 10
+        cache.crop(-2)  # drop the last 2
+        cache.crop(6)  # transformers 4.x: keep the first 6
         assert cache.get_seq_length() == 6
         resumed = model(ids[:, 6:], **{CACHE_KWARG: cache}, attention_mask=torch.ones_like(ids)).logits
         assert (resumed - model(ids).logits[:, 6:]).abs().max() <= TOL_FP32
@@ -626,3 +630,31 @@ def test_classifier_takes_inputs_embeds():
         from_ids = model(ids, attention_mask=mask).logits
         from_embeds = model(inputs_embeds=model.transformer.wte(ids), attention_mask=mask).logits
     assert torch.allclose(from_ids, from_embeds, atol=1e-5)
+
+
+def test_generate_from_inputs_embeds(causal):
+    """A prompt given as embeddings generates the tokens the same prompt as ids does."""
+    name, model = causal
+    prompt = golden(name)["input_ids"][:2, :8]
+    from_ids = gen(model, prompt, max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        embeds = model.transformer.wte(prompt)
+    from_embeds = gen(model, None, inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                      do_sample=False)
+    assert torch.equal(from_embeds[:, -8:], from_ids[:, -8:])
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_torch_export_gives_the_eager_outputs(use_cache):
+    """torch.export traces the causal LM, the returned cache included: same logits, same cached K (= V)."""
+    model = load_hf("molm-tiny-b")
+    ids = golden("molm-tiny-b")["input_ids"][:2, :12]
+    program = torch.export.export(model, args=(), kwargs={"input_ids": ids, "use_cache": use_cache}, strict=False)
+    with torch.no_grad():
+        exported, eager = program.module()(input_ids=ids, use_cache=use_cache), model(ids, use_cache=use_cache)
+    assert (exported.logits - eager.logits).abs().max() <= TOL_FP32
+    if use_cache:
+        for (k, v), (k_ref, v_ref) in zip(returned_cache(exported).to_legacy(), returned_cache(eager).to_legacy()):
+            assert torch.allclose(k, k_ref, atol=1e-6) and torch.allclose(v, v_ref, atol=1e-6)
+    else:
+        assert returned_cache(exported) is None

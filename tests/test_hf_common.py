@@ -127,6 +127,7 @@ class TestModuleFormerModel(ModelTesterMixin, *([GENERATION_MIXIN] if GENERATION
     test_resize_position_embeddings = False  # no positional embeddings
     test_pruning = False  # no attention heads to prune (one head, mixture of attention experts)
     test_head_masking = False  # no per-head attention probabilities to mask
+    test_torch_exportable = True  # torch.export traces it, the cache included (a pytree node)
 
     @classmethod
     def setUpClass(cls):
