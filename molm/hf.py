@@ -324,13 +324,13 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
         past = as_molm_cache(_pick_cache(past_key_values, cache), self.config)
         seen = 0
         if past is not None:
-            seen = past.length if isinstance(past, KVCache) else past[0][0].shape[1]
+            seen = past.length if isinstance(past, KVCache) else (past[0][0].shape[1] if past else 0)
         elif use_cache:
             max_length = getattr(getattr(self, "generation_config", None), "max_length", None) or 0
             total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
             past = GenerationCache.for_model(self, input_ids.shape[0], max(total, max_length))
-        if inputs_embeds is not None and seen == 0:  # the prompt as embeddings: only on the first step
-            input_ids = None
+        if inputs_embeds is not None and seen < inputs_embeds.shape[1]:  # prompt embeddings the cache has not seen
+            input_ids, inputs_embeds = None, inputs_embeds[:, seen:]
         else:
             inputs_embeds = None
             # how many positions are new: transformers 5.x says so; else count from the full-length mask (with a

@@ -642,6 +642,11 @@ def test_generate_from_inputs_embeds(causal):
     from_embeds = gen(model, None, inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
                       do_sample=False)
     assert torch.equal(from_embeds[:, -8:], from_ids[:, -8:])
+    with torch.no_grad():  # with a cache of the prompt's first positions: only the rest of the embeddings are fed
+        cache = returned_cache(model(prompt[:, :-3], use_cache=True))
+    resumed = gen(model, None, inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                  do_sample=False, **{CACHE_KWARG: cache})
+    assert torch.equal(resumed[:, -8:], from_ids[:, -8:])
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
