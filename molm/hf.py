@@ -22,7 +22,6 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
-from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel)
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -419,5 +418,6 @@ def register() -> None:
 
 register()
 
-__all__ = ["ModuleFormerConfig", "ModuleFormerModel", "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification",
-           "ModuleFormerPreTrainedModel", "molm_tokenizer", "register"]
+__all__ = ["ModuleFormerConfig", "ModuleFormerModel", "ModuleFormerForCausalLM",
+           "ModuleFormerForSequenceClassification", "ModuleFormerPreTrainedModel", "GenerationCache", "molm_tokenizer",
+           "register"]

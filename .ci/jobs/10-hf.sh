@@ -40,7 +40,8 @@ venv "transformers==$TRANSFORMERS_4" "lm_eval==$LM_EVAL" "peft==0.21.2"
 echo "--- transformers $TRANSFORMERS_4 + lm_eval $LM_EVAL venv ready at $((SECONDS - start)) s"
 MOLM_TRANSFORMERS_TESTS=$(common_tests "$TRANSFORMERS_4")
 export MOLM_TRANSFORMERS_TESTS
-.venv-ci-hf/bin/python -m pytest -q tests/test_hf.py tests/test_hf_common.py tests/test_evaluate.py tests/test_tokenizer.py
+.venv-ci-hf/bin/python -m pytest -q tests/test_hf.py tests/test_hf_common.py tests/test_evaluate.py \
+  tests/test_tokenizer.py
 echo "--- transformers $TRANSFORMERS_4, lm_eval: passed at $((SECONDS - start)) s"
 
 # transformers 5.x in the same venv (lm_eval does not depend on transformers): saves a second torch install.
