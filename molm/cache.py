@@ -30,7 +30,7 @@ class KVCache:
     @classmethod
     def for_model(cls, model, batch: int, max_length: int) -> "KVCache":
         config = model.config
-        param = model.transformer.wte.weight
+        param = getattr(model, "transformer", model).wte.weight  # a head's trunk, or a base model itself
         return cls(config.n_layer, batch, max_length, config.att_hidden, config.identity_kv, param.dtype, param.device)
 
     @property
@@ -87,6 +87,15 @@ class KVCache:
         self.length += self._pending
         self._pending = 0
 
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions and drop the rest (speculative decoding rolls back rejected draft
+        tokens). The buffers keep their size: later appends overwrite the dropped positions."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KVCache.crop: length {length} must be between 0 and the cached length {self.length}")
+        self.length = length
+        self._pending = 0
+        self._tracked.clear()  # graph tensors of the dropped positions
+
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search: keep batch rows `index` (index_select on dim 0 of every buffer)."""
         self.keys = [b.index_select(0, index) for b in self.keys]
@@ -115,6 +124,29 @@ class KVCache:
             cache.append(layer, k, None if shared_kv else v)
         cache.advance()
         return cache
+
+
+def register_pytree(cls: type) -> None:
+    """Make a KVCache class a pytree node (its buffers the leaves), so torch.export / torch.compile can return one
+    from a forward. Graph-tracked tensors are not part of it: they only exist while autograd records."""
+    from torch.utils import _pytree
+
+    def flatten(cache):
+        values = cache.values if cache.values is not None else []
+        return list(cache.keys) + list(values), (len(cache.keys), cache.values is not None, cache.length)
+
+    def unflatten(leaves, context):
+        n_layer, separate_values, length = context
+        cache = cls.__new__(cls)
+        leaves = list(leaves)
+        cache.keys, cache.values = leaves[:n_layer], (leaves[n_layer:] if separate_values else None)
+        cache.length, cache._pending, cache._tracked = length, 0, {}
+        return cache
+
+    _pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+
+
+register_pytree(KVCache)
 
 
 class StaticWindow(KVCache):

@@ -58,57 +58,83 @@ class ModuleFormerModel(nn.Module):
     def __init__(self, config: ModuleFormerConfig):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.drop = nn.Dropout(config.embd_pdrop)
-        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd)
-        # transformers' gradient_checkpointing_enable() sets these two (the function wraps torch's checkpoint)
-        self.gradient_checkpointing = False
-        self._gradient_checkpointing_func = None
+        add_trunk_modules(self, config)
 
     def padding_bias(self, attention_mask: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | None:
-        """attention_mask [B, S] (1 keep, 0 pad) -> additive float32 bias [B, S]: 0 or the model dtype's min."""
-        if attention_mask is None:
-            return None
-        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, total):
-            raise ValueError(f"attention_mask must have shape [batch, past + new] = [{batch}, {total}], "
-                             f"got {list(attention_mask.shape)}")
-        dtype_min = torch.finfo(self.wte.weight.dtype).min
-        return (1.0 - attention_mask.to(torch.float32)) * dtype_min
+        return padding_bias(self, attention_mask, batch, total)
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, token_type_ids=None,
                 ops=None, want_aux_loss: bool = True, inputs_embeds=None, output_hidden_states: bool = False):
-        """input_ids [B, T] (or inputs_embeds [B, T, C]) -> (hidden [B, T, C], aux loss or None, all hidden states
-        or None). Appends to `cache` when given."""
-        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
-        B, T = x.shape[:2]
-        past = cache.length if cache is not None else 0
-        bias = self.padding_bias(attention_mask, B, past + T)
-        if token_type_ids is not None:  # the original's semantics: token types index the token embeddings
-            x = x + self.wte(token_type_ids)
-        x = self.drop(x)
-        aux = None
-        states = [] if output_hidden_states else None
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        if checkpointing and cache is not None:
-            raise ValueError("gradient checkpointing recomputes each block, which would append to the KV cache "
-                             "twice: pass use_cache=False while training with gradient checkpointing")
-        for layer, block in enumerate(self.h):
-            if states is not None:
-                states.append(x)
-            if checkpointing:
-                x, block_aux = self._gradient_checkpointing_func(block.__call__, x, bias, cache, layer, ops,
-                                                                 want_aux_loss)
-            else:
-                x, block_aux = block(x, bias, cache, layer, ops, want_aux_loss)
-            if want_aux_loss:
-                aux = block_aux if aux is None else aux + block_aux
-        if cache is not None:
-            cache.advance()
-        x = self.ln_f(x)
+        return trunk_forward(self, input_ids, attention_mask, cache, token_type_ids, ops, want_aux_loss,
+                             inputs_embeds, output_hidden_states)
+
+
+# --- the trunk as functions of any module that holds its parts (wte, drop, h, ln_f): molm's ModuleFormerModel, and
+# the transformers base model (molm.hf), which must be a PreTrainedModel itself and so cannot subclass it.
+
+def add_trunk_modules(module: nn.Module, config: ModuleFormerConfig, block_class: type = Block) -> None:
+    """Give `module` the trunk's parts, with the original's state_dict keys (wte, h.N, ln_f)."""
+    module.wte = nn.Embedding(config.vocab_size, config.n_embd)
+    module.drop = nn.Dropout(config.embd_pdrop)
+    module.h = nn.ModuleList(block_class(config) for _ in range(config.n_layer))
+    module.ln_f = nn.LayerNorm(config.n_embd)
+    # transformers' gradient_checkpointing_enable() sets these two (the function wraps torch's checkpoint)
+    module.gradient_checkpointing = False
+    module._gradient_checkpointing_func = None
+
+
+def padding_bias(trunk, attention_mask: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | None:
+    """attention_mask [B, S] (1 keep, 0 pad) -> additive float32 bias [B, S]: 0 or the model dtype's min."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, total):
+        raise ValueError(f"attention_mask must have shape [batch, past + new] = [{batch}, {total}], "
+                         f"got {list(attention_mask.shape)}")
+    dtype_min = torch.finfo(trunk.wte.weight.dtype).min
+    return (1.0 - attention_mask.to(torch.float32)) * dtype_min
+
+
+def trunk_forward(trunk, input_ids, attention_mask=None, cache: KVCache | None = None, token_type_ids=None,
+                  ops=None, want_aux_loss: bool = True, inputs_embeds=None, output_hidden_states: bool = False):
+    """input_ids [B, T] (or inputs_embeds [B, T, C]) -> (hidden [B, T, C], aux loss or None, all hidden states
+    or None). Appends to `cache` when given."""
+    x = trunk.wte(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
+    B, T = x.shape[:2]
+    past = cache.length if cache is not None else 0
+    bias = padding_bias(trunk, attention_mask, B, past + T)
+    if token_type_ids is not None:  # the original's semantics: token types index the token embeddings
+        x = x + trunk.wte(token_type_ids)
+    x = trunk.drop(x)
+    aux = None
+    states = [] if output_hidden_states else None
+    checkpointing = trunk.gradient_checkpointing and trunk.training and torch.is_grad_enabled()
+    if checkpointing and cache is not None:
+        raise ValueError("gradient checkpointing recomputes each block, which would append to the KV cache "
+                         "twice: pass use_cache=False while training with gradient checkpointing")
+    for layer, block in enumerate(trunk.h):
         if states is not None:
             states.append(x)
-        return x, aux, (tuple(states) if states is not None else None)
+        # a block with a gradient_checkpointing flag of its own (transformers' GradientCheckpointingLayer)
+        # checkpoints itself
+        if checkpointing and not hasattr(block, "gradient_checkpointing"):
+            x, block_aux = trunk._gradient_checkpointing_func(block.__call__, x, bias, cache, layer, ops,
+                                                              want_aux_loss)
+        else:
+            x, block_aux = block(x, bias, cache, layer, ops, want_aux_loss)
+        if want_aux_loss:
+            aux = block_aux if aux is None else aux + block_aux
+    if cache is not None:
+        cache.advance()
+    x = trunk.ln_f(x)
+    if states is not None:
+        states.append(x)
+    return x, aux, (tuple(states) if states is not None else None)
+
+
+def trunk_of(model) -> nn.Module:
+    """The module holding the trunk's parts: `model.transformer` for the heads, the model itself for a base
+    model."""
+    return getattr(model, "transformer", model)
 
 
 @torch.no_grad()
@@ -254,7 +280,8 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
 def run_trunk(model, input_ids, attention_mask, past_key_values, use_cache, token_type_ids, want_aux_loss,
               inputs_embeds=None, output_hidden_states: bool = False):
     """The trunk with cache handling: -> (hidden [B, T, C], aux, cache or legacy tuple or None, hidden states)."""
-    wte = model.transformer.wte
+    trunk = trunk_of(model)
+    wte = trunk.wte
     if inputs_embeds is None:
         check_input_ids(input_ids, wte.num_embeddings)
         batch, length = input_ids.shape
@@ -275,8 +302,8 @@ def run_trunk(model, input_ids, attention_mask, past_key_values, use_cache, toke
         cache = KVCache.for_model(model, batch, length)
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(f"past_key_values must be a molm KVCache or a tuple of (K, V), got {type(cache).__name__}")
-    hidden, aux, states = model.transformer(input_ids, attention_mask, cache, token_type_ids, model._ops,
-                                            want_aux_loss, inputs_embeds, output_hidden_states)
+    hidden, aux, states = trunk_forward(trunk, input_ids, attention_mask, cache, token_type_ids, model._ops,
+                                        want_aux_loss, inputs_embeds, output_hidden_states)
     if cache is not None and legacy:
         cache = cache.to_legacy()
     return hidden, aux, (cache if (use_cache or past_key_values is not None) else None), states
@@ -285,25 +312,32 @@ def run_trunk(model, input_ids, attention_mask, past_key_values, use_cache, toke
 def causal_lm_forward(model, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
                       token_type_ids=None, return_aux_loss: bool = True, logits_to_keep: int = 0,
                       output_hidden_states: bool = False, inputs_embeds=None,
-                      num_items_in_batch=None) -> ModelOutput:
+                      num_items_in_batch=None, shift_labels=None) -> ModelOutput:
     """Causal-LM forward of `model` (see ModuleFormerForCausalLM.forward). With `num_items_in_batch` (the
-    number of label tokens in the whole accumulated batch) the LM loss is the token sum divided by it."""
+    number of label tokens in the whole accumulated batch) the LM loss is the token sum divided by it.
+    `shift_labels` [B, T] are targets already aligned with the logits (position t predicts shift_labels[t]), for
+    sequence-parallel training that shifts the whole sequence before splitting it; they replace labels[:, 1:]."""
     config = model.config
     aux_weight = config.aux_loss_weight
-    want_aux = return_aux_loss or (labels is not None and aux_weight > 0)
+    want_aux = return_aux_loss or ((labels is not None or shift_labels is not None) and aux_weight > 0)
     hidden, aux, cache, states = run_trunk(model, input_ids, attention_mask, past_key_values, use_cache,
                                            token_type_ids, want_aux, inputs_embeds, output_hidden_states)
     kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
     logits = model.lm_head(kept).float()  # [B, T, V]
     loss = None
-    if labels is not None:
-        if labels.shape != hidden.shape[:2]:
-            raise ValueError(f"labels must have the shape of input_ids {list(hidden.shape[:2])}, "
-                             f"got {list(labels.shape)}")
+    if labels is not None or shift_labels is not None:
+        given, name = (labels, "labels") if shift_labels is None else (shift_labels, "shift_labels")
+        if given.shape != hidden.shape[:2]:
+            raise ValueError(f"{name} must have the shape of input_ids {list(hidden.shape[:2])}, "
+                             f"got {list(given.shape)}")
         if logits_to_keep:
-            raise ValueError("labels need logits at every position: do not pass logits_to_keep")
-        flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        flat_labels = labels[:, 1:].reshape(-1).to(logits.device)
+            raise ValueError(f"{name} need logits at every position: do not pass logits_to_keep")
+        if shift_labels is None:
+            flat_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+            flat_labels = labels[:, 1:].reshape(-1).to(logits.device)
+        else:
+            flat_logits = logits.reshape(-1, logits.shape[-1])
+            flat_labels = shift_labels.reshape(-1).to(logits.device)
         if num_items_in_batch is None:
             loss = F.cross_entropy(flat_logits, flat_labels)
         else:
@@ -326,13 +360,26 @@ def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch
     return (positions * input_ids.ne(pad_token_id)).argmax(-1)
 
 
+def last_attended_index(attention_mask: torch.Tensor | None, batch: int, length: int,
+                        device: torch.device) -> torch.Tensor:
+    """[B] position of each row's rightmost attended position (the last position without a mask): pooling for
+    inputs_embeds, which carry no token ids to compare with the pad id."""
+    if attention_mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long, device=device)
+    positions = torch.arange(length, device=attention_mask.device)
+    return (positions * attention_mask[:, -length:].ne(0)).argmax(-1)
+
+
 def sequence_classification_forward(model, input_ids, attention_mask=None, labels=None, past_key_values=None,
                                     use_cache=False, token_type_ids=None, return_aux_loss: bool = True,
-                                    output_hidden_states: bool = False) -> ModelOutput:
+                                    output_hidden_states: bool = False, inputs_embeds=None) -> ModelOutput:
     hidden, aux, cache, states = run_trunk(model, input_ids, attention_mask, past_key_values, use_cache,
-                                           token_type_ids, return_aux_loss, None, output_hidden_states)
+                                           token_type_ids, return_aux_loss, inputs_embeds, output_hidden_states)
     logits = model.score(hidden).float()  # [B, T, L]
-    last = last_token_index(input_ids, model.config.pad_token_id)
+    if input_ids is not None:
+        last = last_token_index(input_ids, model.config.pad_token_id)
+    else:
+        last = last_attended_index(attention_mask, hidden.shape[0], hidden.shape[1], hidden.device)
     pooled = logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)]  # [B, L]
     loss = None
     if labels is not None:

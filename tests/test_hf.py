@@ -31,7 +31,8 @@ def golden(name):
 
 def gen(model, prompt, **settings):
     """generate with an explicit all-ones mask: transformers would otherwise infer one from the pad id."""
-    settings.setdefault("attention_mask", torch.ones_like(prompt))
+    if prompt is not None:
+        settings.setdefault("attention_mask", torch.ones_like(prompt))
     return model.generate(prompt, pad_token_id=0, **settings)
 
 
@@ -490,3 +491,175 @@ def test_peft_target_parameters_on_experts():
     merged = model.merge_and_unload()
     with torch.no_grad():
         assert torch.allclose(merged(g["input_ids"]).logits, adapted, atol=1e-4)
+
+
+# --- generation with transformers' cache protocol, the base model, forwarded kwargs -------------------------------
+
+CACHE_KWARG = "cache" if hasattr(transformers.modeling_outputs.CausalLMOutputWithPast(), "cache") else "past_key_values"
+
+
+def returned_cache(output):
+    return getattr(output, CACHE_KWARG)
+
+
+def test_generate_continues_from_a_returned_cache(causal):
+    """A cache that generate or forward returned is one generate can continue from: the same tokens as in one go."""
+    name, model = causal
+    prompt = golden(name)["input_ids"][:2, :8]
+    whole = gen(model, prompt, max_new_tokens=12, do_sample=False)
+    first = gen(model, prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    again = gen(model, first.sequences, max_new_tokens=7, do_sample=False,
+                **{CACHE_KWARG: returned_cache(first)})
+    assert torch.equal(again, whole)
+    with torch.no_grad():  # a cache from forward on all but the last prompt token
+        cache = returned_cache(model(prompt[:, :-1], use_cache=True))
+    assert torch.equal(gen(model, prompt, max_new_tokens=12, do_sample=False, **{CACHE_KWARG: cache}), whole)
+
+
+def test_generate_accepts_a_dynamic_cache(causal):
+    """An empty DynamicCache is replaced by molm's cache; a filled one (K = V per layer) is read into it."""
+    name, model = causal
+    prompt = golden(name)["input_ids"][:2, :8]
+    whole = gen(model, prompt, max_new_tokens=10, do_sample=False)
+    empty = transformers.DynamicCache()
+    assert torch.equal(gen(model, prompt, max_new_tokens=10, do_sample=False, **{CACHE_KWARG: empty}), whole)
+    with torch.no_grad():
+        legacy = returned_cache(model(prompt[:, :-1], use_cache=True)).to_legacy()
+    filled = transformers.DynamicCache()
+    for layer, (k, v) in enumerate(legacy):  # transformers' layout: [batch, heads = 1, length, width]
+        filled.update(k[:, None].clone(), v[:, None].clone(), layer)
+    assert torch.equal(gen(model, prompt, max_new_tokens=10, do_sample=False, **{CACHE_KWARG: filled}), whole)
+
+
+def test_unsupported_generation_modes_are_refused_by_name():
+    model = load_hf("molm-tiny-a")
+    prompt = golden("molm-tiny-a")["input_ids"][:1, :6]
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        gen(model, prompt, max_new_tokens=4, cache_implementation="static")
+    with pytest.raises(ValueError, match="contrastive search"):
+        gen(model, prompt, max_new_tokens=4, penalty_alpha=0.6, top_k=4)
+    with pytest.raises(TypeError, match="cannot use a transformers"):
+        model(prompt, **{CACHE_KWARG: object.__new__(transformers.cache_utils.Cache)})
+
+
+def test_assisted_and_prompt_lookup_decoding_give_the_greedy_tokens(causal):
+    """Draft tokens a small random assistant or the prompt proposes are checked by the model; the rejected ones are
+    cropped from its cache, so the output is exactly the greedy one."""
+    name, model = causal
+    g = golden(name)
+    prompt = g["input_ids"][:1, :8]
+    greedy = gen(model, prompt, max_new_tokens=12, do_sample=False)
+    torch.manual_seed(0)
+    draft_config = ModuleFormerConfig(**{**model.config.to_dict(), "n_layer": 1})
+    assistant = ModuleFormerForCausalLM(draft_config).eval()
+    assisted = gen(model, prompt, max_new_tokens=12, do_sample=False, assistant_model=assistant)
+    assert torch.equal(assisted, greedy)
+    repeated = torch.cat([prompt, prompt], 1)  # the prompt repeats itself: lookup finds drafts
+    lookup = gen(model, repeated, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(lookup, gen(model, repeated, max_new_tokens=12, do_sample=False))
+
+
+def test_generation_cache_crop_rolls_back():
+    model = load_hf("molm-tiny-a")
+    ids = golden("molm-tiny-a")["input_ids"][:2, :10]
+    with torch.no_grad():
+        cache = returned_cache(model(ids, use_cache=True))
+        cache.crop(0)  # transformers 5.x: drop none
+        assert cache.get_seq_length() == 10
+        cache.crop(-2)  # drop the last 2
+        cache.crop(6)  # transformers 4.x: keep the first 6
+        assert cache.get_seq_length() == 6
+        resumed = model(ids[:, 6:], **{CACHE_KWARG: cache}, attention_mask=torch.ones_like(ids)).logits
+        assert (resumed - model(ids).logits[:, 6:]).abs().max() <= TOL_FP32
+    with pytest.raises(ValueError, match="between 0 and the cached length"):
+        molm.cache.KVCache.crop(cache, 11)
+
+
+def test_automodel_loads_the_base_model_from_a_causal_checkpoint(tmp_path):
+    """AutoModel gives the trunk alone (the transformer. prefix stripped, lm_head left out); its last hidden state
+    through the causal checkpoint's lm_head is the golden logits."""
+    from transformers import AutoModel
+
+    from molm.hf import ModuleFormerModel
+
+    g = golden("molm-tiny-a")
+    base = AutoModel.from_pretrained(os.path.join(DATA, "molm-tiny-a"), **FP32).eval()
+    assert type(base) is ModuleFormerModel
+    causal = load_hf("molm-tiny-a")
+    assert list(base.state_dict()) == [k[len("transformer."):] for k in causal.state_dict() if k != "lm_head.weight"]
+    with torch.no_grad():
+        out = base(g["input_ids"], attention_mask=g["attention_mask"], output_hidden_states=True)
+        assert (causal.lm_head(out.last_hidden_state) - g["logits_masked"]).abs().max() <= TOL_FP32
+    assert len(out.hidden_states) == causal.config.n_layer + 1
+    assert isinstance(causal.base_model, ModuleFormerModel)
+    base.save_pretrained(tmp_path)  # and a saved base model loads back into a causal LM's trunk
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, **FP32)
+    assert torch.equal(again.transformer.wte.weight, base.wte.weight)
+
+
+def test_prepare_inputs_for_generation_forwards_extra_kwargs():
+    model = load_hf("molm-tiny-a")
+    ids = golden("molm-tiny-a")["input_ids"][:1, :6]
+    inputs = model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids), output_hidden_states=True,
+                                                 return_dict=True, shift_labels=None)
+    assert inputs["output_hidden_states"] is True and inputs["return_dict"] is True and "shift_labels" in inputs
+
+
+def test_shift_labels_replace_the_shifted_labels():
+    """Sequence-parallel training passes targets already aligned with the logits: the loss is the same as with the
+    labels they were shifted from, and follows shift_labels, not labels."""
+    model = load_hf("molm-tiny-b")
+    ids = golden("molm-tiny-b")["input_ids"]
+    shifted = torch.cat([ids[:, 1:], torch.full((ids.shape[0], 1), -100)], 1)
+    with torch.no_grad():
+        plain = model(ids, labels=ids, use_cache=False).loss
+        aligned = model(ids, shift_labels=shifted, use_cache=False).loss
+        ignored = model(ids, labels=ids.flip(1), shift_labels=shifted, use_cache=False).loss
+    assert torch.allclose(plain, aligned, atol=1e-6) and torch.allclose(ignored, aligned, atol=1e-6)
+
+
+def test_classifier_takes_inputs_embeds():
+    """Without ids to compare with the pad id, the rightmost position the attention_mask keeps is pooled: the same
+    logits as from the ids."""
+    model = load_hf("molm-tiny-a-seqcls", AutoModelForSequenceClassification)
+    pad = model.config.pad_token_id
+    ids = golden("molm-tiny-a-seqcls")["input_ids"][:2, :10].clamp(min=pad + 1)
+    mask = torch.ones_like(ids)
+    ids[0, 7:], mask[0, 7:] = pad, 0  # right padding
+    with torch.no_grad():
+        from_ids = model(ids, attention_mask=mask).logits
+        from_embeds = model(inputs_embeds=model.transformer.wte(ids), attention_mask=mask).logits
+    assert torch.allclose(from_ids, from_embeds, atol=1e-5)
+
+
+def test_generate_from_inputs_embeds(causal):
+    """A prompt given as embeddings generates the tokens the same prompt as ids does."""
+    name, model = causal
+    prompt = golden(name)["input_ids"][:2, :8]
+    from_ids = gen(model, prompt, max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        embeds = model.transformer.wte(prompt)
+    from_embeds = gen(model, None, inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                      do_sample=False)
+    assert torch.equal(from_embeds[:, -8:], from_ids[:, -8:])
+    with torch.no_grad():  # with a cache of the prompt's first positions: only the rest of the embeddings are fed
+        cache = returned_cache(model(prompt[:, :-3], use_cache=True))
+    resumed = gen(model, None, inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                  do_sample=False, **{CACHE_KWARG: cache})
+    assert torch.equal(resumed[:, -8:], from_ids[:, -8:])
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_torch_export_gives_the_eager_outputs(use_cache):
+    """torch.export traces the causal LM, the returned cache included: same logits, same cached K (= V)."""
+    model = load_hf("molm-tiny-b")
+    ids = golden("molm-tiny-b")["input_ids"][:2, :12]
+    program = torch.export.export(model, args=(), kwargs={"input_ids": ids, "use_cache": use_cache}, strict=False)
+    with torch.no_grad():
+        exported, eager = program.module()(input_ids=ids, use_cache=use_cache), model(ids, use_cache=use_cache)
+    assert (exported.logits - eager.logits).abs().max() <= TOL_FP32
+    if use_cache:
+        for (k, v), (k_ref, v_ref) in zip(returned_cache(exported).to_legacy(), returned_cache(eager).to_legacy()):
+            assert torch.allclose(k, k_ref, atol=1e-6) and torch.allclose(v, v_ref, atol=1e-6)
+    else:
+        assert returned_cache(exported) is None
