@@ -34,6 +34,7 @@ from common import random_model, run_metadata  # noqa: E402
 import molm  # noqa: E402
 from molm import ops  # noqa: E402
 from molm.config import PRESETS  # noqa: E402
+from molm.plotting import pyplot  # noqa: E402
 from molm.engine import StaticDecoder  # noqa: E402
 
 OP_NAMES = ["route_topk", "gather_rows", "scatter_ksum", "expert_gemm", "expert_gemm_wgrad", "sb_attention"]
@@ -259,13 +260,8 @@ def expert_load(model, batch: int, length: int) -> dict:
 
 
 def plot_load(loads: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: no {path}")
+    plt = pyplot(path)
+    if plt is None:
         return
     rows = [(name, kind, torch.tensor(c, dtype=torch.float64)) for name, load in loads.items()
             for kind, c in load.items() if c]

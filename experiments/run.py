@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import molm
+from molm.plotting import pyplot
 from molm.train import TrainConfig, perplexity, train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -266,10 +267,9 @@ def main() -> None:
 
 
 def plot_curves(names: list[str], png: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(png)
+    if plt is None:
+        return
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:

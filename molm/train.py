@@ -26,6 +26,7 @@ from .config import ModuleFormerConfig
 from .model import ModuleFormerForCausalLM
 from .data import as_tokenizer, batch_windows, check_tokens, load_tokens, token_windows
 from .modules import Router
+from .plotting import pyplot
 from .probes import RouterProbes
 from .quantization import require_float_weights
 
@@ -328,13 +329,8 @@ def _save(model, out_dir, master, optimizer, step, history, cfg, tokenizer) -> N
 
 def plot_history(history: list[dict], path: str) -> bool:
     """Training cross entropy and eval perplexity against step, as a PNG. False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed (pip install 'molm[train]'): no loss plot written")
+    plt = pyplot("loss plot")
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([h["step"] for h in history], [h["ce"] for h in history], label="train cross entropy", lw=1)

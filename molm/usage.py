@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import token_windows
+from .plotting import pyplot
 from .probes import RouterProbes
 
 
@@ -64,15 +65,8 @@ def expert_usage(model, data, seq_len: int = 128, batch_size: int = 16, max_batc
 def plot_usage(usage: ExpertUsage, path: str, title: str | None = None) -> bool:
     """Heat maps of selection frequency (layers x experts) for the attention and MLP experts, as a PNG.
     False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        import warnings
-
-        warnings.warn("matplotlib is not installed (pip install 'molm[train]'): no usage plot written")
+    plt = pyplot("usage plot")
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * usage.att_freq.shape[0] + 2.2), squeeze=False)
     for ax, kind in zip(axes[0], ("att", "mlp")):
