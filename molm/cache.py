@@ -158,7 +158,7 @@ class StaticWindow(KVCache):
     window - 1 so the model expects an attention_mask of exactly [B, window].
     """
 
-    def __init__(self, cache: KVCache, window: int, position: torch.Tensor):  # noqa: super().__init__ not wanted
+    def __init__(self, cache: KVCache, window: int, position: torch.Tensor):  # super().__init__ not wanted: a view of `cache`
         if window > cache.capacity:
             raise ValueError(f"StaticWindow: window {window} exceeds the cache capacity {cache.capacity}")
         self.cache, self.window, self.position = cache, window, position

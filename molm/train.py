@@ -15,7 +15,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
