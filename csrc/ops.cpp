@@ -1,5 +1,5 @@
-// Every molm op schema, once. Implementations live beside their kernels: csrc/cpu/<family>.cpp (and later
-// csrc/cuda/<family>/) each end with their own TORCH_LIBRARY_IMPL. Python wrappers, fakes and autograd: molm/ops.py.
+// Every molm op schema, once. Implementations live beside their kernels: csrc/cpu/<family>.cpp and
+// csrc/cuda/<family>.cu each end with their own TORCH_LIBRARY_IMPL. Python wrappers, fakes and autograd: molm/ops.py.
 // Semantics of every op: its `<name>_ref` twin in molm/reference.py.
 #include <torch/library.h>
 
