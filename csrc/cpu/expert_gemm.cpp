@@ -39,12 +39,25 @@ std::vector<int64_t> read_offsets(const char* op, const at::Tensor& expert_offse
 }
 
 // gelu_new (GELU, tanh approximation) of one fp32 value: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), stable at both
-// ends. Applied per element on the GEMV path, so its result does not depend on how ATen would split an
-// elementwise op over threads (vectorized body vs scalar tail).
+// ends. One scalar function for every element on both paths: ATen's gelu gives an element a different value
+// depending on whether a thread's chunk puts it in the vectorized body or the scalar tail, so a row's result would
+// depend on the thread count and on the rows around it.
 inline float gelu_new(float x) {
   constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
   constexpr float kKappa = 0.044715f;
   return x / (1.f + std::exp(-2.f * kBeta * (x + kKappa * x * x * x)));
+}
+
+// rows [lo, hi) of out, in place
+template <typename scalar_t>
+void gelu_rows(at::Tensor& out, int64_t lo, int64_t hi) {
+  constexpr int64_t kBlock = 16384;  // elements per work item
+  scalar_t* p = out.data_ptr<scalar_t>() + lo * out.size(1);
+  const int64_t n = (hi - lo) * out.size(1);
+  parallel_items((n + kBlock - 1) / kBlock, max_threads(), [&](int64_t item, int) {
+    for (int64_t i = item * kBlock; i < std::min(n, (item + 1) * kBlock); ++i)
+      p[i] = static_cast<scalar_t>(gelu_new(static_cast<float>(p[i])));
+  });
 }
 
 struct Segment {
@@ -73,9 +86,10 @@ void gemv_segments(const at::Tensor& x, const at::Tensor& weight, const std::vec
   for (int64_t i = 0; i < n_blocks; ++i) chunks_left[i].store(n_kc, std::memory_order_relaxed);
   const GemvFn<scalar_t> gemv = gemv_body<scalar_t>();
   parallel_items(n_blocks * n_kc, max_threads(), [&](int64_t it, int) {
-    const int64_t block = it / n_kc, kc = it % n_kc;
-    const Segment& s = segs[block / n_cb];
-    const int64_t cb = block % n_cb;
+    // items in memory order: a segment's depth chunks, each across its column blocks
+    const int64_t seg = it / (n_kc * n_cb), kc = (it / n_cb) % n_kc, cb = it % n_cb;
+    const Segment& s = segs[seg];
+    const int64_t block = seg * n_cb + cb;
     const int64_t r0 = kc * kGemvDepthChunk, r1 = std::min(depth, r0 + kGemvDepthChunk);
     const int64_t c0 = cb * kGemvColBlock, c1 = std::min(cols, c0 + kGemvColBlock);
     float* y = pp + (kc * m_small + s.compact) * cols + c0;
@@ -91,7 +105,8 @@ void gemv_segments(const at::Tensor& x, const at::Tensor& weight, const std::vec
       for (int64_t c = c0; c < c1; ++c) {
         float acc = 0.f;
         for (int64_t k = 0; k < n_kc; ++k) acc += pp[(k * m_small + s.compact + r) * cols + c];
-        op[(s.lo + r) * cols + c] = static_cast<scalar_t>(gelu ? gelu_new(acc) : acc);
+        const scalar_t pre = static_cast<scalar_t>(acc);  // rounded first, as on the at::mm path
+        op[(s.lo + r) * cols + c] = gelu ? static_cast<scalar_t>(gelu_new(static_cast<float>(pre))) : pre;
       }
   });
 }
@@ -126,7 +141,13 @@ at::Tensor expert_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     } else {
       at::Tensor seg = out.narrow(0, b[e], rows);  // [rows, Nout], contiguous
       segment_mm(seg, x.narrow(0, b[e], rows), weight[e]);
-      if (gelu) at::gelu_(seg, "tanh");
+      if (gelu)
+        MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::expert_gemm", [&] {
+          if constexpr (std::is_same_v<scalar_t, double>)
+            at::gelu_(seg, "tanh");  // fp64: ATen's, in double
+          else
+            gelu_rows<scalar_t>(out, b[e], b[e + 1]);
+        });
     }
   }
   if (!small.empty())
