@@ -1,9 +1,9 @@
 // CPU grouped expert GEMM over contiguous expert segments, plus its weight-gradient helper.
 // Small segments (decode: up to 16 rows per expert) use a streaming GEMV over the [in, out] weight, split into
-// (depth chunk x column block) items run on the molm thread pool and reduced in a fixed order; larger segments call at::mm
-// (MKL / oneDNN, itself multithreaded) on views of each segment. Measured on 2 AMD EPYC cores, 8 experts of
-// 1024 x 2048 fp32: rows/expert 1: 3.2 ms vs 3.6 ms (at::mm), 4: 3.8 vs 13.4, 8: 6.4 vs 11.6, 16: 9.7 vs 12.5,
-// 32: 16.9 vs 14.2 (at::mm wins from there).
+// (depth chunk x column block) items run on the molm thread pool (thread_pool.h) and reduced in a fixed order;
+// larger segments call at::mm (MKL / oneDNN, itself multithreaded) on views of each segment. Measured on 2 AMD
+// EPYC cores, 8 experts of 1024 x 2048 fp32: rows/expert 1: 3.2 ms vs 3.6 ms (at::mm), 4: 3.8 vs 13.4, 8: 6.4 vs
+// 11.6, 16: 9.7 vs 12.5, 32: 16.9 vs 14.2 (at::mm wins from there).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -33,6 +33,8 @@ constexpr int kMaxThreads = int(kThreadMask);
 // How long an idle worker polls for the next region before sleeping: regions of one decode step follow each other
 // within tens of microseconds; longer spinning only takes the core from other processes.
 constexpr auto kSpinTime = std::chrono::microseconds(50);
+constexpr auto kWaitSlack = std::chrono::microseconds(20);  // waits below this are wake-up jitter, not a stall
+constexpr int64_t kMaxSerialRegions = 1024;
 
 struct Ticket {
   uint64_t bits;
@@ -58,6 +60,10 @@ class Pool {
     const int64_t claims = (n_items + per_claim - 1) / per_claim;
     threads = static_cast<int>(std::min<int64_t>({int64_t(threads), int64_t(kMaxThreads), claims}));
     if (threads <= 1) return run_inline(n_items, item);
+    if (serial_regions_left_ > 0) {  // backing off after a region that waited on a descheduled worker
+      --serial_regions_left_;
+      return run_inline(n_items, item);
+    }
     start_workers(threads - 1);
     item_ = &item;
     n_items_ = n_items;
@@ -70,15 +76,33 @@ class Pool {
       wake_.notify_all();
     }
     tl_in_region = true;
+    const auto start = Clock::now();
     work(/*slot=*/0);
+    const auto own_done = Clock::now();
     // Only claims already taken remain: wait for them (yielding, in case their thread needs this core).
     for (int spin = 0; done_.load(std::memory_order_acquire) < claims; ++spin) {
       if (spin < 2000) MOLM_CPU_RELAX(); else std::this_thread::yield();
     }
     tl_in_region = false;
+    adapt(own_done - start, Clock::now() - own_done);
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+
+  // Waiting on workers longer than the caller's own share took means a worker was not running (busy machine) or
+  // woke too late to help: parallel regions then cost more than they save, so the next ones run on the caller
+  // alone, twice as many after each such region in a row (up to kMaxSerialRegions), before trying workers again.
+  // Results do not change: the items are the same whoever runs them.
+  void adapt(Clock::duration own, Clock::duration waited) {
+    if (waited > own + kWaitSlack) {
+      serial_backoff_ = std::min(kMaxSerialRegions, std::max<int64_t>(1, 2 * serial_backoff_));
+      serial_regions_left_ = serial_backoff_;
+    } else {
+      serial_backoff_ /= 2;
+    }
+  }
+
   static void run_inline(int64_t n_items, c10::function_ref<void(int64_t, int)> item) {
     const bool outer = tl_in_region;
     tl_in_region = true;
@@ -134,6 +158,8 @@ class Pool {
   }
 
   std::mutex run_mutex_;                // held by the caller of the running region
+  int64_t serial_backoff_ = 0;          // under run_mutex_
+  int64_t serial_regions_left_ = 0;     // under run_mutex_
   uint64_t epoch_ = 0;                  // under run_mutex_
   size_t n_workers_ = 0;                // under run_mutex_
   const c10::function_ref<void(int64_t, int)>* item_ = nullptr;  // the region's; published by ticket_

@@ -4,7 +4,9 @@
 // busy machine a region waits for a worker the OS has descheduled (measured on 2 shared cores: batch-1 decode 2-40x
 // slower with 2 threads than with 1 while another process ran). Here the work items are claimed one at a time from
 // a shared counter, and the calling thread claims them too: a worker that is not running simply claims nothing, and
-// the caller only ever waits for items a worker has already started. Idle workers spin briefly, then sleep.
+// the caller only ever waits for items a worker has already started. Idle workers spin briefly, then sleep. A region
+// that still had to wait on a worker longer than its own share took makes the next regions run serially (backing
+// off exponentially), so on a busy machine the default thread count costs little more than one thread.
 //
 // Results never depend on the number of threads: callers define fixed work items, each writing its own outputs.
 #pragma once
