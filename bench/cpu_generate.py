@@ -129,6 +129,11 @@ def run_checkout(path: str, spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def git_commit(path: str) -> str:
+    run = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return run.stdout.strip() or "?"
+
+
 def contention_main(args) -> None:
     builds = dict(b.split("=", 1) for b in args.builds) or {"this": os.path.dirname(os.path.dirname(__file__))}
     records = []
@@ -175,7 +180,8 @@ def contention_main(args) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": dict(run_metadata(), layers=args.layers, prompt=args.prompt, steps=args.steps,
-                                    repeats=args.repeats, checkouts=builds), "records": records}, f, indent=2)
+                                    repeats=args.repeats, checkouts={name: git_commit(path) for name, path in
+                                                                     builds.items()}), "records": records}, f, indent=2)
 
 
 def main() -> None:
