@@ -4,13 +4,24 @@
 
 Prints one row per (dtype, batch, backend): prefill tok/s, decode tok/s, and the extension/reference speedup.
 Decode is timed after a prefill of --prompt tokens, one token per sequence per step, with the KV cache.
+
+    python bench/cpu_generate.py --contention --builds old=../molm-old new=. --json bench/results/x.json
+
+Busy-machine mode (extension backend, batch 1): decode tok/s of each molm checkout (its built extension) at the
+default torch thread count and at 1 thread, with one competing CPU-bound process running and without, the same
+for molm's expert GEMM alone (decode-shaped), then the checkout(s) that have molm.ops.set_cpu_isa at every
+instruction set the CPU supports (1 thread). Each checkout runs in its own
+subprocess; settings alternate within a repeat and the medians over --repeats are reported, with the load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -56,7 +67,126 @@ def prefill_rate(model, batch: int, length: int) -> float:
     return batch * length / seconds
 
 
+def decode_once(model, prompt: int, steps: int) -> float:
+    """Batch-1 decode tok/s of one run of `steps` tokens after an (untimed) prefill of `prompt` tokens."""
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    cache = molm.KVCache.for_model(model, 1, prompt + steps)
+    model(ids, past_key_values=cache, use_cache=True, return_aux_loss=False, logits_to_keep=1)
+    token = ids[:, -1:]
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(token, past_key_values=cache, use_cache=True, return_aux_loss=False, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return steps / (time.perf_counter() - start)
+
+
+def expert_gemm_once(model, calls: int = 20) -> float:
+    """Calls/s of molm's expert GEMM on a decode-shaped input: one token routed to 2 experts of the first MLP."""
+    weight = next(p for n, p in model.named_parameters() if "mlp" in n and n.endswith("experts.weight"))  # [E, C, F]
+    x = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(2)).to(weight.dtype)
+    offsets = torch.tensor([0, 1, 2] + [2] * (weight.shape[0] - 2))
+    start = time.perf_counter()
+    for _ in range(calls):
+        molm.ops.expert_gemm(x, weight, offsets, "gelu_new")
+    return calls / (time.perf_counter() - start)
+
+
+def contention_worker(spec: dict) -> None:
+    """Runs in the subprocess of one checkout: decode tok/s per (threads, isa) condition, `repeats` rounds, the
+    conditions of a round in rotating order. Prints one JSON object."""
+    from molm import ops
+
+    has_isa = hasattr(ops, "set_cpu_isa")
+    config = PRESETS["MoLM-350M-4B"]().replace(n_layer=spec["layers"])
+    model = random_model(config, getattr(torch, spec["dtype"]), "cpu", backend="extension", seed=0)
+    default_threads = torch.get_num_threads()
+    conditions = [(t, isa) for t in spec["threads"] for isa in (spec["isas"] if has_isa else [None])]
+    conditions = [(t, isa) for t, isa in conditions if isa is None or isa in ops.cpu_isas()]
+    samples = {c: [] for c in conditions}
+    with torch.inference_mode():
+        decode_once(model, spec["prompt"], 4)  # warm-up
+        for rep in range(spec["repeats"]):
+            for i in range(len(conditions)):
+                threads, isa = conditions[(i + rep) % len(conditions)]
+                torch.set_num_threads(default_threads if threads == "default" else threads)
+                if isa is not None:
+                    ops.set_cpu_isa(isa)
+                measure = expert_gemm_once(model) if spec["measure"] == "expert_gemm" else \
+                    decode_once(model, spec["prompt"], spec["steps"])
+                samples[(threads, isa)].append(measure)
+    print(json.dumps({"default_threads": default_threads, "molm_file": molm.__file__,
+                      "default_isa": ops.cpu_isa() if has_isa else None,
+                      "results": [{"threads": t, "isa": isa, "samples": samples[(t, isa)]} for t, isa in conditions]}))
+
+
+def run_checkout(path: str, spec: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
+    env.pop("OMP_NUM_THREADS", None)  # the default thread count is one of the settings compared
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker for {path} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def git_commit(path: str) -> str:
+    run = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return run.stdout.strip() or "?"
+
+
+def contention_main(args) -> None:
+    builds = dict(b.split("=", 1) for b in args.builds) or {"this": os.path.dirname(os.path.dirname(__file__))}
+    records = []
+    print(f"batch-1 decode, MoLM-350M-4B widths, {args.layers} layers, prompt {args.prompt}, {args.steps} steps, "
+          f"median of {args.repeats}; {os.cpu_count()} CPUs")
+    print(f"{'phase':>13} {'checkout':>8} {'dtype':>9} {'threads':>8} {'isa':>12} {'median':>9}  samples "
+          "(decode: tok/s; op: expert_gemm calls/s)")
+    all_isas = ["scalar", "avx2", "avx512", "avx512_bf16"]
+    phases = {  # name: (competing process, thread settings, isas (None: the checkout's default), measure)
+        "competitor": (True, ["default", 1], [None], "decode"),
+        "quiet": (False, ["default", 1], [None], "decode"),
+        "op_competitor": (True, ["default", 1], [None], "expert_gemm"),
+        "isa": (False, [1], all_isas, "decode"),
+        "op_isa": (False, [1], all_isas, "expert_gemm"),
+    }
+    for phase in args.phases:
+        compete, threads, isas, measure = phases[phase]
+        for dtype in (args.dtypes if "isa" in phase else args.dtypes[:1]):
+            for name, path in builds.items():
+                if "isa" in phase and "def set_cpu_isa" not in open(os.path.join(path, "molm", "ops.py")).read():
+                    continue  # a checkout without the switch has nothing to report here
+                spec = {"layers": args.layers, "dtype": dtype, "prompt": args.prompt, "steps": args.steps,
+                        "repeats": args.repeats, "threads": threads, "measure": measure,
+                        "isas": [i for i in isas if i is not None] or [None]}
+                busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if compete else None
+                try:
+                    load_before = os.getloadavg()
+                    out = run_checkout(path, spec)
+                    load_after = os.getloadavg()
+                finally:
+                    if busy is not None:
+                        busy.kill()
+                        busy.wait()
+                for r in out["results"]:
+                    med = statistics.median(r["samples"])
+                    print(f"{phase:>13} {name:>8} {dtype:>9} {str(r['threads']):>8} {str(r['isa'] or '-'):>12} "
+                          f"{med:>9.2f}  {' '.join(f'{v:.1f}' for v in r['samples'])}")
+                    records.append({"phase": phase, "competing_busy_process": compete, "checkout": name,
+                                    "dtype": dtype, "threads": r["threads"], "default_threads": out["default_threads"],
+                                    "isa": r["isa"] or out["default_isa"], "measure": measure,
+                                    "unit": "tok/s" if measure == "decode" else "calls/s", "median": med,
+                                    "samples": r["samples"], "loadavg_1m_before": load_before[0],
+                                    "loadavg_1m_after": load_after[0]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": dict(run_metadata(), layers=args.layers, prompt=args.prompt, steps=args.steps,
+                                    repeats=args.repeats, checkouts={name: git_commit(path) for name, path in
+                                                                     builds.items()}), "records": records}, f, indent=2)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        return contention_worker(json.loads(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4, help="layers of the MoLM-350M-4B config to keep (24 = full)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -66,7 +196,15 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=256, help="prefill length per sequence")
     parser.add_argument("--backends", nargs="+", default=["reference", "extension"])
     parser.add_argument("--json", default=None, help="write the records to this path")
+    parser.add_argument("--contention", action="store_true", help="busy-machine mode (see above)")
+    parser.add_argument("--builds", nargs="+", default=[], metavar="NAME=PATH",
+                        help="molm checkouts (with a built extension) to compare in --contention mode (default: this)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds per setting in --contention mode")
+    parser.add_argument("--phases", nargs="+", default=["competitor", "quiet", "op_competitor", "isa", "op_isa"],
+                        help="--contention phases to run")
     args = parser.parse_args()
+    if args.contention:
+        return contention_main(args)
 
     config = PRESETS["MoLM-350M-4B"]().replace(n_layer=args.layers)
     records = []

@@ -87,6 +87,32 @@ def _require_extension() -> None:
                            "Build it with `pip install --no-build-isolation -e .`")
 
 
+# ---------------------------------------------------------------------------------------------- CPU instruction set
+CPU_ISAS = ("scalar", "avx2", "avx512", "avx512_bf16")
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels' micro-kernels run now, one of `CPU_ISAS` (by default the best the CPU
+    supports)."""
+    _require_extension()
+    return torch.ops.molm_cpu.isa()
+
+
+def cpu_isas() -> list[str]:
+    """The instruction sets of `CPU_ISAS` this CPU supports, in increasing order."""
+    _require_extension()
+    return list(torch.ops.molm_cpu.supported_isas())
+
+
+def set_cpu_isa(name: str) -> None:
+    """Run the CPU micro-kernels with the bodies for `name` (one of `CPU_ISAS`), for the whole process.
+
+    Results agree across sets within the usual floating-point tolerance and are bitwise repeatable within one.
+    Raises ValueError for an unknown name or a set this CPU lacks."""
+    _require_extension()
+    torch.ops.molm_cpu.set_isa(name)
+
+
 # ---------------------------------------------------------------------------------------------------- route_topk
 def _route_topk_shapes(logits: torch.Tensor, k: int):
     """-> shapes of (probs, gates/experts, sorted_slots/slot_positions, expert_offsets)."""

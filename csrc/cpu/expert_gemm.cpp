@@ -1,17 +1,20 @@
 // CPU grouped expert GEMM over contiguous expert segments, plus its weight-gradient helper.
 // Small segments (decode: up to 16 rows per expert) use a streaming GEMV over the [in, out] weight, split into
-// (depth chunk x column block) items run in parallel and reduced in a fixed order; larger segments call at::mm
-// (MKL / oneDNN, itself multithreaded) on views of each segment. Measured on 2 AMD EPYC cores, 8 experts of
-// 1024 x 2048 fp32: rows/expert 1: 3.2 ms vs 3.6 ms (at::mm), 4: 3.8 vs 13.4, 8: 6.4 vs 11.6, 16: 9.7 vs 12.5,
-// 32: 16.9 vs 14.2 (at::mm wins from there).
+// (depth chunk x column block) items run on the molm thread pool (thread_pool.h) and reduced in a fixed order;
+// larger segments call at::mm (MKL / oneDNN, itself multithreaded) on views of each segment. Measured on 2 AMD
+// EPYC cores, 8 experts of 1024 x 2048 fp32: rows/expert 1: 3.2 ms vs 3.6 ms (at::mm), 4: 3.8 vs 13.4, 8: 6.4 vs
+// 11.6, 16: 9.7 vs 12.5, 32: 16.9 vs 14.2 (at::mm wins from there).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cmath>
+#include <memory>
 #include <vector>
 
 #include "../checks.h"
 #include "../dispatch.h"
+#include "thread_pool.h"
 #include "vec.h"
 
 namespace molm::cpu {
@@ -35,14 +38,38 @@ std::vector<int64_t> read_offsets(const char* op, const at::Tensor& expert_offse
   return b;
 }
 
+// gelu_new (GELU, tanh approximation) of one fp32 value: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), stable at both
+// ends. One scalar function for every element on both paths: ATen's gelu gives an element a different value
+// depending on whether a thread's chunk puts it in the vectorized body or the scalar tail, so a row's result would
+// depend on the thread count and on the rows around it.
+inline float gelu_new(float x) {
+  constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
+  constexpr float kKappa = 0.044715f;
+  return x / (1.f + std::exp(-2.f * kBeta * (x + kKappa * x * x * x)));
+}
+
+// rows [lo, hi) of out, in place
+template <typename scalar_t>
+void gelu_rows(at::Tensor& out, int64_t lo, int64_t hi) {
+  constexpr int64_t kBlock = 16384;  // elements per work item
+  scalar_t* p = out.data_ptr<scalar_t>() + lo * out.size(1);
+  const int64_t n = (hi - lo) * out.size(1);
+  parallel_items((n + kBlock - 1) / kBlock, max_threads(), [&](int64_t item, int) {
+    for (int64_t i = item * kBlock; i < std::min(n, (item + 1) * kBlock); ++i)
+      p[i] = static_cast<scalar_t>(gelu_new(static_cast<float>(p[i])));
+  });
+}
+
 struct Segment {
   int64_t expert, lo, rows, compact;  // compact: first row in the packed small-segment buffers
 };
 
-// out[seg rows] = x[seg rows] @ weight[e] for all small segments, through fp32 partial sums per depth chunk.
+// out[seg rows] = x[seg rows] @ weight[e] for all small segments, through fp32 partial sums per depth chunk. One
+// parallel region: the item that finishes a (segment, column block) last sums its depth chunks in chunk order, so
+// the result does not depend on which thread ran which item.
 template <typename scalar_t>
 void gemv_segments(const at::Tensor& x, const at::Tensor& weight, const std::vector<Segment>& segs, int64_t m_small,
-                   at::Tensor& out) {
+                   bool gelu, at::Tensor& out) {
   const int64_t depth = x.size(1), cols = weight.size(2);
   const int64_t n_kc = (depth + kGemvDepthChunk - 1) / kGemvDepthChunk;
   const int64_t n_cb = (cols + kGemvColBlock - 1) / kGemvColBlock;
@@ -52,35 +79,36 @@ void gemv_segments(const at::Tensor& x, const at::Tensor& weight, const std::vec
   const float* xp = xs.data_ptr<float>();
   float* pp = partial.data_ptr<float>();
   const scalar_t* wp = weight.data_ptr<scalar_t>();
-  const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1);
-  const int64_t n_items = static_cast<int64_t>(segs.size()) * n_kc * n_cb;
-  at::parallel_for(0, n_items, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t it = lo; it < hi; ++it) {
-      const Segment& s = segs[it / (n_kc * n_cb)];
-      const int64_t kc = (it / n_cb) % n_kc, cb = it % n_cb;
-      const int64_t r0 = kc * kGemvDepthChunk, r1 = std::min(depth, r0 + kGemvDepthChunk);
-      const int64_t c0 = cb * kGemvColBlock, c1 = std::min(cols, c0 + kGemvColBlock);
-      float* y = pp + (kc * m_small + s.compact) * cols + c0;
-      const int64_t sub_cols = s.rows <= kStreamMaxRows ? kGemvColBlock : kSubCols;
-      for (int64_t r = 0; r < s.rows; ++r) std::fill(y + r * cols, y + r * cols + (c1 - c0), 0.f);
-      const float* xs0 = xp + s.compact * depth + r0;
-      const scalar_t* w0 = wp + s.expert * ws0 + r0 * ws1 + c0;
-      for (int64_t c = 0; c < c1 - c0; c += sub_cols)  // L2-sized sub-blocks, re-read once per 4 rows
-        gemv_rows(xs0, depth, s.rows, r1 - r0, w0 + c, ws1, y + c, cols, std::min(sub_cols, c1 - c0 - c));
-    }
-  });
-  // fixed-order reduction over depth chunks
   scalar_t* op = out.data_ptr<scalar_t>();
-  for (const auto& s : segs) {
-    at::parallel_for(0, s.rows * cols, 4096, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t r = i / cols, c = i % cols;
+  const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1);
+  const int64_t n_blocks = static_cast<int64_t>(segs.size()) * n_cb;  // (segment, column block) pairs
+  std::unique_ptr<std::atomic<int64_t>[]> chunks_left(new std::atomic<int64_t>[n_blocks]);
+  for (int64_t i = 0; i < n_blocks; ++i) chunks_left[i].store(n_kc, std::memory_order_relaxed);
+  const GemvFn<scalar_t> gemv = gemv_body<scalar_t>();
+  parallel_items(n_blocks * n_kc, max_threads(), [&](int64_t it, int) {
+    // items in memory order: a segment's depth chunks, each across its column blocks
+    const int64_t seg = it / (n_kc * n_cb), kc = (it / n_cb) % n_kc, cb = it % n_cb;
+    const Segment& s = segs[seg];
+    const int64_t block = seg * n_cb + cb;
+    const int64_t r0 = kc * kGemvDepthChunk, r1 = std::min(depth, r0 + kGemvDepthChunk);
+    const int64_t c0 = cb * kGemvColBlock, c1 = std::min(cols, c0 + kGemvColBlock);
+    float* y = pp + (kc * m_small + s.compact) * cols + c0;
+    const int64_t sub_cols = s.rows <= kStreamMaxRows ? kGemvColBlock : kSubCols;
+    for (int64_t r = 0; r < s.rows; ++r) std::fill(y + r * cols, y + r * cols + (c1 - c0), 0.f);
+    const float* xs0 = xp + s.compact * depth + r0;
+    const scalar_t* w0 = wp + s.expert * ws0 + r0 * ws1 + c0;
+    for (int64_t c = 0; c < c1 - c0; c += sub_cols)  // L2-sized sub-blocks, re-read once per 4 rows
+      gemv(xs0, depth, s.rows, r1 - r0, w0 + c, ws1, y + c, cols, std::min(sub_cols, c1 - c0 - c));
+    if (chunks_left[block].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    // last chunk of this block: fixed-order reduction over the depth chunks
+    for (int64_t r = 0; r < s.rows; ++r)
+      for (int64_t c = c0; c < c1; ++c) {
         float acc = 0.f;
-        for (int64_t kc = 0; kc < n_kc; ++kc) acc += pp[(kc * m_small + s.compact + r) * cols + c];
-        op[(s.lo + r) * cols + c] = static_cast<scalar_t>(acc);
+        for (int64_t k = 0; k < n_kc; ++k) acc += pp[(k * m_small + s.compact + r) * cols + c];
+        const scalar_t pre = static_cast<scalar_t>(acc);  // rounded first, as on the at::mm path
+        op[(s.lo + r) * cols + c] = gelu ? static_cast<scalar_t>(gelu_new(static_cast<float>(pre))) : pre;
       }
-    });
-  }
+  });
 }
 
 // dst = a @ b. ATen's CPU bf16/fp16 GEMM falls back to a scalar loop without AVX512-BF16/AMX (measured on 2 AVX2
@@ -101,6 +129,7 @@ at::Tensor expert_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   at::Tensor out = at::empty({m, cols}, x.options());  // [M, Nout]
   if (out.numel() == 0) return out;
   const bool gemv_ok = weight.stride(2) == 1 && x.scalar_type() != at::kDouble && x.size(1) > 0;
+  const bool gelu = activation == "gelu_new";  // gelu_new == GELU with the tanh approximation
   std::vector<Segment> small;
   int64_t m_small = 0;
   for (int64_t e = 0; e < n_experts; ++e) {
@@ -112,13 +141,19 @@ at::Tensor expert_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     } else {
       at::Tensor seg = out.narrow(0, b[e], rows);  // [rows, Nout], contiguous
       segment_mm(seg, x.narrow(0, b[e], rows), weight[e]);
+      if (gelu)
+        MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::expert_gemm", [&] {
+          if constexpr (std::is_same_v<scalar_t, double>)
+            at::gelu_(seg, "tanh");  // fp64: ATen's, in double
+          else
+            gelu_rows<scalar_t>(out, b[e], b[e + 1]);
+        });
     }
   }
   if (!small.empty())
     MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::expert_gemm", [&] {
-      if constexpr (!std::is_same_v<scalar_t, double>) gemv_segments<scalar_t>(x, weight, small, m_small, out);
+      if constexpr (!std::is_same_v<scalar_t, double>) gemv_segments<scalar_t>(x, weight, small, m_small, gelu, out);
     });
-  if (activation == "gelu_new") at::gelu_(out, "tanh");  // gelu_new == GELU with the tanh approximation
   return out;
 }
 

@@ -6,11 +6,13 @@
 //  * tiled path (prefill): for a tile of query rows, logits [rows, W] by one GEMM, the reverse scan per row in
 //    place (sb_scan_row), then weights @ V by a second GEMM. The largest buffer is [rows, S].
 // bf16/fp16 inputs are computed in fp32, fp64 in fp64. Chunk and tile sizes are fixed, so results do not depend on
-// the number of threads.
+// the number of threads. The forward runs on the molm thread pool (thread_pool.h), the backward on ATen's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -18,6 +20,7 @@
 #include "../sb_attention_common.h"
 #include "../dispatch.h"
 #include "core/sb_core.h"
+#include "thread_pool.h"
 #include "vec.h"
 
 namespace molm::cpu {
@@ -49,64 +52,62 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   const scalar_t* vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const bool kv_same = kp == vp && k.strides() == v.strides();
-  // scratch: partial outputs and log-survivals per (b, t, h, chunk, slot)
+  // scratch: partial outputs and log-survivals per (b, t, h, chunk, slot); per-thread key/value/output buffers
   const int64_t n_rows = B * T * H;
   std::vector<acc_t> o_part(n_chunks > 1 ? n_rows * n_chunks * G * D : 0);
   std::vector<acc_t> s_part(n_chunks > 1 ? n_rows * n_chunks * G : 0);
-  at::parallel_for(0, n_rows * n_chunks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> qbuf(G * D), kbuf(D), vbuf(D), obuf(G * D), cum(G);
-    for (int64_t item = lo; item < hi; ++item) {
-      const int64_t row = item / n_chunks, c = item % n_chunks;
-      const int64_t b = row / (T * H), t = (row / H) % T, h = row % H;
-      const int64_t i = S - T + t;                        // absolute query position
-      const int64_t k_hi = i + 1 - c * kKeyChunk;          // keys [k_lo, k_hi) of this chunk, newest first
-      const int64_t k_lo = std::max<int64_t>(0, k_hi - kKeyChunk);
-      std::fill(obuf.begin(), obuf.end(), acc_t(0));
-      std::fill(cum.begin(), cum.end(), acc_t(0));
-      if (k_hi > 0) {
-        for (int64_t g = 0; g < G; ++g) {
-          const scalar_t* qg = qp + b * q.stride(0) + t * q.stride(1) + g * q.stride(2) + h * q.stride(3);
-          for (int64_t d = 0; d < D; ++d) qbuf[g * D + d] = static_cast<acc_t>(qg[d]);
-        }
-        for (int64_t j = k_hi - 1; j >= k_lo; --j) {
-          const acc_t* kj = as_acc(kp + b * k.stride(0) + j * k.stride(1) + h * k.stride(2), kbuf.data(), D);
-          const acc_t* vj = kv_same ? kj : nullptr;
-          const acc_t bj = bias ? bias[b * S + j] : acc_t(0);
-          for (int64_t g = 0; g < G; ++g) {
-            acc_t beta, ls;
-            core::sb_terms(dot(qbuf.data() + g * D, kj, D) * scale + bj, beta, ls);
-            const acc_t a = beta * std::exp(cum[g]);
-            cum[g] += ls;
-            if (a == acc_t(0)) continue;  // masked or negligible key: adds exactly zero
-            if (!vj) vj = as_acc(vp + b * v.stride(0) + j * v.stride(1) + h * v.stride(2), vbuf.data(), D);
-            axpy(a, vj, obuf.data() + g * D, D);
-          }
-        }
+  std::unique_ptr<std::atomic<int64_t>[]> chunks_left(new std::atomic<int64_t>[n_chunks > 1 ? n_rows : 0]);
+  for (int64_t r = 0; r < (n_chunks > 1 ? n_rows : 0); ++r) chunks_left[r].store(n_chunks, std::memory_order_relaxed);
+  const int threads = max_threads();
+  const int64_t per_thread = 2 * G * D + 2 * D + G;
+  std::vector<acc_t> scratch(threads * per_thread);
+  // One region: the chunk that finishes a row last combines its chunks, newest to oldest (a fixed order).
+  parallel_items(n_rows * n_chunks, threads, [&](int64_t item, int slot) {
+    acc_t* qbuf = scratch.data() + slot * per_thread;  // [G, D]
+    acc_t* obuf = qbuf + G * D;                          // [G, D]
+    acc_t* kbuf = obuf + G * D;                          // [D]
+    acc_t* vbuf = kbuf + D;                              // [D]
+    acc_t* cum = vbuf + D;                               // [G]
+    const int64_t row = item / n_chunks, c = item % n_chunks;
+    const int64_t b = row / (T * H), t = (row / H) % T, h = row % H;
+    const int64_t i = S - T + t;                        // absolute query position
+    const int64_t k_hi = i + 1 - c * kKeyChunk;          // keys [k_lo, k_hi) of this chunk, newest first
+    const int64_t k_lo = std::max<int64_t>(0, k_hi - kKeyChunk);
+    std::fill(obuf, obuf + G * D, acc_t(0));
+    std::fill(cum, cum + G, acc_t(0));
+    if (k_hi > 0) {
+      for (int64_t g = 0; g < G; ++g) {
+        const scalar_t* qg = qp + b * q.stride(0) + t * q.stride(1) + g * q.stride(2) + h * q.stride(3);
+        for (int64_t d = 0; d < D; ++d) qbuf[g * D + d] = static_cast<acc_t>(qg[d]);
       }
-      if (n_chunks == 1) {
+      for (int64_t j = k_hi - 1; j >= k_lo; --j) {
+        const acc_t* kj = as_acc(kp + b * k.stride(0) + j * k.stride(1) + h * k.stride(2), kbuf, D);
+        const acc_t* vj = kv_same ? kj : nullptr;
+        const acc_t bj = bias ? bias[b * S + j] : acc_t(0);
         for (int64_t g = 0; g < G; ++g) {
-          scalar_t* o = op + (((b * T + t) * G + g) * H + h) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(obuf[g * D + d]);
-        }
-      } else {
-        for (int64_t g = 0; g < G; ++g) {
-          std::copy(obuf.begin() + g * D, obuf.begin() + (g + 1) * D,
-                    o_part.begin() + ((row * G + g) * n_chunks + c) * D);
-          s_part[(row * G + g) * n_chunks + c] = cum[g];
+          acc_t beta, ls;
+          core::sb_terms(dot(qbuf + g * D, kj, D) * scale + bj, beta, ls);
+          const acc_t a = beta * std::exp(cum[g]);
+          cum[g] += ls;
+          if (a == acc_t(0)) continue;  // masked or negligible key: adds exactly zero
+          if (!vj) vj = as_acc(vp + b * v.stride(0) + j * v.stride(1) + h * v.stride(2), vbuf, D);
+          axpy(a, vj, obuf + g * D, D);
         }
       }
     }
-  });
-  if (n_chunks == 1) return;
-  at::parallel_for(0, n_rows * G, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> obuf(D);
-    for (int64_t rg = lo; rg < hi; ++rg) {
-      const int64_t row = rg / G, g = rg % G;
-      const int64_t b = row / (T * H), t = (row / H) % T, h = row % H;
-      core::sb_combine_chunks(o_part.data() + rg * n_chunks * D, s_part.data() + rg * n_chunks, n_chunks, D, D,
-                              obuf.data());
+    if (n_chunks > 1) {
+      for (int64_t g = 0; g < G; ++g) {
+        std::copy(obuf + g * D, obuf + (g + 1) * D, o_part.begin() + ((row * G + g) * n_chunks + c) * D);
+        s_part[(row * G + g) * n_chunks + c] = cum[g];
+      }
+      if (chunks_left[row].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+      for (int64_t g = 0; g < G; ++g)
+        core::sb_combine_chunks(o_part.data() + (row * G + g) * n_chunks * D, s_part.data() + (row * G + g) * n_chunks,
+                                n_chunks, D, D, obuf + g * D);
+    }
+    for (int64_t g = 0; g < G; ++g) {
       scalar_t* o = op + (((b * T + t) * G + g) * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(obuf[d]);
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(obuf[g * D + d]);
     }
   });
 }
@@ -131,9 +132,8 @@ void sb_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
         at::Tensor logits = at::mm(qt, kf.narrow(0, 0, width).t());  // [rows, W]
         acc_t* lp = logits.data_ptr<acc_t>();
         const acc_t* bb = bias ? bias + b * S : nullptr;
-        at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
-          for (int64_t r = lo; r < hi; ++r)
-            core::sb_scan_row(lp + r * width, S - T + t0 + r / G, width, scale, bb);
+        parallel_items(rows, max_threads(), [&](int64_t r, int) {
+          core::sb_scan_row(lp + r * width, S - T + t0 + r / G, width, scale, bb);
         });
         const at::Tensor o = at::mm(logits, vf.narrow(0, 0, width));  // [rows, D]
         out.select(0, b).narrow(0, t0, tn).select(2, h).copy_(o.view({tn, G, -1}));

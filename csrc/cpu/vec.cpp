@@ -1,13 +1,14 @@
-// Micro-kernels of vec.h: scalar bodies everywhere, AVX2+FMA bodies on x86-64 chosen once at load time.
+// Micro-kernels of vec.h: the scalar bodies, the choice of instruction set, and the dispatch to the bodies of
+// vec_avx2.cpp / vec_avx512.cpp.
 #include "vec.h"
 
-#include <algorithm>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MOLM_X86 1
-#include <immintrin.h>
-#endif
+#include "vec_bodies.h"
 
 namespace molm::cpu {
 namespace {
@@ -28,8 +29,8 @@ void axpy_scalar(float alpha, const float* x, float* y, int64_t n) {
 }
 
 template <typename w_t>
-void gemv_rows_scalar(const float* x, int64_t ldx, int64_t rows, int64_t depth, const w_t* w, int64_t ldw, float* y,
-                      int64_t ldy, int64_t cols) {
+void gemv_scalar(const float* x, int64_t ldx, int64_t rows, int64_t depth, const w_t* w, int64_t ldw, float* y,
+                 int64_t ldy, int64_t cols) {
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t r = 0; r < depth; ++r) {
       const float a = x[m * ldx + r];
@@ -39,146 +40,79 @@ void gemv_rows_scalar(const float* x, int64_t ldx, int64_t rows, int64_t depth, 
     }
 }
 
+// ---------------------------------------------------------------- instruction set
+bool detect(Isa isa) {
 #ifdef MOLM_X86
-// ---------------------------------------------------------------- AVX2 + FMA bodies
-#define MOLM_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-MOLM_AVX2 inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-MOLM_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
-         acc3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
-    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
-  }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  float s = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-MOLM_AVX2 void axpy_avx2(float alpha, const float* x, float* y, int64_t n) {
-  const __m256 va = _mm256_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    _mm256_storeu_ps(y + i + 8, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8)));
-  }
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
-
-MOLM_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-MOLM_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-MOLM_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-MOLM_AVX2 void bf16_to_float_avx2(const c10::BFloat16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-MOLM_AVX2 void half_to_float_avx2(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// rows <= 4 (ROWS is the compile-time count): four weight rows per step, 8 columns per vector.
-template <int ROWS, typename w_t>
-MOLM_AVX2 void gemv_rows_avx2_t(const float* x, int64_t ldx, int64_t depth, const w_t* w, int64_t ldw, float* y,
-                                int64_t ldy, int64_t cols) {
-  int64_t r = 0;
-  for (; r + 4 <= depth; r += 4) {
-    __m256 a[ROWS][4];
-    float as[ROWS][4];
-    for (int m = 0; m < ROWS; ++m)
-      for (int u = 0; u < 4; ++u) {
-        as[m][u] = x[m * ldx + r + u];
-        a[m][u] = _mm256_set1_ps(as[m][u]);
-      }
-    const w_t* w0 = w + r * ldw;
-    const w_t* w1 = w0 + ldw;
-    const w_t* w2 = w1 + ldw;
-    const w_t* w3 = w2 + ldw;
-    int64_t c = 0;
-    for (; c + 8 <= cols; c += 8) {
-      const __m256 v0 = load8(w0 + c), v1 = load8(w1 + c), v2 = load8(w2 + c), v3 = load8(w3 + c);
-      for (int m = 0; m < ROWS; ++m) {
-        float* yp = y + m * ldy + c;
-        __m256 acc = _mm256_loadu_ps(yp);
-        acc = _mm256_fmadd_ps(a[m][0], v0, acc);
-        acc = _mm256_fmadd_ps(a[m][1], v1, acc);
-        acc = _mm256_fmadd_ps(a[m][2], v2, acc);
-        acc = _mm256_fmadd_ps(a[m][3], v3, acc);
-        _mm256_storeu_ps(yp, acc);
-      }
-    }
-    for (; c < cols; ++c)
-      for (int m = 0; m < ROWS; ++m)
-        y[m * ldy + c] += as[m][0] * static_cast<float>(w0[c]) + as[m][1] * static_cast<float>(w1[c]) +
-                          as[m][2] * static_cast<float>(w2[c]) + as[m][3] * static_cast<float>(w3[c]);
-  }
-  for (; r < depth; ++r) {
-    const w_t* wr = w + r * ldw;
-    for (int m = 0; m < ROWS; ++m) {
-      const float am = x[m * ldx + r];
-      const __m256 a = _mm256_set1_ps(am);
-      float* ym = y + m * ldy;
-      int64_t c = 0;
-      for (; c + 8 <= cols; c += 8) _mm256_storeu_ps(ym + c, _mm256_fmadd_ps(a, load8(wr + c), _mm256_loadu_ps(ym + c)));
-      for (; c < cols; ++c) ym[c] += am * static_cast<float>(wr[c]);
-    }
-  }
-}
-
-template <typename w_t>
-MOLM_AVX2 void gemv_rows_avx2(const float* x, int64_t ldx, int64_t rows, int64_t depth, const w_t* w, int64_t ldw,
-                              float* y, int64_t ldy, int64_t cols) {
-  switch (rows) {
-    case 1: return gemv_rows_avx2_t<1>(x, ldx, depth, w, ldw, y, ldy, cols);
-    case 2: return gemv_rows_avx2_t<2>(x, ldx, depth, w, ldw, y, ldy, cols);
-    case 3: return gemv_rows_avx2_t<3>(x, ldx, depth, w, ldw, y, ldy, cols);
-    case 4: return gemv_rows_avx2_t<4>(x, ldx, depth, w, ldw, y, ldy, cols);
-    default:
-      for (int64_t m = 0; m < rows; m += 4) {
-        const int64_t mm = rows - m < 4 ? rows - m : 4;
-        gemv_rows_avx2(x + m * ldx, ldx, mm, depth, w, ldw, y + m * ldy, ldy, cols);
-      }
-  }
-}
-
-bool detect_avx2() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-const bool kAvx2 = detect_avx2();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  switch (isa) {
+    case Isa::kScalar: return true;
+    case Isa::kAvx2: return avx2;
+    case Isa::kAvx512: return avx512;
+    case Isa::kAvx512Bf16: return avx512 && __builtin_cpu_supports("avx512bf16");
+  }
+  return false;
 #else
-constexpr bool kAvx2 = false;
+  return isa == Isa::kScalar;
 #endif
+}
+
+// MOLM_CPU_ISA_MAX=<name>, read once at load: treat the sets above <name> as missing (to reproduce what a CPU
+// without them computes). An unknown name is ignored.
+int isa_cap() {
+  const char* cap = std::getenv("MOLM_CPU_ISA_MAX");
+  for (int i = 0; cap && i < kNumIsas; ++i)
+    if (std::strcmp(cap, isa_name(static_cast<Isa>(i))) == 0) return i;
+  return kNumIsas - 1;
+}
+const int kIsaCap = isa_cap();
+
+bool available(Isa isa) { return static_cast<int>(isa) <= kIsaCap && detect(isa); }
+
+Isa detect_best() {
+  Isa best = Isa::kScalar;
+  for (int i = 0; i < kNumIsas; ++i)
+    if (available(static_cast<Isa>(i))) best = static_cast<Isa>(i);
+  return best;
+}
+
+const Isa kBestIsa = detect_best();
+std::atomic<int> g_active_isa{static_cast<int>(kBestIsa)};
+
+// The dot / axpy / to_float bodies: avx2 under every set from avx2 up.
+inline bool vector_helpers() { return active_isa() != Isa::kScalar; }
 
 }  // namespace
 
-bool using_avx2() { return kAvx2; }
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Bf16: return "avx512_bf16";
+  }
+  return "?";
+}
+
+bool isa_supported(Isa isa) { return available(isa); }
+
+Isa active_isa() { return static_cast<Isa>(g_active_isa.load(std::memory_order_relaxed)); }
+
+void set_active_isa(Isa isa) {
+  TORCH_CHECK_VALUE(isa_supported(isa), "molm CPU instruction set '", isa_name(isa),
+                    "' is not supported by this CPU (the best it supports is '", isa_name(kBestIsa), "'",
+                    kIsaCap < kNumIsas - 1 ? ", capped by MOLM_CPU_ISA_MAX" : "", ")");
+  g_active_isa.store(static_cast<int>(isa), std::memory_order_relaxed);
+}
+
+bool using_avx2() { return vector_helpers(); }
 
 float dot(const float* a, const float* b, int64_t n) {
 #ifdef MOLM_X86
-  if (kAvx2) return dot_avx2(a, b, n);
+  if (vector_helpers()) return bodies::dot_avx2(a, b, n);
 #endif
   return dot_scalar(a, b, n);
 }
@@ -191,7 +125,7 @@ double dot(const double* a, const double* b, int64_t n) {
 
 void axpy(float alpha, const float* x, float* y, int64_t n) {
 #ifdef MOLM_X86
-  if (kAvx2) return axpy_avx2(alpha, x, y, n);
+  if (vector_helpers()) return bodies::axpy_avx2(alpha, x, y, n);
 #endif
   axpy_scalar(alpha, x, y, n);
 }
@@ -202,37 +136,60 @@ void axpy(double alpha, const double* x, double* y, int64_t n) {
 
 void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
 #ifdef MOLM_X86
-  if (kAvx2) return bf16_to_float_avx2(src, dst, n);
+  if (vector_helpers()) return bodies::to_float_avx2(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 void to_float(const c10::Half* src, float* dst, int64_t n) {
 #ifdef MOLM_X86
-  if (kAvx2) return half_to_float_avx2(src, dst, n);
+  if (vector_helpers()) return bodies::to_float_avx2(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-#ifdef MOLM_X86
-#define MOLM_GEMV_BODY(W_T)                                                     \
-  if (kAvx2) return gemv_rows_avx2<W_T>(x, ldx, rows, depth, w, ldw, y, ldy, cols); \
-  gemv_rows_scalar<W_T>(x, ldx, rows, depth, w, ldw, y, ldy, cols);
-#else
-#define MOLM_GEMV_BODY(W_T) gemv_rows_scalar<W_T>(x, ldx, rows, depth, w, ldw, y, ldy, cols);
-#endif
+// The overloads of a body, as a function pointer of one weight type.
+#define MOLM_BODY(NAME, W_T) static_cast<GemvFn<W_T>>(&bodies::NAME)
 
-void gemv_rows(const float* x, int64_t ldx, int64_t rows, int64_t depth, const float* w, int64_t ldw, float* y,
-               int64_t ldy, int64_t cols) {
-  MOLM_GEMV_BODY(float)
+template <>
+GemvFn<float> gemv_body<float>() {
+#ifdef MOLM_X86
+  switch (active_isa()) {
+    case Isa::kAvx512Bf16:  // no fp32 use for bf16 dot products
+    case Isa::kAvx512: return MOLM_BODY(gemv_avx512, float);
+    case Isa::kAvx2: return MOLM_BODY(gemv_avx2, float);
+    case Isa::kScalar: break;
+  }
+#endif
+  return &gemv_scalar<float>;
 }
-void gemv_rows(const float* x, int64_t ldx, int64_t rows, int64_t depth, const c10::BFloat16* w, int64_t ldw,
-               float* y, int64_t ldy, int64_t cols) {
-  MOLM_GEMV_BODY(c10::BFloat16)
+
+template <>
+GemvFn<c10::BFloat16> gemv_body<c10::BFloat16>() {
+#ifdef MOLM_X86
+  switch (active_isa()) {
+    case Isa::kAvx512Bf16: return &bodies::gemv_avx512_bf16;
+    case Isa::kAvx512: return MOLM_BODY(gemv_avx512, c10::BFloat16);
+    case Isa::kAvx2: return MOLM_BODY(gemv_avx2, c10::BFloat16);
+    case Isa::kScalar: break;
+  }
+#endif
+  return &gemv_scalar<c10::BFloat16>;
 }
-void gemv_rows(const float* x, int64_t ldx, int64_t rows, int64_t depth, const c10::Half* w, int64_t ldw, float* y,
-               int64_t ldy, int64_t cols) {
-  MOLM_GEMV_BODY(c10::Half)
+
+template <>
+GemvFn<c10::Half> gemv_body<c10::Half>() {
+#ifdef MOLM_X86
+  switch (active_isa()) {
+    case Isa::kAvx512Bf16:  // fp16 has no dot-product instruction here: converted to fp32
+    case Isa::kAvx512: return MOLM_BODY(gemv_avx512, c10::Half);
+    case Isa::kAvx2: return MOLM_BODY(gemv_avx2, c10::Half);
+    case Isa::kScalar: break;
+  }
+#endif
+  return &gemv_scalar<c10::Half>;
 }
+
+#undef MOLM_BODY
 
 }  // namespace molm::cpu

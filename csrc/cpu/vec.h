@@ -1,5 +1,7 @@
-// Small fp32 micro-kernels used by the CPU ops. Each has a portable scalar body and, on x86-64, an AVX2+FMA body
-// chosen once at run time (the extension itself is compiled for the baseline ISA, so it loads on any x86-64).
+// Small fp32 micro-kernels used by the CPU ops. Each has a portable scalar body and, on x86-64, bodies for wider
+// instruction sets (vec_avx2.cpp, vec_avx512.cpp, compiled with per-function target attributes), so the extension
+// is built for the baseline ISA and loads on any x86-64. The best set the CPU supports is picked once from cpuid;
+// set_active_isa switches (tests and benchmarks compare bodies). Within one set, results are bitwise repeatable.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -23,15 +25,31 @@ void to_float(const c10::Half* src, float* dst, int64_t n);
 
 // Small-M GEMV over a row-major weight block: for m < rows (any; groups of 4 re-read the block),
 //   y[m * ldy + c] += sum_{r < depth} x[m * ldx + r] * w[r * ldw + c]   for c < cols.
-// Streams `depth` weight rows once, four at a time, for all m together.
-void gemv_rows(const float* x, int64_t ldx, int64_t rows, int64_t depth, const float* w, int64_t ldw, float* y,
-               int64_t ldy, int64_t cols);
-void gemv_rows(const float* x, int64_t ldx, int64_t rows, int64_t depth, const c10::BFloat16* w, int64_t ldw,
-               float* y, int64_t ldy, int64_t cols);
-void gemv_rows(const float* x, int64_t ldx, int64_t rows, int64_t depth, const c10::Half* w, int64_t ldw, float* y,
-               int64_t ldy, int64_t cols);
+// Streams `depth` weight rows once for all m together.
+template <typename w_t>
+using GemvFn = void (*)(const float* x, int64_t ldx, int64_t rows, int64_t depth, const w_t* w, int64_t ldw,
+                        float* y, int64_t ldy, int64_t cols);
 
-// True when the AVX2+FMA bodies are in use.
+// The GEMV body of the active instruction set, for w_t = float, c10::BFloat16, c10::Half. An op takes it once per
+// call, so one call never mixes bodies.
+template <typename w_t>
+GemvFn<w_t> gemv_body();
+
+// Instruction sets with their own bodies, in increasing order.
+//   avx2:        AVX2 + FMA + F16C
+//   avx512:      AVX-512 F/BW/DQ/VL (+ avx2): fp32 FMA over 16 lanes, bf16/fp16 weights converted to fp32
+//   avx512_bf16: + AVX512_BF16: bf16 weights through _mm512_dpbf16_ps (pairs of depth rows per instruction)
+// dot / axpy / to_float use the avx2 bodies under both avx512 sets.
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+constexpr int kNumIsas = 4;
+
+const char* isa_name(Isa isa);
+bool isa_supported(Isa isa);  // by this CPU (and OS)
+Isa active_isa();
+// Throws c10::ValueError naming the set when this CPU lacks it.
+void set_active_isa(Isa isa);
+
+// True when the AVX2+FMA (or wider) bodies are in use.
 bool using_avx2();
 
 }  // namespace molm::cpu

@@ -1,0 +1,202 @@
+// AVX-512 bodies of the vec.h GEMV (see vec_bodies.h):
+//  * avx512: the avx2 scheme over 16 lanes (four weight rows per step, y updated in place), masked column tails.
+//  * avx512_bf16: bf16 weights through _mm512_dpbf16_ps, which multiplies bf16 pairs and adds both products to an
+//    fp32 lane. Pairs run along the depth: rows r and r + 1 of a 32-column strip are interleaved by unpacklo/hi
+//    (within 128-bit lanes), accumulated in registers over the whole depth, and put back in column order once.
+#include "vec_bodies.h"
+
+#ifdef MOLM_X86
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_* placeholders (GCC PR 105593)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <algorithm>
+#include <cstring>
+
+namespace molm::cpu::bodies {
+namespace {
+
+#define MOLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
+#define MOLM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")))
+
+// ---------------------------------------------------------------- avx512: fp32 FMA
+MOLM_AVX512 inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+MOLM_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 k) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+MOLM_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 k) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+}
+
+MOLM_AVX512 inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+}
+
+// rows <= 4 (ROWS is the compile-time count): four weight rows per step, 16 columns per vector.
+template <int ROWS, typename w_t>
+MOLM_AVX512 void gemv_f32_t(const float* x, int64_t ldx, int64_t depth, const w_t* w, int64_t ldw, float* y,
+                            int64_t ldy, int64_t cols) {
+  int64_t r = 0;
+  for (; r + 4 <= depth; r += 4) {
+    __m512 a[ROWS][4];
+    for (int m = 0; m < ROWS; ++m)
+      for (int u = 0; u < 4; ++u) a[m][u] = _mm512_set1_ps(x[m * ldx + r + u]);
+    const w_t* w0 = w + r * ldw;
+    const w_t* w1 = w0 + ldw;
+    const w_t* w2 = w1 + ldw;
+    const w_t* w3 = w2 + ldw;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 k = tail_mask(cols - c);
+      const __m512 v0 = load16(w0 + c, k), v1 = load16(w1 + c, k), v2 = load16(w2 + c, k), v3 = load16(w3 + c, k);
+      for (int m = 0; m < ROWS; ++m) {
+        float* yp = y + m * ldy + c;
+        __m512 acc = _mm512_maskz_loadu_ps(k, yp);
+        acc = _mm512_fmadd_ps(a[m][0], v0, acc);
+        acc = _mm512_fmadd_ps(a[m][1], v1, acc);
+        acc = _mm512_fmadd_ps(a[m][2], v2, acc);
+        acc = _mm512_fmadd_ps(a[m][3], v3, acc);
+        _mm512_mask_storeu_ps(yp, k, acc);
+      }
+    }
+  }
+  for (; r < depth; ++r) {
+    const w_t* wr = w + r * ldw;
+    for (int m = 0; m < ROWS; ++m) {
+      const __m512 a = _mm512_set1_ps(x[m * ldx + r]);
+      float* ym = y + m * ldy;
+      for (int64_t c = 0; c < cols; c += 16) {
+        const __mmask16 k = tail_mask(cols - c);
+        _mm512_mask_storeu_ps(ym + c, k, _mm512_fmadd_ps(a, load16(wr + c, k), _mm512_maskz_loadu_ps(k, ym + c)));
+      }
+    }
+  }
+}
+
+template <typename w_t>
+MOLM_AVX512 void gemv_f32(const float* x, int64_t ldx, int64_t rows, int64_t depth, const w_t* w, int64_t ldw,
+                          float* y, int64_t ldy, int64_t cols) {
+  for (int64_t m = 0; m < rows; m += 4) {
+    const float* xm = x + m * ldx;
+    float* ym = y + m * ldy;
+    switch (rows - m < 4 ? rows - m : 4) {
+      case 1: gemv_f32_t<1>(xm, ldx, depth, w, ldw, ym, ldy, cols); break;
+      case 2: gemv_f32_t<2>(xm, ldx, depth, w, ldw, ym, ldy, cols); break;
+      case 3: gemv_f32_t<3>(xm, ldx, depth, w, ldw, ym, ldy, cols); break;
+      default: gemv_f32_t<4>(xm, ldx, depth, w, ldw, ym, ldy, cols); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- avx512_bf16: dpbf16
+inline uint16_t bf16_bits(float v) {  // round to nearest even, as c10::BFloat16
+  const c10::BFloat16 b(v);
+  uint16_t bits;
+  std::memcpy(&bits, &b, sizeof(bits));
+  return bits;
+}
+
+// One pair step for all ROWS rows and NV strips: lo/hi accumulate the interleaved products of rows (w0, w1).
+template <int ROWS, int NV>
+MOLM_AVX512_BF16 inline void dp_step(__m512 (&lo)[ROWS][NV], __m512 (&hi)[ROWS][NV], const uint32_t* xpair,
+                                     int64_t pair_stride, const uint16_t* w0, const uint16_t* w1) {
+  __m512i xv[ROWS];
+  for (int m = 0; m < ROWS; ++m) xv[m] = _mm512_set1_epi32(static_cast<int>(xpair[m * pair_stride]));
+  for (int v = 0; v < NV; ++v) {
+    const __m512i a = _mm512_loadu_si512(w0 + 32 * v);
+    const __m512i b = w1 ? _mm512_loadu_si512(w1 + 32 * v) : _mm512_setzero_si512();
+    const __m512i il = _mm512_unpacklo_epi16(a, b), ih = _mm512_unpackhi_epi16(a, b);
+    for (int m = 0; m < ROWS; ++m) {
+      lo[m][v] = _mm512_dpbf16_ps(lo[m][v], (__m512bh)il, (__m512bh)xv[m]);
+      hi[m][v] = _mm512_dpbf16_ps(hi[m][v], (__m512bh)ih, (__m512bh)xv[m]);
+    }
+  }
+}
+
+// y[m, c0 .. c0 + 32 NV) += x[m] . w[:, strip] for one group of ROWS rows; xpair [ROWS, n_pairs].
+template <int ROWS, int NV>
+MOLM_AVX512_BF16 void dp_strips(const uint32_t* xpair, int64_t n_pairs, int64_t depth, const uint16_t* w,
+                                int64_t ldw, float* y, int64_t ldy) {
+  __m512 lo[ROWS][NV], hi[ROWS][NV];
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < NV; ++v) lo[m][v] = hi[m][v] = _mm512_setzero_ps();
+  const int64_t full = depth / 2;
+  for (int64_t p = 0; p < full; ++p)
+    dp_step<ROWS, NV>(lo, hi, xpair + p, n_pairs, w + 2 * p * ldw, w + (2 * p + 1) * ldw);
+  if (depth % 2) dp_step<ROWS, NV>(lo, hi, xpair + full, n_pairs, w + 2 * full * ldw, nullptr);
+  // unpacklo holds columns 8j .. 8j+3 of 128-bit lane j, unpackhi columns 8j+4 .. 8j+7
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < NV; ++v) {
+      float* yp = y + m * ldy + 32 * v;
+      _mm512_storeu_ps(yp, _mm512_add_ps(_mm512_loadu_ps(yp), _mm512_permutex2var_ps(lo[m][v], first, hi[m][v])));
+      _mm512_storeu_ps(yp + 16,
+                       _mm512_add_ps(_mm512_loadu_ps(yp + 16), _mm512_permutex2var_ps(lo[m][v], second, hi[m][v])));
+    }
+}
+
+// ROWS <= 4 rows; strips of 128 / 64 / 32 columns keep 8 accumulators; columns past the last 32 use gemv_f32.
+template <int ROWS>
+MOLM_AVX512_BF16 void gemv_dp_t(const float* x, int64_t ldx, int64_t depth, const c10::BFloat16* w, int64_t ldw,
+                                float* y, int64_t ldy, int64_t cols, uint32_t* xpair, int64_t n_pairs) {
+  constexpr int kWide = ROWS == 1 ? 4 : ROWS == 2 ? 2 : 1;
+  const uint16_t* wb = reinterpret_cast<const uint16_t*>(w);
+  int64_t c = 0;
+  for (; c + 32 * kWide <= cols; c += 32 * kWide)
+    dp_strips<ROWS, kWide>(xpair, n_pairs, depth, wb + c, ldw, y + c, ldy);
+  for (; c + 32 <= cols; c += 32) dp_strips<ROWS, 1>(xpair, n_pairs, depth, wb + c, ldw, y + c, ldy);
+  if (c < cols) gemv_f32_t<ROWS>(x, ldx, depth, w + c, ldw, y + c, ldy, cols - c);
+}
+
+MOLM_AVX512_BF16 void gemv_dp(const float* x, int64_t ldx, int64_t rows, int64_t depth, const c10::BFloat16* w,
+                              int64_t ldw, float* y, int64_t ldy, int64_t cols) {
+  constexpr int64_t kMaxPairs = 128;  // depth handled per pass (256 rows: the expert GEMM's depth chunk)
+  uint32_t xpair[4 * kMaxPairs];
+  for (int64_t r0 = 0; r0 < depth; r0 += 2 * kMaxPairs) {
+    const int64_t d = std::min<int64_t>(2 * kMaxPairs, depth - r0), n_pairs = (d + 1) / 2;
+    for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+      const int64_t mm = std::min<int64_t>(4, rows - m0);
+      const float* xm = x + m0 * ldx + r0;
+      for (int64_t m = 0; m < mm; ++m)
+        for (int64_t p = 0; p < n_pairs; ++p) {
+          const uint32_t even = bf16_bits(xm[m * ldx + 2 * p]);
+          const uint32_t odd = 2 * p + 1 < d ? bf16_bits(xm[m * ldx + 2 * p + 1]) : 0u;
+          xpair[m * n_pairs + p] = even | (odd << 16);
+        }
+      const c10::BFloat16* wr = w + r0 * ldw;
+      float* ym = y + m0 * ldy;
+      switch (mm) {
+        case 1: gemv_dp_t<1>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs); break;
+        case 2: gemv_dp_t<2>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs); break;
+        case 3: gemv_dp_t<3>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs); break;
+        default: gemv_dp_t<4>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs); break;
+      }
+    }
+  }
+}
+
+#undef MOLM_AVX512
+#undef MOLM_AVX512_BF16
+
+}  // namespace
+
+#define MOLM_DEFINE_GEMV(W_T)                                                                                    \
+  void gemv_avx512(const float* x, int64_t ldx, int64_t rows, int64_t depth, const W_T* w, int64_t ldw, float* y, \
+                   int64_t ldy, int64_t cols) {                                                                  \
+    gemv_f32<W_T>(x, ldx, rows, depth, w, ldw, y, ldy, cols);                                                    \
+  }
+MOLM_DEFINE_GEMV(float)
+MOLM_DEFINE_GEMV(c10::BFloat16)
+MOLM_DEFINE_GEMV(c10::Half)
+#undef MOLM_DEFINE_GEMV
+
+void gemv_avx512_bf16(const float* x, int64_t ldx, int64_t rows, int64_t depth, const c10::BFloat16* w,
+                      int64_t ldw, float* y, int64_t ldy, int64_t cols) {
+  gemv_dp(x, ldx, rows, depth, w, ldw, y, ldy, cols);
+}
+
+}  // namespace molm::cpu::bodies
+#endif
