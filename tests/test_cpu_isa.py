@@ -207,3 +207,35 @@ def test_pool_works_in_a_forked_child():
         assert parent.recv() is True, "the child's result differs from the parent's"
         proc.join(10)
         assert proc.exitcode == 0
+
+
+# ------------------------------------------------------------------------------------------------------ linear, int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 16, 40])  # the streaming dot products (<= 16 rows), then the GEMM of gemm.h
+@pytest.mark.parametrize("isa", _isa_params())
+def test_linear_every_isa_matches_reference(isa, m, dtype):
+    ops.set_cpu_isa(isa)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 200, generator=g).to(dtype)
+    w = (torch.randn(131, 200, generator=g) * 200 ** -0.5).to(dtype)  # 131 rows: a tail of 3 after the 4-row blocks
+    out = ops.linear(x, w)
+    exact = reference.linear_ref(x.double(), w.double())
+    assert_close(out, exact, reference.linear_ref(x.float(), w.float()).to(dtype), dtype, f"linear {isa} m={m}")
+    assert torch.equal(ops.linear(x, w), out)
+
+
+@pytest.mark.parametrize("isa", _isa_params())
+def test_int8_ops_every_isa_match_reference(isa):
+    ops.set_cpu_isa(isa)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 72, generator=g).to(torch.bfloat16)
+    q = torch.randint(-127, 128, (3, 40, 72), generator=g, dtype=torch.int8)  # experts as output rows [E, N, K]
+    scale = torch.rand(3, 40, generator=g) * 0.01 + 1e-3
+    offsets = torch.tensor([0, 2, 2, 5])
+    got = ops.expert_gemm_q8(x, q, scale, offsets, "gelu_new")
+    want = reference.expert_gemm_ref(x.double(), (q.double() * scale.double()[:, :, None]).transpose(1, 2), offsets,
+                                     "gelu_new")
+    assert_close(got, want, reference.expert_gemm_q8_ref(x, q, scale, offsets, "gelu_new"), torch.bfloat16, isa)
+    got = ops.linear_q8(x, q[0], scale[0])
+    want = reference.linear_ref(x.double(), q[0].double() * scale[0].double()[:, None])
+    assert_close(got, want, reference.linear_q8_ref(x, q[0], scale[0]), torch.bfloat16, isa)

@@ -15,6 +15,8 @@
 #include "../checks.h"
 #include "../dispatch.h"
 #include "thread_pool.h"
+#include "gelu.h"
+#include "gemm.h"
 #include "vec.h"
 
 namespace molm::cpu {
@@ -36,28 +38,6 @@ std::vector<int64_t> read_offsets(const char* op, const at::Tensor& expert_offse
     TORCH_CHECK_VALUE(b[e] <= b[e + 1], op, ": expert_offsets must be non-decreasing, got offsets[", e, "] = ", b[e],
                       " > offsets[", e + 1, "] = ", b[e + 1]);
   return b;
-}
-
-// gelu_new (GELU, tanh approximation) of one fp32 value: 0.5 x (1 + tanh(u)) = x / (1 + exp(-2u)), stable at both
-// ends. One scalar function for every element on both paths: ATen's gelu gives an element a different value
-// depending on whether a thread's chunk puts it in the vectorized body or the scalar tail, so a row's result would
-// depend on the thread count and on the rows around it.
-inline float gelu_new(float x) {
-  constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
-  constexpr float kKappa = 0.044715f;
-  return x / (1.f + std::exp(-2.f * kBeta * (x + kKappa * x * x * x)));
-}
-
-// rows [lo, hi) of out, in place
-template <typename scalar_t>
-void gelu_rows(at::Tensor& out, int64_t lo, int64_t hi) {
-  constexpr int64_t kBlock = 16384;  // elements per work item
-  scalar_t* p = out.data_ptr<scalar_t>() + lo * out.size(1);
-  const int64_t n = (hi - lo) * out.size(1);
-  parallel_items((n + kBlock - 1) / kBlock, max_threads(), [&](int64_t item, int) {
-    for (int64_t i = item * kBlock; i < std::min(n, (item + 1) * kBlock); ++i)
-      p[i] = static_cast<scalar_t>(gelu_new(static_cast<float>(p[i])));
-  });
 }
 
 struct Segment {
@@ -111,16 +91,6 @@ void gemv_segments(const at::Tensor& x, const at::Tensor& weight, const std::vec
   });
 }
 
-// dst = a @ b. ATen's CPU bf16/fp16 GEMM falls back to a scalar loop without AVX512-BF16/AMX (measured on 2 AVX2
-// cores, [64, 1024] @ [1024, 2048]: 666 ms in bf16 vs 3.5 ms upcasting to fp32), so reduced precision is upcast.
-void segment_mm(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b) {
-  if (dst.scalar_type() == at::kFloat || dst.scalar_type() == at::kDouble) {
-    at::mm_out(dst, a, b);
-  } else {
-    dst.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
-  }
-}
-
 at::Tensor expert_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_offsets,
                            c10::string_view activation) {
   check_expert_gemm(x, weight, expert_offsets, activation);
@@ -140,7 +110,7 @@ at::Tensor expert_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const 
       m_small += rows;
     } else {
       at::Tensor seg = out.narrow(0, b[e], rows);  // [rows, Nout], contiguous
-      segment_mm(seg, x.narrow(0, b[e], rows), weight[e]);
+      mm_into(seg, x.narrow(0, b[e], rows), weight[e]);
       if (gelu)
         MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::expert_gemm", [&] {
           if constexpr (std::is_same_v<scalar_t, double>)
@@ -167,7 +137,7 @@ at::Tensor expert_gemm_wgrad_cpu(const at::Tensor& x, const at::Tensor& grad_out
     const int64_t rows = b[e + 1] - b[e];
     if (rows == 0) continue;
     at::Tensor dst = grad_w[e];
-    segment_mm(dst, x.narrow(0, b[e], rows).t(), grad_out.narrow(0, b[e], rows));
+    mm_into(dst, x.narrow(0, b[e], rows).t(), grad_out.narrow(0, b[e], rows));
   }
   return grad_w;
 }

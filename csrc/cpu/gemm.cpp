@@ -1,17 +1,10 @@
 #include "gemm.h"
 
+#include "vec.h"
+
 namespace molm::cpu {
 
-bool native_bf16_gemm() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
+// The active set, not just cpuid: with set_cpu_isa("avx2") the upcast path runs here too (tests cover both).
+bool native_bf16_gemm() { return active_isa() == Isa::kAvx512Bf16; }
 
 }  // namespace molm::cpu

@@ -9,7 +9,7 @@
 
 namespace molm::cpu {
 
-bool native_bf16_gemm();  // AVX512-BF16 present and the active instruction set allows it
+bool native_bf16_gemm();  // the active instruction set (molm.ops.set_cpu_isa) is avx512_bf16
 
 // dst = a @ b (dst may be a contiguous view: a segment of the op's output)
 inline void mm_into(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b) {

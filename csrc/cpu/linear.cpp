@@ -5,7 +5,6 @@
 // count). 16-bit weights are read as they are stored (bf16 with AVX-512-BF16 dot products where the CPU has them),
 // never through ATen's 16-bit CPU GEMV. Larger M goes to the GEMM this CPU runs fastest (gemm.h).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -13,6 +12,8 @@
 #include "../checks.h"
 #include "../dispatch.h"
 #include "gemm.h"
+#include "thread_pool.h"
+#include "vec.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MOLM_X86 1
@@ -169,39 +170,28 @@ MOLM_TARGET_AVX512BF16 void dot_rows_avx512_bf16(const c10::BFloat16* x, int64_t
   }
 }
 
-enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
-
-Isa detect_isa() {
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl");
-  if (avx512 && __builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Bf16;
-  if (avx512) return Isa::kAvx512;
-  return avx2 ? Isa::kAvx2 : Isa::kScalar;
-}
-const Isa kIsa = detect_isa();
 #endif
 
-// All outputs of weight rows [r0, r0 + R) for the M input rows.
+// All outputs of weight rows [r0, r0 + R) for the M input rows, with the bodies of instruction set `isa`.
 template <typename w_t>
-void dot_rows(const float* x, const w_t* x16, int64_t M, int64_t K, const w_t* w, int64_t ldw, int64_t R, float* y,
-              int64_t ldy) {
+void dot_rows(Isa isa, const float* x, const w_t* x16, int64_t M, int64_t K, const w_t* w, int64_t ldw, int64_t R,
+              float* y, int64_t ldy) {
 #ifdef MOLM_X86
   if constexpr (std::is_same_v<w_t, c10::BFloat16>) {
-    if (kIsa == Isa::kAvx512Bf16) return dot_rows_avx512_bf16(x16, M, K, w, ldw, R, y, ldy);
+    if (isa == Isa::kAvx512Bf16) return dot_rows_avx512_bf16(x16, M, K, w, ldw, R, y, ldy);
   }
-  const bool wide = kIsa == Isa::kAvx512 || kIsa == Isa::kAvx512Bf16;
+  const bool wide = isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16;
   for (int64_t r = 0; r < R; r += 4) {
     const int64_t rr = std::min<int64_t>(4, R - r);
     if (wide)
       dot_rows_avx512(x, M, K, w + r * ldw, ldw, rr, y + r, ldy);
-    else if (kIsa == Isa::kAvx2)
+    else if (isa == Isa::kAvx2)
       dot_rows_avx2(x, M, K, w + r * ldw, ldw, rr, y + r, ldy);
     else
       dot_rows_scalar(x, M, K, w + r * ldw, ldw, rr, y + r, ldy);
   }
 #else
+  (void)isa;
   (void)x16;
   dot_rows_scalar(x, M, K, w, ldw, R, y, ldy);
 #endif
@@ -220,11 +210,10 @@ void linear_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optio
   float* yp = y.data_ptr<float>();
   const int64_t ldw = weight.stride(0);
   const int64_t n_items = (N + kRowsPerItem - 1) / kRowsPerItem;
-  at::parallel_for(0, n_items, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t it = lo; it < hi; ++it) {
-      const int64_t r0 = it * kRowsPerItem, rows = std::min(kRowsPerItem, N - r0);
-      dot_rows<scalar_t>(xp, x16, M, K, wp + r0 * ldw, ldw, rows, yp + r0, N);
-    }
+  const Isa isa = active_isa();  // one body for the whole call
+  parallel_items(n_items, max_threads(), [&](int64_t it, int) {
+    const int64_t r0 = it * kRowsPerItem, rows = std::min(kRowsPerItem, N - r0);
+    dot_rows<scalar_t>(isa, xp, x16, M, K, wp + r0 * ldw, ldw, rows, yp + r0, N);
   });
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   out.copy_(y);

@@ -7,7 +7,6 @@
 // order, so results do not depend on the thread count or on the other rows. Larger inputs (prefill) dequantise one
 // expert / weight block at a time to fp32 and use at::mm.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,6 +14,9 @@
 
 #include "../checks.h"
 #include "../dispatch.h"
+#include "gelu.h"
+#include "thread_pool.h"
+#include "vec.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define MOLM_X86 1
@@ -119,24 +121,14 @@ MOLM_TARGET_AVX512 void row_dots_avx512(const float* x, int64_t K, const int8_t*
   if (r < rows) row_dots_scalar(x, K, q + r * ldq, ldq, rows - r, y + r);
 }
 
-enum class Isa { kScalar, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
-    return Isa::kAvx512;
-  return avx2 ? Isa::kAvx2 : Isa::kScalar;
-}
-const Isa kIsa = detect_isa();
 #endif
 
-void row_dots(const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows, float* y) {
+void row_dots(Isa isa, const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows, float* y) {
 #ifdef MOLM_X86
-  if (kIsa == Isa::kAvx512) return row_dots_avx512(x, K, q, ldq, rows, y);
-  if (kIsa == Isa::kAvx2) return row_dots_avx2(x, K, q, ldq, rows, y);
+  if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16) return row_dots_avx512(x, K, q, ldq, rows, y);
+  if (isa == Isa::kAvx2) return row_dots_avx2(x, K, q, ldq, rows, y);
 #endif
+  (void)isa;
   row_dots_scalar(x, K, q, ldq, rows, y);
 }
 
@@ -155,11 +147,11 @@ std::vector<int64_t> read_q8_offsets(const at::Tensor& expert_offsets, int64_t m
 at::Tensor dequantize_rows(const at::Tensor& q, const at::Tensor& s) { return q.to(at::kFloat) * s.unsqueeze(1); }
 
 // y[m, r0 + r] = scale[r0 + r] * sum_k x[m, k] q[r0 + r, k] for the M rows of x and `rows` weight rows
-void gemv_rows_q8(const float* x, int64_t M, int64_t K, const int8_t* q, int64_t ldq, const float* scale,
+void gemv_rows_q8(Isa isa, const float* x, int64_t M, int64_t K, const int8_t* q, int64_t ldq, const float* scale,
                   int64_t rows, float* y, int64_t ldy) {
   float acc[kRowsPerItem];
   for (int64_t m = 0; m < M; ++m) {
-    row_dots(x + m * K, K, q, ldq, rows, acc);
+    row_dots(isa, x + m * K, K, q, ldq, rows, acc);
     for (int64_t r = 0; r < rows; ++r) y[m * ldy + r] = acc[r] * scale[r];
   }
 }
@@ -194,15 +186,13 @@ at::Tensor expert_gemm_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, co
       at::mm_out(seg, x32.narrow(0, b[e], rows), dequantize_rows(qweight[e], s32[e]).t());
     }
   }
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const Item& it = items[i];
-      gemv_rows_q8(xp + it.lo * depth, it.rows, depth, qp + it.expert * qs0 + it.r0 * qs1, qs1,
-                   sp + it.expert * cols + it.r0, std::min(kRowsPerItem, cols - it.r0), yp + it.lo * cols + it.r0,
-                   cols);
-    }
+  const Isa isa = active_isa();  // one body for the whole call
+  parallel_items(static_cast<int64_t>(items.size()), max_threads(), [&](int64_t i, int) {
+    const Item& it = items[i];
+    gemv_rows_q8(isa, xp + it.lo * depth, it.rows, depth, qp + it.expert * qs0 + it.r0 * qs1, qs1,
+                 sp + it.expert * cols + it.r0, std::min(kRowsPerItem, cols - it.r0), yp + it.lo * cols + it.r0, cols);
   });
-  if (activation == "gelu_new") at::gelu_(y, "tanh");
+  if (activation == "gelu_new") gelu_rows<float>(y, 0, m);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
@@ -219,11 +209,10 @@ at::Tensor linear_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
     const int8_t* qp = qweight.data_ptr<int8_t>();
     float* yp = y.data_ptr<float>();
     const int64_t ldq = qweight.stride(0), n_items = (N + kRowsPerItem - 1) / kRowsPerItem;
-    at::parallel_for(0, n_items, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t it = lo; it < hi; ++it) {
-        const int64_t r0 = it * kRowsPerItem;
-        gemv_rows_q8(xp, M, K, qp + r0 * ldq, ldq, sp + r0, std::min(kRowsPerItem, N - r0), yp + r0, N);
-      }
+    const Isa isa = active_isa();
+    parallel_items(n_items, max_threads(), [&](int64_t it, int) {
+      const int64_t r0 = it * kRowsPerItem;
+      gemv_rows_q8(isa, xp, M, K, qp + r0 * ldq, ldq, sp + r0, std::min(kRowsPerItem, N - r0), yp + r0, N);
     });
   } else if (y.numel() > 0) {
     constexpr int64_t kBlock = 4096;  // dequantise this many weight rows at a time: bounded extra memory
