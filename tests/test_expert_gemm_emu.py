@@ -98,8 +98,8 @@ def test_gemv_matches_reference(lib, rows, kdim, n_out, dtype):
 
 # Tiles (WMMA for 16-bit, SIMT for fp32/fp64): M = 33 (just past the GEMV); empty experts and a row tile cut short;
 # K and Nout not multiples of 8 (the element loads of the WMMA tile) nor of the tile; a segment over two row tiles of
-# 64 (SIMT) and an expert whose rows start mid-tile
-TILE_CASES = [([0, 33, 0], 32, 40), ([3, 17, 0, 15], 24, 20), ([70, 1, 0, 60], 48, 136)]
+# 64 (SIMT) and two column tiles; a segment over two row tiles of 128 (WMMA)
+TILE_CASES = [([0, 33, 0], 32, 40), ([3, 17, 0, 15], 24, 20), ([70, 1, 0, 60], 48, 136), ([150, 0, 10], 40, 24)]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CODE), ids=str)

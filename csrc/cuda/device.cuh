@@ -92,6 +92,17 @@ __device__ __forceinline__ double mul_add_rn(double acc, double a, double b) {
   return __dadd_rn(acc, __dmul_rn(a, b));
 }
 
+// Inclusive sum over lanes <= lane.
+template <typename T>
+__device__ __forceinline__ T warp_prefix_sum(T x, int lane) {
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const T y = __shfl_up_sync(0xffffffffu, x, off);
+    if (lane >= off) x += y;
+  }
+  return x;
+}
+
 __device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 }  // namespace molm::cuda::dev

@@ -49,16 +49,7 @@ __device__ __forceinline__ acc_t warp_suffix_sum(acc_t x, int lane) {
   return x;
 }
 
-// Inclusive sum over lanes <= lane.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_prefix_sum(acc_t x, int lane) {
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const acc_t y = __shfl_up_sync(0xffffffffu, x, off);
-    if (lane >= off) x += y;
-  }
-  return x;
-}
+using dev::warp_prefix_sum;  // inclusive sum over lanes <= lane
 
 // ------------------------------------------------------------------------------------------------ row scans
 // Rows of a [n_bh, row_stride, width] buffer (rows 0 .. rows - 1 of each bh used), one warp each; row r of batch item
