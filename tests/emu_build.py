@@ -31,7 +31,8 @@ def _compiler() -> str | None:
 
 
 def _newest_input(sources: list[Path]) -> float:
-    headers = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in HEADER_SUFFIXES]  # kernels include csrc/cpu/core too
+    # every header under csrc/: kernel headers include csrc/cpu/core/ too
+    headers = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in HEADER_SUFFIXES]
     return max(p.stat().st_mtime for p in [*sources, *headers])
 
 

@@ -103,6 +103,8 @@ __device__ __forceinline__ T warp_prefix_sum(T x, int lane) {
   return x;
 }
 
-__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+__device__ __forceinline__ int64_t clamp64(int64_t v, int64_t lo, int64_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
 
 }  // namespace molm::cuda::dev

@@ -92,8 +92,8 @@ at::Tensor expert_gemm_wgrad_cuda(const at::Tensor& x, const at::Tensor& grad_ou
                       " is too large");
     launch_wgrad(reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), x.stride(1),
                  reinterpret_cast<const T*>(grad_out.data_ptr()), grad_out.stride(0), grad_out.stride(1),
-                 expert_offsets.data_ptr<int64_t>(), num_experts, m, kdim, n_out, reinterpret_cast<T*>(grad_w.data_ptr()),
-                 stream);
+                 expert_offsets.data_ptr<int64_t>(), num_experts, m, kdim, n_out,
+                 reinterpret_cast<T*>(grad_w.data_ptr()), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_w;
