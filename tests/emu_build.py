@@ -31,13 +31,14 @@ def _compiler() -> str | None:
 
 
 def _newest_input(sources: list[Path]) -> float:
-    headers = [p for p in (ROOT / "csrc" / "cuda").rglob("*") if p.suffix in HEADER_SUFFIXES]
+    # every header under csrc/: kernel headers include csrc/cpu/core/ too
+    headers = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in HEADER_SUFFIXES]
     return max(p.stat().st_mtime for p in [*sources, *headers])
 
 
 def load_emu_library(name: str, sources: list[str]) -> ctypes.CDLL:
     """Compiles `sources` (paths relative to the repo root) into build/emu/<name>.so unless it is newer than they and
-    every header under csrc/cuda/, and loads it. Skips the calling test module when no C++ compiler exists."""
+    every header under csrc/, and loads it. Skips the calling test module when no C++ compiler exists."""
     cxx = _compiler()
     if cxx is None:
         pytest.skip("no C++ compiler (c++ or g++) on PATH: the CUDA emulator tests need one", allow_module_level=True)

@@ -1,4 +1,5 @@
-// Shared helpers of the CUDA kernels: launch checks, the opt-in host-side value checks, and small device math.
+// Shared host helpers of the CUDA kernels: launch checks, the opt-in host-side value checks, the element-type map.
+// The device-side helpers live in device.cuh (ATen-free, so the CPU emulator compiles them).
 //
 // The CUDA ops never synchronise with the host (so they can be captured in a CUDA graph). That means index and
 // offset *values* (which need the data) are not validated by default: out-of-range values are made memory-safe
@@ -15,6 +16,7 @@
 #include <string>
 
 #include "../kernel_options.h"
+#include "device.cuh"
 
 namespace molm::cuda {
 
@@ -41,35 +43,9 @@ inline void check_offsets(const char* op, const at::Tensor& expert_offsets, int6
                       " > offsets[", e + 1, "] = ", b[e + 1]);
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Largest grid.x and grid.y / grid.z extents.
-constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
-constexpr int64_t kMaxGridYZ = 65535;
+// The element type as the kernels see it: c10's 16-bit types as CUDA's (same bits).
+template <typename scalar_t>
+using device_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, __nv_bfloat16,
+                                    std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half, scalar_t>>;
 
 }  // namespace molm::cuda
-
-// Device-side helpers (compiled by nvcc only).
-namespace molm::cuda::dev {
-
-__device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
-
-// GPT-2's tanh GELU ("gelu_new"), in fp32 (fp64 for double), as ATen's gelu(approximate="tanh").
-__device__ __forceinline__ float gelu_new(float x) {
-  const float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
-  const float inner = kBeta * (x + 0.044715f * x * x * x);
-  return 0.5f * x * (1.f + tanhf(inner));
-}
-__device__ __forceinline__ double gelu_new(double x) {
-  const double kBeta = 0.7978845608028654;
-  const double inner = kBeta * (x + 0.044715 * x * x * x);
-  return 0.5 * x * (1.0 + tanh(inner));
-}
-
-// acc + a * b rounded twice (no FMA contraction), the way an eager `out += g * y` in torch rounds.
-__device__ __forceinline__ float mul_add_rn(float acc, float a, float b) { return __fadd_rn(acc, __fmul_rn(a, b)); }
-__device__ __forceinline__ double mul_add_rn(double acc, double a, double b) {
-  return __dadd_rn(acc, __dmul_rn(a, b));
-}
-
-}  // namespace molm::cuda::dev

@@ -171,11 +171,6 @@ bool fused_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return true;
 }
 
-// The element type as the kernels see it: c10's 16-bit types as CUDA's (same bits).
-template <typename scalar_t>
-using device_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, __nv_bfloat16,
-                                    std::conditional_t<std::is_same_v<scalar_t, c10::Half>, __half, scalar_t>>;
-
 // The fused tensor-core prefill; false when fused_setup refuses (the caller takes the cuBLAS-tiled path).
 template <typename scalar_t>
 bool sb_forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

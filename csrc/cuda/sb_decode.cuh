@@ -20,19 +20,8 @@ constexpr int kDecodeThreads = 256;
 constexpr int kMaxSlotsPerPass = 4;   // k slots held in registers at once (more slots loop in groups)
 
 // Element types as the kernels see them: __nv_bfloat16, __half, float, double.
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t to_acc(scalar_t x) {
-  if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) return __bfloat162float(x);
-  else if constexpr (std::is_same_v<scalar_t, __half>) return __half2float(x);
-  else return x;
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ scalar_t from_acc(acc_t x) {
-  if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) return __float2bfloat16(x);
-  else if constexpr (std::is_same_v<scalar_t, __half>) return __float2half(x);
-  else return x;
-}
+using dev::from_acc;
+using dev::to_acc;
 
 // The kVec = 16 / sizeof(scalar_t) elements of one 16-byte load as acc_t, by bit operations (no local-memory copy).
 template <typename scalar_t, typename acc_t>

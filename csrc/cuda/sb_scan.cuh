@@ -3,36 +3,15 @@
 // Compiles with nvcc and, with MOLM_CUDA_EMU, against the CPU emulator (csrc/cuda/emu/cuda_emu.h).
 #pragma once
 
-#ifdef MOLM_CUDA_EMU
-#include "cuda/emu/cuda_emu.h"
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_pipeline.h>
-#include <mma.h>
-#endif
+#include "device.cuh"
 
-#include <cmath>
-#include <cstdint>
-
-// Kernel launches and dynamic shared memory, the same source for nvcc and the emulator.
-#ifdef MOLM_CUDA_EMU
-#define MOLM_SB_LAUNCH(kernel, grid, block, smem, stream, ...) molm_emu::launch(grid, block, smem, kernel, __VA_ARGS__)
-#define MOLM_SB_SMEM(name) unsigned char* name = molm_emu::dynamic_smem()
-#else
-#define MOLM_SB_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
-#define MOLM_SB_SMEM(name)                                     \
-  extern __shared__ __align__(128) unsigned char name##_raw[]; \
-  unsigned char* name = name##_raw
-#endif
+// The launch macros under the names the stick-breaking headers use.
+#define MOLM_SB_LAUNCH(...) MOLM_CUDA_LAUNCH(__VA_ARGS__)
+#define MOLM_SB_SMEM(name) MOLM_CUDA_SMEM(name)
 
 namespace molm::cuda::sb {
 
-#ifdef MOLM_CUDA_EMU
-using stream_t = void*;
-#else
-using stream_t = cudaStream_t;
-#endif
+using cuda::stream_t;
 
 constexpr int kScanWarps = 8;  // rows per CTA in the scan kernels (one warp each)
 
@@ -70,16 +49,7 @@ __device__ __forceinline__ acc_t warp_suffix_sum(acc_t x, int lane) {
   return x;
 }
 
-// Inclusive sum over lanes <= lane.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_prefix_sum(acc_t x, int lane) {
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const acc_t y = __shfl_up_sync(0xffffffffu, x, off);
-    if (lane >= off) x += y;
-  }
-  return x;
-}
+using dev::warp_prefix_sum;  // inclusive sum over lanes <= lane
 
 // ------------------------------------------------------------------------------------------------ row scans
 // Rows of a [n_bh, row_stride, width] buffer (rows 0 .. rows - 1 of each bh used), one warp each; row r of batch item

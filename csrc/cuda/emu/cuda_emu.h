@@ -519,6 +519,13 @@ inline float __fdividef(float a, float b) { return a / b; }
 inline float __saturatef(float x) { return x != x ? 0.0f : std::min(std::max(x, 0.0f), 1.0f); }
 template <typename T>
 T __ldg(const T* p) { return *p; }
+// Round-to-nearest arithmetic that CUDA never contracts into an FMA (g++ does not contract without -mfma/-march).
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 
 namespace molm_emu::detail {
 template <typename To, typename From>
