@@ -88,6 +88,7 @@ def parse_request(body, tokenizer, vocab_size: int, max_context: int) -> tuple[l
                            ("top_p", 0.0 < s.top_p <= 1.0, "must be in (0, 1]"),
                            ("top_k", s.top_k is None or s.top_k >= -1, "must be >= 1 (or -1 / 0: off)"),
                            ("n", 1 <= options["n"] <= MAX_N, f"must be in [1, {MAX_N}]"),
+                           ("seed", s.seed is None or -2**63 <= s.seed < 2**63, "must be in [-2**63, 2**63)"),
                            ("logprobs", s.logprobs is None or 0 <= s.logprobs <= MAX_LOGPROBS,
                             f"must be in [0, {MAX_LOGPROBS}]")):
         if not ok:
@@ -481,9 +482,12 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_queue
             return lambda event: outbox.append((events, (index, event)))
 
         n, sequences, choices = options["n"], [], []
+        if n * len(prompts) > max_queue:
+            raise ApiError(400, f"{len(prompts)} prompts x n={n} completions exceed the queue of {max_queue}", "n")
+        raw = body["prompt"]
+        texts = [raw] if isinstance(raw, str) else raw if all(isinstance(x, str) for x in raw) else None
         for p, prompt in enumerate(prompts):
-            echo = (body["prompt"][p] if isinstance(body["prompt"], list) and isinstance(body["prompt"][p], str)
-                    else body["prompt"] if isinstance(body["prompt"], str) else tokenizer.decode(prompt))
+            echo = texts[p] if texts else tokenizer.decode(prompt)
             for j in range(n):
                 generator = torch.Generator(device=model.device)
                 generator.manual_seed(sampling.seed + j) if sampling.seed is not None else generator.seed()

@@ -270,6 +270,8 @@ def test_requests_join_and_leave_a_running_batch(live, model, tokenizer):
     ({"prompt": "a", "n": 0}, "n"),
     ({"prompt": "a", "n": True}, "n"),
     ({"prompt": "a", "seed": "x"}, "seed"),
+    ({"prompt": "a", "seed": 2**64}, "seed"),
+    ({"prompt": ["a"] * 10, "n": 7}, "n"),
     ({"prompt": "a", "stop": 3}, "stop"),
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "a", "logprobs": 6}, "logprobs"),
