@@ -305,7 +305,12 @@ def _add_eval_parser(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from molm.serve import serve  # needs molm[serve]: fastapi, uvicorn, prometheus-client
+    try:
+        import fastapi, prometheus_client, uvicorn  # noqa: F401  (molm[serve])
+    except ImportError as exc:
+        raise RuntimeError(f"molm serve needs fastapi, uvicorn and prometheus-client: pip install 'molm[serve]' "
+                           f"({exc})") from None
+    from molm.serve import serve
 
     return serve(args.model or DEFAULT_MODEL, host=args.host, port=args.port, max_batch=args.max_batch,
                  max_queue=args.max_queue, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend,
