@@ -305,11 +305,15 @@ def _add_eval_parser(sub) -> None:
 
 
 def cmd_serve(args) -> int:
+    check_at_least(args, {"port": 0, "max_batch": 1, "max_queue": 1, "shutdown_timeout": 0})
+    if args.port > 65535:
+        raise UsageError(f"--port must be <= 65535, got {args.port}")
+    check_device(args.device)
     try:
         import fastapi, prometheus_client, uvicorn  # noqa: F401  (molm[serve])
     except ImportError as exc:
-        raise RuntimeError(f"molm serve needs fastapi, uvicorn and prometheus-client: pip install 'molm[serve]' "
-                           f"({exc})") from None
+        raise UsageError(f"molm serve needs fastapi, uvicorn and prometheus-client: pip install 'molm[serve]' "
+                         f"({exc})") from None
     from molm.serve import serve
 
     return serve(args.model or DEFAULT_MODEL, host=args.host, port=args.port, max_batch=args.max_batch,

@@ -604,7 +604,10 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: 
     tokenizer = load_tokenizer(model.name_or_path)
     name = model_name or os.path.basename(os.path.normpath(model_dir))
     app = create_app(model, tokenizer, name, max_batch, max_queue, shutdown_timeout)
-    sock = bind(host, port)
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     bound = sock.getsockname()
     print(f"molm serve: {name} on http://{host}:{bound[1]}/v1 (max batch {max_batch}, queue {max_queue})",
           file=sys.stderr, flush=True)
