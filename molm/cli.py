@@ -318,7 +318,7 @@ def cmd_serve(args) -> int:
 
     return serve(args.model or DEFAULT_MODEL, host=args.host, port=args.port, max_batch=args.max_batch,
                  max_queue=args.max_queue, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend,
-                 shutdown_timeout=args.shutdown_timeout,
+                 quantize=args.quantize, shutdown_timeout=args.shutdown_timeout,
                  model_name=args.model_name or (None if args.model else "molm-default"))
 
 

@@ -590,7 +590,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 256,
           dtype: torch.dtype | None = None, device: str = "cpu", backend: str | None = None,
-          shutdown_timeout: float = 30.0, model_name: str | None = None) -> int:
+          quantize: str | None = None, shutdown_timeout: float = 30.0, model_name: str | None = None) -> int:
     """Load the model and serve it until SIGTERM / SIGINT; returns 0 after a clean shutdown."""
     import sys
 
@@ -600,7 +600,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: 
 
     if max_batch < 1 or max_queue < 1:
         raise ValueError(f"--max-batch and --max-queue must be >= 1, got {max_batch} and {max_queue}")
-    model = load(model_dir, dtype=dtype, device=device, backend=backend).eval()
+    model = load(model_dir, dtype=dtype, device=device, backend=backend, quantize=quantize).eval()
     tokenizer = load_tokenizer(model.name_or_path)
     name = model_name or os.path.basename(os.path.normpath(model_dir))
     app = create_app(model, tokenizer, name, max_batch, max_queue, shutdown_timeout)
