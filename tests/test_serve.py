@@ -120,7 +120,7 @@ def tokenizer(model):
 
 @pytest.fixture(scope="module")
 def live(model, tokenizer):
-    server = LiveServer(serve.create_app(model, tokenizer, NAME, max_batch=8, max_queue=64))
+    server = LiveServer(serve.create_app(model, tokenizer, NAME, max_batch=32, max_queue=64))
     yield server
     server.close()
 
@@ -129,9 +129,15 @@ def reference(model, tokenizer, prompt, max_tokens, **settings):
     return molm.generate(model, prompt, max_new_tokens=max_tokens, tokenizer=tokenizer, **settings)
 
 
-def metric(live, name):
+def metric(live, name, **labels):
     text = httpx.get(live.url + "/metrics").text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+def wide_steps(live):
+    """Decode steps of more than 16 rows so far."""
+    return metric(live, "molm_batch_size_count") - metric(live, "molm_batch_size_bucket", le="16.0")
 
 
 def test_models_health_and_metrics(live):
@@ -346,14 +352,22 @@ def test_full_queue_answers_429(model, tokenizer):
 
 
 def test_bounded_load(live, model, tokenizer):
-    """32 clients x 2 requests: every request is answered once, with the length and text molm.generate gives."""
+    """32 clients x 2 requests: every request is answered once, with the length and text molm.generate gives.
+    The first 32 are queued while the scheduler is held, so they decode as one batch of 32 rows."""
     jobs = [(f"{PROMPTS[i % len(PROMPTS)]} {word}", 1 + i % 7) for i, word in enumerate(
         ("and", "the", "of", "my", "thy", "good", "lord", "king", "sweet", "love", "night", "day", "death", "life",
          "heaven", "earth") * 4)]
-    before = metric(live, "molm_requests_total")
+    before = metric(live, "molm_requests_total"), wide_steps(live)
     with ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(lambda job: live.complete(job[0], max_tokens=job[1], temperature=0), jobs))
-    assert metric(live, "molm_requests_total") - before == len(jobs)
+        with live.engine.lock:
+            futures = [pool.submit(lambda c: [live.complete(p, max_tokens=n, temperature=0) for p, n in jobs[c::32]],
+                                   c) for c in range(32)]
+            wait_until(lambda: len(live.engine.waiting) == 32, "the first wave to queue")
+        answers = [None] * len(jobs)
+        for c, future in enumerate(futures):
+            answers[c::32] = future.result()
+    assert metric(live, "molm_requests_total") - before[0] == len(jobs)
+    assert wide_steps(live) > before[1]
     assert len({a.id for a in answers}) == len(jobs)
     for (prompt, max_tokens), answer in zip(jobs, answers):
         choice = answer.choices[0]
