@@ -62,14 +62,25 @@ def _typed(body: dict, name: str, kinds: tuple, default, what: str):
     return value
 
 
-def parse_request(body, tokenizer, vocab_size: int, max_context: int) -> tuple[list[list[int]], Sampling, dict]:
+def _float(body: dict, name: str, default: float) -> float:
+    try:
+        return float(_typed(body, name, (int, float), default, "a number"))
+    except OverflowError:
+        raise ApiError(400, f"'{name}' is out of range", name, "invalid_value") from None
+
+
+def parse_request(body, tokenizer, vocab_size: int, max_context: int,
+                  model_name: str) -> tuple[list[list[int]], Sampling, dict]:
     """A completions request body -> (prompts as token ids, sampling settings, other options); ApiError if bad."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
-    number, integer = (int, float), (int,)
+    if _typed(body, "model", (str,), model_name, "a string") != model_name:
+        raise ApiError(404, f"model {body['model']!r} is not served here (this server has {model_name!r})",
+                       "model", "model_not_found")
+    integer = (int,)
     s = Sampling(max_tokens=_typed(body, "max_tokens", integer, 16, "an integer"),
-                 temperature=float(_typed(body, "temperature", number, 1.0, "a number")),
-                 top_p=float(_typed(body, "top_p", number, 1.0, "a number")),
+                 temperature=_float(body, "temperature", 1.0),
+                 top_p=_float(body, "top_p", 1.0),
                  top_k=_typed(body, "top_k", integer, None, "an integer"),
                  seed=_typed(body, "seed", integer, None, "an integer"),
                  logprobs=_typed(body, "logprobs", integer, None, "an integer"),
@@ -98,8 +109,6 @@ def parse_request(body, tokenizer, vocab_size: int, max_context: int) -> tuple[l
                           ("logit_bias", {}), ("suffix", "")):
         if body.get(name) not in (None, neutral):
             raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported")
-    if "model" in body and not isinstance(body["model"], str):
-        raise ApiError(400, "'model' must be a string", "model", "invalid_type")
     prompts = _prompt_ids(body.get("prompt"), tokenizer, vocab_size)
     for ids in prompts:
         if len(ids) > max_context:
@@ -472,10 +481,7 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_queue
             body = json.loads(await request.body())
         except ValueError as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
-        if isinstance(body, dict) and body.get("model") not in (None, model_name):
-            raise ApiError(404, f"model {body['model']!r} is not served here (this server has {model_name!r})",
-                           "model", "model_not_found")
-        prompts, sampling, options = parse_request(body, tokenizer, vocab_size, engine.max_context)
+        prompts, sampling, options = parse_request(body, tokenizer, vocab_size, engine.max_context, model_name)
         events = asyncio.Queue()
 
         def emitter(index):

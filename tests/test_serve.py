@@ -270,6 +270,8 @@ def test_requests_join_and_leave_a_running_batch(live, model, tokenizer):
     ({"prompt": "a", "max_tokens": 2.5}, "max_tokens"),
     ({"prompt": "a", "temperature": -0.1}, "temperature"),
     ({"prompt": "a", "temperature": "hot"}, "temperature"),
+    ({"prompt": "a", "temperature": 10**400}, "temperature"),
+    ({"prompt": "a", "model": 5}, "model"),
     ({"prompt": "a", "top_p": 0}, "top_p"),
     ({"prompt": "a", "top_p": 1.5}, "top_p"),
     ({"prompt": "a", "top_k": -2}, "top_k"),
