@@ -455,7 +455,8 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_queue
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
-        return JSONResponse(ApiError(exc.status_code, str(exc.detail), code="not_found").body(), exc.status_code)
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail), code=code).body(), exc.status_code)
 
     @app.exception_handler(Exception)
     async def server_error(request, exc: Exception):
