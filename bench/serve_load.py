@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from common import run_metadata
 
+from molm.plotting import pyplot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["To be, or not to be", "Now is the winter of our discontent", "O Romeo, Romeo", "Friends, Romans,",
            "All the world's a stage", "The quality of mercy", "Once more unto the breach", "If music be the food"]
@@ -67,12 +69,8 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot("serve load plot")
+    if plt is None:
         return
     clients = [r["clients"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
