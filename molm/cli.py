@@ -304,6 +304,38 @@ def _add_eval_parser(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
+def cmd_serve(args) -> int:
+    check_at_least(args, {"port": 0, "max_batch": 1, "max_queue": 1, "shutdown_timeout": 0})
+    if args.port > 65535:
+        raise UsageError(f"--port must be <= 65535, got {args.port}")
+    check_device(args.device)
+    try:
+        import fastapi, prometheus_client, uvicorn  # noqa: F401  (molm[serve])
+    except ImportError as exc:
+        raise UsageError(f"molm serve needs fastapi, uvicorn and prometheus-client: pip install 'molm[serve]' "
+                         f"({exc})") from None
+    from molm.serve import serve
+
+    return serve(args.model or DEFAULT_MODEL, host=args.host, port=args.port, max_batch=args.max_batch,
+                 max_queue=args.max_queue, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend,
+                 quantize=args.quantize, shutdown_timeout=args.shutdown_timeout,
+                 model_name=args.model_name or (None if args.model else "molm-default"))
+
+
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible completions server with continuous batching (molm[serve])")
+    s.add_argument("--model", default=None, help="model directory (default: the embedded small model)")
+    s.add_argument("--model-name", default=None, help="the model id clients send (default: the directory name)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0: any free port (printed at startup)")
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    s.add_argument("--max-queue", type=int, default=256, help="waiting sequences; beyond it requests get 429")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    _add_model_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molm", description="ModuleFormer / MoLM: generate, inspect, evaluate, train, analyse expert usage")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
@@ -335,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
     _add_eval_parser(sub)
     _add_train_parser(sub)
+    _add_serve_parser(sub)
     for command in sub.choices.values():  # `molm generate --debug ...` too; SUPPRESS keeps `molm --debug ...`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the full traceback of every error")

@@ -1,0 +1,402 @@
+"""`molm serve`: the OpenAI-compatible completions server, driven by the official `openai` client.
+
+The reference is `molm.generate` run alone on the same prompt: greedy (and seeded sampled) completions must match
+it exactly, also while other requests join and leave the decode batch. Scheduling is made deterministic by a gate
+that holds the scheduler before each decode step (`Gate`), never by sleeping.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import molm
+
+REQUIRE = os.environ.get("MOLM_REQUIRE_SERVE") == "1"
+try:
+    import httpx
+    import openai
+    import uvicorn
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from molm import serve
+except ImportError as exc:  # the serve extra (and the openai client) are optional
+    if REQUIRE:
+        raise
+    pytest.skip(f"molm[serve] or openai missing: {exc}", allow_module_level=True)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODEL = os.path.join(ROOT, "molm", "default_model")
+NAME = "molm-default"
+PROMPTS = ["To be, or not to be", "Now is the winter of our discontent", "O Romeo", "Friends, Romans, countrymen,",
+           "All the world's a stage, and all the men and women merely players", "The king"]
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0):
+    """Synchronisation with another thread or process (a generous bound, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class LiveServer:
+    """uvicorn serving an app in a thread on a free loopback port."""
+
+    def __init__(self, app):
+        self.app, self.engine = app, app.state.engine
+        sock = serve.bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, "the server to start")
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+    def post(self, body, **kwargs):
+        data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+        return httpx.post(self.url + "/v1/completions", content=data, timeout=120, **kwargs)
+
+    def complete(self, prompt, **settings):
+        return self.client.completions.create(model=NAME, prompt=prompt, **settings)
+
+
+class Gate:
+    """Holds the scheduler before each decode step; `step(k)` lets k steps through, leaving the block opens it."""
+
+    def __init__(self, engine):
+        self.engine, self.permits, self.batches, self.blocked = engine, threading.Semaphore(0), [], False
+
+    def __enter__(self):
+        original = type(self.engine)._decode
+
+        def gated():
+            self.blocked = True
+            self.permits.acquire()
+            self.blocked = False
+            self.batches.append(len(self.engine.running))
+            original(self.engine)
+
+        self.engine._decode = gated
+        return self
+
+    def step(self, k: int = 1):
+        for _ in range(k):
+            self.permits.release()
+
+    def wait_blocked(self, steps_done: int):
+        wait_until(lambda: self.blocked and len(self.batches) == steps_done, f"decode step {steps_done + 1}")
+
+    def __exit__(self, *exc):
+        del self.engine._decode
+        self.step(10_000)
+
+
+@pytest.fixture(scope="module")
+def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference runs at the scheduler's thread count (same process)
+    yield molm.load(DEFAULT_MODEL)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model):
+    return molm.load_tokenizer(model.name_or_path)
+
+
+@pytest.fixture(scope="module")
+def live(model, tokenizer):
+    server = LiveServer(serve.create_app(model, tokenizer, NAME, max_batch=32, max_queue=64))
+    yield server
+    server.close()
+
+
+def reference(model, tokenizer, prompt, max_tokens, **settings):
+    return molm.generate(model, prompt, max_new_tokens=max_tokens, tokenizer=tokenizer, **settings)
+
+
+def metric(live, name, **labels):
+    text = httpx.get(live.url + "/metrics").text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+def wide_steps(live):
+    """Decode steps of more than 16 rows so far."""
+    return metric(live, "molm_batch_size_count") - metric(live, "molm_batch_size_bucket", le="16.0")
+
+
+def test_models_health_and_metrics(live):
+    assert [m.id for m in live.client.models.list()] == [NAME]
+    assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+    before = metric(live, "molm_generated_tokens_total"), metric(live, "molm_requests_total")
+    out = live.complete(PROMPTS[0], max_tokens=7, temperature=0)
+    assert metric(live, "molm_generated_tokens_total") - before[0] == out.usage.completion_tokens
+    assert metric(live, "molm_requests_total") - before[1] == 1
+    text = httpx.get(live.url + "/metrics").text
+    for name in ("molm_queue_depth", "molm_batch_size_bucket", "molm_time_to_first_token_seconds_count"):
+        assert name in text
+
+
+def test_greedy_matches_generate(live, model, tokenizer):
+    for prompt, max_tokens in zip(PROMPTS, (1, 5, 17, 40, 24, 64)):
+        out = live.complete(prompt, max_tokens=max_tokens, temperature=0)
+        expected = reference(model, tokenizer, prompt, max_tokens)
+        assert out.choices[0].text == expected
+        assert out.usage.prompt_tokens == len(tokenizer.encode(prompt).ids)
+        ids = torch.tensor([tokenizer.encode(prompt).ids])
+        new = molm.generate(model, ids, max_new_tokens=max_tokens)[0, ids.shape[1]:].tolist()
+        eos = model.config.eos_token_id
+        assert out.usage.completion_tokens == (new.index(eos) if eos in new else len(new))
+        assert out.choices[0].finish_reason == ("length" if out.usage.completion_tokens == max_tokens else "stop")
+
+
+def test_token_id_prompts_and_echo(live, model, tokenizer):
+    ids = tokenizer.encode(PROMPTS[1]).ids
+    out = live.complete([ids, tokenizer.encode(PROMPTS[2]).ids], max_tokens=6, temperature=0, echo=True)
+    expected = molm.generate(model, torch.tensor([ids]), max_new_tokens=6)[0, len(ids):].tolist()
+    assert out.choices[0].text == tokenizer.decode(ids) + tokenizer.decode(expected)
+    assert out.choices[1].text.startswith(tokenizer.decode(tokenizer.encode(PROMPTS[2]).ids))
+
+
+def test_seeded_sampling_repeats_and_matches_generate(live, model, tokenizer):
+    settings = dict(temperature=0.9, top_p=0.9, top_k=40)
+    first = live.complete(PROMPTS[0], max_tokens=24, seed=7, extra_body={"top_k": 40}, temperature=0.9, top_p=0.9)
+    again = live.complete(PROMPTS[0], max_tokens=24, seed=7, extra_body={"top_k": 40}, temperature=0.9, top_p=0.9)
+    other = live.complete(PROMPTS[0], max_tokens=24, seed=8, extra_body={"top_k": 40}, temperature=0.9, top_p=0.9)
+    assert first.choices[0].text == again.choices[0].text == reference(model, tokenizer, PROMPTS[0], 24, seed=7,
+                                                                         **settings)
+    assert other.choices[0].text == reference(model, tokenizer, PROMPTS[0], 24, seed=8, **settings)
+    assert other.choices[0].text != first.choices[0].text
+
+
+def test_n_choices_use_consecutive_seeds(live, model, tokenizer):
+    out = live.complete(PROMPTS[3], max_tokens=10, n=3, seed=100, temperature=1.0)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    for choice in out.choices:
+        assert choice.text == reference(model, tokenizer, PROMPTS[3], 10, seed=100 + choice.index, temperature=1.0)
+    greedy = live.complete([PROMPTS[0], PROMPTS[2]], max_tokens=5, n=2, temperature=0)
+    assert [c.text for c in greedy.choices] == [reference(model, tokenizer, p, 5) for p in PROMPTS[:3:2] for _ in "ab"]
+
+
+def test_stream_matches_the_whole_response(live):
+    whole = live.complete(PROMPTS[4], max_tokens=20, temperature=0)
+    chunks = list(live.complete(PROMPTS[4], max_tokens=20, temperature=0, stream=True,
+                                stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    raw = live.post({"prompt": PROMPTS[4], "max_tokens": 3, "temperature": 0, "stream": True}).text
+    assert raw.endswith("data: [DONE]\n\n") and raw.startswith("data: {")
+
+
+def test_stop_strings(live, model, tokenizer):
+    full = reference(model, tokenizer, PROMPTS[0], 30)
+    stop = full[len(full) // 2: len(full) // 2 + 3]  # a piece from the middle of the greedy text
+    expected = reference(model, tokenizer, PROMPTS[0], 30, stop=[stop])
+    assert expected == full[:full.index(stop)]
+    out = live.complete(PROMPTS[0], max_tokens=30, temperature=0, stop=[stop, "never appears"])
+    assert (out.choices[0].text, out.choices[0].finish_reason) == (expected, "stop")
+    streamed = live.complete(PROMPTS[0], max_tokens=30, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_logprobs(live, model, tokenizer):
+    out = live.complete(PROMPTS[1], max_tokens=8, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert "".join(lp.tokens) == out.choices[0].text
+    for chosen, token, top in zip(lp.token_logprobs, lp.tokens, lp.top_logprobs):
+        assert len(top) == 2 and max(top.values()) == chosen == top[token]  # greedy takes the most likely
+    ids = tokenizer.encode(PROMPTS[1]).ids  # echo + max_tokens 0 scores the prompt, as the full forward does
+    scored = live.complete(PROMPTS[1], max_tokens=0, echo=True, logprobs=0).choices[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+    expected = logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert scored.text == PROMPTS[1] and scored.logprobs.token_logprobs[0] is None
+    assert torch.allclose(torch.tensor(scored.logprobs.token_logprobs[1:]), expected, atol=1e-5)
+
+
+def test_requests_join_and_leave_a_running_batch(live, model, tokenizer):
+    """A decodes alone; B, C, D arrive mid-decode, join the batch after their own prefill and leave when done.
+    Every row (greedy and seeded sampled) equals molm.generate run alone."""
+    engine = live.engine
+    joiners = [(PROMPTS[1], dict(max_tokens=5, temperature=0)), (PROMPTS[4], dict(max_tokens=12, temperature=0)),
+               (PROMPTS[2], dict(max_tokens=9, temperature=0.8, seed=3))]
+    with Gate(engine) as gate, ThreadPoolExecutor(3) as pool:
+        stream = iter(live.complete(PROMPTS[5], max_tokens=40, temperature=0, stream=True))
+        pieces = [next(stream).choices[0].text]  # the prefill's token; the gate holds the first decode step
+        gate.step(3)
+        gate.wait_blocked(3)
+        futures = [pool.submit(live.complete, p, **s) for p, s in joiners]
+        wait_until(lambda: len(engine.waiting) == 3, "the joiners to queue")
+        gate.step(10_000)
+        pieces += [c.choices[0].text for c in stream]
+        results = [f.result().choices[0].text for f in futures]
+    assert gate.batches[:5] == [1, 1, 1, 1, 4] and gate.batches[-1] == 1  # joined in the step after arriving
+    assert "".join(pieces) == reference(model, tokenizer, PROMPTS[5], 40)
+    for (prompt, s), text in zip(joiners, results):
+        assert text == reference(model, tokenizer, prompt, s.pop("max_tokens"), **s)
+
+
+@pytest.mark.parametrize("body, param", [
+    ("{not json", None),
+    ('["a list"]', None),
+    ({"max_tokens": 3}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [[]]}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [4096]}, "prompt"),
+    ({"prompt": [-1]}, "prompt"),
+    ({"prompt": [1] * 257}, "prompt"),
+    ({"prompt": "a", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 10**9}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": "3"}, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "a", "temperature": -0.1}, "temperature"),
+    ({"prompt": "a", "temperature": "hot"}, "temperature"),
+    ({"prompt": "a", "temperature": 10**400}, "temperature"),
+    ({"prompt": "a", "model": 5}, "model"),
+    ({"prompt": "a", "top_p": 0}, "top_p"),
+    ({"prompt": "a", "top_p": 1.5}, "top_p"),
+    ({"prompt": "a", "top_k": -2}, "top_k"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "n": True}, "n"),
+    ({"prompt": "a", "seed": "x"}, "seed"),
+    ({"prompt": "a", "seed": 2**64}, "seed"),
+    ({"prompt": ["a"] * 10, "n": 7}, "n"),
+    ({"prompt": "a", "stop": 3}, "stop"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "a", "logprobs": 6}, "logprobs"),
+    ({"prompt": "a", "stream": "yes"}, "stream"),
+    ({"prompt": "a", "echo": 1}, "echo"),
+    ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
+])
+def test_bad_input_is_a_400_naming_the_field(live, body, param):
+    response = live.post(body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    if param:
+        assert param in error["message"]
+
+
+def test_unknown_model_and_path(live):
+    with pytest.raises(openai.NotFoundError):
+        live.client.completions.create(model="gpt-4", prompt="a", max_tokens=1)
+    assert httpx.get(live.url + "/v2/nothing").status_code == 404
+
+
+def test_a_failing_request_fails_alone(live, model, tokenizer):
+    """An exception in one request's prefill answers it with a JSON error; the request beside it completes."""
+    engine, poison = live.engine, tokenizer.encode(PROMPTS[2]).ids
+
+    def prefill(seq):
+        if seq.prompt == poison:
+            raise RuntimeError("injected failure")
+        return type(engine)._prefill(engine, seq)
+
+    engine._prefill = prefill
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            good = pool.submit(live.complete, PROMPTS[0], max_tokens=12, temperature=0)
+            bad = live.post({"prompt": PROMPTS[2], "max_tokens": 4})
+            assert good.result().choices[0].text == reference(model, tokenizer, PROMPTS[0], 12)
+    finally:
+        del engine._prefill
+    assert bad.status_code == 500 and "injected failure" in bad.json()["error"]["message"]
+    assert live.complete(PROMPTS[2], max_tokens=3, temperature=0).choices[0].text == reference(
+        model, tokenizer, PROMPTS[2], 3)
+
+
+def test_disconnect_mid_stream_frees_the_slot(live):
+    engine = live.engine
+    with Gate(engine) as gate:
+        with httpx.stream("POST", live.url + "/v1/completions", timeout=60,
+                          json={"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "stream": True}) as r:
+            next(r.iter_lines())  # the first token arrived
+            gate.wait_blocked(0)  # the gate holds the first decode step
+            (seq,) = engine.running
+        wait_until(lambda: seq.cancelled, "the server to notice the disconnect")
+        gate.step(1)  # the step in which the cancelled row leaves
+        wait_until(lambda: not engine.running, "the row to leave the batch")
+    assert seq.finish_reason == "cancelled" and len(seq.tokens) <= 2
+
+
+def test_full_queue_answers_429(model, tokenizer):
+    server = LiveServer(serve.create_app(model, tokenizer, NAME, max_batch=2, max_queue=3))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            with server.engine.lock:  # the scheduler is held: nothing leaves the queue
+                waiting = [pool.submit(server.complete, PROMPTS[0], max_tokens=4, temperature=0, n=n) for n in (1, 2)]
+                wait_until(lambda: len(server.engine.waiting) == 3, "the queue to fill")
+                with pytest.raises(openai.RateLimitError) as info:
+                    server.complete(PROMPTS[1], max_tokens=4)
+                assert info.value.body["code"] == "queue_full"
+        assert [len(f.result().choices) for f in waiting] == [1, 2]
+    finally:
+        server.close()
+
+
+def test_bounded_load(live, model, tokenizer):
+    """32 clients x 2 requests: every request is answered once, with the length and text molm.generate gives.
+    The first 32 are queued while the scheduler is held, so they decode as one batch of 32 rows."""
+    jobs = [(f"{PROMPTS[i % len(PROMPTS)]} {word}", 1 + i % 7) for i, word in enumerate(
+        ("and", "the", "of", "my", "thy", "good", "lord", "king", "sweet", "love", "night", "day", "death", "life",
+         "heaven", "earth") * 4)]
+    before = metric(live, "molm_requests_total"), wide_steps(live)
+    with ThreadPoolExecutor(32) as pool:
+        with live.engine.lock:
+            futures = [pool.submit(lambda c: [live.complete(p, max_tokens=n, temperature=0) for p, n in jobs[c::32]],
+                                   c) for c in range(32)]
+            wait_until(lambda: len(live.engine.waiting) == 32, "the first wave to queue")
+        answers = [None] * len(jobs)
+        for c, future in enumerate(futures):
+            answers[c::32] = future.result()
+    assert metric(live, "molm_requests_total") - before[0] == len(jobs)
+    assert wide_steps(live) > before[1]
+    assert len({a.id for a in answers}) == len(jobs)
+    for (prompt, max_tokens), answer in zip(jobs, answers):
+        choice = answer.choices[0]
+        assert choice.text == reference(model, tokenizer, prompt, max_tokens)
+        assert (answer.usage.completion_tokens == max_tokens) == (choice.finish_reason == "length")
+
+
+def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "molm.cli", "serve", "--port", "0", "--max-batch", "4"],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+    try:
+        line = proc.stderr.readline()
+        assert "http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.split("http://")[1].split("/v1")[0]
+        with httpx.stream("POST", f"http://{url}/v1/completions", timeout=120,
+                          json={"model": NAME, "prompt": "To be", "max_tokens": 200, "temperature": 0,
+                                "stream": True}) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert first.startswith("data: {") and rest[-1] == "data: [DONE]"
+        finish = json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"]
+        assert finish in ("length", "stop")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
