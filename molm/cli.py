@@ -102,9 +102,7 @@ def cmd_generate(args) -> int:
     pieces = molm.generate(model, args.prompt, **settings)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    if not _stream(pieces):
-        return 130
-    return 0
+    return 0 if _stream(pieces) else 130  # 130: stopped by Ctrl-C
 
 
 def _stream(pieces) -> bool:
