@@ -59,18 +59,33 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantize the experts and lm_head to int8 after loading (half the bytes of bf16 per step)")
 
 
+# What `molm generate` does without sampling flags: sample as local LLM tools do, from a fixed seed so that a run
+# repeats. The Python API (molm.generate) stays greedy by default.
+GENERATE_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1, "seed": 0}
+
+
 def _check_generate_flags(args) -> None:
-    """Validate with the flag names before anything is loaded or printed."""
-    check_at_least(args, {"max_new_tokens": 0, "temperature": 0, "top_k": 1})
+    """Validate with the flag names before anything is loaded or printed; fill in the sampling defaults."""
+    check_at_least(args, {"max_new_tokens": 0, "temperature": 0, "top_k": 1, "no_repeat_ngram_size": 0})
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if not args.prompt:
-        raise UsageError("the prompt is empty: give some text to continue")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        raise UsageError(f"--repetition-penalty must be > 0 (1 = off), got {args.repetition_penalty:g}")
+    if args.greedy and args.temperature not in (None, 0):
+        raise UsageError(f"--greedy and --temperature {args.temperature:g} contradict each other: --greedy means "
+                         "--temperature 0")
+    if args.interactive and args.prompt is not None:
+        raise UsageError("-i reads the prompts from stdin, one a line: drop the prompt argument")
+    if not args.interactive and not args.prompt:
+        raise UsageError("the prompt is empty: give some text to continue (or -i to read prompts from stdin)")
     check_device(args.device)
-    if args.temperature is None:  # --top-k / --top-p alone ask for sampling: sample at temperature 1
-        args.temperature = 1.0 if (args.top_k is not None or args.top_p is not None) else 0.0
-    elif args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
-        warnings.warn("--top-k / --top-p have no effect with --temperature 0 (greedy decoding)")
+    greedy = args.greedy or args.temperature == 0
+    if greedy and (args.top_k is not None or args.top_p is not None):
+        warnings.warn("--top-k / --top-p have no effect with --greedy / --temperature 0")
+    args.temperature = 0.0 if greedy else args.temperature
+    for name, default in GENERATE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def cmd_generate(args) -> int:
@@ -80,11 +95,20 @@ def cmd_generate(args) -> int:
     model = molm.load(args.model or DEFAULT_MODEL, dtype=DTYPE_NAMES[args.dtype], device=args.device,
                       backend=args.backend, progress=sys.stderr.isatty(), quantize=args.quantize)
     tokenizer = molm.load_tokenizer(args.tokenizer or model.name_or_path)
-    pieces = molm.generate(model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           stop=[unescape(s) for s in args.stop or []], tokenizer=tokenizer, stream=True)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                    no_repeat_ngram_size=args.no_repeat_ngram_size, stop=[unescape(s) for s in args.stop or []],
+                    tokenizer=tokenizer, stream=True)
+    if args.interactive:
+        return _interactive(model, settings)
+    pieces = molm.generate(model, args.prompt, **settings)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
+    return 0 if _stream(pieces) else 130  # 130: stopped by Ctrl-C
+
+
+def _stream(pieces) -> bool:
+    """Print the pieces as they come and end the line; False when Ctrl-C cut the generation short."""
     try:
         for piece in pieces:
             sys.stdout.write(piece)
@@ -92,10 +116,59 @@ def cmd_generate(args) -> int:
     except KeyboardInterrupt:
         sys.stdout.write("\n")
         sys.stdout.flush()
-        return 130
+        return False
     sys.stdout.write("\n")
     sys.stdout.flush()  # here, where a closed pipe is handled, not at interpreter exit
-    return 0
+    return True
+
+
+def _read_prompt(terminal: bool) -> str | None:
+    """The next line of stdin (None at end of input). On a terminal: a "> " marker and line editing."""
+    if terminal:
+        try:
+            return input("> ")
+        except EOFError:
+            sys.stdout.write("\n")
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def _interactive(model, settings) -> int:
+    """Prompts from stdin, one a line, until end of input (Ctrl-D). Ctrl-C stops the current generation only.
+
+    The n-th prompt (counting from 0) samples from seed + n: the same input gives the same session, and a prompt
+    typed again gets a fresh continuation. On a terminal the typed prompt is not printed again; from a pipe each
+    output starts with its prompt.
+    """
+    import molm
+
+    terminal = sys.stdin.isatty()
+    if terminal:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    first_seed, count = settings.pop("seed"), 0
+    while True:
+        try:
+            prompt = _read_prompt(terminal)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, as shells do
+            sys.stdout.write("\n")
+            continue
+        if prompt is None:
+            return 0
+        if not prompt.strip():
+            continue
+        try:
+            pieces = molm.generate(model, prompt, seed=first_seed + count, **settings)
+        except ValueError as exc:  # e.g. a prompt the tokenizer cannot encode: report it, keep going
+            print(f"molm: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            continue
+        count += 1
+        if not terminal:
+            sys.stdout.write(prompt)
+        _stream(pieces)
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -340,18 +413,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molm", description="ModuleFormer / MoLM: generate, inspect, evaluate, train, analyse expert usage")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text from a prompt (streamed)")
-    g.add_argument("prompt")
+    g = sub.add_parser("generate", help="generate text from a prompt (streamed)",
+                       description="Continue a prompt. By default molm samples (temperature {temperature}, "
+                       "top-p {top_p}, repetition penalty {repetition_penalty}) from seed {seed}, so a run repeats; "
+                       "--greedy picks the most likely token instead.".format(**GENERATE_DEFAULTS))
+    g.add_argument("prompt", nargs="?", default=None, help="text to continue (with -i: none, read from stdin)")
+    g.add_argument("-i", "--interactive", action="store_true", help="read prompts from stdin, one a line, until "
+                   "end of input (Ctrl-D); Ctrl-C stops the current generation only")
     g.add_argument("--model", default=None, help="model directory (HF format) or hub id (default: the embedded "
                    "small Shakespeare model)")
     g.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--greedy", action="store_true", help="always pick the most likely token (same as "
+                   "--temperature 0; the repetition penalty still applies, --repetition-penalty 1 turns it off)")
     g.add_argument("--temperature", type=float, default=None,
-                   help="0 = greedy (the default); without it, --top-k / --top-p sample at temperature 1")
-    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+                   help=f"sampling temperature (default: {GENERATE_DEFAULTS['temperature']}; 0 = greedy)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
     g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with "
-                   "probability >= p (nucleus)")
-    g.add_argument("--seed", type=int, default=None)
+                   f"probability >= p (nucleus; default: {GENERATE_DEFAULTS['top_p']})")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="divide the positive logits (multiply "
+                   "the negative ones) of every token already in the text by this (default: "
+                   f"{GENERATE_DEFAULTS['repetition_penalty']}; 1 = off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this many "
+                   "tokens (default: 0 = off)")
+    g.add_argument("--seed", type=int, default=None, help=f"sampling seed (default: {GENERATE_DEFAULTS['seed']}, "
+                   "so the same command gives the same text)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable); \\n, \\t, \\r and "
                    "\\\\ are read as newline, tab, carriage return and backslash, so --stop '\\n\\n' stops at a "
                    "blank line")

@@ -31,7 +31,50 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_settings(max_new_tokens, temperature, top_k, top_p):
+def penalize_repeats(logits: torch.Tensor, history: torch.Tensor, valid: torch.Tensor,
+                     repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                     seen: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' repetition penalty and n-gram ban on next-token logits [B, V], on the device, no host sync.
+
+    history [B, L]: each row's tokens so far (prompt + generated), valid [B, L] bool: False on left padding, which
+    counts for neither. A token present in the row has its logit l turned into l / penalty if l > 0 else
+    l * penalty; a token that would complete an n-gram already in the row is banned (logit -inf). `seen` is
+    seen_tokens(history, valid, V), when the caller keeps it up to date.
+    """
+    if repetition_penalty != 1.0:
+        if seen is None:
+            seen = seen_tokens(history, valid, logits.shape[-1])
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if no_repeat_ngram_size > 0 and history.shape[1] >= no_repeat_ngram_size:
+        logits = logits.masked_fill(_banned_ngram_tokens(history, valid, no_repeat_ngram_size, logits.shape[-1]),
+                                    float("-inf"))
+    return logits
+
+
+def seen_tokens(history: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] bool: which token ids occur in each row's valid positions."""
+    return _mark(torch.where(valid, history, vocab_size), vocab_size)
+
+
+def _mark(columns: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, V] bool, True at the given columns [B, N]; column V is a spare one for entries that mark nothing.
+    Every write is True, so duplicate columns cannot race."""
+    marks = torch.zeros(columns.shape[0], vocab_size + 1, dtype=torch.bool, device=columns.device)
+    return marks.scatter_(1, columns, True)[:, :vocab_size]
+
+
+def _banned_ngram_tokens(history: torch.Tensor, valid: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """[B, V] bool: the last token of every earlier n-gram whose first n - 1 tokens equal the row's last n - 1."""
+    length = history.shape[1]
+    ngrams = history.unfold(1, n, 1)  # [B, L - n + 1, n]
+    suffix = history[:, length - n + 1:]  # [B, n - 1] (empty for n = 1: every earlier token is banned)
+    # Left padding only: an n-gram is all real tokens when its first token is.
+    match = (ngrams[:, :, :-1] == suffix[:, None, :]).all(dim=-1) & valid[:, : length - n + 1]
+    return _mark(torch.where(match, ngrams[:, :, -1], vocab_size), vocab_size)
+
+
+def _check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty=1.0, no_repeat_ngram_size=0):
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if temperature < 0:
@@ -40,6 +83,10 @@ def _check_settings(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    if not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be a non-negative integer (0 = off), got {no_repeat_ngram_size!r}")
 
 
 @torch.inference_mode()
@@ -47,16 +94,18 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
                  pad_token_id: int | None = None, cuda_graphs: bool | None = None,
-                 compact_finished: bool = True) -> Iterator[torch.Tensor]:
+                 compact_finished: bool = True, repetition_penalty: float = 1.0,
+                 no_repeat_ngram_size: int = 0) -> Iterator[torch.Tensor]:
     """Yields the next token ids [B] step by step. Rows that produced eos keep producing pad_token_id.
 
     input_ids [B, T] (left-padded when rows differ in length, with attention_mask [B, T]). Decode steps are
     replayed from CUDA graphs (`cuda_graphs`, default: on for a CUDA model with the extension backend); the
     prefill and CPU steps run eagerly on the same preallocated cache. With `compact_finished`, once at most half
     of the rows still run, finished rows are dropped from the batch (cache rows selected, graphs recaptured), so
-    they stop costing work.
+    they stop costing work. `repetition_penalty` and `no_repeat_ngram_size` follow transformers' definitions and
+    look at each row's prompt (left padding excluded) and generated tokens.
     """
-    _check_settings(max_new_tokens, temperature, top_k, top_p)
+    _check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size)
     model.check_input_ids(input_ids)
     B, T = input_ids.shape
     device = model.device
@@ -74,6 +123,15 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     decoder = StaticDecoder(model, cache, full_mask, cuda_graphs=True) if cuda_graphs else None
     pad = pad_token_id if pad_token_id is not None else eos_token_id
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    history = valid = seen = None  # what the repetition penalty and the n-gram ban look at
+    if repetition_penalty != 1.0 or no_repeat_ngram_size > 0:
+        history = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=device)
+        history[:, :T] = input_ids
+        valid = torch.ones(B, T + max_new_tokens, dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            valid[:, :T] = attention_mask.to(device).bool()
+    if repetition_penalty != 1.0:  # kept up to date step by step rather than recomputed from the history
+        seen = seen_tokens(input_ids, valid[:, :T], model.config.vocab_size)
     rows = None  # after compaction: the original row of each running row
     tokens = input_ids
     for step in range(max_new_tokens):
@@ -85,7 +143,14 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             mask = None if full_mask is None else full_mask[:, : cache.length + tokens.shape[1]]
             logits = model(tokens, attention_mask=mask, past_key_values=cache, use_cache=True,
                            return_aux_loss=False, logits_to_keep=1).logits[:, -1]
+        if history is not None:
+            logits = penalize_repeats(logits, history[:, : T + step], valid[:, : T + step], repetition_penalty,
+                                      no_repeat_ngram_size, seen)
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # [rows running]
+        if history is not None:
+            history[:, T + step] = next_ids
+        if seen is not None:
+            seen.scatter_(1, next_ids[:, None], True)
         if eos_token_id is not None:
             next_ids = torch.where(finished, torch.full_like(next_ids, pad), next_ids)
             finished |= next_ids == eos_token_id
@@ -101,6 +166,10 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             cache.reorder(keep)
             full_mask = None if full_mask is None else full_mask.index_select(0, keep)
             tokens, finished = tokens.index_select(0, keep), finished.index_select(0, keep)
+            if history is not None:
+                history, valid = history.index_select(0, keep), valid.index_select(0, keep)
+            if seen is not None:
+                seen = seen.index_select(0, keep)
             rows = keep if rows is None else rows.index_select(0, keep)
             if decoder is not None:  # new buffers and batch size: new graphs
                 decoder = StaticDecoder(model, cache, full_mask, cuda_graphs=True)
@@ -150,20 +219,25 @@ def _truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 
 def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop: str | list[str] | None = None,
-             tokenizer=None, stream: bool = False, attention_mask: torch.Tensor | None = None):
+             tokenizer=None, stream: bool = False, attention_mask: torch.Tensor | None = None,
+             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0):
     """Generate from a ModuleFormerForCausalLM.
 
     prompt: LongTensor [B, T] -> LongTensor [B, T + n] (prompt included; rows that stopped at eos are padded with
     eos), or str / list[str] -> the generated text (str / list[str], prompt excluded). Batched text prompts of
-    different lengths are left-padded with an attention mask. temperature 0 is greedy. `stop` strings end a row
-    (the stop string is cut). stream=True returns an iterator of text pieces (one str prompt) or of next-id
-    tensors [B] (tensor prompt).
+    different lengths are left-padded with an attention mask. temperature 0 (the default) is greedy. `stop`
+    strings end a row (the stop string is cut). stream=True returns an iterator of text pieces (one str prompt) or
+    of next-id tensors [B] (tensor prompt). repetition_penalty > 1 makes every token already in the row (prompt or
+    generated) less likely (transformers' definition: logit / p if logit > 0 else logit * p; 1 = off);
+    no_repeat_ngram_size n > 0 bans any token that would repeat an n-gram of the row.
     """
-    _check_settings(max_new_tokens, temperature, top_k, top_p)  # now, not at the first token of a stream
+    # Checked now, not at the first token of a stream.
+    _check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size)
     config = model.config
     eos = config.eos_token_id if config.eos_token_id is not None and config.eos_token_id < config.vocab_size else None
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                    eos_token_id=eos, pad_token_id=config.pad_token_id)
+                    eos_token_id=eos, pad_token_id=config.pad_token_id, repetition_penalty=repetition_penalty,
+                    no_repeat_ngram_size=no_repeat_ngram_size)
     if isinstance(prompt, torch.Tensor):
         model.check_input_ids(prompt)
         _warn_if_beyond_context(config, prompt.shape[1])

@@ -11,7 +11,7 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 
 def test_generate_streams_prompt_and_text(capsys):
     assert main(["generate", "--model", os.path.join(DATA, "molm-tiny-a"), "It was the", "--max-new-tokens", "5",
-                 "--dtype", "float32"]) == 0
+                 "--dtype", "float32", "--greedy"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("It was the") and len(out) > len("It was the\n")
 
@@ -59,7 +59,7 @@ def test_stop_reads_backslash_escapes(capsys):
     full = molm.generate(model, prompt, max_new_tokens=40)
     assert "\n\n" in full  # otherwise this test could not tell the difference
     code, out, _ = run_cli(capsys, "generate", prompt, "--stop", "\\n\\n", "--max-new-tokens", "40",
-                           "--dtype", "float32")
+                           "--dtype", "float32", "--greedy", "--repetition-penalty", "1")
     assert code == 0
     assert out == prompt + full[:full.index("\n\n")] + "\n"
 
@@ -73,7 +73,13 @@ def test_unescape(typed, meant):
 @pytest.mark.parametrize("flag,value,message", [("--max-new-tokens", "-1", "--max-new-tokens must be >= 0"),
                                                 ("--temperature", "-0.5", "--temperature must be >= 0"),
                                                 ("--top-k", "0", "--top-k must be >= 1"),
-                                                ("--top-p", "1.5", "--top-p must be in (0, 1]")])
+                                                ("--top-p", "1.5", "--top-p must be in (0, 1]"),
+                                                ("--repetition-penalty", "0", "--repetition-penalty must be > 0 "
+                                                                              "(1 = off)"),
+                                                ("--repetition-penalty", "-1.1", "--repetition-penalty must be > 0 "
+                                                                                 "(1 = off)"),
+                                                ("--no-repeat-ngram-size", "-1", "--no-repeat-ngram-size must be "
+                                                                                 ">= 0")])
 def test_bad_generate_flags_are_named_and_nothing_is_printed(capsys, flag, value, message):
     code, out, err = run_cli(capsys, "generate", "--model", TINY, "It was the", flag, value)
     assert code == 1 and out == ""  # the prompt is not echoed before the error
@@ -81,13 +87,56 @@ def test_bad_generate_flags_are_named_and_nothing_is_printed(capsys, flag, value
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["train", "data.txt", "--out", "out", "--config", "c.json", "--steps", "0"], "--steps must be >= 1, got 0"),
-    (["train", "data.txt", "--out", "out", "--config", "c.json", "--seq-len", "1"], "--seq-len must be >= 2, got 1"),
-    (["eval", "--model", TINY, "--perplexity", "README.md", "--stride", "0"], "--stride must be >= 1, got 0"),
-    (["eval", "--model", TINY, "--perplexity", "README.md", "--batch-size", "0"], "--batch-size must be >= 1, got 0")])
-def test_bad_train_and_eval_flags_are_named(capsys, argv, message):
-    code, _, err = run_cli(capsys, *argv)
-    assert code == 1 and err.strip() == f"molm: error: {message}"
+    (["It was", "--greedy", "--temperature", "0.7"], "--greedy and --temperature 0.7 contradict each other: "
+                                                     "--greedy means --temperature 0"),
+    (["-i", "It was"], "-i reads the prompts from stdin, one a line: drop the prompt argument"),
+    ([], "the prompt is empty: give some text to continue (or -i to read prompts from stdin)")])
+def test_contradicting_generate_flags_are_one_line(capsys, argv, message):
+    code, out, err = run_cli(capsys, "generate", "--model", TINY, *argv)
+    assert code == 1 and out == "" and err == f"molm: error: {message}\n"
+
+
+CLI_SAMPLING = dict(temperature=0.8, top_p=0.95, repetition_penalty=1.1, seed=0)  # what --help promises
+
+
+def test_generate_samples_by_default_from_a_fixed_seed(capsys):
+    prompt = "It was the"
+    model = molm.load(TINY, dtype=torch.float32)
+    sampled = molm.generate(model, prompt, max_new_tokens=12, **CLI_SAMPLING)
+    assert sampled != molm.generate(model, prompt, max_new_tokens=12, repetition_penalty=1.1)  # not greedy
+    for _ in range(2):  # the same command gives the same text
+        code, out, _ = run_cli(capsys, "generate", "--model", TINY, prompt, "--max-new-tokens", "12",
+                               "--dtype", "float32")
+        assert code == 0 and out == prompt + sampled + "\n"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for default in ("temperature 0.8", "top-p 0.95", "repetition penalty 1.1", "from seed 0", "(default: 0,"):
+        assert default in help_text
+
+
+@pytest.mark.parametrize("flags", [["--greedy"], ["--temperature", "0"], ["--greedy", "--temperature", "0"]])
+def test_greedy_flags_pick_the_most_likely_token(capsys, flags):
+    prompt = "It was the"
+    model = molm.load(TINY, dtype=torch.float32)
+    for penalty in ("1.1", "1"):  # the default penalty applies to greedy decoding too; 1 turns it off
+        greedy = molm.generate(model, prompt, max_new_tokens=12, repetition_penalty=float(penalty))
+        argv = ["--repetition-penalty", penalty] if penalty == "1" else []
+        code, out, _ = run_cli(capsys, "generate", "--model", TINY, prompt, "--max-new-tokens", "12", "--dtype",
+                               "float32", "--seed", "5", *flags, *argv)
+        assert code == 0 and out == prompt + greedy + "\n"
+
+
+def test_penalty_flags_reach_generation(capsys):
+    prompt = "To be, or not to be"  # the default model loops on this one when it decodes greedily
+    model = molm.load(cli.DEFAULT_MODEL, dtype=torch.float32)
+    for penalty, n in (("1.5", "0"), ("1", "3")):
+        expected = molm.generate(model, prompt, max_new_tokens=40, repetition_penalty=float(penalty),
+                                 no_repeat_ngram_size=int(n))
+        assert expected != molm.generate(model, prompt, max_new_tokens=40, repetition_penalty=1.1)
+        code, out, _ = run_cli(capsys, "generate", prompt, "--max-new-tokens", "40", "--dtype", "float32",
+                               "--greedy", "--repetition-penalty", penalty, "--no-repeat-ngram-size", n)
+        assert code == 0 and out == prompt + expected + "\n"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -98,20 +147,21 @@ def test_cuda_device_without_cuda_is_one_line(capsys):
     assert err.startswith("molm: error: --device cuda: CUDA is not available")
 
 
-def test_top_p_without_temperature_samples_at_temperature_1(capsys):
+def test_top_p_alone_samples_at_the_default_temperature(capsys):
     prompt = "It was the"
     model = molm.load(TINY, dtype=torch.float32)
-    sampled = molm.generate(model, prompt, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=0)
-    assert sampled != molm.generate(model, prompt, max_new_tokens=8)  # sampling visibly differs from greedy here
-    code, out, _ = run_cli(capsys, "generate", "--model", TINY, prompt, "--top-p", "0.9", "--seed", "0",
-                           "--max-new-tokens", "8", "--dtype", "float32")
+    sampled = molm.generate(model, prompt, max_new_tokens=8, **{**CLI_SAMPLING, "top_p": 0.5})
+    assert sampled != molm.generate(model, prompt, max_new_tokens=8, **CLI_SAMPLING)  # top-p 0.5 shows here
+    code, out, _ = run_cli(capsys, "generate", "--model", TINY, prompt, "--top-p", "0.5", "--max-new-tokens", "8",
+                           "--dtype", "float32")
     assert code == 0 and out == prompt + sampled + "\n"
 
 
-def test_top_k_with_explicit_greedy_warns(capsys):
-    with pytest.warns(UserWarning, match="--top-k / --top-p have no effect with --temperature 0"):
-        code, out, err = run_cli(capsys, "generate", "--model", TINY, "It was the", "--top-k", "5", "--temperature",
-                                 "0", "--max-new-tokens", "4", "--dtype", "float32")
+@pytest.mark.parametrize("greedy", [["--temperature", "0"], ["--greedy"]])
+def test_top_k_with_explicit_greedy_warns(capsys, greedy):
+    with pytest.warns(UserWarning, match="--top-k / --top-p have no effect with --greedy / --temperature 0"):
+        code, out, err = run_cli(capsys, "generate", "--model", TINY, "It was the", "--top-k", "5", *greedy,
+                                 "--max-new-tokens", "4", "--dtype", "float32")
     assert code == 0
 
 
@@ -273,3 +323,93 @@ def test_setup_with_cuda_torch_but_no_toolkit_builds_the_cpu_kernels(monkeypatch
     assert "-DMOLM_WITH_CUDA" not in str(extension.extra_compile_args)
     err = capsys.readouterr().err
     assert "WARNING" in err and "building the CPU kernels only" in err and "CUDA_HOME" in err
+
+
+# --- molm generate -i ------------------------------------------------------------------------------------------------
+import functools
+import select
+import signal
+
+
+def _cli_process(*argv, stdin=subprocess.PIPE):
+    """`molm generate ARGV` in a child that takes Ctrl-C (SIGINT) as an interactive shell would deliver it."""
+    return subprocess.Popen([sys.executable, "-m", "molm.cli", "generate", *argv], stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _read_until(stream, seen: bytes, done, timeout: float = 120.0) -> bytes:
+    """Read what `stream` has until done(everything read so far) holds (the timeout only guards a hang)."""
+    while not done(seen):
+        ready, _, _ = select.select([stream], [], [], timeout)
+        chunk = os.read(stream.fileno(), 4096) if ready else b""
+        if not chunk:
+            raise AssertionError(f"the output stopped after {seen!r}")
+        seen += chunk
+    return seen
+
+
+@functools.cache
+def _default_model():
+    return molm.load(cli.DEFAULT_MODEL)  # as `molm generate` loads it
+
+
+def _continuation(prompt: str, seed: int, max_new_tokens: int) -> str:
+    return molm.generate(_default_model(), prompt, max_new_tokens=max_new_tokens, **{**CLI_SAMPLING, "seed": seed})
+
+
+def test_interactive_reads_prompts_from_a_pipe():
+    """`printf 'ROMEO.\\nJULIET.\\n' | molm generate -i`: one output per line, no prompt marker, exit at EOF.
+    Blank lines are skipped; the n-th prompt samples from seed + n, so a repeated prompt gets a fresh text."""
+    result = subprocess.run([sys.executable, "-m", "molm.cli", "generate", "-i", "--max-new-tokens", "8"],
+                            input="ROMEO.\nJULIET.\n\nROMEO.\n", capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ""
+    expected = [(p, _continuation(p, seed, 8)) for seed, p in enumerate(["ROMEO.", "JULIET.", "ROMEO."])]
+    assert expected[0][1] != expected[2][1]
+    assert result.stdout == "".join(p + text + "\n" for p, text in expected)
+
+
+def test_interactive_ctrl_c_stops_the_generation_not_the_program():
+    proc = _cli_process("-i", "--max-new-tokens", "5000")
+    try:
+        proc.stdin.write(b"ROMEO.\n")
+        proc.stdin.flush()
+        out = _read_until(proc.stdout, b"", lambda seen: len(seen) > 40)  # it is generating
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write(b"JULIET.\n")
+        proc.stdin.flush()
+        out = _read_until(proc.stdout, out, lambda seen: b"\nJULIET." in seen and len(seen.split(b"\nJULIET.")[1]) > 40)
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.close()  # end of input
+        rest, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and b"Traceback" not in err
+    first, second = (out + rest).decode().split("\nJULIET.")
+    assert second.endswith("\n")  # the second generation was cut too, and the program ended at EOF
+    text = first[len("ROMEO."):]
+    assert first.startswith("ROMEO.") and text
+    full = ""
+    for piece in molm.generate(_default_model(), "ROMEO.", max_new_tokens=5000, stream=True,
+                               **CLI_SAMPLING):
+        full += piece
+        if len(full) > len(text) + 10:
+            break
+    assert full.startswith(text)  # what was printed is the start of the uninterrupted text
+
+
+def test_interactive_on_a_terminal_shows_a_prompt_marker():
+    import pty
+
+    controller, terminal = pty.openpty()
+    proc = _cli_process("-i", "--max-new-tokens", "8", stdin=terminal)
+    os.close(terminal)
+    try:
+        os.write(controller, b"ROMEO.\n\x04")  # a line, then Ctrl-D on an empty line: end of input
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        os.close(controller)
+    assert proc.returncode == 0 and err == b""
+    assert out.decode() == "> " + _continuation("ROMEO.", 0, 8) + "\n> \n"  # the typed prompt is not repeated

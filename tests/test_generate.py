@@ -130,3 +130,122 @@ def test_torch_export_round_trip(tmp_path, backend):
             assert isinstance(out, molm.ModelOutput)
             torch.testing.assert_close(out.logits, eager.logits, rtol=0, atol=1e-5)
             torch.testing.assert_close(out.aux_loss, eager.aux_loss, rtol=0, atol=1e-6)
+
+
+# --- repetition penalty and n-gram ban -------------------------------------------------------------------------------
+def _repeats_by_hand(row: list[int], logits: torch.Tensor, penalty: float, n: int) -> torch.Tensor:
+    """transformers' definitions on one unpadded row, a token at a time (logits [V] float32)."""
+    logits = logits.clone()
+    for token in set(row):
+        logits[token] = logits[token] / penalty if logits[token] > 0 else logits[token] * penalty
+    if n and len(row) >= n:
+        suffix = row[len(row) - n + 1:] if n > 1 else []
+        for start in range(len(row) - n + 1):
+            if row[start:start + n - 1] == suffix:
+                logits[row[start + n - 1]] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("penalty,n", [(1.3, 0), (0.7, 0), (1.0, 1), (1.0, 2), (1.2, 3), (1.5, 4)])
+def test_penalties_match_transformers_processors(penalty, n):
+    transformers = pytest.importorskip("transformers")
+    from molm.generate import penalize_repeats
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 12  # a small vocabulary, so that rows repeat tokens and n-grams
+    ids = torch.randint(0, vocab, (4, 20), generator=g)
+    ids[1, 10:] = ids[1, :10]  # a long repeat
+    logits = torch.randn(4, vocab, generator=g) * 3  # positive and negative logits
+    processors = transformers.LogitsProcessorList()
+    if penalty != 1.0:
+        processors.append(transformers.RepetitionPenaltyLogitsProcessor(penalty))
+    if n:
+        processors.append(transformers.NoRepeatNGramLogitsProcessor(n))
+    expected = processors(ids, logits.clone())
+    ours = penalize_repeats(logits, ids, torch.ones_like(ids, dtype=torch.bool), penalty, n)
+    assert torch.equal(ours, expected)
+    assert not torch.equal(ours, logits)  # the settings did something here
+    # Left padding counts for nothing: a padded row gives what transformers gives on the row alone.
+    pad = ids[0, -1].item()  # a token the row itself ends with, so counting it would show
+    padded = torch.cat([torch.full((4, 5), pad), ids], dim=1)
+    padded[0, :5] = ids[0, :5]  # row 0 is longer: no padding; the other rows have 5 padding tokens
+    valid = torch.ones_like(padded, dtype=torch.bool)
+    valid[1:, :5] = False
+    ours = penalize_repeats(logits, padded, valid, penalty, n)
+    assert torch.equal(ours[0], processors(padded[:1], logits[:1].clone())[0])
+    for row in range(1, 4):
+        assert torch.equal(ours[row], processors(ids[row:row + 1], logits[row:row + 1].clone())[0])
+
+
+def test_penalties_by_hand():
+    """The same definitions without transformers: random rows against a plain-Python loop."""
+    from molm.generate import penalize_repeats
+
+    g = torch.Generator().manual_seed(1)
+    for penalty, n in [(1.3, 0), (0.8, 2), (1.1, 3), (1.0, 1)]:
+        ids = torch.randint(0, 9, (3, 16), generator=g)
+        logits = torch.randn(3, 9, generator=g)
+        ours = penalize_repeats(logits, ids, torch.ones_like(ids, dtype=torch.bool), penalty, n)
+        for row in range(3):
+            assert torch.equal(ours[row], _repeats_by_hand(ids[row].tolist(), logits[row], penalty, n))
+
+
+def _greedy_reference(model, rows: list[list[int]], steps: int, penalty: float, n: int, eos=None) -> list[list[int]]:
+    """Each row alone, unpadded, the whole sequence through the model at every step (no cache)."""
+    out = []
+    for row in rows:
+        tokens = list(row)
+        for _ in range(steps):
+            with torch.no_grad():
+                logits = model(torch.tensor([tokens])).logits[0, -1]
+            token = int(_repeats_by_hand(tokens, logits, penalty, n).argmax())
+            tokens.append(token)
+            if token == eos:
+                break
+        out.append(tokens[len(row):])
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_with_penalties_matches_a_reference_loop(backend):
+    model = molm.load(os.path.join(DATA, "molm-tiny-b"), dtype=torch.float32, backend=backend)
+    rows = [[5, 6, 7, 5, 6, 9, 40, 7], [11, 3], [8, 9, 10, 8, 9]]
+    T = max(map(len, rows))
+    plain = _greedy_reference(model, rows, 1, 1.0, 0)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r] = plain[r][0]  # padding holds the row's own next greedy token: counting it would change the text
+        ids[r, T - len(row):] = torch.tensor(row)
+        mask[r, T - len(row):] = 1
+    for penalty, n in [(1.5, 0), (1.0, 2), (1.3, 3)]:
+        expected = _greedy_reference(model, rows, 20, penalty, n)
+        assert expected != _greedy_reference(model, rows, 20, 1.0, 0)  # the settings change the text here
+        out = molm.generate(model, ids, attention_mask=mask, max_new_tokens=20, repetition_penalty=penalty,
+                            no_repeat_ngram_size=n)
+        assert out[:, T:].tolist() == expected
+
+
+def test_penalties_survive_dropping_finished_rows():
+    """Rows that end at eos leave the batch; the others keep their own history and seen tokens."""
+    model = molm.load(os.path.join(DATA, "molm-tiny-b"), dtype=torch.float32, backend="reference")
+    rows = [[5, 6, 7, 5], [8, 9, 10, 8]]
+    settings = dict(repetition_penalty=1.4, no_repeat_ngram_size=2)
+    free = _greedy_reference(model, rows, 12, 1.4, 2)
+    eos = free[0][1]  # row 0 ends at its second token ...
+    expected = _greedy_reference(model, rows, 12, 1.4, 2, eos=eos)
+    assert len(expected[0]) == 2 and len(expected[1]) > 4  # ... and row 1 runs on alone, in a batch of one
+    for compact in (True, False):
+        steps = torch.stack(list(molm.generate_ids(model, torch.tensor(rows), max_new_tokens=12, eos_token_id=eos,
+                                                   pad_token_id=0, compact_finished=compact, **settings)), 1)
+        for r, tokens in enumerate(expected):
+            assert steps[r, : len(tokens)].tolist() == tokens
+
+
+@pytest.mark.parametrize("setting,message", [(dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+                                             (dict(repetition_penalty=-1.1), "repetition_penalty must be > 0"),
+                                             (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be"),
+                                             (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size must be")])
+def test_bad_penalty_settings(model, setting, message):
+    with pytest.raises(ValueError, match=message):
+        molm.generate(model, "It was", stream=True, **setting)
