@@ -20,9 +20,11 @@ import sysconfig
 try:
     import torch
 except ImportError as exc:  # most often: pip's isolated build environment, which has no torch
-    sys.exit(f"molm setup.py: cannot import torch ({exc}). molm's extension is compiled against the torch you "
-             "already have: install torch first (pip install torch), then install molm without build isolation: "
-             "pip install --no-build-isolation -e .")
+    sys.exit(
+        f"molm setup.py: cannot import torch ({exc}). molm's extension is compiled against the torch you "
+        "already have: install torch first (pip install torch), then install molm without build isolation: "
+        "pip install --no-build-isolation -e ."
+    )
 from setuptools import setup
 from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -51,8 +53,14 @@ def _cutlass_include_dirs():
             return []
         root = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
     dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
-    return dirs if all(os.path.isfile(os.path.join(d, f)) for d, f in
-                       zip(dirs, ("cutlass/cutlass.h", "cutlass/util/packed_stride.hpp"))) else []
+    return (
+        dirs
+        if all(
+            os.path.isfile(os.path.join(d, f))
+            for d, f in zip(dirs, ("cutlass/cutlass.h", "cutlass/util/packed_stride.hpp"))
+        )
+        else []
+    )
 
 
 def cutlass_sm90a_usable(arch_list: str) -> tuple[bool, str]:
@@ -79,19 +87,26 @@ def _nvcc() -> str | None:
 
 
 def _extension():
-    cpu_sources = ["csrc/ops.cpp", "csrc/bindings.cpp", "csrc/kernel_options.cpp",
-                   *_rel(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp")))]
+    cpu_sources = [
+        "csrc/ops.cpp",
+        "csrc/bindings.cpp",
+        "csrc/kernel_options.cpp",
+        *_rel(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp"))),
+    ]
     cxx_flags = ["-O3", "-fopenmp"]  # the -std flag comes from torch (C++17 code; torch >= 2.10 headers need C++20)
     use_cuda = torch.version.cuda is not None and os.environ.get("MOLM_CPU_ONLY", "0") != "1"
     if use_cuda and _nvcc() is None:
-        print(f"molm setup.py: WARNING: torch is built with CUDA {torch.version.cuda} but no CUDA toolkit was found "
-              "(nvcc not on PATH, CUDA_HOME not set): building the CPU kernels only. To build the CUDA kernels, "
-              "install the CUDA toolkit and set CUDA_HOME (or put nvcc on PATH); set MOLM_CPU_ONLY=1 to silence "
-              "this.", file=sys.stderr, flush=True)
+        print(
+            f"molm setup.py: WARNING: torch is built with CUDA {torch.version.cuda} but no CUDA toolkit was found "
+            "(nvcc not on PATH, CUDA_HOME not set): building the CPU kernels only. To build the CUDA kernels, "
+            "install the CUDA toolkit and set CUDA_HOME (or put nvcc on PATH); set MOLM_CPU_ONLY=1 to silence "
+            "this.",
+            file=sys.stderr,
+            flush=True,
+        )
         use_cuda = False
     if not use_cuda:
-        return CppExtension("molm._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
-                            extra_link_args=["-fopenmp"])
+        return CppExtension("molm._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cu"), recursive=True))
@@ -104,13 +119,19 @@ def _extension():
         defines.append("-DMOLM_WITH_CUTLASS")
     else:
         why_not = why_not or "CUTLASS not found (pip install nvidia-cutlass, or set CUTLASS_PATH)"
-        print(f"molm setup.py: {why_not}: building without the sm_90a CUTLASS grouped GEMM; Hopper GPUs use the "
-              "WMMA expert GEMM", flush=True)
+        print(
+            f"molm setup.py: {why_not}: building without the sm_90a CUTLASS grouped GEMM; Hopper GPUs use the "
+            "WMMA expert GEMM",
+            flush=True,
+        )
         cutlass_dirs = []
     return CUDAExtension(
-        "molm._C", cpu_sources + cuda_sources, include_dirs=_cuda_include_dirs() + cutlass_dirs,
+        "molm._C",
+        cpu_sources + cuda_sources,
+        include_dirs=_cuda_include_dirs() + cutlass_dirs,
         extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags + defines},
-        extra_link_args=["-fopenmp"])
+        extra_link_args=["-fopenmp"],
+    )
 
 
 if __name__ == "__main__":  # pip, setuptools' build backend and `python setup.py` run it as __main__; tests import it

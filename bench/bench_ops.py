@@ -14,9 +14,10 @@ import argparse
 import json
 
 import torch
-from common import median_seconds, run_metadata
 
 from molm import ops, reference
+
+from common import median_seconds, run_metadata
 
 C, K_SLOTS = 1024, 2
 E_MLP, F_MLP, E_ATT, D_ATT = 32, 2048, 16, 1024
@@ -65,31 +66,54 @@ def cases(dtype: torch.dtype, quick: bool):
     rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype)  # noqa: E731
     for n in (1, 8, 256):
         logits = rnd(n, E_MLP)
-        yield ("route_topk", f"N={n} E={E_MLP} k={K_SLOTS}", lambda a=logits: ops.route_topk(a, K_SLOTS),
-               lambda a=logits: reference.route_topk_ref(a, K_SLOTS), 0, logits.numel() * logits.element_size())
+        yield (
+            "route_topk",
+            f"N={n} E={E_MLP} k={K_SLOTS}",
+            lambda a=logits: ops.route_topk(a, K_SLOTS),
+            lambda a=logits: reference.route_topk_ref(a, K_SLOTS),
+            0,
+            logits.numel() * logits.element_size(),
+        )
         _, gates, _, sorted_slots, slot_positions, offsets = _routing(n, E_MLP, gen)
         gates = gates.to(dtype)
         h = rnd(n, C)
-        yield ("gather_rows", f"N={n} C={C} k={K_SLOTS}", lambda h=h, s=sorted_slots: ops.gather_rows(h, s, K_SLOTS),
-               lambda h=h, s=sorted_slots: reference.gather_rows_ref(h, s, K_SLOTS), 0, 2 * h.nbytes * K_SLOTS)
+        yield (
+            "gather_rows",
+            f"N={n} C={C} k={K_SLOTS}",
+            lambda h=h, s=sorted_slots: ops.gather_rows(h, s, K_SLOTS),
+            lambda h=h, s=sorted_slots: reference.gather_rows_ref(h, s, K_SLOTS),
+            0,
+            2 * h.nbytes * K_SLOTS,
+        )
         y = rnd(n * K_SLOTS, C)
-        yield ("scatter_ksum", f"N={n} C={C} k={K_SLOTS}",
-               lambda y=y, g=gates, p=slot_positions: ops.scatter_ksum(y, g, p),
-               lambda y=y, g=gates, p=slot_positions: reference.scatter_ksum_ref(y, g, p), 2 * y.numel(),
-               y.nbytes * 3 // 2)
-        for name, e, k_in, n_out, act in (("mlp_up", E_MLP, C, F_MLP, "gelu_new"), ("mlp_down", E_MLP, F_MLP, C, "none"),
-                                          ("att_q", E_ATT, C, D_ATT, "none")):
+        yield (
+            "scatter_ksum",
+            f"N={n} C={C} k={K_SLOTS}",
+            lambda y=y, g=gates, p=slot_positions: ops.scatter_ksum(y, g, p),
+            lambda y=y, g=gates, p=slot_positions: reference.scatter_ksum_ref(y, g, p),
+            2 * y.numel(),
+            y.nbytes * 3 // 2,
+        )
+        for name, e, k_in, n_out, act in (
+            ("mlp_up", E_MLP, C, F_MLP, "gelu_new"),
+            ("mlp_down", E_MLP, F_MLP, C, "none"),
+            ("att_q", E_ATT, C, D_ATT, "none"),
+        ):
             if e != E_MLP:
                 _, _, _, _, _, offsets_e = _routing(n, e, gen)
             else:
                 offsets_e = offsets
             x = rnd(n * K_SLOTS, k_in)
-            w = rnd(e, k_in, n_out) * k_in ** -0.5
+            w = rnd(e, k_in, n_out) * k_in**-0.5
             touched = int((offsets_e[1:] > offsets_e[:-1]).sum())
-            yield ("expert_gemm", f"{name} N={n} {e}x{k_in}->{n_out} {act}",
-                   lambda x=x, w=w, o=offsets_e, a=act: ops.expert_gemm(x, w, o, a),
-                   lambda x=x, w=w, o=offsets_e, a=act: reference.expert_gemm_ref(x, w, o, a),
-                   2 * x.shape[0] * k_in * n_out, touched * k_in * n_out * w.element_size())
+            yield (
+                "expert_gemm",
+                f"{name} N={n} {e}x{k_in}->{n_out} {act}",
+                lambda x=x, w=w, o=offsets_e, a=act: ops.expert_gemm(x, w, o, a),
+                lambda x=x, w=w, o=offsets_e, a=act: reference.expert_gemm_ref(x, w, o, a),
+                2 * x.shape[0] * k_in * n_out,
+                touched * k_in * n_out * w.element_size(),
+            )
     att = [("decode", 1, 1024), ("decode", 1, 4096), ("prefill", 512, 512), ("prefill", 1024, 1024)]
     if quick:
         att = att[:2] + att[2:3]
@@ -97,19 +121,27 @@ def cases(dtype: torch.dtype, quick: bool):
         q = rnd(1, t, K_SLOTS, 1, D_ATT)
         kv = rnd(1, s, 1, D_ATT)  # MoLM: K = V = ln_1 output
         bias = torch.zeros(1, s)
-        scale = D_ATT ** -0.5
+        scale = D_ATT**-0.5
         pairs = t * s - t * (t - 1) // 2  # causal (query, key) pairs
-        yield ("sb_attention", f"{kind} T={t} S={s} k={K_SLOTS} D={D_ATT}",
-               lambda q=q, kv=kv, b=bias: ops.sb_attention(q, kv, kv, b, scale),
-               lambda q=q, kv=kv, b=bias: reference.sb_attention_ref(q, kv, kv, b, scale),
-               4 * K_SLOTS * pairs * D_ATT, kv.nbytes + 2 * q.nbytes)
+        yield (
+            "sb_attention",
+            f"{kind} T={t} S={s} k={K_SLOTS} D={D_ATT}",
+            lambda q=q, kv=kv, b=bias: ops.sb_attention(q, kv, kv, b, scale),
+            lambda q=q, kv=kv, b=bias: reference.sb_attention_ref(q, kv, kv, b, scale),
+            4 * K_SLOTS * pairs * D_ATT,
+            kv.nbytes + 2 * q.nbytes,
+        )
     for t in (256,) if quick else (256, 512):  # backward: fused op vs the old fallback (fp32 reference autograd)
         q, kv, grad = rnd(1, t, K_SLOTS, 1, D_ATT), rnd(1, t, 1, D_ATT), rnd(1, t, K_SLOTS, 1, D_ATT)
-        scale = D_ATT ** -0.5
-        yield ("sb_attn_bwd", f"prefill T={t} S={t} k={K_SLOTS} D={D_ATT}",
-               lambda q=q, kv=kv, g=grad: _sb_backward(q, kv, g, scale),
-               lambda q=q, kv=kv, g=grad: _sb_backward_fallback(q, kv, g, scale),
-               10 * K_SLOTS * (t * (t + 1) // 2) * D_ATT, 3 * kv.nbytes + 3 * q.nbytes)
+        scale = D_ATT**-0.5
+        yield (
+            "sb_attn_bwd",
+            f"prefill T={t} S={t} k={K_SLOTS} D={D_ATT}",
+            lambda q=q, kv=kv, g=grad: _sb_backward(q, kv, g, scale),
+            lambda q=q, kv=kv, g=grad: _sb_backward_fallback(q, kv, g, scale),
+            10 * K_SLOTS * (t * (t + 1) // 2) * D_ATT,
+            3 * kv.nbytes + 3 * q.nbytes,
+        )
 
 
 def main() -> None:
@@ -122,19 +154,32 @@ def main() -> None:
     ops._require_extension()
     dtype = getattr(torch, args.dtype)
     records = []
-    print(f"{'op':<13} {'case':<42} {'molm µs':>10} {'ref µs':>10} {'speedup':>8} {'GFLOP/s':>8} {'GB/s':>7} "
-          f"{'max err':>9} {'bitwise':>7}")
+    print(
+        f"{'op':<13} {'case':<42} {'molm µs':>10} {'ref µs':>10} {'speedup':>8} {'GFLOP/s':>8} {'GB/s':>7} "
+        f"{'max err':>9} {'bitwise':>7}"
+    )
     for family, shape, fn, fn_ref, flops, nbytes in cases(dtype, args.quick):
         runs = max(3, args.runs // 4) if "prefill" in shape else args.runs
         out, out_ref = fn(), fn_ref()
         us = _median_us(fn, runs)
         us_ref = _median_us(fn_ref, runs)
-        rec = dict(op=family, case=shape, dtype=args.dtype, molm_us=us, ref_us=us_ref, speedup=us_ref / us,
-                   gflops=flops / us / 1e3, gbps=nbytes / us / 1e3, max_err=_max_err(out, out_ref),
-                   bitwise_repeat=_equal(out, fn()))
+        rec = dict(
+            op=family,
+            case=shape,
+            dtype=args.dtype,
+            molm_us=us,
+            ref_us=us_ref,
+            speedup=us_ref / us,
+            gflops=flops / us / 1e3,
+            gbps=nbytes / us / 1e3,
+            max_err=_max_err(out, out_ref),
+            bitwise_repeat=_equal(out, fn()),
+        )
         records.append(rec)
-        print(f"{family:<13} {shape:<42} {us:>10.1f} {us_ref:>10.1f} {rec['speedup']:>7.2f}x {rec['gflops']:>8.1f} "
-              f"{rec['gbps']:>7.2f} {rec['max_err']:>9.2e} {str(rec['bitwise_repeat']):>7}")
+        print(
+            f"{family:<13} {shape:<42} {us:>10.1f} {us_ref:>10.1f} {rec['speedup']:>7.2f}x {rec['gflops']:>8.1f} "
+            f"{rec['gbps']:>7.2f} {rec['max_err']:>9.2e} {str(rec['bitwise_repeat']):>7}"
+        )
     if args.json:
         meta = dict(run_metadata(), avx2=ops._C.cpu_uses_avx2())
         with open(args.json, "w") as f:

@@ -31,8 +31,13 @@ def run_metadata() -> dict:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         sha = ""
-    return {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "git_sha": sha, "date": datetime.datetime.now().isoformat()}
+    return {
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "git_sha": sha,
+        "date": datetime.datetime.now().isoformat(),
+    }
 
 
 @torch.no_grad()

@@ -25,10 +25,11 @@ import sys
 import time
 
 import torch
-from common import median_seconds, peak_rss_gb, random_model, run_metadata
 
 import molm
 from molm.config import PRESETS
+
+from common import median_seconds, peak_rss_gb, random_model, run_metadata
 
 
 def decode_bytes_per_step(model, context: int) -> int:
@@ -111,19 +112,33 @@ def contention_worker(spec: dict) -> None:
                 torch.set_num_threads(default_threads if threads == "default" else threads)
                 if isa is not None:
                     ops.set_cpu_isa(isa)
-                measure = expert_gemm_once(model) if spec["measure"] == "expert_gemm" else \
-                    decode_once(model, spec["prompt"], spec["steps"])
+                measure = (
+                    expert_gemm_once(model)
+                    if spec["measure"] == "expert_gemm"
+                    else decode_once(model, spec["prompt"], spec["steps"])
+                )
                 samples[(threads, isa)].append(measure)
-    print(json.dumps({"default_threads": default_threads, "molm_file": molm.__file__,
-                      "default_isa": ops.cpu_isa() if has_isa else None,
-                      "results": [{"threads": t, "isa": isa, "samples": samples[(t, isa)]} for t, isa in conditions]}))
+    print(
+        json.dumps(
+            {
+                "default_threads": default_threads,
+                "molm_file": molm.__file__,
+                "default_isa": ops.cpu_isa() if has_isa else None,
+                "results": [{"threads": t, "isa": isa, "samples": samples[(t, isa)]} for t, isa in conditions],
+            }
+        )
+    )
 
 
 def run_checkout(path: str, spec: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
     env.pop("OMP_NUM_THREADS", None)  # the default thread count is one of the settings compared
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"worker for {path} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -137,10 +152,14 @@ def git_commit(path: str) -> str:
 def contention_main(args) -> None:
     builds = dict(b.split("=", 1) for b in args.builds) or {"this": os.path.dirname(os.path.dirname(__file__))}
     records = []
-    print(f"batch-1 decode, MoLM-350M-4B widths, {args.layers} layers, prompt {args.prompt}, {args.steps} steps, "
-          f"median of {args.repeats}; {os.cpu_count()} CPUs")
-    print(f"{'phase':>13} {'checkout':>8} {'dtype':>9} {'threads':>8} {'isa':>12} {'median':>9}  samples "
-          "(decode: tok/s; op: expert_gemm calls/s)")
+    print(
+        f"batch-1 decode, MoLM-350M-4B widths, {args.layers} layers, prompt {args.prompt}, {args.steps} steps, "
+        f"median of {args.repeats}; {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'phase':>13} {'checkout':>8} {'dtype':>9} {'threads':>8} {'isa':>12} {'median':>9}  samples "
+        "(decode: tok/s; op: expert_gemm calls/s)"
+    )
     all_isas = ["scalar", "avx2", "avx512", "avx512_bf16"]
     phases = {  # name: (competing process, thread settings, isas (None: the checkout's default), measure)
         "competitor": (True, ["default", 1], [None], "decode"),
@@ -151,13 +170,20 @@ def contention_main(args) -> None:
     }
     for phase in args.phases:
         compete, threads, isas, measure = phases[phase]
-        for dtype in (args.dtypes if "isa" in phase else args.dtypes[:1]):
+        for dtype in args.dtypes if "isa" in phase else args.dtypes[:1]:
             for name, path in builds.items():
                 if "isa" in phase and "def set_cpu_isa" not in open(os.path.join(path, "molm", "ops.py")).read():
                     continue  # a checkout without the switch has nothing to report here
-                spec = {"layers": args.layers, "dtype": dtype, "prompt": args.prompt, "steps": args.steps,
-                        "repeats": args.repeats, "threads": threads, "measure": measure,
-                        "isas": [i for i in isas if i is not None] or [None]}
+                spec = {
+                    "layers": args.layers,
+                    "dtype": dtype,
+                    "prompt": args.prompt,
+                    "steps": args.steps,
+                    "repeats": args.repeats,
+                    "threads": threads,
+                    "measure": measure,
+                    "isas": [i for i in isas if i is not None] or [None],
+                }
                 busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if compete else None
                 try:
                     load_before = os.getloadavg()
@@ -169,19 +195,44 @@ def contention_main(args) -> None:
                         busy.wait()
                 for r in out["results"]:
                     med = statistics.median(r["samples"])
-                    print(f"{phase:>13} {name:>8} {dtype:>9} {str(r['threads']):>8} {str(r['isa'] or '-'):>12} "
-                          f"{med:>9.2f}  {' '.join(f'{v:.1f}' for v in r['samples'])}")
-                    records.append({"phase": phase, "competing_busy_process": compete, "checkout": name,
-                                    "dtype": dtype, "threads": r["threads"], "default_threads": out["default_threads"],
-                                    "isa": r["isa"] or out["default_isa"], "measure": measure,
-                                    "unit": "tok/s" if measure == "decode" else "calls/s", "median": med,
-                                    "samples": r["samples"], "loadavg_1m_before": load_before[0],
-                                    "loadavg_1m_after": load_after[0]})
+                    print(
+                        f"{phase:>13} {name:>8} {dtype:>9} {str(r['threads']):>8} {str(r['isa'] or '-'):>12} "
+                        f"{med:>9.2f}  {' '.join(f'{v:.1f}' for v in r['samples'])}"
+                    )
+                    records.append(
+                        {
+                            "phase": phase,
+                            "competing_busy_process": compete,
+                            "checkout": name,
+                            "dtype": dtype,
+                            "threads": r["threads"],
+                            "default_threads": out["default_threads"],
+                            "isa": r["isa"] or out["default_isa"],
+                            "measure": measure,
+                            "unit": "tok/s" if measure == "decode" else "calls/s",
+                            "median": med,
+                            "samples": r["samples"],
+                            "loadavg_1m_before": load_before[0],
+                            "loadavg_1m_after": load_after[0],
+                        }
+                    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": dict(run_metadata(), layers=args.layers, prompt=args.prompt, steps=args.steps,
-                                    repeats=args.repeats, checkouts={name: git_commit(path) for name, path in
-                                                                     builds.items()}), "records": records}, f, indent=2)
+            json.dump(
+                {
+                    "meta": dict(
+                        run_metadata(),
+                        layers=args.layers,
+                        prompt=args.prompt,
+                        steps=args.steps,
+                        repeats=args.repeats,
+                        checkouts={name: git_commit(path) for name, path in builds.items()},
+                    ),
+                    "records": records,
+                },
+                f,
+                indent=2,
+            )
 
 
 def main() -> None:
@@ -197,11 +248,20 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["reference", "extension"])
     parser.add_argument("--json", default=None, help="write the records to this path")
     parser.add_argument("--contention", action="store_true", help="busy-machine mode (see above)")
-    parser.add_argument("--builds", nargs="+", default=[], metavar="NAME=PATH",
-                        help="molm checkouts (with a built extension) to compare in --contention mode (default: this)")
+    parser.add_argument(
+        "--builds",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="molm checkouts (with a built extension) to compare in --contention mode (default: this)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="rounds per setting in --contention mode")
-    parser.add_argument("--phases", nargs="+", default=["competitor", "quiet", "op_competitor", "isa", "op_isa"],
-                        help="--contention phases to run")
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        default=["competitor", "quiet", "op_competitor", "isa", "op_isa"],
+        help="--contention phases to run",
+    )
     args = parser.parse_args()
     if args.contention:
         return contention_main(args)
@@ -209,8 +269,10 @@ def main() -> None:
     config = PRESETS["MoLM-350M-4B"]().replace(n_layer=args.layers)
     records = []
     print(f"MoLM-350M-4B widths, {args.layers} layers, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    header = (f"{'dtype':>9} {'batch':>5} {'backend':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode x':>9} "
-              f"{'decode GB/s':>12} {'peak RSS GB':>12}")
+    header = (
+        f"{'dtype':>9} {'batch':>5} {'backend':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode x':>9} "
+        f"{'decode GB/s':>12} {'peak RSS GB':>12}"
+    )
     print(header)
     print("-" * len(header))
     for dtype_name in args.dtypes:
@@ -230,15 +292,31 @@ def main() -> None:
                 rates[backend] = decode
                 speedup = decode / rates["reference"] if "reference" in rates else float("nan")
                 # weight bytes are shared by the batch only when rows pick the same experts: report batch 1 only
-                gbs = decode_bytes_per_step(model, args.prompt + args.steps // 2) * decode / 1e9 if batch == 1 \
+                gbs = (
+                    decode_bytes_per_step(model, args.prompt + args.steps // 2) * decode / 1e9
+                    if batch == 1
                     else float("nan")
+                )
                 rss = peak_rss_gb()
-                print(f"{dtype_name:>9} {batch:>5} {backend:>10} {prefill:>14.1f} {decode:>13.2f} {speedup:>8.2f}x "
-                      f"{gbs:>12.2f} {rss:>12.1f}")
-                records.append({"dtype": dtype_name, "batch": batch, "backend": backend, "layers": args.layers,
-                                "prompt": args.prompt, "prefill_len": args.prefill, "prefill_tok_s": prefill,
-                                "decode_tok_s": decode, "decode_speedup_vs_reference": speedup,
-                                "decode_GB_s_batch1": None if batch != 1 else gbs, "peak_rss_GB": rss})
+                print(
+                    f"{dtype_name:>9} {batch:>5} {backend:>10} {prefill:>14.1f} {decode:>13.2f} {speedup:>8.2f}x "
+                    f"{gbs:>12.2f} {rss:>12.1f}"
+                )
+                records.append(
+                    {
+                        "dtype": dtype_name,
+                        "batch": batch,
+                        "backend": backend,
+                        "layers": args.layers,
+                        "prompt": args.prompt,
+                        "prefill_len": args.prefill,
+                        "prefill_tok_s": prefill,
+                        "decode_tok_s": decode,
+                        "decode_speedup_vs_reference": speedup,
+                        "decode_GB_s_batch1": None if batch != 1 else gbs,
+                        "peak_rss_GB": rss,
+                    }
+                )
         del model
     if args.json:
         meta = run_metadata()

@@ -4,7 +4,8 @@
     python bench/e2e.py --device cpu --smoke                      # a seconds-long run of the same code paths
 
 For every model and implementation:
-  * paper_setting: the setting of the ModuleFormer README's speed table as far as it can be inferred (one forward of 16 x 2048 tokens:
+  * paper_setting: the setting of the ModuleFormer README's speed table as far as it can be inferred (one forward
+    of 16 x 2048 tokens:
     latency ms, throughput tok/s, peak memory GB; the README reports 497 ms / 71,017 tok/s / 27 GB for
     MoLM-350M-4B and does not state batch or length — 71,017 tok/s x 0.497 s ~ 35k tokens ~ 16 x 2048),
   * decode at batch 1 / 8 / 64 and context 128 / 1024 / 4096 (tok/s and % of the HBM roofline: bytes the step
@@ -29,13 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import random_model, run_metadata  # noqa: E402
-
 import molm  # noqa: E402
 from molm import ops  # noqa: E402
 from molm.config import PRESETS  # noqa: E402
-from molm.plotting import pyplot  # noqa: E402
 from molm.engine import StaticDecoder  # noqa: E402
+from molm.plotting import pyplot  # noqa: E402
+
+from common import random_model, run_metadata  # noqa: E402
 
 OP_NAMES = ["route_topk", "gather_rows", "scatter_ksum", "expert_gemm", "expert_gemm_wgrad", "sb_attention"]
 
@@ -125,8 +126,13 @@ def dense_twin(config, dtype, device) -> DenseLM:
     model.to(dtype).to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            (p.fill_(1.0) if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight"
-             else p.zero_() if name.endswith("bias") else p.normal_(0.0, 0.02))
+            (
+                p.fill_(1.0)
+                if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight"
+                else p.zero_()
+                if name.endswith("bias")
+                else p.normal_(0.0, 0.02)
+            )
     return model.eval()
 
 
@@ -148,17 +154,23 @@ def decode_bytes_per_step(config, batch: int, context: int, element: int = 2) ->
     def touched(E, k):  # expected distinct experts among `batch` rows picking k of E uniformly
         return E * (1 - (1 - k / E) ** batch)
 
-    per_layer = (touched(config.n_att_experts, config.k_att) * 2 * C * config.att_hidden
-                 + touched(config.n_mlp_experts, config.k_mlp) * 2 * C * config.ffd_hidden
-                 + 2 * (C * config.gating_size + config.gating_size * config.n_mlp_experts) + 4 * C
-                 + batch * context * config.att_hidden * (1 if config.identity_kv else 2))
+    per_layer = (
+        touched(config.n_att_experts, config.k_att) * 2 * C * config.att_hidden
+        + touched(config.n_mlp_experts, config.k_mlp) * 2 * C * config.ffd_hidden
+        + 2 * (C * config.gating_size + config.gating_size * config.n_mlp_experts)
+        + 4 * C
+        + batch * context * config.att_hidden * (1 if config.identity_kv else 2)
+    )
     return element * (config.n_layer * per_layer + config.vocab_size * C)
 
 
 def dense_decode_bytes(model: DenseLM, batch: int, context: int, element: int = 2) -> float:
     C = model.wte.weight.shape[1]
-    return element * (sum(p.numel() for p in model.parameters()) - model.wte.weight.numel()
-                      + len(model.blocks) * batch * context * 2 * C)
+    return element * (
+        sum(p.numel() for p in model.parameters())
+        - model.wte.weight.numel()
+        + len(model.blocks) * batch * context * 2 * C
+    )
 
 
 def decode_molm(model, batch: int, context: int, steps: int, graphs: bool) -> float:
@@ -186,8 +198,13 @@ def decode_dense(model: DenseLM, batch: int, context: int, steps: int) -> float:
     blk = model.blocks[0]
     C, H = model.wte.weight.shape[1], blk.heads
     capacity = context + steps + 1
-    caches = [(torch.randn(batch, H, capacity, C // H, device=device, dtype=dtype),
-               torch.randn(batch, H, capacity, C // H, device=device, dtype=dtype)) for _ in model.blocks]
+    caches = [
+        (
+            torch.randn(batch, H, capacity, C // H, device=device, dtype=dtype),
+            torch.randn(batch, H, capacity, C // H, device=device, dtype=dtype),
+        )
+        for _ in model.blocks
+    ]
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
     position = torch.zeros(1, dtype=torch.long, device=device)
     window = 1 << math.ceil(math.log2(context + steps + 1))
@@ -223,12 +240,19 @@ def forward_seconds(model, batch: int, length: int, repeats: int = 2) -> tuple[f
     ids = torch.randint(0, 500, (batch, length), device=device)
     if isinstance(model, DenseLM):
         C, H = model.wte.weight.shape[1], model.blocks[0].heads
-        caches = [(torch.empty(batch, H, length, C // H, device=device, dtype=model.wte.weight.dtype),) * 2
-                  for _ in model.blocks]
+        caches = [
+            (torch.empty(batch, H, length, C // H, device=device, dtype=model.wte.weight.dtype),) * 2
+            for _ in model.blocks
+        ]
         run = lambda: model(ids, caches)  # noqa: E731
     else:
-        run = lambda: model(ids, past_key_values=molm.KVCache.for_model(model, batch, length),  # noqa: E731
-                            use_cache=True, return_aux_loss=False, logits_to_keep=1)
+        run = lambda: model(  # noqa: E731
+            ids,
+            past_key_values=molm.KVCache.for_model(model, batch, length),
+            use_cache=True,
+            return_aux_loss=False,
+            logits_to_keep=1,
+        )
     run()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -248,8 +272,11 @@ def expert_load(model, batch: int, length: int) -> dict:
     hooks = []
     for block in model.transformer.h:
         for kind, router in (("attention", block.attn.q_proj.gate), ("mlp", block.mlpf.gate)):
-            hooks.append(router.register_forward_hook(
-                lambda mod, args, out, kind=kind: counts[kind].append(out[0].expert_offsets.diff().cpu().tolist())))
+            hooks.append(
+                router.register_forward_hook(
+                    lambda mod, args, out, kind=kind: counts[kind].append(out[0].expert_offsets.diff().cpu().tolist())
+                )
+            )
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=model.device)
     try:
         model(ids, return_aux_loss=False, logits_to_keep=1)
@@ -263,8 +290,12 @@ def plot_load(loads: dict, path: str) -> None:
     plt = pyplot(path)
     if plt is None:
         return
-    rows = [(name, kind, torch.tensor(c, dtype=torch.float64)) for name, load in loads.items()
-            for kind, c in load.items() if c]
+    rows = [
+        (name, kind, torch.tensor(c, dtype=torch.float64))
+        for name, load in loads.items()
+        for kind, c in load.items()
+        if c
+    ]
     fig, axes = plt.subplots(len(rows), 1, figsize=(10, 2.6 * len(rows)), squeeze=False)
     for ax, (name, kind, c) in zip(axes[:, 0], rows):
         share = c / c.sum(1, keepdim=True)
@@ -282,8 +313,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["MoLM-350M-4B", "MoLM-700M-4B", "MoLM-700M-8B"])
     parser.add_argument("--impls", nargs="+", default=["extension", "reference", "dense"])
-    parser.add_argument("--reference-models", nargs="+", default=["MoLM-350M-4B"],
-                        help="models also run with the slow reference backend and the dense twin")
+    parser.add_argument(
+        "--reference-models",
+        nargs="+",
+        default=["MoLM-350M-4B"],
+        help="models also run with the slow reference backend and the dense twin",
+    )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
     parser.add_argument("--steps", type=int, default=16)
@@ -302,8 +337,10 @@ def main() -> None:
         paper_shape, prefill_shape, ttft_len = (16, 2048), (32, 2048), 2048
     kernels = cuda_kernels() if device.type == "cuda" else {}
     if kernels and not all(kernels.values()):
-        print(f"WARNING: ops without a CUDA kernel (the extension backend will fail on them): "
-              f"{[k for k, v in kernels.items() if not v]}")
+        print(
+            f"WARNING: ops without a CUDA kernel (the extension backend will fail on them): "
+            f"{[k for k, v in kernels.items() if not v]}"
+        )
     records, loads = [], {}
 
     def write_json():
@@ -311,8 +348,13 @@ def main() -> None:
         if device.type == "cuda":
             props = torch.cuda.get_device_properties(device)
             meta.update(gpu=props.name, cuda=torch.version.cuda, gpu_memory_GB=props.total_memory / 1e9)
-        meta.update(cuda_kernels=kernels, hbm_gbs_assumed=args.hbm_gbs, dtype="bfloat16", smoke=args.smoke,
-                    note="random weights (normal 0.02); decode caches hold random values; timing only")
+        meta.update(
+            cuda_kernels=kernels,
+            hbm_gbs_assumed=args.hbm_gbs,
+            dtype="bfloat16",
+            smoke=args.smoke,
+            note="random weights (normal 0.02); decode caches hold random values; timing only",
+        )
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:
@@ -323,17 +365,28 @@ def main() -> None:
             if impl == "extension":
                 loads[name] = expert_load(model, *prefill_shape[:1], min(prefill_shape[1], 512))
             seconds, peak = forward_seconds(model, *paper_shape)
-            rec["paper_setting"] = {"batch": paper_shape[0], "length": paper_shape[1], "latency_ms": seconds * 1e3,
-                                 "throughput_tok_s": paper_shape[0] * paper_shape[1] / seconds,
-                                 "peak_memory_GB": peak}
+            rec["paper_setting"] = {
+                "batch": paper_shape[0],
+                "length": paper_shape[1],
+                "latency_ms": seconds * 1e3,
+                "throughput_tok_s": paper_shape[0] * paper_shape[1] / seconds,
+                "peak_memory_GB": peak,
+            }
             seconds, peak = forward_seconds(model, *prefill_shape)
-            rec["prefill"] = {"batch": prefill_shape[0], "length": prefill_shape[1],
-                              "tok_s": prefill_shape[0] * prefill_shape[1] / seconds, "peak_memory_GB": peak}
+            rec["prefill"] = {
+                "batch": prefill_shape[0],
+                "length": prefill_shape[1],
+                "tok_s": prefill_shape[0] * prefill_shape[1] / seconds,
+                "peak_memory_GB": peak,
+            }
             seconds, _ = forward_seconds(model, 1, ttft_len)
             rec["ttft_ms"] = {"length": ttft_len, "ms": seconds * 1e3}
-            print(f"   paper setting {paper_shape}: {rec['paper_setting']['latency_ms']:.1f} ms, "
-                  f"{rec['paper_setting']['throughput_tok_s']:.0f} tok/s, {rec['paper_setting']['peak_memory_GB']:.1f} GB;"
-                  f" prefill {prefill_shape}: {rec['prefill']['tok_s']:.0f} tok/s; TTFT {rec['ttft_ms']['ms']:.1f} ms")
+            print(
+                f"   paper setting {paper_shape}: {rec['paper_setting']['latency_ms']:.1f} ms, "
+                f"{rec['paper_setting']['throughput_tok_s']:.0f} tok/s, "
+                f"{rec['paper_setting']['peak_memory_GB']:.1f} GB;"
+                f" prefill {prefill_shape}: {rec['prefill']['tok_s']:.0f} tok/s; TTFT {rec['ttft_ms']['ms']:.1f} ms"
+            )
             rec["decode"] = []
             for batch in args.batches:
                 for context in args.contexts:
@@ -341,20 +394,35 @@ def main() -> None:
                         step = decode_dense(model, batch, context, args.steps)
                         nbytes = dense_decode_bytes(model, batch, context)
                     else:
-                        step = decode_molm(model, batch, context, args.steps,
-                                           graphs=impl == "extension" and device.type == "cuda")
+                        step = decode_molm(
+                            model, batch, context, args.steps, graphs=impl == "extension" and device.type == "cuda"
+                        )
                         nbytes = decode_bytes_per_step(config, batch, context)
                     tok_s = batch / step
                     roofline = nbytes / step / 1e9 / args.hbm_gbs * 100
-                    rec["decode"].append({"batch": batch, "context": context, "tok_s": tok_s,
-                                          "step_ms": step * 1e3, "bytes_per_step": nbytes,
-                                          "pct_hbm_roofline": roofline})
-                    print(f"   decode B={batch:<3} ctx={context:<5} {tok_s:>10.0f} tok/s  {step * 1e3:8.3f} ms/step"
-                          f"  {roofline:5.1f} % of HBM roofline")
+                    rec["decode"].append(
+                        {
+                            "batch": batch,
+                            "context": context,
+                            "tok_s": tok_s,
+                            "step_ms": step * 1e3,
+                            "bytes_per_step": nbytes,
+                            "pct_hbm_roofline": roofline,
+                        }
+                    )
+                    print(
+                        f"   decode B={batch:<3} ctx={context:<5} {tok_s:>10.0f} tok/s  {step * 1e3:8.3f} ms/step"
+                        f"  {roofline:5.1f} % of HBM roofline"
+                    )
 
     for name in args.models:
-        config = PRESETS[name]() if not args.smoke else PRESETS[name]().replace(
-            n_layer=2, n_embd=64, att_hidden=64, ffd_hidden=128, gating_size=32, vocab_size=512)
+        config = (
+            PRESETS[name]()
+            if not args.smoke
+            else PRESETS[name]().replace(
+                n_layer=2, n_embd=64, att_hidden=64, ffd_hidden=128, gating_size=32, vocab_size=512
+            )
+        )
         moe = random_model(config, dtype, device, backend="extension")
         impls = [i for i in args.impls if i == "extension" or name in args.reference_models or args.smoke]
         for impl in impls:

@@ -67,9 +67,11 @@ def _causal_pairs(t: int, s: int) -> int:
 
 
 # Prefill paths (molm.ops.set_kernel_options, read by the extension on every call).
-PATHS = {"fused": dict(sb_fused=True, sb_early_exit=True),
-         "fused, no early exit": dict(sb_fused=True, sb_early_exit=False),
-         "tiled (cuBLAS)": dict(sb_fused=False, sb_early_exit=True)}
+PATHS = {
+    "fused": dict(sb_fused=True, sb_early_exit=True),
+    "fused, no early exit": dict(sb_fused=True, sb_early_exit=False),
+    "tiled (cuBLAS)": dict(sb_fused=False, sb_early_exit=True),
+}
 
 
 def _use_path(name: str) -> None:
@@ -84,7 +86,7 @@ def prefill_cases(quick: bool, runs: int, gen: torch.Generator):
     for B, T in shapes:
         q = torch.randn(B, T, K_SLOTS, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
         kv = torch.randn(B, T, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
-        scale = D ** -0.5
+        scale = D**-0.5
         try:
             ms_ref = _median_ms(lambda: reference.sb_attention_ref(q, kv, kv, None, scale), max(3, runs // 4), warmup=1)
         except torch.OutOfMemoryError:
@@ -93,8 +95,9 @@ def prefill_cases(quick: bool, runs: int, gen: torch.Generator):
         pairs = B * K_SLOTS * _causal_pairs(T, T)
         for regime, shift in (("random logits", None), ("long range", -4.0)):
             bias = None if shift is None else torch.full((B, T), shift, device="cuda")
-            ref32 = reference.sb_attention_ref(q[:1].float(), kv[:1].float(), kv[:1].float(),
-                                               None if bias is None else bias[:1], scale)
+            ref32 = reference.sb_attention_ref(
+                q[:1].float(), kv[:1].float(), kv[:1].float(), None if bias is None else bias[:1], scale
+            )
             for path in PATHS if shift is None else ("fused", "fused, no early exit"):
                 _use_path(path)
                 fn = lambda: ops.sb_attention(q, kv, kv, bias, scale)  # noqa: E731
@@ -102,10 +105,21 @@ def prefill_cases(quick: bool, runs: int, gen: torch.Generator):
                 err, bitwise = _max_err(out[:1], ref32), torch.equal(out, fn())
                 del out
                 ms = _median_ms(fn, runs)
-                yield dict(kind="prefill", case=f"B={B} T=S={T} k={K_SLOTS} D={D} bf16", path=path, regime=regime,
-                           ms=ms, ref_ms=ms_ref, speedup=ms_ref / ms, tflops=4 * pairs * D / ms / 1e9,
-                           gspecial_per_s=SPECIAL_PER_PAIR * pairs / ms / 1e6, gbps=None, pct_hbm=None, max_err=err,
-                           bitwise_repeat=bitwise)
+                yield dict(
+                    kind="prefill",
+                    case=f"B={B} T=S={T} k={K_SLOTS} D={D} bf16",
+                    path=path,
+                    regime=regime,
+                    ms=ms,
+                    ref_ms=ms_ref,
+                    speedup=ms_ref / ms,
+                    tflops=4 * pairs * D / ms / 1e9,
+                    gspecial_per_s=SPECIAL_PER_PAIR * pairs / ms / 1e6,
+                    gbps=None,
+                    pct_hbm=None,
+                    max_err=err,
+                    bitwise_repeat=bitwise,
+                )
                 torch.cuda.empty_cache()
     _use_path("fused")
     # backward at one training shape: fused op vs autograd of the reference
@@ -113,7 +127,7 @@ def prefill_cases(quick: bool, runs: int, gen: torch.Generator):
     q = torch.randn(B, T, K_SLOTS, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(B, T, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(q.shape, generator=gen, device="cuda", dtype=torch.bfloat16)
-    scale = D ** -0.5
+    scale = D**-0.5
 
     def fused():
         dq, dk, dv, _ = torch.ops.molm.sb_attention_backward(grad, q, kv, kv, None, scale, False)
@@ -134,10 +148,21 @@ def prefill_cases(quick: bool, runs: int, gen: torch.Generator):
         bitwise = all(torch.equal(a, b) for a, b in zip(got, fused()))
         del got
         ms = _median_ms(fused, runs)
-        yield dict(kind="backward", case=f"B={B} T=S={T} k={K_SLOTS} D={D} bf16", path=path, regime="random logits",
-                   ms=ms, ref_ms=ms_ref, speedup=ms_ref / ms, tflops=10 * pairs * D / ms / 1e9,
-                   gspecial_per_s=2 * SPECIAL_PER_PAIR * pairs / ms / 1e6, gbps=None, pct_hbm=None, max_err=err,
-                   bitwise_repeat=bitwise)
+        yield dict(
+            kind="backward",
+            case=f"B={B} T=S={T} k={K_SLOTS} D={D} bf16",
+            path=path,
+            regime="random logits",
+            ms=ms,
+            ref_ms=ms_ref,
+            speedup=ms_ref / ms,
+            tflops=10 * pairs * D / ms / 1e9,
+            gspecial_per_s=2 * SPECIAL_PER_PAIR * pairs / ms / 1e6,
+            gbps=None,
+            pct_hbm=None,
+            max_err=err,
+            bitwise_repeat=bitwise,
+        )
     _use_path("fused")
 
 
@@ -148,27 +173,42 @@ def decode_cases(quick: bool, runs: int, gen: torch.Generator):
         for S in lengths:
             cache_bytes = B * S * D * 2
             n_sets = max(1, min(8, (400 << 20) // cache_bytes))  # > 400 MB in rotation (several times L2)
-            caches = [torch.randn(B, S, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
-                      for _ in range(n_sets)]
-            qs = [torch.randn(B, 1, K_SLOTS, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
-                  for _ in range(n_sets)]
-            scale = D ** -0.5
+            caches = [
+                torch.randn(B, S, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)
+            ]
+            qs = [
+                torch.randn(B, 1, K_SLOTS, 1, D, generator=gen, device="cuda", dtype=torch.bfloat16)
+                for _ in range(n_sets)
+            ]
+            scale = D**-0.5
             fn = _rotating(lambda i, qs=qs, cs=caches: ops.sb_attention(qs[i], cs[i], cs[i], None, scale), n_sets)
-            fn_ref = _rotating(lambda i, qs=qs, cs=caches: reference.sb_attention_ref(qs[i], cs[i], cs[i], None, scale),
-                               n_sets)
+            fn_ref = _rotating(
+                lambda i, qs=qs, cs=caches: reference.sb_attention_ref(qs[i], cs[i], cs[i], None, scale), n_sets
+            )
             out = ops.sb_attention(qs[0], caches[0], caches[0], None, scale)
-            ref32 = reference.sb_attention_ref(qs[0][:1].float(), caches[0][:1].float(), caches[0][:1].float(), None,
-                                               scale)
+            ref32 = reference.sb_attention_ref(
+                qs[0][:1].float(), caches[0][:1].float(), caches[0][:1].float(), None, scale
+            )
             err = _max_err(out[:1], ref32)
             bitwise = torch.equal(out, ops.sb_attention(qs[0], caches[0], caches[0], None, scale))
             ms = _median_ms(fn, runs * n_sets)
             ms_ref = _median_ms(fn_ref, max(3, runs // 2), warmup=1)
             gbps = cache_bytes / ms / 1e6
-            yield dict(kind="decode", case=f"B={B} S={S} k={K_SLOTS} D={D} bf16", path="split-KV",
-                       regime="random logits", ms=ms, ref_ms=ms_ref,
-                       speedup=ms_ref / ms, tflops=4 * B * K_SLOTS * S * D / ms / 1e9,
-                       gspecial_per_s=SPECIAL_PER_PAIR * B * K_SLOTS * S / ms / 1e6, gbps=gbps,
-                       pct_hbm=100 * gbps / HBM_GBPS, max_err=err, bitwise_repeat=bitwise)
+            yield dict(
+                kind="decode",
+                case=f"B={B} S={S} k={K_SLOTS} D={D} bf16",
+                path="split-KV",
+                regime="random logits",
+                ms=ms,
+                ref_ms=ms_ref,
+                speedup=ms_ref / ms,
+                tflops=4 * B * K_SLOTS * S * D / ms / 1e9,
+                gspecial_per_s=SPECIAL_PER_PAIR * B * K_SLOTS * S / ms / 1e6,
+                gbps=gbps,
+                pct_hbm=100 * gbps / HBM_GBPS,
+                max_err=err,
+                bitwise_repeat=bitwise,
+            )
             torch.cuda.empty_cache()
 
 
@@ -186,19 +226,30 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     records = []
     sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda, git_sha=sha,
-                date=datetime.datetime.now().isoformat())
-    print(f"{'kind':<9} {'case':<26} {'path':<21} {'regime':<13} {'molm ms':>9} {'ref ms':>9} {'speedup':>8} "
-          f"{'TFLOP/s':>8} {'Gspec/s':>8} "
-          f"{'GB/s':>7} {'%HBM':>5} {'max err':>9} {'bitwise':>7}", flush=True)
+    meta = dict(
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        git_sha=sha,
+        date=datetime.datetime.now().isoformat(),
+    )
+    print(
+        f"{'kind':<9} {'case':<26} {'path':<21} {'regime':<13} {'molm ms':>9} {'ref ms':>9} {'speedup':>8} "
+        f"{'TFLOP/s':>8} {'Gspec/s':>8} "
+        f"{'GB/s':>7} {'%HBM':>5} {'max err':>9} {'bitwise':>7}",
+        flush=True,
+    )
     for rec in [*prefill_cases(args.quick, args.runs, gen), *decode_cases(args.quick, args.runs, gen)]:
         records.append(rec)
         gbps = f"{rec['gbps']:>7.0f}" if rec["gbps"] is not None else f"{'-':>7}"
         pct = f"{rec['pct_hbm']:>5.1f}" if rec["pct_hbm"] is not None else f"{'-':>5}"
-        print(f"{rec['kind']:<9} {rec['case']:<26} {rec['path']:<21} {rec['regime']:<13} {rec['ms']:>9.3f} "
-              f"{rec['ref_ms']:>9.3f} {rec['speedup']:>7.2f}x "
-              f"{rec['tflops']:>8.2f} {rec['gspecial_per_s']:>8.1f} {gbps} {pct} {rec['max_err']:>9.2e} "
-              f"{str(rec['bitwise_repeat']):>7}", flush=True)
+        print(
+            f"{rec['kind']:<9} {rec['case']:<26} {rec['path']:<21} {rec['regime']:<13} {rec['ms']:>9.3f} "
+            f"{rec['ref_ms']:>9.3f} {rec['speedup']:>7.2f}x "
+            f"{rec['tflops']:>8.2f} {rec['gspecial_per_s']:>8.1f} {gbps} {pct} {rec['max_err']:>9.2e} "
+            f"{str(rec['bitwise_repeat']):>7}",
+            flush=True,
+        )
         if args.json:  # after every record: a run cut short by a time limit keeps what it measured
             with open(args.json + ".tmp", "w") as f:
                 json.dump([dict(meta, **r) for r in records], f, indent=1)

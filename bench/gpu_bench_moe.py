@@ -21,9 +21,9 @@ import sys
 import torch
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import run_metadata  # noqa: E402
-
 from molm import ops, reference  # noqa: E402
+
+from common import run_metadata  # noqa: E402
 
 C = 1024
 SHAPES = {"mlp_up": (32, C, 2048, "gelu_new"), "mlp_down": (32, 2048, C, "none"), "att_proj": (16, C, C, "none")}
@@ -67,6 +67,7 @@ def scaled_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def with_sm90_gemm(choice: str, fn):
     """fn run with the CUTLASS sm_90a GEMM switched "on" or "off" (molm.ops.set_kernel_options)."""
+
     def run():
         with ops.kernel_options_scope(sm90_gemm=choice):
             return fn()
@@ -84,7 +85,7 @@ def gemm_impls(x, w, offsets, activation):
         b = offsets.tolist()
         for e in range(w.shape[0]):
             if b[e + 1] > b[e]:
-                out[b[e]: b[e + 1]] = torch.mm(x[b[e]: b[e + 1]], w[e])
+                out[b[e] : b[e + 1]] = torch.mm(x[b[e] : b[e + 1]], w[e])
         return act(out)
 
     impls = {"molm": lambda: ops.expert_gemm(x, w, offsets, activation), "ref_loop": ref_loop}
@@ -93,7 +94,7 @@ def gemm_impls(x, w, offsets, activation):
         for name, choice in (("molm_sm90", "on"), ("molm_wmma", "off")):
             impls[name] = with_sm90_gemm(choice, lambda: ops.expert_gemm(x, w, offsets, activation))
     max_rows = max(sizes) if sizes else 0
-    if max_rows * w.shape[0] * max(x.shape[1], n_out) <= 2 ** 31:
+    if max_rows * w.shape[0] * max(x.shape[1], n_out) <= 2**31:
         padded = x.new_zeros(w.shape[0], max_rows, x.shape[1])
         for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             padded[e, : b - a] = x[a:b]
@@ -113,7 +114,7 @@ def bench_gemm(shape_name, n_tokens, k, skew, dtype, gen, rows):
     _, _, _, _, _, offsets = ops.route_topk(logits, k)
     m = n_tokens * k
     x = torch.randn(m, k_in, generator=gen, device="cuda").to(dtype)
-    w = (torch.randn(n_experts, k_in, n_out, generator=gen, device="cuda") * k_in ** -0.5).to(dtype)
+    w = (torch.randn(n_experts, k_in, n_out, generator=gen, device="cuda") * k_in**-0.5).to(dtype)
     counts = (offsets[1:] - offsets[:-1]).cpu()
     active = int((counts > 0).sum())
     flops = 2.0 * m * k_in * n_out
@@ -126,16 +127,44 @@ def bench_gemm(shape_name, n_tokens, k, skew, dtype, gen, rows):
             err = scaled_err(out, ref32) if name != "dense_sol" else float("nan")
             times[name] = time_us(fn)
         except Exception as exc:  # a baseline this torch / GPU lacks: record why and go on
-            rows.append(dict(kind="gemm", shape=shape_name, n_tokens=n_tokens, k=k, routing=skew, impl=name,
-                             error=f"{type(exc).__name__}: {exc}"[:200]))
+            rows.append(
+                dict(
+                    kind="gemm",
+                    shape=shape_name,
+                    n_tokens=n_tokens,
+                    k=k,
+                    routing=skew,
+                    impl=name,
+                    error=f"{type(exc).__name__}: {exc}"[:200],
+                )
+            )
             continue
-        rows.append(dict(kind="gemm", shape=shape_name, n_tokens=n_tokens, k=k, routing=skew, impl=name,
-                         us=times[name], tflops=flops / times[name] / 1e6, gbps=bytes_moved / times[name] / 1e3,
-                         max_rows=int(counts.max()), active_experts=active, max_err=err))
+        rows.append(
+            dict(
+                kind="gemm",
+                shape=shape_name,
+                n_tokens=n_tokens,
+                k=k,
+                routing=skew,
+                impl=name,
+                us=times[name],
+                tflops=flops / times[name] / 1e6,
+                gbps=bytes_moved / times[name] / 1e3,
+                max_rows=int(counts.max()),
+                active_experts=active,
+                max_err=err,
+            )
+        )
     sol = times.get("dense_sol")
     for r in rows:
-        if r.get("shape") == shape_name and r["n_tokens"] == n_tokens and r["k"] == k and r["routing"] == skew \
-                and "us" in r and sol:
+        if (
+            r.get("shape") == shape_name
+            and r["n_tokens"] == n_tokens
+            and r["k"] == k
+            and r["routing"] == skew
+            and "us" in r
+            and sol
+        ):
             r["pct_sol"] = 100.0 * sol / r["us"]
 
 
@@ -144,8 +173,8 @@ def bench_layer(n_tokens, k, skew, dtype, gen, rows):
     n_experts, _, ffn, _ = SHAPES["mlp_up"]
     logits = routing_logits(n_tokens, n_experts, skew, gen)
     h = torch.randn(n_tokens, C, generator=gen, device="cuda").to(dtype)
-    w1 = (torch.randn(n_experts, C, ffn, generator=gen, device="cuda") * C ** -0.5).to(dtype)
-    w2 = (torch.randn(n_experts, ffn, C, generator=gen, device="cuda") * ffn ** -0.5).to(dtype)
+    w1 = (torch.randn(n_experts, C, ffn, generator=gen, device="cuda") * C**-0.5).to(dtype)
+    w2 = (torch.randn(n_experts, ffn, C, generator=gen, device="cuda") * ffn**-0.5).to(dtype)
     _, gates, _, ss, sp, off = ops.route_topk(logits, k)
     xs = ops.gather_rows(h, ss, k)
     y = ops.expert_gemm(ops.expert_gemm(xs, w1, off, "gelu_new"), w2, off, "none")
@@ -155,13 +184,27 @@ def bench_layer(n_tokens, k, skew, dtype, gen, rows):
         z = ops.expert_gemm(ops.expert_gemm(ops.gather_rows(h, s1, k), w1, o, "gelu_new"), w2, o, "none")
         return ops.scatter_ksum(z, g, s2)
 
-    parts = {"route_topk": lambda: ops.route_topk(logits, k), "gather_rows": lambda: ops.gather_rows(h, ss, k),
-             "scatter_ksum": lambda: ops.scatter_ksum(y, gates, sp), "layer": layer}
+    parts = {
+        "route_topk": lambda: ops.route_topk(logits, k),
+        "gather_rows": lambda: ops.gather_rows(h, ss, k),
+        "scatter_ksum": lambda: ops.scatter_ksum(y, gates, sp),
+        "layer": layer,
+    }
     t = {name: time_us(fn) for name, fn in parts.items()}
     share = 100.0 * (t["route_topk"] + t["gather_rows"] + t["scatter_ksum"]) / t["layer"]
     for name, us in t.items():
-        rows.append(dict(kind="layer", shape="mlp", n_tokens=n_tokens, k=k, routing=skew, impl=name, us=us,
-                         routing_share_pct=share if name == "layer" else None))
+        rows.append(
+            dict(
+                kind="layer",
+                shape="mlp",
+                n_tokens=n_tokens,
+                k=k,
+                routing=skew,
+                impl=name,
+                us=us,
+                routing_share_pct=share if name == "layer" else None,
+            )
+        )
 
 
 def write_json(path: str, rows: list[dict], dtype: str) -> None:
@@ -195,19 +238,28 @@ def main() -> None:
             print(f"... N={n} k={k} done", file=sys.stderr, flush=True)
             if args.json:  # after every step, so a run cut short by a time limit still leaves its results
                 write_json(args.json, rows, args.dtype)
-    print(f"{'kind':6} {'shape':9} {'N':>6} {'k':>2} {'routing':8} {'impl':13} {'µs':>10} {'TFLOP/s':>8} "
-          f"{'%SOL':>6} {'GB/s':>7} {'err':>8}")
+    print(
+        f"{'kind':6} {'shape':9} {'N':>6} {'k':>2} {'routing':8} {'impl':13} {'µs':>10} {'TFLOP/s':>8} "
+        f"{'%SOL':>6} {'GB/s':>7} {'err':>8}"
+    )
     for r in rows:
         if "error" in r:
-            print(f"{r['kind']:6} {r['shape']:9} {r['n_tokens']:>6} {r['k']:>2} {r['routing']:8} {r['impl']:13} "
-                  f"failed: {r['error'][:60]}")
+            print(
+                f"{r['kind']:6} {r['shape']:9} {r['n_tokens']:>6} {r['k']:>2} {r['routing']:8} {r['impl']:13} "
+                f"failed: {r['error'][:60]}"
+            )
             continue
-        extra = (f"{r['tflops']:8.1f} {r.get('pct_sol', float('nan')):6.1f} {r['gbps']:7.0f} {r['max_err']:8.1e}"
-                 if r["kind"] == "gemm" else
-                 (f"  routing+permutation = {r['routing_share_pct']:.1f} % of the layer" if r["routing_share_pct"]
-                  else ""))
-        print(f"{r['kind']:6} {r['shape']:9} {r['n_tokens']:>6} {r['k']:>2} {r['routing']:8} {r['impl']:13} "
-              f"{r['us']:10.1f} {extra}")
+        extra = (
+            f"{r['tflops']:8.1f} {r.get('pct_sol', float('nan')):6.1f} {r['gbps']:7.0f} {r['max_err']:8.1e}"
+            if r["kind"] == "gemm"
+            else (
+                f"  routing+permutation = {r['routing_share_pct']:.1f} % of the layer" if r["routing_share_pct"] else ""
+            )
+        )
+        print(
+            f"{r['kind']:6} {r['shape']:9} {r['n_tokens']:>6} {r['k']:>2} {r['routing']:8} {r['impl']:13} "
+            f"{r['us']:10.1f} {extra}"
+        )
     if args.json:
         write_json(args.json, rows, args.dtype)
 

@@ -19,8 +19,16 @@ import molm
 from molm.train import perplexity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = ["To be, or not to be", "ROMEO.", "It was the best of times", "My lord, the king", "Shall I compare thee",
-           "The quality of mercy", "Now is the winter", "Friends, Romans, countrymen"]
+PROMPTS = [
+    "To be, or not to be",
+    "ROMEO.",
+    "It was the best of times",
+    "My lord, the king",
+    "Shall I compare thee",
+    "The quality of mercy",
+    "Now is the winter",
+    "Friends, Romans, countrymen",
+]
 
 
 def main() -> None:
@@ -44,15 +52,24 @@ def main() -> None:
     for name in variants:
         same = sum(a == b for a, b in zip(greedy[name], greedy["bf16"]))
         records[name]["greedy_same_as_bf16"] = f"{same}/{len(PROMPTS)}"
-        records[name]["perplexity_vs_bf16_pct"] = 100 * (records[name]["perplexity"] / records["bf16"]["perplexity"] - 1)
+        records[name]["perplexity_vs_bf16_pct"] = 100 * (
+            records[name]["perplexity"] / records["bf16"]["perplexity"] - 1
+        )
     print(f"{args.model}: {len(tokens)} tokens of {os.path.basename(args.text)}")
     print(f"{'weights':<8} {'perplexity':>11} {'bits/byte':>10} {'vs bf16':>9} {'greedy = bf16':>14}")
     for name, r in records.items():
-        print(f"{name:<8} {r['perplexity']:>11.3f} {r['bits_per_byte']:>10.4f} {r['perplexity_vs_bf16_pct']:>+8.2f}% "
-              f"{r['greedy_same_as_bf16']:>14}")
+        print(
+            f"{name:<8} {r['perplexity']:>11.3f} {r['bits_per_byte']:>10.4f} {r['perplexity_vs_bf16_pct']:>+8.2f}% "
+            f"{r['greedy_same_as_bf16']:>14}"
+        )
     if args.json:
-        meta = {"model": os.path.relpath(args.model, ROOT), "text": os.path.relpath(args.text, ROOT),
-                "tokens": len(tokens), "torch": torch.__version__, "new_tokens": args.new_tokens}
+        meta = {
+            "model": os.path.relpath(args.model, ROOT),
+            "text": os.path.relpath(args.text, ROOT),
+            "tokens": len(tokens),
+            "torch": torch.__version__,
+            "new_tokens": args.new_tokens,
+        }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "records": records}, f, indent=1)
 

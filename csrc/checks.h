@@ -80,8 +80,8 @@ inline void check_scatter_ksum(const at::Tensor& y, const at::Tensor& gates, con
   check_index(op, "slot_positions", slot_positions);
   check_same_device(op, "gates", gates, "y", y);
   check_same_device(op, "slot_positions", slot_positions, "y", y);
-  TORCH_CHECK_VALUE(gates.size(0) * gates.size(1) == y.size(0), op, ": gates [N, k] must have N*k == y.size(0) = ",
-                    y.size(0), ", got gates shape ", gates.sizes());
+  TORCH_CHECK_VALUE(gates.size(0) * gates.size(1) == y.size(0), op,
+                    ": gates [N, k] must have N*k == y.size(0) = ", y.size(0), ", got gates shape ", gates.sizes());
   check_size(op, "slot_positions.numel() (= y.size(0))", slot_positions.numel(), y.size(0));
 }
 
@@ -95,8 +95,8 @@ inline void check_expert_gemm(const at::Tensor& x, const at::Tensor& weight, con
   check_rank(op, "weight", weight, 3);
   check_same_dtype(op, "weight", weight, "x", x);
   check_same_device(op, "weight", weight, "x", x);
-  TORCH_CHECK_VALUE(weight.stride(2) == 1 || weight.stride(1) == 1 || weight.size(2) <= 1 || weight.size(1) <= 1,
-                    op, ": weight must have stride(-1) == 1 or stride(-2) == 1, got strides ", weight.strides());
+  TORCH_CHECK_VALUE(weight.stride(2) == 1 || weight.stride(1) == 1 || weight.size(2) <= 1 || weight.size(1) <= 1, op,
+                    ": weight must have stride(-1) == 1 or stride(-2) == 1, got strides ", weight.strides());
   TORCH_CHECK_VALUE(weight.size(1) == x.size(1), op, ": weight [E, K, Nout] must have K == x.size(1) = ", x.size(1),
                     ", got weight shape ", weight.sizes());
   check_index(op, "expert_offsets", expert_offsets);
@@ -208,8 +208,8 @@ inline void check_sb_attention(const at::Tensor& q, const at::Tensor& k, const a
   TORCH_CHECK_VALUE(k.size(0) == q.size(0) && k.size(2) == q.size(3) && k.size(3) == q.size(4), op,
                     ": k [B, S, H, D] must match q [B, T, k, H, D] in B, H and D, got q ", q.sizes(), " and k ",
                     k.sizes());
-  TORCH_CHECK_VALUE(q.size(1) <= k.size(1), op, ": q has T = ", q.size(1), " new positions but k only S = ",
-                    k.size(1), " (need T <= S)");
+  TORCH_CHECK_VALUE(q.size(1) <= k.size(1), op, ": q has T = ", q.size(1), " new positions but k only S = ", k.size(1),
+                    " (need T <= S)");
   if (bias.has_value()) {
     const auto& b = *bias;
     check_rank(op, "bias", b, 2);

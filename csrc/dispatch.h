@@ -8,41 +8,41 @@
 #include <c10/util/Half.h>
 
 // Runs __VA_ARGS__ (a lambda expression, invoked) with `scalar_t` bound to the C++ type of TYPE.
-#define MOLM_DISPATCH_FLOATING(TYPE, OPNAME, ...)                                                       \
-  [&] {                                                                                                \
-    switch (TYPE) {                                                                                    \
-      case at::kFloat: {                                                                               \
-        using scalar_t = float;                                                                        \
-        return __VA_ARGS__();                                                                          \
-      }                                                                                                \
-      case at::kDouble: {                                                                              \
-        using scalar_t = double;                                                                       \
-        return __VA_ARGS__();                                                                          \
-      }                                                                                                \
-      case at::kBFloat16: {                                                                            \
-        using scalar_t = c10::BFloat16;                                                                \
-        return __VA_ARGS__();                                                                          \
-      }                                                                                                \
-      case at::kHalf: {                                                                                \
-        using scalar_t = c10::Half;                                                                    \
-        return __VA_ARGS__();                                                                          \
-      }                                                                                                \
-      default:                                                                                         \
-        TORCH_CHECK_TYPE(false, OPNAME, ": unsupported dtype ", TYPE,                                  \
-                         " (expected float32, float64, bfloat16 or float16)");                         \
-    }                                                                                                  \
+#define MOLM_DISPATCH_FLOATING(TYPE, OPNAME, ...)                              \
+  [&] {                                                                        \
+    switch (TYPE) {                                                            \
+      case at::kFloat: {                                                       \
+        using scalar_t = float;                                                \
+        return __VA_ARGS__();                                                  \
+      }                                                                        \
+      case at::kDouble: {                                                      \
+        using scalar_t = double;                                               \
+        return __VA_ARGS__();                                                  \
+      }                                                                        \
+      case at::kBFloat16: {                                                    \
+        using scalar_t = c10::BFloat16;                                        \
+        return __VA_ARGS__();                                                  \
+      }                                                                        \
+      case at::kHalf: {                                                        \
+        using scalar_t = c10::Half;                                            \
+        return __VA_ARGS__();                                                  \
+      }                                                                        \
+      default:                                                                 \
+        TORCH_CHECK_TYPE(false, OPNAME, ": unsupported dtype ", TYPE,          \
+                         " (expected float32, float64, bfloat16 or float16)"); \
+    }                                                                          \
   }()
 
 // Runs __VA_ARGS__ with the compile-time bool CONST_NAME equal to COND.
 #define MOLM_BOOL_SWITCH(COND, CONST_NAME, ...) \
-  [&] {                                          \
-    if (COND) {                                  \
-      constexpr bool CONST_NAME = true;          \
-      return __VA_ARGS__();                      \
-    } else {                                     \
-      constexpr bool CONST_NAME = false;         \
-      return __VA_ARGS__();                      \
-    }                                            \
+  [&] {                                         \
+    if (COND) {                                 \
+      constexpr bool CONST_NAME = true;         \
+      return __VA_ARGS__();                     \
+    } else {                                    \
+      constexpr bool CONST_NAME = false;        \
+      return __VA_ARGS__();                     \
+    }                                           \
   }()
 
 namespace molm {

@@ -5,8 +5,9 @@
 
 TORCH_LIBRARY(molm, m) {
   // softmax over E, top-k of the probabilities (ties -> lower expert), stable counting sort of the N*k slots by expert
-  m.def("route_topk(Tensor logits, int k) -> (Tensor probs, Tensor gates, Tensor experts, Tensor sorted_slots, "
-        "Tensor slot_positions, Tensor expert_offsets)");
+  m.def(
+      "route_topk(Tensor logits, int k) -> (Tensor probs, Tensor gates, Tensor experts, Tensor sorted_slots, "
+      "Tensor slot_positions, Tensor expert_offsets)");
   // out[i] = x[index[i] // group]
   m.def("gather_rows(Tensor x, Tensor index, int group) -> Tensor");
   // out[n] = sum_{j=0..k-1} gates[n, j] * y[slot_positions[n*k + j]], fp32 accumulation in slot order, no atomics
@@ -22,9 +23,11 @@ TORCH_LIBRARY(molm, m) {
   m.def("linear_q8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
   // backward helper: grad_weight[e] = x[rows of e]^T @ grad_out[rows of e] (zeros for an empty expert), [E, K, Nout]
   m.def("expert_gemm_wgrad(Tensor x, Tensor grad_out, Tensor expert_offsets, int num_experts) -> Tensor");
-  // fused causal stick-breaking attention (ModuleFormer variant), q [B,T,k,H,D], k/v [B,S,H,D], bias [B,S] -> [B,T,k,H,D]
+  // fused causal stick-breaking attention (ModuleFormer variant), q [B,T,k,H,D], k/v [B,S,H,D], bias [B,S] ->
+  // [B,T,k,H,D]
   m.def("sb_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) -> Tensor");
   // its backward: (dq, dk, dv, dbias [B,S] fp32 (fp64 for fp64), or [0,0] when not bias_grad); dk/dv without atomics
-  m.def("sb_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, float scale, "
-        "bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sb_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, float scale, "
+      "bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }

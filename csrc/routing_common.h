@@ -16,8 +16,11 @@ using RouteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, 
 inline RouteOutputs route_outputs(const at::Tensor& logits, int64_t k) {
   const int64_t n_tokens = logits.size(0), n_experts = logits.size(1), m = n_tokens * k;
   const auto index = logits.options().dtype(at::kLong);
-  return {at::_softmax(logits.contiguous(), -1, false), at::empty({n_tokens, k}, logits.options()),
-          at::empty({n_tokens, k}, index), at::empty({m}, index), at::empty({m}, index),
+  return {at::_softmax(logits.contiguous(), -1, false),
+          at::empty({n_tokens, k}, logits.options()),
+          at::empty({n_tokens, k}, index),
+          at::empty({m}, index),
+          at::empty({m}, index),
           at::empty({n_experts + 1}, index)};
 }
 

@@ -14,8 +14,7 @@ using SbGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // 
 
 // grad_out [B, T, k, H, D] like q; bias_grad needs a bias.
 inline void check_sb_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                        const at::Tensor& v, const c10::optional<at::Tensor>& bias,
-                                        bool bias_grad) {
+                                        const at::Tensor& v, const c10::optional<at::Tensor>& bias, bool bias_grad) {
   check_sb_attention(q, k, v, bias);
   const char* op = "molm::sb_attention_backward";
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), op, ": grad_out must have q's shape ", q.sizes(), ", got ",

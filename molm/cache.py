@@ -16,8 +16,16 @@ class KVCache:
     gradients are the same with the cache as without it; the no-grad decode path stays allocation-free.
     """
 
-    def __init__(self, n_layer: int, batch: int, max_length: int, width: int, shared_kv: bool,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        max_length: int,
+        width: int,
+        shared_kv: bool,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
         self.length = 0
         self._pending = 0
         shape = (batch, max(1, max_length), width)
@@ -61,9 +69,9 @@ class KVCache:
         end = self.length + T
         if end > self.capacity:
             self._grow(end)
-        self.keys[layer][:, self.length:end] = keys.detach()
+        self.keys[layer][:, self.length : end] = keys.detach()
         if self.values is not None:
-            self.values[layer][:, self.length:end] = values.detach()
+            self.values[layer][:, self.length : end] = values.detach()
         self._pending = T
         if torch.is_grad_enabled() and (keys.requires_grad or (values is not None and values.requires_grad)):
             return self._append_tracked(layer, keys, values)
@@ -101,8 +109,10 @@ class KVCache:
         self.keys = [b.index_select(0, index) for b in self.keys]
         if self.values is not None:
             self.values = [b.index_select(0, index) for b in self.values]
-        self._tracked = {layer: tuple(None if t is None else t.index_select(0, index) for t in kv)
-                         for layer, kv in self._tracked.items()}
+        self._tracked = {
+            layer: tuple(None if t is None else t.index_select(0, index) for t in kv)
+            for layer, kv in self._tracked.items()
+        }
 
     def to_legacy(self):
         """The original's format: a tuple over layers of (K, V), each [B, S, A] (the same tensor when K = V); the
@@ -158,7 +168,9 @@ class StaticWindow(KVCache):
     window - 1 so the model expects an attention_mask of exactly [B, window].
     """
 
-    def __init__(self, cache: KVCache, window: int, position: torch.Tensor):  # super().__init__ not wanted: a view of `cache`
+    def __init__(
+        self, cache: KVCache, window: int, position: torch.Tensor
+    ):  # super().__init__ not wanted: a view of `cache`
         if window > cache.capacity:
             raise ValueError(f"StaticWindow: window {window} exceeds the cache capacity {cache.capacity}")
         self.cache, self.window, self.position = cache, window, position

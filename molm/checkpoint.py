@@ -29,20 +29,28 @@ SMALL_MODEL = 2**26  # parameters; below this a config/weights mismatch is repor
 # transformers' `trust_remote_code` entry point written next to the weights: config.json's auto_map names its classes,
 # which it imports from the installed molm package, so stock tools (`lm_eval --model hf`) load the directory.
 AUTO_MODULE = "moduleformer_auto"
-AUTO_MAP = {"AutoConfig": f"{AUTO_MODULE}.ModuleFormerConfig",
-            "AutoModelForCausalLM": f"{AUTO_MODULE}.ModuleFormerForCausalLM",
-            "AutoModelForSequenceClassification": f"{AUTO_MODULE}.ModuleFormerForSequenceClassification"}
-AUTO_MODULE_SOURCE = '''"""Lets transformers load this directory with trust_remote_code=True (and tools built on it, such as
-`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`). The classes come from the installed molm
-package (pip install "molm[hf]"); this file defines nothing else."""
+AUTO_MAP = {
+    "AutoConfig": f"{AUTO_MODULE}.ModuleFormerConfig",
+    "AutoModelForCausalLM": f"{AUTO_MODULE}.ModuleFormerForCausalLM",
+    "AutoModelForSequenceClassification": f"{AUTO_MODULE}.ModuleFormerForSequenceClassification",
+}
+AUTO_MODULE_SOURCE = '''"""Lets transformers load this directory with trust_remote_code=True (and tools built on it,
+such as `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`). The classes come from the installed
+molm package (pip install "molm[hf]"); this file defines nothing else."""
 
 from moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification
 
 __all__ = ["ModuleFormerConfig", "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification"]
 '''
 # Files a tokenizer may consist of; save_pretrained copies them next to the weights (and generation settings).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -60,13 +68,17 @@ def resolve(path: str | os.PathLike) -> str:
         try:
             from huggingface_hub import snapshot_download
         except ImportError:
-            raise CheckpointError(f"{path!r} is not a local directory and huggingface_hub is not installed: "
-                                  "download the model and pass its local directory") from None
+            raise CheckpointError(
+                f"{path!r} is not a local directory and huggingface_hub is not installed: "
+                "download the model and pass its local directory"
+            ) from None
         try:
             return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"])
         except Exception as exc:  # network errors, missing repos, auth: all end the same way for the user
-            raise CheckpointError(f"could not fetch {path!r} from the Hugging Face hub ({type(exc).__name__}: "
-                                  f"{exc}); pass a local directory instead") from exc
+            raise CheckpointError(
+                f"could not fetch {path!r} from the Hugging Face hub ({type(exc).__name__}: "
+                f"{exc}); pass a local directory instead"
+            ) from exc
     raise CheckpointError(f"model directory {path!r} does not exist")
 
 
@@ -112,8 +124,10 @@ def weight_files(directory: str) -> list[str]:
             return [_weight_path(directory, name, index_path) for name in sorted(set(weight_map.values()))]
         if os.path.isfile(os.path.join(directory, single)):
             return [_weight_path(directory, single, directory)]
-    raise CheckpointError(f"{directory} holds no weights: expected {SAFE_SINGLE}, {BIN_SINGLE} or a sharded "
-                          f"index ({SAFE_INDEX} / {BIN_INDEX})")
+    raise CheckpointError(
+        f"{directory} holds no weights: expected {SAFE_SINGLE}, {BIN_SINGLE} or a sharded "
+        f"index ({SAFE_INDEX} / {BIN_INDEX})"
+    )
 
 
 def _read_bin(path: str) -> dict[str, torch.Tensor]:
@@ -121,8 +135,10 @@ def _read_bin(path: str) -> dict[str, torch.Tensor]:
         mmap = zipfile.is_zipfile(path)  # only the zip format can be memory-mapped
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # UnpicklingError for hostile pickles, RuntimeError/EOFError for truncation
-        raise CheckpointError(f"{path}: cannot be loaded safely ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated'})") from exc
+        raise CheckpointError(
+            f"{path}: cannot be loaded safely ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'corrupt or truncated'})"
+        ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, found a {type(state).__name__}")
     return state
@@ -193,8 +209,16 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor, str]]:
                 yield key, tensor, path
 
 
-def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", backend: str | None = None,
-         cls=None, progress: bool = False, quantize: str | None = None, architectures: dict | None = None):
+def load(
+    path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    backend: str | None = None,
+    cls=None,
+    progress: bool = False,
+    quantize: str | None = None,
+    architectures: dict | None = None,
+):
     """Load an HF-format ModuleFormer directory (or hub id) as the class named in `architectures`.
 
     dtype=None keeps the stored dtype (bf16 for the released MoLM models); pass torch.float32 to upcast as
@@ -216,15 +240,18 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     if cls is None:  # the class config.json names, from `architectures` (name -> class)
         name = (config.architectures or ["ModuleFormerForCausalLM"])[0]
         if name not in (architectures or {}):
-            raise CheckpointError(f"{config_path}: unknown architecture {name!r}; molm knows "
-                                  f"{sorted(architectures or {})}")
+            raise CheckpointError(
+                f"{config_path}: unknown architecture {name!r}; molm knows {sorted(architectures or {})}"
+            )
         cls = architectures[name]
     if dtype is None and config.torch_dtype in DTYPES:
         dtype = DTYPES[config.torch_dtype]
     _check_size(cls, config, files, config_path)
     if quantize is not None and config.quantization:
-        raise CheckpointError(f"{directory} is already quantized ({config.quantization.get('method')}): load it as "
-                              "it is (without quantize= or --quantize)")
+        raise CheckpointError(
+            f"{directory} is already quantized ({config.quantization.get('method')}): load it as "
+            "it is (without quantize= or --quantize)"
+        )
     with torch.device("meta"):  # shapes only: nothing is allocated until a tensor is read
         model = cls(config, backend=backend)
         try:
@@ -269,9 +296,11 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device = "c
     missing = [f"{k} {list(v.shape)}" for k, v in expected.items() if k not in loaded]
     swapped_head = _head_swap(expected, missing, unexpected)
     if missing or unexpected or mis_shaped:
-        parts = [f"{name} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
-                 if keys]
+        parts = [
+            f"{name} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+            if keys
+        ]
         raise CheckpointError(f"{directory}: the weights do not match the config: " + "; ".join(parts))
     model.load_state_dict(loaded, strict=False, assign=True)
     for name in swapped_head:  # the new head's weights, initialised as the original would
@@ -294,13 +323,17 @@ def _check_size(cls, config: ModuleFormerConfig, files: list[str], config_path: 
     through to the per-key listing instead. The count is exact: layers are identical, so 1- and 2-layer meta
     models give the rest."""
     with torch.device("meta"):
-        one, two = (sum(t.numel() for t in cls(config.replace(n_layer=n), backend="reference").state_dict().values())
-                    for n in (1, 2))
+        one, two = (
+            sum(t.numel() for t in cls(config.replace(n_layer=n), backend="reference").state_dict().values())
+            for n in (1, 2)
+        )
     n_params = one + (config.n_layer - 1) * (two - one)
     n_bytes = sum(os.path.getsize(f) for f in files)
     if n_params > max(n_bytes, SMALL_MODEL):
-        raise CheckpointError(f"{config_path}: the config describes {n_params:,} parameters but the weight files "
-                              f"hold only {n_bytes:,} bytes; config.json does not belong to these weights")
+        raise CheckpointError(
+            f"{config_path}: the config describes {n_params:,} parameters but the weight files "
+            f"hold only {n_bytes:,} bytes; config.json does not belong to these weights"
+        )
 
 
 def _warn_if_not_finite(tensor: torch.Tensor, key: str, file: str) -> None:
@@ -308,9 +341,12 @@ def _warn_if_not_finite(tensor: torch.Tensor, key: str, file: str) -> None:
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         n_nan = int(torch.isnan(tensor).sum())
-        warnings.warn(f"{file}: tensor {key!r} has {n_nan} NaN and {tensor.numel() - int(finite.sum()) - n_nan} "
-                      f"infinite value(s) (as {tensor.dtype}); its outputs will not be finite", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{file}: tensor {key!r} has {n_nan} NaN and {tensor.numel() - int(finite.sum()) - n_nan} "
+            f"infinite value(s) (as {tensor.dtype}); its outputs will not be finite",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _head_swap(expected: dict, missing: list[str], unexpected: list[str]) -> list[str]:
@@ -324,8 +360,7 @@ def _head_swap(expected: dict, missing: list[str], unexpected: list[str]) -> lis
     return []
 
 
-def save_pretrained(model, directory, max_shard_size: int = 5 * 2**30,
-                    safe_serialization: bool = True) -> None:
+def save_pretrained(model, directory, max_shard_size: int = 5 * 2**30, safe_serialization: bool = True) -> None:
     """config.json + model.safetensors (sharded with an index above max_shard_size), original key names."""
     from safetensors.torch import save_file
 
@@ -335,9 +370,11 @@ def save_pretrained(model, directory, max_shard_size: int = 5 * 2**30,
     os.makedirs(directory, exist_ok=True)
     _copy_tokenizer(model, directory)
     _write_tokenizer_config(model, directory)
-    config = model.config.replace(architectures=[type(model).__name__],
-                                  torch_dtype=str(model.dtype).removeprefix("torch."),
-                                  extra={**model.config.extra, "auto_map": AUTO_MAP})
+    config = model.config.replace(
+        architectures=[type(model).__name__],
+        torch_dtype=str(model.dtype).removeprefix("torch."),
+        extra={**model.config.extra, "auto_map": AUTO_MAP},
+    )
     config.save_pretrained(directory)
     with open(os.path.join(directory, AUTO_MODULE + ".py"), "w", encoding="utf-8") as f:
         f.write(AUTO_MODULE_SOURCE)

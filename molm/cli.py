@@ -37,8 +37,11 @@ def check_device(device: str, allow_auto: bool = False) -> None:
     except RuntimeError:
         raise UsageError(f"--device {device!r} is not a device (try cpu, cuda or cuda:1)") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        why = ("this torch was built without CUDA" if torch.version.cuda is None
-               else "no CUDA GPU is visible to this torch")
+        why = (
+            "this torch was built without CUDA"
+            if torch.version.cuda is None
+            else "no CUDA GPU is visible to this torch"
+        )
         raise UsageError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
 
 
@@ -53,10 +56,18 @@ def check_at_least(args, minimums: dict[str, float]) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="auto", help="weights dtype (auto = as stored)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", choices=["extension", "reference"], default=None,
-                   help="ops backend (default: extension when built)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="quantize the experts and lm_head to int8 after loading (half the bytes of bf16 per step)")
+    p.add_argument(
+        "--backend",
+        choices=["extension", "reference"],
+        default=None,
+        help="ops backend (default: extension when built)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="quantize the experts and lm_head to int8 after loading (half the bytes of bf16 per step)",
+    )
 
 
 # What `molm generate` does without sampling flags: sample as local LLM tools do, from a fixed seed so that a run
@@ -72,8 +83,9 @@ def _check_generate_flags(args) -> None:
     if args.repetition_penalty is not None and not args.repetition_penalty > 0:
         raise UsageError(f"--repetition-penalty must be > 0 (1 = off), got {args.repetition_penalty:g}")
     if args.greedy and args.temperature not in (None, 0):
-        raise UsageError(f"--greedy and --temperature {args.temperature:g} contradict each other: --greedy means "
-                         "--temperature 0")
+        raise UsageError(
+            f"--greedy and --temperature {args.temperature:g} contradict each other: --greedy means --temperature 0"
+        )
     if args.interactive and args.prompt is not None:
         raise UsageError("-i reads the prompts from stdin, one a line: drop the prompt argument")
     if not args.interactive and not args.prompt:
@@ -92,13 +104,27 @@ def cmd_generate(args) -> int:
     import molm
 
     _check_generate_flags(args)
-    model = molm.load(args.model or DEFAULT_MODEL, dtype=DTYPE_NAMES[args.dtype], device=args.device,
-                      backend=args.backend, progress=sys.stderr.isatty(), quantize=args.quantize)
+    model = molm.load(
+        args.model or DEFAULT_MODEL,
+        dtype=DTYPE_NAMES[args.dtype],
+        device=args.device,
+        backend=args.backend,
+        progress=sys.stderr.isatty(),
+        quantize=args.quantize,
+    )
     tokenizer = molm.load_tokenizer(args.tokenizer or model.name_or_path)
-    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
-                    no_repeat_ngram_size=args.no_repeat_ngram_size, stop=[unescape(s) for s in args.stop or []],
-                    tokenizer=tokenizer, stream=True)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        stop=[unescape(s) for s in args.stop or []],
+        tokenizer=tokenizer,
+        stream=True,
+    )
     if args.interactive:
         return _interactive(model, settings)
     pieces = molm.generate(model, args.prompt, **settings)
@@ -181,8 +207,8 @@ def _human(n: float, unit: str = "") -> str:
 
 def model_info(path) -> dict:
     """Sizes of a checkpoint directory without reading its weights (the model is built on the meta device)."""
-    from .config import ModuleFormerConfig
     from .checkpoint import check_weight_file, resolve, weight_files
+    from .config import ModuleFormerConfig
     from .loading import model_class
 
     directory = resolve(path)
@@ -196,18 +222,21 @@ def model_info(path) -> dict:
         "layers": config.n_layer,
         "width": config.n_embd,
         "attention experts": f"{config.n_att_experts} (top-{config.k_att}), {config.n_head} head(s) of "
-                             f"{config.head_size}, K/V {'identity' if config.identity_kv else 'projected'}",
+        f"{config.head_size}, K/V {'identity' if config.identity_kv else 'projected'}",
         "mlp experts": f"{config.n_mlp_experts} (top-{config.k_mlp}), {config.n_embd}->{config.ffd_hidden}",
         "vocab": config.vocab_size,
         "parameters": model.num_parameters(),
         "active parameters per token": model.num_parameters(active=True),
         "dtype": config.torch_dtype or "unknown",
-        "quantization": (f"{config.quantization.get('method')} experts and lm_head, one scale per output channel"
-                         if config.quantization else "none"),
+        "quantization": (
+            f"{config.quantization.get('method')} experts and lm_head, one scale per output channel"
+            if config.quantization
+            else "none"
+        ),
         "files": len(files),
         "file size": sum(os.path.getsize(f) for f in files),
-        "integrity": "; ".join(f"{os.path.basename(f)}: {problem}" for f in files
-                               if (problem := check_weight_file(f))) or "ok",
+        "integrity": "; ".join(f"{os.path.basename(f)}: {problem}" for f in files if (problem := check_weight_file(f)))
+        or "ok",
     }
 
 
@@ -242,25 +271,66 @@ def cmd_train(args) -> int:
     from molm.train import TrainConfig
 
     check_device(args.device, allow_auto=True)
-    check_at_least(args, {"steps": 1, "seq_len": 2, "batch_size": 1, "grad_accum": 1, "lr": 0, "warmup": 0,
-                          "weight_decay": 0, "eval_every": 0, "save_every": 0, "new_att_experts": 0,
-                          "new_mlp_experts": 0})
+    check_at_least(
+        args,
+        {
+            "steps": 1,
+            "seq_len": 2,
+            "batch_size": 1,
+            "grad_accum": 1,
+            "lr": 0,
+            "warmup": 0,
+            "weight_decay": 0,
+            "eval_every": 0,
+            "save_every": 0,
+            "new_att_experts": 0,
+            "new_mlp_experts": 0,
+        },
+    )
     if (args.model is None) == (args.config is None):
-        raise UsageError("molm train needs exactly one of --model DIR (finetune) or --config config.json "
-                         "(from scratch)")
+        raise UsageError(
+            "molm train needs exactly one of --model DIR (finetune) or --config config.json (from scratch)"
+        )
     model = molm.ModuleFormerConfig.from_pretrained(args.config) if args.config else args.model
     if args.new_att_experts or args.new_mlp_experts:
         base = molm.load(args.model, dtype=torch.float32) if args.model else model
         model = molm.extend(base, args.new_att_experts, args.new_mlp_experts, freeze_old=args.freeze_old)
-    fields = {f: getattr(args, f) for f in ("steps", "seq_len", "batch_size", "grad_accum", "lr", "warmup",
-                                             "weight_decay", "precision", "aux_loss_weight", "sample_topk",
-                                             "concentration_weight", "eval_every", "save_every", "seed", "device")}
-    result = molm.train(model, args.data, out_dir=args.out, eval_data=args.eval_data,
-                        tokenizer=args.tokenizer or args.model, config=TrainConfig(**fields), resume=args.resume)
+    fields = {
+        f: getattr(args, f)
+        for f in (
+            "steps",
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "warmup",
+            "weight_decay",
+            "precision",
+            "aux_loss_weight",
+            "sample_topk",
+            "concentration_weight",
+            "eval_every",
+            "save_every",
+            "seed",
+            "device",
+        )
+    }
+    result = molm.train(
+        model,
+        args.data,
+        out_dir=args.out,
+        eval_data=args.eval_data,
+        tokenizer=args.tokenizer or args.model,
+        config=TrainConfig(**fields),
+        resume=args.resume,
+    )
     last = result.history[-1]
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 evaluates and saves
-        print(f"trained {last['step']} steps: train cross entropy {last['ce']:.4f}"
-              + (f", eval perplexity {last['eval_ppl']:.2f}" if "eval_ppl" in last else "") + f"; saved to {args.out}")
+        print(
+            f"trained {last['step']} steps: train cross entropy {last['ce']:.4f}"
+            + (f", eval perplexity {last['eval_ppl']:.2f}" if "eval_ppl" in last else "")
+            + f"; saved to {args.out}"
+        )
     return 0
 
 
@@ -270,8 +340,13 @@ def cmd_usage(args) -> int:
     import molm
 
     model = molm.load(args.model, dtype=torch.float32, backend=args.backend)
-    usage = molm.expert_usage(model, args.data, seq_len=args.seq_len, max_batches=args.max_batches,
-                              tokenizer=args.tokenizer or model.name_or_path)
+    usage = molm.expert_usage(
+        model,
+        args.data,
+        seq_len=args.seq_len,
+        max_batches=args.max_batches,
+        tokenizer=args.tokenizer or model.name_or_path,
+    )
     print(f"selection frequency per layer over {usage.tokens:,} tokens (each row sums to k)")
     for kind in ("att", "mlp"):
         freq = usage.site(kind)[0]
@@ -301,11 +376,21 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--new-att-experts", type=int, default=0, help="append attention experts (molm.extend)")
     t.add_argument("--new-mlp-experts", type=int, default=0, help="append MLP experts (molm.extend)")
     t.add_argument("--freeze-old", action="store_true", help="with --new-*-experts: train only the new experts")
-    for name, typ, default in (("steps", int, 1000), ("seq-len", int, 128), ("batch-size", int, 16),
-                               ("grad-accum", int, 1), ("lr", float, 1e-3), ("warmup", int, None),
-                               ("weight-decay", float, 0.1), ("aux-loss-weight", float, None),
-                               ("sample-topk", int, None), ("concentration-weight", float, 0.0),
-                               ("eval-every", int, 100), ("save-every", int, 0), ("seed", int, 0)):
+    for name, typ, default in (
+        ("steps", int, 1000),
+        ("seq-len", int, 128),
+        ("batch-size", int, 16),
+        ("grad-accum", int, 1),
+        ("lr", float, 1e-3),
+        ("warmup", int, None),
+        ("weight-decay", float, 0.1),
+        ("aux-loss-weight", float, None),
+        ("sample-topk", int, None),
+        ("concentration-weight", float, 0.0),
+        ("eval-every", int, 100),
+        ("save-every", int, 0),
+        ("seed", int, 0),
+    ):
         t.add_argument(f"--{name}", type=typ, default=default, help=TRAIN_HELP.get(name))
     t.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     t.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
@@ -335,13 +420,30 @@ def cmd_eval(args) -> int:
 
         with open(args.perplexity, encoding="utf-8") as f:
             text = f.read()
-        model = molm.load(args.model, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend,
-                          quantize=args.quantize)
-        result = perplexity(model, molm.load_tokenizer(args.tokenizer or model.name_or_path), text,
-                            max_length=args.max_length, stride=args.stride, batch_size=args.batch_size)
+        model = molm.load(
+            args.model, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend, quantize=args.quantize
+        )
+        result = perplexity(
+            model,
+            molm.load_tokenizer(args.tokenizer or model.name_or_path),
+            text,
+            max_length=args.max_length,
+            stride=args.stride,
+            batch_size=args.batch_size,
+        )
         report = result.as_dict()
-        for key in ("tokens", "words", "bytes", "windows", "max_length", "stride", "token_perplexity",
-                    "word_perplexity", "byte_perplexity", "bits_per_byte"):
+        for key in (
+            "tokens",
+            "words",
+            "bytes",
+            "windows",
+            "max_length",
+            "stride",
+            "token_perplexity",
+            "word_perplexity",
+            "byte_perplexity",
+            "bits_per_byte",
+        ):
             value = report[key]
             print(f"{key:>16}: {value:.4f}" if isinstance(value, float) else f"{key:>16}: {value}")
     else:
@@ -350,8 +452,9 @@ def cmd_eval(args) -> int:
         except ModuleNotFoundError as exc:
             if exc.name is None or exc.name.split(".")[0] != "lm_eval":
                 raise
-            raise UsageError("molm eval --tasks needs lm-evaluation-harness, which is not installed: "
-                             "pip install 'molm[eval]'") from exc
+            raise UsageError(
+                "molm eval --tasks needs lm-evaluation-harness, which is not installed: pip install 'molm[eval]'"
+            ) from exc
         report = run_tasks(args)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -362,8 +465,12 @@ def cmd_eval(args) -> int:
 def _add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="perplexity of a text file, or lm-evaluation-harness tasks (molm[eval])")
     e.add_argument("--model", required=True, help="model directory (HF format) or hub id")
-    e.add_argument("--perplexity", default=None, metavar="FILE", help="text file: word/byte perplexity as the "
-                   "harness' wikitext task defines them")
+    e.add_argument(
+        "--perplexity",
+        default=None,
+        metavar="FILE",
+        help="text file: word/byte perplexity as the harness' wikitext task defines them",
+    )
     e.add_argument("--tasks", default=None, help="comma-separated harness tasks (molm's local ones: molm_local)")
     e.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
     e.add_argument("--max-length", type=int, default=None, help="window length (default: history + block size)")
@@ -383,16 +490,28 @@ def cmd_serve(args) -> int:
         raise UsageError(f"--port must be <= 65535, got {args.port}")
     check_device(args.device)
     try:
-        import fastapi, prometheus_client, uvicorn  # noqa: F401  (molm[serve])
+        import fastapi  # noqa: F401  (molm[serve])
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as exc:
-        raise UsageError(f"molm serve needs fastapi, uvicorn and prometheus-client: pip install 'molm[serve]' "
-                         f"({exc})") from None
+        raise UsageError(
+            f"molm serve needs fastapi, uvicorn and prometheus-client: pip install 'molm[serve]' ({exc})"
+        ) from None
     from molm.serve import serve
 
-    return serve(args.model or DEFAULT_MODEL, host=args.host, port=args.port, max_batch=args.max_batch,
-                 max_queue=args.max_queue, dtype=DTYPE_NAMES[args.dtype], device=args.device, backend=args.backend,
-                 quantize=args.quantize, shutdown_timeout=args.shutdown_timeout,
-                 model_name=args.model_name or (None if args.model else "molm-default"))
+    return serve(
+        args.model or DEFAULT_MODEL,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        dtype=DTYPE_NAMES[args.dtype],
+        device=args.device,
+        backend=args.backend,
+        quantize=args.quantize,
+        shutdown_timeout=args.shutdown_timeout,
+        model_name=args.model_name or (None if args.model else "molm-default"),
+    )
 
 
 def _add_serve_parser(sub) -> None:
@@ -403,44 +522,89 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--port", type=int, default=8000, help="0: any free port (printed at startup)")
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences; beyond it requests get 429")
-    s.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish after SIGTERM")
+    s.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM"
+    )
     _add_model_args(s)
     s.set_defaults(func=cmd_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="molm", description="ModuleFormer / MoLM: generate, inspect, evaluate, train, analyse expert usage")
+    parser = argparse.ArgumentParser(
+        prog="molm", description="ModuleFormer / MoLM: generate, inspect, evaluate, train, analyse expert usage"
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text from a prompt (streamed)",
-                       description="Continue a prompt. By default molm samples (temperature {temperature}, "
-                       "top-p {top_p}, repetition penalty {repetition_penalty}) from seed {seed}, so a run repeats; "
-                       "--greedy picks the most likely token instead.".format(**GENERATE_DEFAULTS))
+    g = sub.add_parser(
+        "generate",
+        help="generate text from a prompt (streamed)",
+        description="Continue a prompt. By default molm samples (temperature {temperature}, "
+        "top-p {top_p}, repetition penalty {repetition_penalty}) from seed {seed}, so a run repeats; "
+        "--greedy picks the most likely token instead.".format(**GENERATE_DEFAULTS),
+    )
     g.add_argument("prompt", nargs="?", default=None, help="text to continue (with -i: none, read from stdin)")
-    g.add_argument("-i", "--interactive", action="store_true", help="read prompts from stdin, one a line, until "
-                   "end of input (Ctrl-D); Ctrl-C stops the current generation only")
-    g.add_argument("--model", default=None, help="model directory (HF format) or hub id (default: the embedded "
-                   "small Shakespeare model)")
+    g.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="read prompts from stdin, one a line, until "
+        "end of input (Ctrl-D); Ctrl-C stops the current generation only",
+    )
+    g.add_argument(
+        "--model",
+        default=None,
+        help="model directory (HF format) or hub id (default: the embedded small Shakespeare model)",
+    )
     g.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--greedy", action="store_true", help="always pick the most likely token (same as "
-                   "--temperature 0; the repetition penalty still applies, --repetition-penalty 1 turns it off)")
-    g.add_argument("--temperature", type=float, default=None,
-                   help=f"sampling temperature (default: {GENERATE_DEFAULTS['temperature']}; 0 = greedy)")
+    g.add_argument(
+        "--greedy",
+        action="store_true",
+        help="always pick the most likely token (same as "
+        "--temperature 0; the repetition penalty still applies, --repetition-penalty 1 turns it off)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help=f"sampling temperature (default: {GENERATE_DEFAULTS['temperature']}; 0 = greedy)",
+    )
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default: all)")
-    g.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with "
-                   f"probability >= p (nucleus; default: {GENERATE_DEFAULTS['top_p']})")
-    g.add_argument("--repetition-penalty", type=float, default=None, help="divide the positive logits (multiply "
-                   "the negative ones) of every token already in the text by this (default: "
-                   f"{GENERATE_DEFAULTS['repetition_penalty']}; 1 = off)")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this many "
-                   "tokens (default: 0 = off)")
-    g.add_argument("--seed", type=int, default=None, help=f"sampling seed (default: {GENERATE_DEFAULTS['seed']}, "
-                   "so the same command gives the same text)")
-    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable); \\n, \\t, \\r and "
-                   "\\\\ are read as newline, tab, carriage return and backslash, so --stop '\\n\\n' stops at a "
-                   "blank line")
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="sample from the smallest set of tokens with "
+        f"probability >= p (nucleus; default: {GENERATE_DEFAULTS['top_p']})",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="divide the positive logits (multiply "
+        "the negative ones) of every token already in the text by this (default: "
+        f"{GENERATE_DEFAULTS['repetition_penalty']}; 1 = off)",
+    )
+    g.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=0,
+        help="never repeat an n-gram of this many tokens (default: 0 = off)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"sampling seed (default: {GENERATE_DEFAULTS['seed']}, so the same command gives the same text)",
+    )
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        help="stop string (repeatable); \\n, \\t, \\r and "
+        "\\\\ are read as newline, tab, carriage return and backslash, so --stop '\\n\\n' stops at a "
+        "blank line",
+    )
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
     i = sub.add_parser("info", help="parameters (total and active per token), experts, layers, dtype, size")
@@ -455,15 +619,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_serve_parser(sub)
     for command in sub.choices.values():  # `molm generate --debug ...` too; SUPPRESS keeps `molm --debug ...`
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                             help="show the full traceback of every error")
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of every error"
+        )
     return parser
 
 
 # Errors that mean "the input or the machine is not as required": one line. Anything else is a bug and keeps its
 # traceback. ValueError covers molm's validation errors and CheckpointError.
-USER_ERRORS = (UsageError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-               torch.OutOfMemoryError)
+USER_ERRORS = (
+    UsageError,
+    ValueError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    torch.OutOfMemoryError,
+)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:

@@ -21,11 +21,31 @@ ALIASES = {
 }
 GATE_TYPES = ("mlp", "linear", "gmm")
 # Fields that fix tensor shapes: a config.json without them cannot describe a checkpoint.
-REQUIRED_FIELDS = ("vocab_size", "n_embd", "n_layer", "n_head", "att_hidden", "ffd_hidden", "gating_size",
-                   "n_att_experts", "k_att", "n_mlp_experts", "k_mlp")
+REQUIRED_FIELDS = (
+    "vocab_size",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "att_hidden",
+    "ffd_hidden",
+    "gating_size",
+    "n_att_experts",
+    "k_att",
+    "n_mlp_experts",
+    "k_mlp",
+)
 # Anything above these is surely a corrupt or hostile config; refuse before allocating.
-SANE_LIMITS = {"vocab_size": 4_000_000, "n_embd": 65_536, "n_layer": 1_024, "n_head": 4_096, "att_hidden": 65_536,
-               "ffd_hidden": 262_144, "gating_size": 65_536, "n_att_experts": 65_536, "n_mlp_experts": 65_536}
+SANE_LIMITS = {
+    "vocab_size": 4_000_000,
+    "n_embd": 65_536,
+    "n_layer": 1_024,
+    "n_head": 4_096,
+    "att_hidden": 65_536,
+    "ffd_hidden": 262_144,
+    "gating_size": 65_536,
+    "n_att_experts": 65_536,
+    "n_mlp_experts": 65_536,
+}
 
 
 @dataclass
@@ -112,8 +132,10 @@ class ModuleFormerConfig:
             if value < 1:
                 raise ValueError(f"config field {name!r} must be >= 1, got {value}")
             if value > limit:
-                raise ValueError(f"config field {name!r} = {value} exceeds the sane limit {limit}; "
-                                 "the config is corrupt or not a ModuleFormer config")
+                raise ValueError(
+                    f"config field {name!r} = {value} exceeds the sane limit {limit}; "
+                    "the config is corrupt or not a ModuleFormer config"
+                )
         if self.att_hidden % self.n_head:
             raise ValueError(f"config: att_hidden ({self.att_hidden}) must be divisible by n_head ({self.n_head})")
         for k_name, e_name in (("k_att", "n_att_experts"), ("k_mlp", "n_mlp_experts")):
@@ -125,8 +147,9 @@ class ModuleFormerConfig:
         if self.gate_type not in GATE_TYPES:
             raise ValueError(f"config: gate_type must be one of {GATE_TYPES}, got {self.gate_type!r}")
         if self.activation_function != "gelu_new":
-            raise ValueError(f"config: activation_function {self.activation_function!r} is not supported "
-                             "(MoLM uses 'gelu_new')")
+            raise ValueError(
+                f"config: activation_function {self.activation_function!r} is not supported (MoLM uses 'gelu_new')"
+            )
         if self.tie_word_embeddings:
             raise ValueError("config: tie_word_embeddings=True is not supported (MoLM's lm_head is untied)")
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "moe_pdrop"):
@@ -195,10 +218,17 @@ class ModuleFormerConfig:
 
 
 def _molm(n_layer: int, k: int) -> ModuleFormerConfig:
-    return ModuleFormerConfig(n_layer=n_layer, n_head=1, att_hidden=1024, n_att_experts=16, k_att=k,
-                              n_mlp_experts=32, k_mlp=k, architectures=["ModuleFormerForCausalLM"],
-                              extra={"att_func": "stickbreaking", "local_size": 1, "moe_type": "moe",
-                                     "universal": False, "world_size": None})
+    return ModuleFormerConfig(
+        n_layer=n_layer,
+        n_head=1,
+        att_hidden=1024,
+        n_att_experts=16,
+        k_att=k,
+        n_mlp_experts=32,
+        k_mlp=k,
+        architectures=["ModuleFormerForCausalLM"],
+        extra={"att_func": "stickbreaking", "local_size": 1, "moe_type": "moe", "universal": False, "world_size": None},
+    )
 
 
 # The three released models (docs/model.md §1; 700M-8B read from its config.json, the 4B ones inferred).

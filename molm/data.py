@@ -33,11 +33,13 @@ def load_tokens(data, tokenizer=None) -> torch.Tensor:
     if path.endswith(".bin"):
         return load_tokens(np.fromfile(path, dtype=np.uint16), tokenizer)
     if tokenizer is None:
-        raise ValueError(f"{path} is a text file: pass a tokenizer (a tokenizers.Tokenizer or a directory with "
-                         "tokenizer.json) to encode it")
+        raise ValueError(
+            f"{path} is a text file: pass a tokenizer (a tokenizers.Tokenizer or a directory with "
+            "tokenizer.json) to encode it"
+        )
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().splitlines(keepends=True)
-    chunks = ["".join(lines[i:i + 2000]) for i in range(0, len(lines), 2000)]
+    chunks = ["".join(lines[i : i + 2000]) for i in range(0, len(lines), 2000)]
     ids = [i for enc in tokenizer.encode_batch(chunks) for i in enc.ids]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -53,7 +55,7 @@ def as_tokenizer(tokenizer):
 def batch_windows(tokens: torch.Tensor, seq_len: int, batch: int, generator: torch.Generator) -> torch.Tensor:
     """`batch` random windows [batch, seq_len] of the stream."""
     starts = torch.randint(0, len(tokens) - seq_len + 1, (batch,), generator=generator)
-    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
 
 
 def check_tokens(tokens: torch.Tensor, seq_len: int, vocab_size: int, what: str) -> None:
@@ -61,8 +63,10 @@ def check_tokens(tokens: torch.Tensor, seq_len: int, vocab_size: int, what: str)
         raise ValueError(f"{what} has {len(tokens)} tokens, fewer than seq_len={seq_len}")
     hi = int(tokens.max())
     if int(tokens.min()) < 0 or hi >= vocab_size:
-        raise ValueError(f"{what} holds token id {hi} outside the model's vocab_size {vocab_size}: "
-                         "was it encoded with another tokenizer?")
+        raise ValueError(
+            f"{what} holds token id {hi} outside the model's vocab_size {vocab_size}: "
+            "was it encoded with another tokenizer?"
+        )
 
 
 def token_windows(data, tokenizer, seq_len: int, vocab_size: int, what: str, max_windows: int | None = None):

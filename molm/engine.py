@@ -34,8 +34,14 @@ class StaticDecoder:
 
     def _forward(self, window: int) -> torch.Tensor:
         view = StaticWindow(self.cache, window, self.position)
-        out = self.model(self.tokens, attention_mask=self.mask[:, :window], past_key_values=view, use_cache=True,
-                         return_aux_loss=False, logits_to_keep=1)
+        out = self.model(
+            self.tokens,
+            attention_mask=self.mask[:, :window],
+            past_key_values=view,
+            use_cache=True,
+            return_aux_loss=False,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1]  # [B, V] float32
 
     def _capture(self, window: int):

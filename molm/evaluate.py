@@ -40,8 +40,9 @@ def default_max_length(model) -> int:
 
 
 @torch.inference_mode()
-def token_logprobs(model, inputs: list[list[int]], targets: list[list[int]], batch_size: int = 8,
-                   progress=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def token_logprobs(
+    model, inputs: list[list[int]], targets: list[list[int]], batch_size: int = 8, progress=None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each row: log p(target_j | inputs up to the position that predicts it), the targets being the tokens
     that follow the last len(target) inputs (targets = (inputs + next)[-len(target):]), and whether each target is
     the argmax. Rows are right-padded into batches (causal attention: padding after a token never reaches it).
@@ -54,20 +55,22 @@ def token_logprobs(model, inputs: list[list[int]], targets: list[list[int]], bat
     order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))  # similar lengths share a batch
     device = model.device
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         width = max(len(inputs[i]) for i in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         for r, i in enumerate(rows):
             if not inputs[i] or not 0 < len(targets[i]) <= len(inputs[i]):
-                raise ValueError(f"row {i}: need 1 <= len(target) <= len(input), got {len(targets[i])} targets "
-                                 f"for {len(inputs[i])} inputs")
-            ids[r, :len(inputs[i])] = torch.tensor(inputs[i])
+                raise ValueError(
+                    f"row {i}: need 1 <= len(target) <= len(input), got {len(targets[i])} targets "
+                    f"for {len(inputs[i])} inputs"
+                )
+            ids[r, : len(inputs[i])] = torch.tensor(inputs[i])
         logits = model(ids.to(device), return_aux_loss=False).logits  # [B, T, V] float32
         logprobs = F.log_softmax(logits.double(), dim=-1)
         for r, i in enumerate(rows):
             n, end = len(targets[i]), len(inputs[i])
             want = torch.tensor(targets[i], device=device)
-            rows_lp = logprobs[r, end - n:end]  # [n, V]
+            rows_lp = logprobs[r, end - n : end]  # [n, V]
             results[i] = (rows_lp.gather(1, want[:, None])[:, 0].cpu(), (rows_lp.argmax(-1) == want).cpu())
         if progress is not None:
             progress.update(len(rows))
@@ -119,8 +122,13 @@ class Perplexity:
         return -self.loglikelihood / self.bytes / math.log(2)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "token_perplexity": self.token_perplexity, "word_perplexity": self.word_perplexity,
-                "byte_perplexity": self.byte_perplexity, "bits_per_byte": self.bits_per_byte}
+        return {
+            **asdict(self),
+            "token_perplexity": self.token_perplexity,
+            "word_perplexity": self.word_perplexity,
+            "byte_perplexity": self.byte_perplexity,
+            "bits_per_byte": self.bits_per_byte,
+        }
 
 
 def count_words(text: str) -> int:
@@ -128,8 +136,15 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
-def perplexity(model, tokenizer, text: str, max_length: int | None = None, stride: int | None = None,
-               batch_size: int = 4, progress: bool = True) -> Perplexity:
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> Perplexity:
     """Perplexity of `text` under `model`, in strided windows of max_length tokens (default: the model's
     history_length + block_size) moving by `stride` (default: max_length, the harness' definition)."""
     if not isinstance(text, str) or not text:
@@ -152,5 +167,4 @@ def perplexity(model, tokenizer, text: str, max_length: int | None = None, strid
         if bar is not None:
             bar.close()
     loglik = float(sum(lp.sum() for lp, _ in scored))
-    return Perplexity(loglik, len(ids), count_words(text), len(text.encode("utf-8")), len(windows), max_length,
-                      stride)
+    return Perplexity(loglik, len(ids), count_words(text), len(text.encode("utf-8")), len(windows), max_length, stride)

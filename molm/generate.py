@@ -8,12 +8,17 @@ from collections.abc import Iterator
 import torch
 
 from .cache import KVCache
-from .tokenizer import load_tokenizer  # noqa: F401  (molm.load_tokenizer, callers below)
 from .engine import StaticDecoder
+from .tokenizer import load_tokenizer  # noqa: F401  (molm.load_tokenizer, callers below)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """logits [B, V] float32 -> next ids [B]. temperature 0 = greedy (argmax); no host sync."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
@@ -31,9 +36,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def penalize_repeats(logits: torch.Tensor, history: torch.Tensor, valid: torch.Tensor,
-                     repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                     seen: torch.Tensor | None = None) -> torch.Tensor:
+def penalize_repeats(
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    valid: torch.Tensor,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
     """transformers' repetition penalty and n-gram ban on next-token logits [B, V], on the device, no host sync.
 
     history [B, L]: each row's tokens so far (prompt + generated), valid [B, L] bool: False on left padding, which
@@ -47,8 +57,9 @@ def penalize_repeats(logits: torch.Tensor, history: torch.Tensor, valid: torch.T
         penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalized, logits)
     if no_repeat_ngram_size > 0 and history.shape[1] >= no_repeat_ngram_size:
-        logits = logits.masked_fill(_banned_ngram_tokens(history, valid, no_repeat_ngram_size, logits.shape[-1]),
-                                    float("-inf"))
+        logits = logits.masked_fill(
+            _banned_ngram_tokens(history, valid, no_repeat_ngram_size, logits.shape[-1]), float("-inf")
+        )
     return logits
 
 
@@ -68,7 +79,7 @@ def _banned_ngram_tokens(history: torch.Tensor, valid: torch.Tensor, n: int, voc
     """[B, V] bool: the last token of every earlier n-gram whose first n - 1 tokens equal the row's last n - 1."""
     length = history.shape[1]
     ngrams = history.unfold(1, n, 1)  # [B, L - n + 1, n]
-    suffix = history[:, length - n + 1:]  # [B, n - 1] (empty for n = 1: every earlier token is banned)
+    suffix = history[:, length - n + 1 :]  # [B, n - 1] (empty for n = 1: every earlier token is banned)
     # Left padding only: an n-gram is all real tokens when its first token is.
     match = (ngrams[:, :, :-1] == suffix[:, None, :]).all(dim=-1) & valid[:, : length - n + 1]
     return _mark(torch.where(match, ngrams[:, :, -1], vocab_size), vocab_size)
@@ -90,12 +101,22 @@ def _check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalt
 
 
 @torch.inference_mode()
-def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, eos_token_id: int | None = None,
-                 pad_token_id: int | None = None, cuda_graphs: bool | None = None,
-                 compact_finished: bool = True, repetition_penalty: float = 1.0,
-                 no_repeat_ngram_size: int = 0) -> Iterator[torch.Tensor]:
+def generate_ids(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    cuda_graphs: bool | None = None,
+    compact_finished: bool = True,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+) -> Iterator[torch.Tensor]:
     """Yields the next token ids [B] step by step. Rows that produced eos keep producing pad_token_id.
 
     input_ids [B, T] (left-padded when rows differ in length, with attention_mask [B, T]). Decode steps are
@@ -141,11 +162,18 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             logits = decoder.step(tokens, T + step - 1)
         else:
             mask = None if full_mask is None else full_mask[:, : cache.length + tokens.shape[1]]
-            logits = model(tokens, attention_mask=mask, past_key_values=cache, use_cache=True,
-                           return_aux_loss=False, logits_to_keep=1).logits[:, -1]
+            logits = model(
+                tokens,
+                attention_mask=mask,
+                past_key_values=cache,
+                use_cache=True,
+                return_aux_loss=False,
+                logits_to_keep=1,
+            ).logits[:, -1]
         if history is not None:
-            logits = penalize_repeats(logits, history[:, : T + step], valid[:, : T + step], repetition_penalty,
-                                      no_repeat_ngram_size, seen)
+            logits = penalize_repeats(
+                logits, history[:, : T + step], valid[:, : T + step], repetition_penalty, no_repeat_ngram_size, seen
+            )
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # [rows running]
         if history is not None:
             history[:, T + step] = next_ids
@@ -178,8 +206,10 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 def check_tokenizer_fits(ids: list[int], vocab_size: int, what: str) -> None:
     """Token ids past the model's vocabulary mean the tokenizer belongs to another model: say so."""
     if ids and max(ids) >= vocab_size:
-        raise ValueError(f"the tokenizer does not match the model: it encodes {what} to token id {max(ids)}, but "
-                         f"the model has only {vocab_size} tokens (pass the model's own tokenizer)")
+        raise ValueError(
+            f"the tokenizer does not match the model: it encodes {what} to token id {max(ids)}, but "
+            f"the model has only {vocab_size} tokens (pass the model's own tokenizer)"
+        )
 
 
 def _encode_batch(tokenizer, prompts: list[str], pad_id: int, vocab_size: int):
@@ -192,8 +222,8 @@ def _encode_batch(tokenizer, prompts: list[str], pad_id: int, vocab_size: int):
     input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), T, dtype=torch.long)
     for row, ids in enumerate(encoded):  # left padding: the newest token of every row sits at the end
-        input_ids[row, T - len(ids):] = torch.tensor(ids)
-        mask[row, T - len(ids):] = 1
+        input_ids[row, T - len(ids) :] = torch.tensor(ids)
+        mask[row, T - len(ids) :] = 1
     return input_ids, (mask if any(len(ids) < T for ids in encoded) else None)
 
 
@@ -208,7 +238,7 @@ class _TextStream:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        piece, self.sent = text[len(self.sent):], text
+        piece, self.sent = text[len(self.sent) :], text
         return piece
 
 
@@ -217,10 +247,21 @@ def _truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, stop: str | list[str] | None = None,
-             tokenizer=None, stream: bool = False, attention_mask: torch.Tensor | None = None,
-             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0):
+def generate(
+    model,
+    prompt,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: str | list[str] | None = None,
+    tokenizer=None,
+    stream: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+):
     """Generate from a ModuleFormerForCausalLM.
 
     prompt: LongTensor [B, T] -> LongTensor [B, T + n] (prompt included; rows that stopped at eos are padded with
@@ -235,9 +276,17 @@ def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, 
     _check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size)
     config = model.config
     eos = config.eos_token_id if config.eos_token_id is not None and config.eos_token_id < config.vocab_size else None
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                    eos_token_id=eos, pad_token_id=config.pad_token_id, repetition_penalty=repetition_penalty,
-                    no_repeat_ngram_size=no_repeat_ngram_size)
+    settings = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        eos_token_id=eos,
+        pad_token_id=config.pad_token_id,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+    )
     if isinstance(prompt, torch.Tensor):
         model.check_input_ids(prompt)
         _warn_if_beyond_context(config, prompt.shape[1])
@@ -253,8 +302,10 @@ def generate(model, prompt, max_new_tokens: int = 32, temperature: float = 0.0, 
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         prompts, single = list(prompt), False
     else:
-        raise TypeError("prompt must be a LongTensor [B, T], a non-empty str or a non-empty list of str, got "
-                        f"{type(prompt).__name__}")
+        raise TypeError(
+            "prompt must be a LongTensor [B, T], a non-empty str or a non-empty list of str, got "
+            f"{type(prompt).__name__}"
+        )
     if tokenizer is None:
         directory = getattr(model, "name_or_path", None)
         if directory is None:
@@ -289,8 +340,11 @@ def _warn_if_beyond_context(config, prompt_length: int) -> None:
     """The model has no positions, so nothing stops a longer prompt, but it never saw one in training."""
     context = config.history_length + config.block_size
     if prompt_length > context:
-        warnings.warn(f"the prompt is {prompt_length} tokens long, longer than the {context} tokens of context the "
-                      f"model was trained on (history_length + block_size): expect worse text", stacklevel=3)
+        warnings.warn(
+            f"the prompt is {prompt_length} tokens long, longer than the {context} tokens of context the "
+            f"model was trained on (history_length + block_size): expect worse text",
+            stacklevel=3,
+        )
 
 
 def _stream_text(steps, tokenizer, stop: list[str], eos: int | None) -> Iterator[str]:
@@ -309,7 +363,7 @@ def _stream_text(steps, tokenizer, stop: list[str], eos: int | None) -> Iterator
                 return
             keep = max((len(s) - 1 for s in stop), default=0)
             safe = held[: max(0, len(held) - keep)]
-            held = held[len(safe):]
+            held = held[len(safe) :]
             if safe:
                 yield safe
         elif held:

@@ -22,8 +22,16 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DynamicCache,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
@@ -34,8 +42,18 @@ from .cache import KVCache, register_pytree
 from .modules import Block, Linear, backend_ops, bind_backend
 
 # Fields that PretrainedConfig owns itself (token ids, labels, dtype, ...): passed to its __init__, not set here.
-_HF_OWNED = {"bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "architectures", "torch_dtype",
-             "num_labels", "problem_type", "use_cache", "extra"}
+_HF_OWNED = {
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+    "architectures",
+    "torch_dtype",
+    "num_labels",
+    "problem_type",
+    "use_cache",
+    "extra",
+}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(molm_config.ModuleFormerConfig) if f.name not in _HF_OWNED}
 
 
@@ -46,14 +64,26 @@ class ModuleFormerConfig(PretrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values"]
     attribute_map = dict(molm_config.ALIASES)  # hidden_size -> n_embd, ...
 
-    def __init__(self, bos_token_id=50256, eos_token_id=50256, pad_token_id=None, tie_word_embeddings=False,
-                 use_cache=True, **kwargs):
+    def __init__(
+        self,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        use_cache=True,
+        **kwargs,
+    ):
         for name, default in _DEFAULTS.items():
             setattr(self, name, kwargs.pop(name, default))
         kwargs.pop("n_ctx", None)  # derived: history_length * n_layer (the property below)
         self.use_cache = use_cache
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
         self.to_molm()  # validate now: a bad field fails here with molm's message naming it
 
     identity_kv = molm_config.ModuleFormerConfig.identity_kv  # the same derived fields as molm's config
@@ -72,10 +102,16 @@ class ModuleFormerConfig(PretrainedConfig):
         fields = {name: getattr(self, name) for name in _DEFAULTS}
         problem_type = getattr(self, "problem_type", None)
         return molm_config.ModuleFormerConfig(
-            **fields, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id, tie_word_embeddings=bool(self.tie_word_embeddings),
-            use_cache=bool(self.use_cache), architectures=self.architectures, num_labels=self.num_labels,
-            problem_type=problem_type)
+            **fields,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            tie_word_embeddings=bool(self.tie_word_embeddings),
+            use_cache=bool(self.use_cache),
+            architectures=self.architectures,
+            num_labels=self.num_labels,
+            problem_type=problem_type,
+        )
 
 
 # transformers 5.x renamed the cache field of model outputs (and generate's kwarg) from past_key_values to cache,
@@ -84,9 +120,14 @@ CACHE_NAME = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_
 
 
 def _output_class(name: str, fields: list[str]) -> type:
-    types = {"last_hidden_state": Optional[torch.Tensor], "loss": Optional[torch.Tensor],
-             "logits": Optional[torch.Tensor], CACHE_NAME: Any, "aux_loss": Optional[torch.Tensor],
-             "hidden_states": Optional[tuple]}
+    types = {
+        "last_hidden_state": Optional[torch.Tensor],
+        "loss": Optional[torch.Tensor],
+        "logits": Optional[torch.Tensor],
+        CACHE_NAME: Any,
+        "aux_loss": Optional[torch.Tensor],
+        "hidden_states": Optional[tuple],
+    }
     cls = dataclasses.make_dataclass(name, [(f, types[f], None) for f in fields], bases=(ModelOutput,))
     cls.__module__ = __name__
     return cls
@@ -94,8 +135,9 @@ def _output_class(name: str, fields: list[str]) -> type:
 
 ModuleFormerOutput = _output_class("ModuleFormerOutput", ["loss", "logits", CACHE_NAME, "aux_loss", "hidden_states"])
 # the base model's output: BaseModelOutputWithPast's fields (no attentions: they are never materialised) + aux loss
-ModuleFormerModelOutput = _output_class("ModuleFormerModelOutput",
-                                        ["last_hidden_state", CACHE_NAME, "hidden_states", "aux_loss"])
+ModuleFormerModelOutput = _output_class(
+    "ModuleFormerModelOutput", ["last_hidden_state", CACHE_NAME, "hidden_states", "aux_loss"]
+)
 
 
 class GenerationCache(KVCache):
@@ -139,8 +181,10 @@ register_pytree(GenerationCache)
 
 def _layer_tensors(layer) -> tuple:
     """(keys, values) of one transformers cache layer as [B, S, A] (heads folded into the width)."""
+
     def folded(t):
         return t if t.dim() == 3 else t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)  # [B, H, S, D]
+
     return folded(layer.keys), folded(layer.values)
 
 
@@ -158,9 +202,11 @@ def as_molm_cache(past, config):
         if len(legacy) != config.n_layer:
             raise ValueError(f"the DynamicCache holds {len(legacy)} layers, the model has n_layer={config.n_layer}")
         return GenerationCache.from_legacy(legacy, config.identity_kv)
-    raise TypeError(f"ModuleFormer cannot use a transformers {type(past).__name__}: it keeps its own cache (one "
-                    "tensor per layer when K = V). Pass the cache this model returned, a DynamicCache, a tuple of "
-                    "(K, V) per layer, or nothing")
+    raise TypeError(
+        f"ModuleFormer cannot use a transformers {type(past).__name__}: it keeps its own cache (one "
+        "tensor per layer when K = V). Pass the cache this model returned, a DynamicCache, a tuple of "
+        "(K, V) per layer, or nothing"
+    )
 
 
 def _pick_cache(past_key_values, cache):
@@ -207,8 +253,13 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
         return return_dict
 
     def _output(self, out, return_dict) -> ModelOutput | tuple:
-        output = ModuleFormerOutput(loss=out.loss, logits=out.logits, aux_loss=out.aux_loss,
-                                    hidden_states=out.hidden_states, **{CACHE_NAME: out.past_key_values})
+        output = ModuleFormerOutput(
+            loss=out.loss,
+            logits=out.logits,
+            aux_loss=out.aux_loss,
+            hidden_states=out.hidden_states,
+            **{CACHE_NAME: out.past_key_values},
+        )
         return output if self._return_dict(return_dict) else output.to_tuple()
 
     def _output_hidden_states(self, output_hidden_states, output_attentions) -> bool:
@@ -216,8 +267,10 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
         if output_attentions is None:
             output_attentions = getattr(self.config, "output_attentions", False)
         if output_attentions:
-            raise ValueError("ModuleFormer cannot return attention weights (output_attentions=True): its "
-                             "stick-breaking attention never materialises them; pass output_attentions=False")
+            raise ValueError(
+                "ModuleFormer cannot return attention weights (output_attentions=True): its "
+                "stick-breaking attention never materialises them; pass output_attentions=False"
+            )
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         return bool(output_hidden_states)
@@ -250,10 +303,22 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         self.set_backend(self.backend)  # binds the Linears built above
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, cache=None, use_cache=None,
-                token_type_ids=None, inputs_embeds=None, output_hidden_states=None, output_attentions=None,
-                return_dict=None, return_aux_loss: bool = False, position_ids=None,
-                cache_position=None) -> ModelOutput | tuple:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        past_key_values=None,
+        cache=None,
+        use_cache=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        output_hidden_states=None,
+        output_attentions=None,
+        return_dict=None,
+        return_aux_loss: bool = False,
+        position_ids=None,
+        cache_position=None,
+    ) -> ModelOutput | tuple:
         """-> last_hidden_state [B, T, C] (after ln_f), the cache, all hidden states, the routers' aux loss
         (return_aux_loss=True). position_ids and cache_position are accepted and ignored: no positions."""
         if input_ids is None and inputs_embeds is None:
@@ -261,10 +326,19 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         use_cache = self._use_cache(use_cache)
         past = self._cache_for(_pick_cache(past_key_values, cache), use_cache, input_ids, inputs_embeds)
         hidden, aux, past, states = molm_model.run_trunk(
-            self, input_ids, attention_mask, past, use_cache, token_type_ids, return_aux_loss, inputs_embeds,
-            self._output_hidden_states(output_hidden_states, output_attentions))
-        output = ModuleFormerModelOutput(last_hidden_state=hidden, hidden_states=states, aux_loss=aux,
-                                         **{CACHE_NAME: past})
+            self,
+            input_ids,
+            attention_mask,
+            past,
+            use_cache,
+            token_type_ids,
+            return_aux_loss,
+            inputs_embeds,
+            self._output_hidden_states(output_hidden_states, output_attentions),
+        )
+        output = ModuleFormerModelOutput(
+            last_hidden_state=hidden, hidden_states=states, aux_loss=aux, **{CACHE_NAME: past}
+        )
         return output if self._return_dict(return_dict) else output.to_tuple()
 
 
@@ -282,10 +356,25 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, cache=None,
-                use_cache=None, token_type_ids=None, return_aux_loss: bool = True, logits_to_keep: int = 0,
-                return_dict=None, output_hidden_states=None, output_attentions=None, inputs_embeds=None,
-                position_ids=None, cache_position=None, shift_labels=None) -> ModelOutput | tuple:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        past_key_values=None,
+        cache=None,
+        use_cache=None,
+        token_type_ids=None,
+        return_aux_loss: bool = True,
+        logits_to_keep: int = 0,
+        return_dict=None,
+        output_hidden_states=None,
+        output_attentions=None,
+        inputs_embeds=None,
+        position_ids=None,
+        cache_position=None,
+        shift_labels=None,
+    ) -> ModelOutput | tuple:
         """Like molm's forward; `past_key_values` / `cache` is molm's cache, the legacy tuple or a DynamicCache (see
         as_molm_cache). position_ids and cache_position are accepted and ignored: the model has no positions."""
         if input_ids is None and inputs_embeds is None:
@@ -293,9 +382,19 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
         use_cache = self._use_cache(use_cache)
         past = self._cache_for(_pick_cache(past_key_values, cache), use_cache, input_ids, inputs_embeds)
         out = molm_model.causal_lm_forward(
-            self, input_ids, attention_mask, labels, past, use_cache, token_type_ids, return_aux_loss, logits_to_keep,
-            self._output_hidden_states(output_hidden_states, output_attentions), inputs_embeds,
-            shift_labels=shift_labels)
+            self,
+            input_ids,
+            attention_mask,
+            labels,
+            past,
+            use_cache,
+            token_type_ids,
+            return_aux_loss,
+            logits_to_keep,
+            self._output_hidden_states(output_hidden_states, output_attentions),
+            inputs_embeds,
+            shift_labels=shift_labels,
+        )
         return self._output(out, return_dict)
 
     def generate(self, *args, **kwargs):
@@ -303,20 +402,36 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
         config = kwargs.get("generation_config") or self.generation_config
         implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
         if implementation not in (None, "dynamic", "dynamic_full"):  # dynamic_full: what 4.5x gives an assistant
-            raise ValueError(f"ModuleFormer cannot generate with cache_implementation={implementation!r}: it keeps "
-                             "its own cache (one tensor per layer when K = V, grown as needed); leave "
-                             "cache_implementation unset")
+            raise ValueError(
+                f"ModuleFormer cannot generate with cache_implementation={implementation!r}: it keeps "
+                "its own cache (one tensor per layer when K = V, grown as needed); leave "
+                "cache_implementation unset"
+            )
         penalty_alpha = kwargs.get("penalty_alpha", getattr(config, "penalty_alpha", None))
         top_k = kwargs.get("top_k", getattr(config, "top_k", None))
         if penalty_alpha and top_k and top_k > 1:
-            raise ValueError("ModuleFormer does not support contrastive search (penalty_alpha > 0 with top_k > 1); "
-                             "use greedy, sampling, beam search, or assisted / prompt-lookup decoding")
+            raise ValueError(
+                "ModuleFormer does not support contrastive search (penalty_alpha > 0 with top_k > 1); "
+                "use greedy, sampling, beam search, or assisted / prompt-lookup decoding"
+            )
         return super().generate(*args, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, cache=None, attention_mask=None,
-                                      token_type_ids=None, use_cache=True, inputs_embeds=None,
-                                      next_sequence_length=None, is_first_iteration=None, position_ids=None,
-                                      cache_position=None, logits_to_keep=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        cache=None,
+        attention_mask=None,
+        token_type_ids=None,
+        use_cache=True,
+        inputs_embeds=None,
+        next_sequence_length=None,
+        is_first_iteration=None,
+        position_ids=None,
+        cache_position=None,
+        logits_to_keep=None,
+        **kwargs,
+    ):
         """Feed only the positions the cache has not seen (attention_mask stays full length: past + new); the first
         step reserves room for the whole generation. Other keyword arguments are passed on to forward, as
         transformers' own models do."""
@@ -340,12 +455,19 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
                 new = attention_mask.shape[1] - seen
             else:
                 new = input_ids.shape[1] - seen
-            input_ids = input_ids[:, -new:] if new > 0 else input_ids[:, input_ids.shape[1]:]
+            input_ids = input_ids[:, -new:] if new > 0 else input_ids[:, input_ids.shape[1] :]
             if token_type_ids is not None:
-                token_type_ids = token_type_ids[:, -input_ids.shape[1]:]
-        inputs = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, CACHE_NAME: past,
-                  "attention_mask": attention_mask, "token_type_ids": token_type_ids, "use_cache": use_cache,
-                  "return_aux_loss": False, "logits_to_keep": 1 if logits_to_keep is None else logits_to_keep}
+                token_type_ids = token_type_ids[:, -input_ids.shape[1] :]
+        inputs = {
+            "input_ids": input_ids,
+            "inputs_embeds": inputs_embeds,
+            CACHE_NAME: past,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "use_cache": use_cache,
+            "return_aux_loss": False,
+            "logits_to_keep": 1 if logits_to_keep is None else logits_to_keep,
+        }
         for key, value in kwargs.items():  # e.g. output_hidden_states, return_dict, a user's extra forward kwargs
             inputs.setdefault(key, value)
         return inputs
@@ -378,17 +500,38 @@ class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
     def num_labels(self, value: int) -> None:
         self.config.num_labels = value
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, past_key_values=None, cache=None,
-                use_cache=None, token_type_ids=None, return_aux_loss: bool = True, return_dict=None,
-                output_hidden_states=None, output_attentions=None, inputs_embeds=None,
-                position_ids=None) -> ModelOutput | tuple:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        past_key_values=None,
+        cache=None,
+        use_cache=None,
+        token_type_ids=None,
+        return_aux_loss: bool = True,
+        return_dict=None,
+        output_hidden_states=None,
+        output_attentions=None,
+        inputs_embeds=None,
+        position_ids=None,
+    ) -> ModelOutput | tuple:
         if input_ids is None and inputs_embeds is None:
             raise ValueError("ModuleFormer needs input_ids or inputs_embeds")
         use_cache = bool(use_cache)
         past = self._cache_for(_pick_cache(past_key_values, cache), use_cache, input_ids, inputs_embeds)
         out = molm_model.sequence_classification_forward(
-            self, input_ids, attention_mask, labels, past, use_cache, token_type_ids, return_aux_loss,
-            self._output_hidden_states(output_hidden_states, output_attentions), inputs_embeds)
+            self,
+            input_ids,
+            attention_mask,
+            labels,
+            past,
+            use_cache,
+            token_type_ids,
+            return_aux_loss,
+            self._output_hidden_states(output_hidden_states, output_attentions),
+            inputs_embeds,
+        )
         return self._output(out, return_dict)
 
 
@@ -403,8 +546,14 @@ def molm_tokenizer():
 
     from .tokenizer import EOS, build_molm_tokenizer
 
-    return PreTrainedTokenizerFast(tokenizer_object=build_molm_tokenizer(), bos_token=EOS, eos_token=EOS,
-                                   unk_token=EOS, pad_token=EOS, model_input_names=MODEL_INPUT_NAMES)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=build_molm_tokenizer(),
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+        model_input_names=MODEL_INPUT_NAMES,
+    )
 
 
 def register() -> None:
@@ -412,12 +561,20 @@ def register() -> None:
     AutoConfig.register(ModuleFormerConfig.model_type, ModuleFormerConfig, exist_ok=True)
     AutoModel.register(ModuleFormerConfig, ModuleFormerModel, exist_ok=True)
     AutoModelForCausalLM.register(ModuleFormerConfig, ModuleFormerForCausalLM, exist_ok=True)
-    AutoModelForSequenceClassification.register(ModuleFormerConfig, ModuleFormerForSequenceClassification,
-                                                exist_ok=True)
+    AutoModelForSequenceClassification.register(
+        ModuleFormerConfig, ModuleFormerForSequenceClassification, exist_ok=True
+    )
 
 
 register()
 
-__all__ = ["ModuleFormerConfig", "ModuleFormerModel", "ModuleFormerForCausalLM",
-           "ModuleFormerForSequenceClassification", "ModuleFormerPreTrainedModel", "GenerationCache", "molm_tokenizer",
-           "register"]
+__all__ = [
+    "ModuleFormerConfig",
+    "ModuleFormerModel",
+    "ModuleFormerForCausalLM",
+    "ModuleFormerForSequenceClassification",
+    "ModuleFormerPreTrainedModel",
+    "GenerationCache",
+    "molm_tokenizer",
+    "register",
+]

@@ -33,9 +33,17 @@ class MolmLM(TemplateLM):
     device, backend (extension|reference), batch_size, max_length (default history_length + block_size),
     tokenizer (a directory with tokenizer.json; default the model's, or the offline MoLM tokenizer)."""
 
-    def __init__(self, pretrained: str, dtype: str = "float32", device: str | None = "cpu", backend: str | None = None,
-                 batch_size: int | str = 8, max_length: int | None = None, tokenizer: str | None = None,
-                 **ignored):
+    def __init__(
+        self,
+        pretrained: str,
+        dtype: str = "float32",
+        device: str | None = "cpu",
+        backend: str | None = None,
+        batch_size: int | str = 8,
+        max_length: int | None = None,
+        tokenizer: str | None = None,
+        **ignored,
+    ):
         super().__init__()
         import molm
 
@@ -68,9 +76,10 @@ class MolmLM(TemplateLM):
             if not continuation:
                 raise ValueError("loglikelihood: the continuation encodes to no tokens")
             if len(continuation) > self.max_length:
-                raise ValueError(f"loglikelihood: continuation of {len(continuation)} tokens exceeds max_length "
-                                 f"{self.max_length}")
-            inputs.append((context + continuation)[-(self.max_length + 1):-1])
+                raise ValueError(
+                    f"loglikelihood: continuation of {len(continuation)} tokens exceeds max_length {self.max_length}"
+                )
+            inputs.append((context + continuation)[-(self.max_length + 1) : -1])
             targets.append(continuation)
         bar = tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm)
         scored = token_logprobs(self.model, inputs, targets, self.batch_size, bar)
@@ -101,10 +110,17 @@ class MolmLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(settings.pop("max_gen_toks", settings.pop("max_new_tokens", 256)))
             temperature = float(settings.pop("temperature", 0.0)) if settings.pop("do_sample", False) else 0.0
-            ids = self.tok_encode(context)[-max(1, self.max_length - max_new):] or [self.eot_token_id]
-            steps = molm.generate(self.model, torch.tensor([ids]), max_new_tokens=max_new, temperature=temperature,
-                                  top_k=settings.pop("top_k", None), top_p=settings.pop("top_p", None),
-                                  seed=settings.pop("seed", None), stream=True)
+            ids = self.tok_encode(context)[-max(1, self.max_length - max_new) :] or [self.eot_token_id]
+            steps = molm.generate(
+                self.model,
+                torch.tensor([ids]),
+                max_new_tokens=max_new,
+                temperature=temperature,
+                top_k=settings.pop("top_k", None),
+                top_p=settings.pop("top_p", None),
+                seed=settings.pop("seed", None),
+                stream=True,
+            )
             new: list[int] = []  # molm.generate itself stops at the model's eos
             text = ""
             for next_ids in steps:
@@ -124,12 +140,24 @@ def run_tasks(args) -> dict:
     from lm_eval.utils import make_table
 
     include = [TASKS_DIR] + ([args.include_path] if args.include_path else [])
-    lm = MolmLM(args.model, dtype=args.dtype, device=args.device, backend=args.backend, batch_size=args.batch_size,
-                max_length=args.max_length, tokenizer=args.tokenizer)
+    lm = MolmLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        tokenizer=args.tokenizer,
+    )
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-    results = lm_eval.simple_evaluate(model=lm, tasks=[t for t in args.tasks.split(",") if t],
-                                      num_fewshot=args.num_fewshot, limit=limit,
-                                      task_manager=TaskManager(include_path=include), log_samples=False)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[t for t in args.tasks.split(",") if t],
+        num_fewshot=args.num_fewshot,
+        limit=limit,
+        task_manager=TaskManager(include_path=include),
+        log_samples=False,
+    )
     if results is None:
         raise RuntimeError("lm_eval returned no results")
     print(make_table(results))

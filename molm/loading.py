@@ -21,9 +21,15 @@ def model_class(config: ModuleFormerConfig, config_path: str) -> type[ModuleForm
     return ARCHITECTURES[name]
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-         backend: str | None = None, cls: type[ModuleFormerPreTrainedModel] | None = None, progress: bool = False,
-         quantize: str | None = None) -> ModuleFormerPreTrainedModel:
+def load(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    backend: str | None = None,
+    cls: type[ModuleFormerPreTrainedModel] | None = None,
+    progress: bool = False,
+    quantize: str | None = None,
+) -> ModuleFormerPreTrainedModel:
     """Load an HF-format ModuleFormer directory (or hub id) as the class named in `architectures`.
 
     dtype=None keeps the stored dtype (bf16 for the released MoLM models); pass torch.float32 to upcast as
@@ -31,5 +37,13 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
     classifier gets a freshly initialised `score`, as in the original). quantize="int8" quantizes the experts and
     lm_head after loading (molm.quantize); a checkpoint saved quantized loads as such without it.
     """
-    return checkpoint.load(path, dtype=dtype, device=device, backend=backend, cls=cls, progress=progress,
-                           quantize=quantize, architectures=ARCHITECTURES)
+    return checkpoint.load(
+        path,
+        dtype=dtype,
+        device=device,
+        backend=backend,
+        cls=cls,
+        progress=progress,
+        quantize=quantize,
+        architectures=ARCHITECTURES,
+    )

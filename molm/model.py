@@ -63,14 +63,33 @@ class ModuleFormerModel(nn.Module):
     def padding_bias(self, attention_mask: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | None:
         return padding_bias(self, attention_mask, batch, total)
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, token_type_ids=None,
-                ops=None, want_aux_loss: bool = True, inputs_embeds=None, output_hidden_states: bool = False):
-        return trunk_forward(self, input_ids, attention_mask, cache, token_type_ids, ops, want_aux_loss,
-                             inputs_embeds, output_hidden_states)
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        cache: KVCache | None = None,
+        token_type_ids=None,
+        ops=None,
+        want_aux_loss: bool = True,
+        inputs_embeds=None,
+        output_hidden_states: bool = False,
+    ):
+        return trunk_forward(
+            self,
+            input_ids,
+            attention_mask,
+            cache,
+            token_type_ids,
+            ops,
+            want_aux_loss,
+            inputs_embeds,
+            output_hidden_states,
+        )
 
 
 # --- the trunk as functions of any module that holds its parts (wte, drop, h, ln_f): molm's ModuleFormerModel, and
 # the transformers base model (molm.hf), which must be a PreTrainedModel itself and so cannot subclass it.
+
 
 def add_trunk_modules(module: nn.Module, config: ModuleFormerConfig, block_class: type = Block) -> None:
     """Give `module` the trunk's parts, with the original's state_dict keys (wte, h.N, ln_f)."""
@@ -88,14 +107,24 @@ def padding_bias(trunk, attention_mask: torch.Tensor | None, batch: int, total: 
     if attention_mask is None:
         return None
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, total):
-        raise ValueError(f"attention_mask must have shape [batch, past + new] = [{batch}, {total}], "
-                         f"got {list(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must have shape [batch, past + new] = [{batch}, {total}], got {list(attention_mask.shape)}"
+        )
     dtype_min = torch.finfo(trunk.wte.weight.dtype).min
     return (1.0 - attention_mask.to(torch.float32)) * dtype_min
 
 
-def trunk_forward(trunk, input_ids, attention_mask=None, cache: KVCache | None = None, token_type_ids=None,
-                  ops=None, want_aux_loss: bool = True, inputs_embeds=None, output_hidden_states: bool = False):
+def trunk_forward(
+    trunk,
+    input_ids,
+    attention_mask=None,
+    cache: KVCache | None = None,
+    token_type_ids=None,
+    ops=None,
+    want_aux_loss: bool = True,
+    inputs_embeds=None,
+    output_hidden_states: bool = False,
+):
     """input_ids [B, T] (or inputs_embeds [B, T, C]) -> (hidden [B, T, C], aux loss or None, all hidden states
     or None). Appends to `cache` when given."""
     x = trunk.wte(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
@@ -109,16 +138,17 @@ def trunk_forward(trunk, input_ids, attention_mask=None, cache: KVCache | None =
     states = [] if output_hidden_states else None
     checkpointing = trunk.gradient_checkpointing and trunk.training and torch.is_grad_enabled()
     if checkpointing and cache is not None:
-        raise ValueError("gradient checkpointing recomputes each block, which would append to the KV cache "
-                         "twice: pass use_cache=False while training with gradient checkpointing")
+        raise ValueError(
+            "gradient checkpointing recomputes each block, which would append to the KV cache "
+            "twice: pass use_cache=False while training with gradient checkpointing"
+        )
     for layer, block in enumerate(trunk.h):
         if states is not None:
             states.append(x)
         # a block with a gradient_checkpointing flag of its own (transformers' GradientCheckpointingLayer)
         # checkpoints itself
         if checkpointing and not hasattr(block, "gradient_checkpointing"):
-            x, block_aux = trunk._gradient_checkpointing_func(block.__call__, x, bias, cache, layer, ops,
-                                                              want_aux_loss)
+            x, block_aux = trunk._gradient_checkpointing_func(block.__call__, x, bias, cache, layer, ops, want_aux_loss)
         else:
             x, block_aux = block(x, bias, cache, layer, ops, want_aux_loss)
         if want_aux_loss:
@@ -207,8 +237,9 @@ class ModuleFormerPreTrainedModel(nn.Module):
         return total
 
     def save_pretrained(self, directory, max_shard_size: int = 5 * 2**30, safe_serialization: bool = True) -> None:
-        checkpoint.save_pretrained(self, directory, max_shard_size=max_shard_size,
-                                   safe_serialization=safe_serialization)
+        checkpoint.save_pretrained(
+            self, directory, max_shard_size=max_shard_size, safe_serialization=safe_serialization
+        )
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", backend=None, quantize=None):
@@ -222,16 +253,35 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.set_backend(self.backend)  # binds the Linears built above
 
-    def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                token_type_ids=None, return_aux_loss: bool = True, logits_to_keep: int = 0,
-                output_hidden_states: bool = False) -> ModelOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        past_key_values=None,
+        use_cache=False,
+        token_type_ids=None,
+        return_aux_loss: bool = True,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
         """input_ids [B, T]; attention_mask [B, past + T]; labels [B, T] (-100 = ignore, shifted inside).
 
         `logits_to_keep` > 0 computes logits for the last positions only (generation); aux loss is skipped when
         return_aux_loss=False and no labels need it.
         """
-        return causal_lm_forward(self, input_ids, attention_mask, labels, past_key_values, use_cache,
-                                 token_type_ids, return_aux_loss, logits_to_keep, output_hidden_states)
+        return causal_lm_forward(
+            self,
+            input_ids,
+            attention_mask,
+            labels,
+            past_key_values,
+            use_cache,
+            token_type_ids,
+            return_aux_loss,
+            logits_to_keep,
+            output_hidden_states,
+        )
 
 
 class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
@@ -249,15 +299,34 @@ class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
     def num_labels(self) -> int:
         return self.config.num_labels
 
-    def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                token_type_ids=None, return_aux_loss: bool = True, output_hidden_states: bool = False) -> ModelOutput:
-        return sequence_classification_forward(self, input_ids, attention_mask, labels, past_key_values, use_cache,
-                                               token_type_ids, return_aux_loss, output_hidden_states)
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        labels=None,
+        past_key_values=None,
+        use_cache=False,
+        token_type_ids=None,
+        return_aux_loss: bool = True,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        return sequence_classification_forward(
+            self,
+            input_ids,
+            attention_mask,
+            labels,
+            past_key_values,
+            use_cache,
+            token_type_ids,
+            return_aux_loss,
+            output_hidden_states,
+        )
 
 
 # --- the forward passes, shared with the transformers classes (molm.hf): `model` is any module with `config`,
 # `transformer` (a ModuleFormerModel), `_ops` and the head (`lm_head` / `score`), and everything is read from them
 # at call time, so a replaced head or an edited config takes effect at once.
+
 
 def check_input_ids(input_ids, vocab_size: int) -> None:
     """input_ids must be an int64/int32 [batch, length] tensor of ids below the embedding's row count."""
@@ -273,12 +342,22 @@ def check_input_ids(input_ids, vocab_size: int) -> None:
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is out of range for vocab_size {vocab_size} "
-                             "(the rows of the input embedding)")
+            raise ValueError(
+                f"token id {bad} is out of range for vocab_size {vocab_size} (the rows of the input embedding)"
+            )
 
 
-def run_trunk(model, input_ids, attention_mask, past_key_values, use_cache, token_type_ids, want_aux_loss,
-              inputs_embeds=None, output_hidden_states: bool = False):
+def run_trunk(
+    model,
+    input_ids,
+    attention_mask,
+    past_key_values,
+    use_cache,
+    token_type_ids,
+    want_aux_loss,
+    inputs_embeds=None,
+    output_hidden_states: bool = False,
+):
     """The trunk with cache handling: -> (hidden [B, T, C], aux, cache or legacy tuple or None, hidden states)."""
     trunk = trunk_of(model)
     wte = trunk.wte
@@ -289,8 +368,9 @@ def run_trunk(model, input_ids, attention_mask, past_key_values, use_cache, toke
         if input_ids is not None:
             raise ValueError("pass either input_ids or inputs_embeds, not both")
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != wte.embedding_dim:
-            raise ValueError(f"inputs_embeds must have shape [batch, length, {wte.embedding_dim}], "
-                             f"got {list(inputs_embeds.shape)}")
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, length, {wte.embedding_dim}], got {list(inputs_embeds.shape)}"
+            )
         batch, length = inputs_embeds.shape[:2]
     if token_type_ids is not None:
         check_input_ids(token_type_ids, wte.num_embeddings)
@@ -302,17 +382,37 @@ def run_trunk(model, input_ids, attention_mask, past_key_values, use_cache, toke
         cache = KVCache.for_model(model, batch, length)
     if cache is not None and not isinstance(cache, KVCache):
         raise TypeError(f"past_key_values must be a molm KVCache or a tuple of (K, V), got {type(cache).__name__}")
-    hidden, aux, states = trunk_forward(trunk, input_ids, attention_mask, cache, token_type_ids, model._ops,
-                                        want_aux_loss, inputs_embeds, output_hidden_states)
+    hidden, aux, states = trunk_forward(
+        trunk,
+        input_ids,
+        attention_mask,
+        cache,
+        token_type_ids,
+        model._ops,
+        want_aux_loss,
+        inputs_embeds,
+        output_hidden_states,
+    )
     if cache is not None and legacy:
         cache = cache.to_legacy()
     return hidden, aux, (cache if (use_cache or past_key_values is not None) else None), states
 
 
-def causal_lm_forward(model, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                      token_type_ids=None, return_aux_loss: bool = True, logits_to_keep: int = 0,
-                      output_hidden_states: bool = False, inputs_embeds=None,
-                      num_items_in_batch=None, shift_labels=None) -> ModelOutput:
+def causal_lm_forward(
+    model,
+    input_ids,
+    attention_mask=None,
+    labels=None,
+    past_key_values=None,
+    use_cache=False,
+    token_type_ids=None,
+    return_aux_loss: bool = True,
+    logits_to_keep: int = 0,
+    output_hidden_states: bool = False,
+    inputs_embeds=None,
+    num_items_in_batch=None,
+    shift_labels=None,
+) -> ModelOutput:
     """Causal-LM forward of `model` (see ModuleFormerForCausalLM.forward). With `num_items_in_batch` (the
     number of label tokens in the whole accumulated batch) the LM loss is the token sum divided by it.
     `shift_labels` [B, T] are targets already aligned with the logits (position t predicts shift_labels[t]), for
@@ -320,16 +420,26 @@ def causal_lm_forward(model, input_ids, attention_mask=None, labels=None, past_k
     config = model.config
     aux_weight = config.aux_loss_weight
     want_aux = return_aux_loss or ((labels is not None or shift_labels is not None) and aux_weight > 0)
-    hidden, aux, cache, states = run_trunk(model, input_ids, attention_mask, past_key_values, use_cache,
-                                           token_type_ids, want_aux, inputs_embeds, output_hidden_states)
+    hidden, aux, cache, states = run_trunk(
+        model,
+        input_ids,
+        attention_mask,
+        past_key_values,
+        use_cache,
+        token_type_ids,
+        want_aux,
+        inputs_embeds,
+        output_hidden_states,
+    )
     kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
     logits = model.lm_head(kept).float()  # [B, T, V]
     loss = None
     if labels is not None or shift_labels is not None:
         given, name = (labels, "labels") if shift_labels is None else (shift_labels, "shift_labels")
         if given.shape != hidden.shape[:2]:
-            raise ValueError(f"{name} must have the shape of input_ids {list(hidden.shape[:2])}, "
-                             f"got {list(given.shape)}")
+            raise ValueError(
+                f"{name} must have the shape of input_ids {list(hidden.shape[:2])}, got {list(given.shape)}"
+            )
         if logits_to_keep:
             raise ValueError(f"{name} need logits at every position: do not pass logits_to_keep")
         if shift_labels is None:
@@ -353,15 +463,15 @@ def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch
     B, T = input_ids.shape
     if pad_token_id is None:
         if B != 1:
-            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined: set "
-                             "config.pad_token_id")
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined: set config.pad_token_id")
         return torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
     positions = torch.arange(T, device=input_ids.device)
     return (positions * input_ids.ne(pad_token_id)).argmax(-1)
 
 
-def last_attended_index(attention_mask: torch.Tensor | None, batch: int, length: int,
-                        device: torch.device) -> torch.Tensor:
+def last_attended_index(
+    attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device
+) -> torch.Tensor:
     """[B] position of each row's rightmost attended position (the last position without a mask): pooling for
     inputs_embeds, which carry no token ids to compare with the pad id."""
     if attention_mask is None:
@@ -370,11 +480,29 @@ def last_attended_index(attention_mask: torch.Tensor | None, batch: int, length:
     return (positions * attention_mask[:, -length:].ne(0)).argmax(-1)
 
 
-def sequence_classification_forward(model, input_ids, attention_mask=None, labels=None, past_key_values=None,
-                                    use_cache=False, token_type_ids=None, return_aux_loss: bool = True,
-                                    output_hidden_states: bool = False, inputs_embeds=None) -> ModelOutput:
-    hidden, aux, cache, states = run_trunk(model, input_ids, attention_mask, past_key_values, use_cache,
-                                           token_type_ids, return_aux_loss, inputs_embeds, output_hidden_states)
+def sequence_classification_forward(
+    model,
+    input_ids,
+    attention_mask=None,
+    labels=None,
+    past_key_values=None,
+    use_cache=False,
+    token_type_ids=None,
+    return_aux_loss: bool = True,
+    output_hidden_states: bool = False,
+    inputs_embeds=None,
+) -> ModelOutput:
+    hidden, aux, cache, states = run_trunk(
+        model,
+        input_ids,
+        attention_mask,
+        past_key_values,
+        use_cache,
+        token_type_ids,
+        return_aux_loss,
+        inputs_embeds,
+        output_hidden_states,
+    )
     logits = model.score(hidden).float()  # [B, T, L]
     if input_ids is not None:
         last = last_token_index(input_ids, model.config.pad_token_id)
@@ -398,19 +526,30 @@ def classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config) -> t
         else:
             problem = "multi_label_classification"
     if problem == "regression":
-        return F.mse_loss(pooled.squeeze(), labels.squeeze().float()) if num_labels == 1 \
+        return (
+            F.mse_loss(pooled.squeeze(), labels.squeeze().float())
+            if num_labels == 1
             else F.mse_loss(pooled, labels.float())
+        )
     if problem == "single_label_classification":
         return F.cross_entropy(pooled.view(-1, num_labels), labels.view(-1))
     if problem == "multi_label_classification":
         return F.binary_cross_entropy_with_logits(pooled, labels.float())
-    raise ValueError(f"config.problem_type must be regression, single_label_classification or "
-                     f"multi_label_classification, got {problem!r}")
+    raise ValueError(
+        f"config.problem_type must be regression, single_label_classification or "
+        f"multi_label_classification, got {problem!r}"
+    )
 
 
 ARCHITECTURES = {
     "ModuleFormerForCausalLM": ModuleFormerForCausalLM,
     "ModuleFormerForSequenceClassification": ModuleFormerForSequenceClassification,
 }
-__all__ = ["ModelOutput", "ModuleFormerModel", "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification",
-           "ARCHITECTURES", "BACKENDS"]
+__all__ = [
+    "ModelOutput",
+    "ModuleFormerModel",
+    "ModuleFormerForCausalLM",
+    "ModuleFormerForSequenceClassification",
+    "ARCHITECTURES",
+    "BACKENDS",
+]

@@ -20,8 +20,16 @@ from torch import nn
 from . import reference
 from .config import ModuleFormerConfig
 
-OP_NAMES = ("route_topk", "gather_rows", "scatter_ksum", "expert_gemm", "sb_attention", "linear", "expert_gemm_q8",
-            "linear_q8")
+OP_NAMES = (
+    "route_topk",
+    "gather_rows",
+    "scatter_ksum",
+    "expert_gemm",
+    "sb_attention",
+    "linear",
+    "expert_gemm_q8",
+    "linear_q8",
+)
 BACKENDS = ("reference", "extension")
 
 
@@ -35,8 +43,10 @@ def backend_ops(name: str) -> SimpleNamespace:
         except ImportError as exc:
             raise RuntimeError(f"molm backend 'extension' is not available: {exc}") from None
         if not ops.extension_available():
-            raise RuntimeError(f"molm backend 'extension' is not available: {ops.extension_error()}; "
-                               "build it with `pip install --no-build-isolation -e .` or use backend='reference'")
+            raise RuntimeError(
+                f"molm backend 'extension' is not available: {ops.extension_error()}; "
+                "build it with `pip install --no-build-isolation -e .` or use backend='reference'"
+            )
         return SimpleNamespace(**{op: getattr(ops, op) for op in OP_NAMES})
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
@@ -83,8 +93,9 @@ class ParallelExperts(nn.Module):
         bound = 1.0 / input_size  # the original's uniform(-1/in, 1/in); never left uninitialised
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, x: torch.Tensor, expert_offsets: torch.Tensor, activation: str,
-                ops: SimpleNamespace) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, expert_offsets: torch.Tensor, activation: str, ops: SimpleNamespace
+    ) -> torch.Tensor:
         """Expert-sorted rows x [M, in] -> [M, out]. Reading `self.weight` inside a call of this module lets a
         parametrization of it (PEFT's target_parameters LoRA) apply."""
         return ops.expert_gemm(x, self.weight, expert_offsets, activation)
@@ -104,8 +115,9 @@ class Router(nn.Module):
         self.sample_topk = config.sample_topk
         C, G = config.n_embd, config.gating_size
         if config.gate_type == "mlp":
-            self.w_gate = nn.Sequential(Linear(C, G), nn.GELU(), nn.Dropout(config.moe_pdrop),
-                                        Linear(G, num_experts, bias=False))
+            self.w_gate = nn.Sequential(
+                Linear(C, G), nn.GELU(), nn.Dropout(config.moe_pdrop), Linear(G, num_experts, bias=False)
+            )
         elif config.gate_type == "linear":
             self.w_gate = nn.Sequential(Linear(C, num_experts, bias=False))
         else:  # "gmm": cosine similarity to learned centroids with a learned temperature
@@ -199,8 +211,15 @@ class MoA(nn.Module):
             self.v_proj = Linear(config.n_embd, config.att_hidden)
         self.identity_kv = config.identity_kv
 
-    def forward(self, h: torch.Tensor, bias: torch.Tensor | None, cache, layer: int, ops: SimpleNamespace,
-                want_aux_loss: bool = True):
+    def forward(
+        self,
+        h: torch.Tensor,
+        bias: torch.Tensor | None,
+        cache,
+        layer: int,
+        ops: SimpleNamespace,
+        want_aux_loss: bool = True,
+    ):
         """h [B, T, C] (ln_1 output), bias [B, S] additive float32 or None -> ([B, T, C], aux)."""
         B, T, C = h.shape
         H, D, k = self.n_head, self.head_size, self.top_k

@@ -48,8 +48,13 @@ def kernel_options() -> dict:
     return {**raw, "sm90_gemm": {v: k for k, v in _SM90_GEMM.items()}[raw["sm90_gemm"]]}
 
 
-def set_kernel_options(*, sm90_gemm: str | None = None, sb_fused: bool | None = None,
-                       sb_early_exit: bool | None = None, value_checks: bool | None = None) -> dict:
+def set_kernel_options(
+    *,
+    sm90_gemm: str | None = None,
+    sb_fused: bool | None = None,
+    sb_early_exit: bool | None = None,
+    value_checks: bool | None = None,
+) -> dict:
     """Choose the CUDA kernel paths (process-wide; returns the previous options, for restoring).
 
     sm90_gemm: "auto" (the CUTLASS sm_90a grouped GEMM from 256 rows on, on compute capability 9.0 when built in),
@@ -64,10 +69,19 @@ def set_kernel_options(*, sm90_gemm: str | None = None, sb_fused: bool | None = 
     previous = kernel_options()
     if sm90_gemm is not None and sm90_gemm not in _SM90_GEMM:
         raise ValueError(f"sm90_gemm must be one of {tuple(_SM90_GEMM)}, got {sm90_gemm!r}")
-    new = {**previous, **{k: v for k, v in dict(sm90_gemm=sm90_gemm, sb_fused=sb_fused, sb_early_exit=sb_early_exit,
-                                                    value_checks=value_checks).items() if v is not None}}
-    _C.set_kernel_options(_SM90_GEMM[new["sm90_gemm"]], bool(new["sb_fused"]), bool(new["sb_early_exit"]),
-                          bool(new["value_checks"]))
+    new = {
+        **previous,
+        **{
+            k: v
+            for k, v in dict(
+                sm90_gemm=sm90_gemm, sb_fused=sb_fused, sb_early_exit=sb_early_exit, value_checks=value_checks
+            ).items()
+            if v is not None
+        },
+    }
+    _C.set_kernel_options(
+        _SM90_GEMM[new["sm90_gemm"]], bool(new["sb_fused"]), bool(new["sb_early_exit"]), bool(new["value_checks"])
+    )
     return previous
 
 
@@ -83,8 +97,10 @@ def kernel_options_scope(**options):
 
 def _require_extension() -> None:
     if _C is None:
-        raise RuntimeError(f"molm extension (molm._C) is not available: {_IMPORT_ERROR}. "
-                           "Build it with `pip install --no-build-isolation -e .`")
+        raise RuntimeError(
+            f"molm extension (molm._C) is not available: {_IMPORT_ERROR}. "
+            "Build it with `pip install --no-build-isolation -e .`"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- CPU instruction set
@@ -135,12 +151,18 @@ def route_topk(logits: torch.Tensor, k: int):
 
 
 if _C is not None:
+
     @torch.library.register_fake("molm::route_topk")
     def _route_topk_fake(logits, k):
         p_shape, g_shape, m_shape, o_shape = _route_topk_shapes(logits, k)
-        return (logits.new_empty(p_shape), logits.new_empty(g_shape),
-                logits.new_empty(g_shape, dtype=torch.int64), logits.new_empty(m_shape, dtype=torch.int64),
-                logits.new_empty(m_shape, dtype=torch.int64), logits.new_empty(o_shape, dtype=torch.int64))
+        return (
+            logits.new_empty(p_shape),
+            logits.new_empty(g_shape),
+            logits.new_empty(g_shape, dtype=torch.int64),
+            logits.new_empty(m_shape, dtype=torch.int64),
+            logits.new_empty(m_shape, dtype=torch.int64),
+            logits.new_empty(o_shape, dtype=torch.int64),
+        )
 
     def _route_topk_setup(ctx, inputs, output):
         probs, _, experts = output[:3]
@@ -172,6 +194,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, group: int = 1) -> torch.T
 
 
 if _C is not None:
+
     @torch.library.register_fake("molm::gather_rows")
     def _gather_rows_fake(x, index, group):
         return x.new_empty(_gather_rows_shape(x, index, group))
@@ -199,10 +222,14 @@ if _C is not None:
 def _scatter_ksum_shape(y: torch.Tensor, gates: torch.Tensor, slot_positions: torch.Tensor):
     torch._check(y.dim() == 2, lambda: f"scatter_ksum: y must be [M, C], got {tuple(y.shape)}")
     torch._check(gates.dim() == 2, lambda: f"scatter_ksum: gates must be [N, k], got {tuple(gates.shape)}")
-    torch._check(gates.shape[0] * gates.shape[1] == y.shape[0],
-                 lambda: f"scatter_ksum: gates {tuple(gates.shape)} must have N*k == y.shape[0] = {y.shape[0]}")
-    torch._check(slot_positions.dim() == 1 and slot_positions.shape[0] == y.shape[0],
-                 lambda: f"scatter_ksum: slot_positions must be [M = {y.shape[0]}]")
+    torch._check(
+        gates.shape[0] * gates.shape[1] == y.shape[0],
+        lambda: f"scatter_ksum: gates {tuple(gates.shape)} must have N*k == y.shape[0] = {y.shape[0]}",
+    )
+    torch._check(
+        slot_positions.dim() == 1 and slot_positions.shape[0] == y.shape[0],
+        lambda: f"scatter_ksum: slot_positions must be [M = {y.shape[0]}]",
+    )
     return gates.shape[0], y.shape[1]
 
 
@@ -217,6 +244,7 @@ def scatter_ksum(y: torch.Tensor, gates: torch.Tensor, slot_positions: torch.Ten
 
 
 if _C is not None:
+
     @torch.library.register_fake("molm::scatter_ksum")
     def _scatter_ksum_fake(y, gates, slot_positions):
         return y.new_empty(_scatter_ksum_shape(y, gates, slot_positions))
@@ -246,15 +274,20 @@ if _C is not None:
 def _expert_gemm_shape(x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch.Tensor):
     torch._check(x.dim() == 2, lambda: f"expert_gemm: x must be [M, K], got {tuple(x.shape)}")
     torch._check(weight.dim() == 3, lambda: f"expert_gemm: weight must be [E, K, Nout], got {tuple(weight.shape)}")
-    torch._check(weight.shape[1] == x.shape[1],
-                 lambda: f"expert_gemm: weight {tuple(weight.shape)} must have K == x.shape[1] = {x.shape[1]}")
-    torch._check(expert_offsets.dim() == 1 and expert_offsets.shape[0] == weight.shape[0] + 1,
-                 lambda: f"expert_gemm: expert_offsets must be [E+1 = {weight.shape[0] + 1}]")
+    torch._check(
+        weight.shape[1] == x.shape[1],
+        lambda: f"expert_gemm: weight {tuple(weight.shape)} must have K == x.shape[1] = {x.shape[1]}",
+    )
+    torch._check(
+        expert_offsets.dim() == 1 and expert_offsets.shape[0] == weight.shape[0] + 1,
+        lambda: f"expert_gemm: expert_offsets must be [E+1 = {weight.shape[0] + 1}]",
+    )
     return x.shape[0], weight.shape[2]
 
 
-def expert_gemm(x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch.Tensor,
-                activation: str = "none") -> torch.Tensor:
+def expert_gemm(
+    x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch.Tensor, activation: str = "none"
+) -> torch.Tensor:
     """Grouped GEMM over contiguous expert segments: out[rows of e] = act(x[rows of e] @ weight[e]).
 
     x [M, K] expert-sorted, weight [E, K, Nout] ([expert, in, out]; a transposed view [E, Nout, K].mT is fine),
@@ -265,10 +298,13 @@ def expert_gemm(x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch.Ten
 
 
 if _C is not None:
+
     @torch.library.register_fake("molm::expert_gemm")
     def _expert_gemm_fake(x, weight, expert_offsets, activation):
-        torch._check(activation in reference.ACTIVATIONS,
-                     lambda: f"expert_gemm: activation must be one of {reference.ACTIVATIONS}, got {activation!r}")
+        torch._check(
+            activation in reference.ACTIVATIONS,
+            lambda: f"expert_gemm: activation must be one of {reference.ACTIVATIONS}, got {activation!r}",
+        )
         return x.new_empty(_expert_gemm_shape(x, weight, expert_offsets))
 
     @torch.library.register_fake("molm::expert_gemm_wgrad")
@@ -305,17 +341,22 @@ def _sb_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     torch._check(q.dim() == 5, lambda: f"sb_attention: q must be [B, T, k, H, D], got {tuple(q.shape)}")
     torch._check(k.dim() == 4 and v.dim() == 4, lambda: "sb_attention: k and v must be [B, S, H, D]")
     torch._check(k.shape == v.shape, lambda: f"sb_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    torch._check(k.shape[0] == q.shape[0] and k.shape[2] == q.shape[3] and k.shape[3] == q.shape[4],
-                 lambda: f"sb_attention: k {tuple(k.shape)} does not match q {tuple(q.shape)} in B, H, D")
+    torch._check(
+        k.shape[0] == q.shape[0] and k.shape[2] == q.shape[3] and k.shape[3] == q.shape[4],
+        lambda: f"sb_attention: k {tuple(k.shape)} does not match q {tuple(q.shape)} in B, H, D",
+    )
     torch._check(q.shape[1] <= k.shape[1], lambda: "sb_attention: q has more positions T than keys S")
     if bias is not None:
-        torch._check(bias.dim() == 2 and bias.shape[0] == k.shape[0] and bias.shape[1] == k.shape[1],
-                     lambda: f"sb_attention: bias must be [B, S] = {tuple(k.shape[:2])}")
+        torch._check(
+            bias.dim() == 2 and bias.shape[0] == k.shape[0] and bias.shape[1] == k.shape[1],
+            lambda: f"sb_attention: bias must be [B, S] = {tuple(k.shape[:2])}",
+        )
     return q.shape
 
 
-def sb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                 scale: float) -> torch.Tensor:
+def sb_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """Fused causal stick-breaking attention (ModuleFormer variant, docs/model.md §3.5), fp32 math for 16-bit inputs.
 
     q [B, T, k, H, D] (the last T of the S positions), k/v [B, S, H, D], bias [B, S] additive or None
@@ -326,6 +367,7 @@ def sb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.
 
 
 if _C is not None:
+
     @torch.library.register_fake("molm::sb_attention")
     def _sb_attention_fake(q, k, v, bias, scale):
         return q.new_empty(_sb_attention_shape(q, k, v, bias))
@@ -351,10 +393,14 @@ if _C is not None:
         if not any(needs):
             return None, None, None, None, None
         bias_grad = bias is not None and needs[3]
-        dq, dk, dv, dbias = torch.ops.molm.sb_attention_backward(grad.contiguous(), q, k, v, bias, ctx.scale,
-                                                                 bias_grad)
-        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                dbias.to(bias.dtype) if bias_grad else None, None)
+        dq, dk, dv, dbias = torch.ops.molm.sb_attention_backward(grad.contiguous(), q, k, v, bias, ctx.scale, bias_grad)
+        return (
+            dq if needs[0] else None,
+            dk if needs[1] else None,
+            dv if needs[2] else None,
+            dbias.to(bias.dtype) if bias_grad else None,
+            None,
+        )
 
     torch.library.register_autograd("molm::sb_attention", _sb_attention_backward, setup_context=_sb_attention_setup)
 
@@ -363,11 +409,15 @@ if _C is not None:
 def _linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     torch._check(x.dim() == 2, lambda: f"linear: x must be [M, K], got {tuple(x.shape)}")
     torch._check(weight.dim() == 2, lambda: f"linear: weight must be [N, K], got {tuple(weight.shape)}")
-    torch._check(weight.shape[1] == x.shape[1],
-                 lambda: f"linear: weight {tuple(weight.shape)} must have K == x.shape[1] = {x.shape[1]}")
+    torch._check(
+        weight.shape[1] == x.shape[1],
+        lambda: f"linear: weight {tuple(weight.shape)} must have K == x.shape[1] = {x.shape[1]}",
+    )
     if bias is not None:
-        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
-                     lambda: f"linear: bias must be [N = {weight.shape[0]}], got {tuple(bias.shape)}")
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+            lambda: f"linear: bias must be [N = {weight.shape[0]}], got {tuple(bias.shape)}",
+        )
     return x.shape[0], weight.shape[0]
 
 
@@ -385,6 +435,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 if _C is not None:
+
     @torch.library.register_fake("molm::linear")
     def _linear_fake(x, weight, bias):
         return x.new_empty(_linear_shape(x, weight, bias))
@@ -406,8 +457,9 @@ if _C is not None:
 
 
 # ---------------------------------------------------------------------------------------------------- int8 weights
-def expert_gemm_q8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, expert_offsets: torch.Tensor,
-                   activation: str = "none") -> torch.Tensor:
+def expert_gemm_q8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, expert_offsets: torch.Tensor, activation: str = "none"
+) -> torch.Tensor:
     """expert_gemm with int8 weights and one scale per (expert, output channel): act((x @ qweight[e]^T) * scale[e]).
 
     x [M, K] expert-sorted, qweight [E, N, K] int8 (each expert's output rows, so a decode step streams contiguous
@@ -417,8 +469,9 @@ def expert_gemm_q8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     return torch.ops.molm.expert_gemm_q8(x, qweight, scale, expert_offsets, activation)
 
 
-def linear_q8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_q8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """linear with int8 weights and one scale per output row: (x @ qweight^T) * scale + bias; x [..., K]."""
     _require_extension()
     lead = x.shape[:-1]
@@ -427,6 +480,7 @@ def linear_q8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 
 if _C is not None:
+
     @torch.library.register_fake("molm::expert_gemm_q8")
     def _expert_gemm_q8_fake(x, qweight, scale, expert_offsets, activation):
         torch._check(qweight.dtype == torch.int8, lambda: "expert_gemm_q8: qweight must be int8")
@@ -468,6 +522,7 @@ if _C is not None:
         d_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return d_x, None, None, d_b
 
-    torch.library.register_autograd("molm::expert_gemm_q8", _expert_gemm_q8_backward,
-                                    setup_context=_expert_gemm_q8_setup)
+    torch.library.register_autograd(
+        "molm::expert_gemm_q8", _expert_gemm_q8_backward, setup_context=_expert_gemm_q8_setup
+    )
     torch.library.register_autograd("molm::linear_q8", _linear_q8_backward, setup_context=_linear_q8_setup)

@@ -53,8 +53,9 @@ class QuantizedExperts(_Int8Weights):
 
     @classmethod
     def empty(cls, num_experts: int, input_size: int, output_size: int) -> "QuantizedExperts":
-        return cls(torch.zeros(num_experts, output_size, input_size, dtype=torch.int8),
-                   torch.ones(num_experts, output_size))
+        return cls(
+            torch.zeros(num_experts, output_size, input_size, dtype=torch.int8), torch.ones(num_experts, output_size)
+        )
 
     def forward(self, x, expert_offsets, activation, ops):
         return ops.expert_gemm_q8(x, self.weight, self.weight_scale, expert_offsets, activation)
@@ -169,12 +170,17 @@ def prepare_for_checkpoint(model: nn.Module, quantization: dict | None) -> None:
         if isinstance(module, ParallelExperts):
             _set(model, name, QuantizedExperts.empty(*module.weight.shape))  # (E, in, out) of the float module
         else:
-            _set(model, name, QuantizedLinear.empty(module.in_features, module.out_features, module.bias is not None,
-                                                    dtype))
+            _set(
+                model,
+                name,
+                QuantizedLinear.empty(module.in_features, module.out_features, module.bias is not None, dtype),
+            )
 
 
 def require_float_weights(model: nn.Module, what: str) -> None:
     """A clear error for operations that need trainable float weights."""
     if is_quantized(model):
-        raise ValueError(f"{what} needs float weights, but the model is quantized (int8): call "
-                         "molm.dequantize(model) first, or load the original checkpoint")
+        raise ValueError(
+            f"{what} needs float weights, but the model is quantized (int8): call "
+            "molm.dequantize(model) first, or load the original checkpoint"
+        )

@@ -42,16 +42,18 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def expert_gemm_q8_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, expert_offsets: torch.Tensor,
-                       activation: str = "none") -> torch.Tensor:
+def expert_gemm_q8_ref(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, expert_offsets: torch.Tensor, activation: str = "none"
+) -> torch.Tensor:
     """expert_gemm with int8 weights stored as output rows: W[e] = (qweight[e] * scale[e][:, None])^T, in fp32,
     output in x's dtype. qweight [E, N, K] int8, scale [E, N]."""
     weight = (qweight.float() * scale.float()[:, :, None]).transpose(1, 2)
     return expert_gemm_ref(x.float(), weight, expert_offsets, activation).to(x.dtype)
 
 
-def linear_q8_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_q8_ref(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """linear with int8 weights: W = qweight * scale[:, None], in fp32, output in x's dtype. qweight [N, K] int8."""
     weight = qweight.float() * scale.float()[:, None]
     return linear_ref(x.float(), weight, None if bias is None else bias.float()).to(x.dtype)
@@ -84,8 +86,9 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS = ("none", "gelu_new")
 
 
-def expert_gemm_ref(x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch.Tensor,
-                    activation: str = "none") -> torch.Tensor:
+def expert_gemm_ref(
+    x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch.Tensor, activation: str = "none"
+) -> torch.Tensor:
     """Grouped GEMM over contiguous expert segments: out[rows of e] = act(x[rows of e] @ weight[e]).
 
     x [M, K] expert-sorted, weight [E, K, Nout] ([expert, in, out]), expert_offsets [E+1] -> [M, Nout].
@@ -104,8 +107,9 @@ def expert_gemm_ref(x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch
     return gelu_new(out) if activation == "gelu_new" else out
 
 
-def sb_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
+def sb_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """Stick-breaking attention as ModuleFormer computes it (docs/model.md §3.5), in the inputs' dtype.
 
     q [B, T, k, H, D] (queries are the last T of the S positions), k/v [B, S, H, D], bias [B, S] additive

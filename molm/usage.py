@@ -29,17 +29,26 @@ class ExpertUsage:
         return (self.att_freq, self.att_prob) if kind == "att" else (self.mlp_freq, self.mlp_prob)
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, **{k: getattr(self, k).tolist()
-                                          for k in ("att_freq", "att_prob", "mlp_freq", "mlp_prob")}}
+        return {
+            "tokens": self.tokens,
+            **{k: getattr(self, k).tolist() for k in ("att_freq", "att_prob", "mlp_freq", "mlp_prob")},
+        }
 
 
 @torch.no_grad()
-def expert_usage(model, data, seq_len: int = 128, batch_size: int = 16, max_batches: int | None = None,
-                 tokenizer=None) -> ExpertUsage:
+def expert_usage(
+    model, data, seq_len: int = 128, batch_size: int = 16, max_batches: int | None = None, tokenizer=None
+) -> ExpertUsage:
     """Run `model` (eval mode: greedy top-k routing) over consecutive windows of `data` (a token tensor, token
     file or text file, see molm.train.load_tokens) and count, per router, the tokens that select each expert."""
-    windows = token_windows(data, tokenizer, seq_len, model.config.vocab_size, "usage data",
-                            None if max_batches is None else max_batches * batch_size)
+    windows = token_windows(
+        data,
+        tokenizer,
+        seq_len,
+        model.config.vocab_size,
+        "usage data",
+        None if max_batches is None else max_batches * batch_size,
+    )
     c = model.config
     sites = {"att": (c.n_att_experts, ".attn.q_proj.gate"), "mlp": (c.n_mlp_experts, ".mlpf.gate")}
     counts = {kind: torch.zeros(c.n_layer, e, dtype=torch.float64) for kind, (e, _) in sites.items()}
@@ -48,7 +57,7 @@ def expert_usage(model, data, seq_len: int = 128, batch_size: int = 16, max_batc
     model.eval()
     total = 0
     for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size].to(model.device)
+        x = windows[i : i + batch_size].to(model.device)
         with RouterProbes(model) as probes:
             model(x, return_aux_loss=False)
         for name, r in probes.routings:
@@ -58,8 +67,7 @@ def expert_usage(model, data, seq_len: int = 128, batch_size: int = 16, max_batc
             probs[kind][layer] += r.probs.double().sum(0).cpu()
         total += x.numel()
     model.train(was_training)
-    return ExpertUsage(counts["att"] / total, probs["att"] / total, counts["mlp"] / total, probs["mlp"] / total,
-                       total)
+    return ExpertUsage(counts["att"] / total, probs["att"] / total, counts["mlp"] / total, probs["mlp"] / total, total)
 
 
 def plot_usage(usage: ExpertUsage, path: str, title: str | None = None) -> bool:

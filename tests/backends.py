@@ -20,6 +20,7 @@ def extension_built() -> bool:
 REQUIRE = os.environ.get("MOLM_REQUIRE_EXTENSION") == "1"
 BACKENDS = [
     "reference",
-    pytest.param("extension", marks=pytest.mark.skipif(not extension_built() and not REQUIRE,
-                                                       reason="molm._C not built")),
+    pytest.param(
+        "extension", marks=pytest.mark.skipif(not extension_built() and not REQUIRE, reason="molm._C not built")
+    ),
 ]

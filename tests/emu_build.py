@@ -16,9 +16,16 @@ FLAGS = ["-O2", "-std=c++17", "-pthread", "-shared", "-fPIC", "-DMOLM_CUDA_EMU"]
 # MOLM_EMU_SANITIZE=address or =thread builds instrumented libraries (the sanitizer runtime must be preloaded into
 # Python): ASan catches a kernel reading or writing outside its buffers; TSan, since every emulated CUDA thread is an
 # OS thread and the emulator's barriers are mutexes, catches shared-memory accesses that no __syncthreads orders.
-SANITIZE = {"address": ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-                        "-fno-sanitize-recover=undefined"],
-            "thread": ["-O1", "-g", "-fsanitize=thread"]}
+SANITIZE = {
+    "address": [
+        "-O1",
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=undefined",
+    ],
+    "thread": ["-O1", "-g", "-fsanitize=thread"],
+}
 HEADER_SUFFIXES = {".h", ".cuh", ".hpp", ".inl"}
 
 
@@ -49,7 +56,9 @@ def load_emu_library(name: str, sources: list[str]) -> ctypes.CDLL:
     out = ROOT / "build" / "emu" / (f"{name}-{sanitize}.so" if sanitize else f"{name}.so")
     if not out.exists() or out.stat().st_mtime < _newest_input(srcs):
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # renamed into place: concurrent runs never see half a file
+        tmp = out.with_name(
+            f"{out.name}.{os.getpid()}.tmp"
+        )  # renamed into place: concurrent runs never see half a file
         cmd = [cxx, *FLAGS, *SANITIZE.get(sanitize, []), f"-I{ROOT / 'csrc'}", *map(str, srcs), "-o", str(tmp)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:

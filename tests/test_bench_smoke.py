@@ -13,9 +13,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_e2e_smoke_run_writes_every_measurement(tmp_path):
     out = tmp_path / "e2e.json"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "e2e.py"), "--device", "cpu", "--smoke",
-                    "--models", "MoLM-350M-4B", "--impls", "extension", "dense", "--json", str(out), "--png", ""],
-                   check=True, env=env, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "e2e.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--models",
+            "MoLM-350M-4B",
+            "--impls",
+            "extension",
+            "dense",
+            "--json",
+            str(out),
+            "--png",
+            "",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     result = json.loads(out.read_text())
     impls = {r["impl"]: r for r in result["records"]}
     assert set(impls) == {"extension", "dense"}
@@ -36,17 +56,37 @@ def test_gpu_check_dry_run_plans_every_step_correctness_first(tmp_path):
     out = tmp_path / "gpu"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
     for mode in ([], ["--quick"]):
-        proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run", *mode], env=env,
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        proc = subprocess.run(
+            ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run", *mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         summary = json.loads((out / "summary.json").read_text())
         steps = [s["step"] for s in summary["steps"]]
-        assert steps == ["env", "build", "check_registered", "pytest_cuda", "gpu_sanitize", "e2e",
-                         "gpu_bench_attention", "gpu_bench_moe"]
+        assert steps == [
+            "env",
+            "build",
+            "check_registered",
+            "pytest_cuda",
+            "gpu_sanitize",
+            "e2e",
+            "gpu_bench_attention",
+            "gpu_bench_moe",
+        ]
         assert summary["steps"][0]["rc"] == 0 and all(s.get("dry_run") for s in summary["steps"][1:])
         assert summary["quick"] == (1 if mode else 0) and summary["budget_s"] <= (240 if mode else 480)
         assert json.loads((out / "env.json").read_text())["torch_cuda_arch_list"] == "9.0a"
         assert (out / "results.tgz").stat().st_size > 0
-    bad = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--fast"], env=env,
-                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    bad = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--fast"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert bad.returncode == 2 and "--fast" in bad.stderr

@@ -16,11 +16,21 @@ def load_setup():
     return module
 
 
-@pytest.mark.parametrize("arch_list, usable", [
-    ("8.0;9.0a", True), ("9.0a", True), ("8.0 9.0a+PTX", True),
-    # CUTLASS compiles its kernel body to an error stub for these: the WMMA path must serve Hopper instead
-    ("9.0", False), ("9.0+PTX", False), ("8.0;9.0", False), ("9.0;9.0a", False), ("10.0", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "arch_list, usable",
+    [
+        ("8.0;9.0a", True),
+        ("9.0a", True),
+        ("8.0 9.0a+PTX", True),
+        # CUTLASS compiles its kernel body to an error stub for these: the WMMA path must serve Hopper instead
+        ("9.0", False),
+        ("9.0+PTX", False),
+        ("8.0;9.0", False),
+        ("9.0;9.0a", False),
+        ("10.0", False),
+        ("", False),
+    ],
+)
 def test_cutlass_gemm_is_built_only_for_an_sm90a_target(arch_list, usable):
     ok, why_not = load_setup().cutlass_sm90a_usable(arch_list)
     assert ok is usable
@@ -42,8 +52,10 @@ def test_build_info_matches_the_torch_build():
         assert info["cutlass_sm90a"] is False and info["cuda_archs"] == ""
     else:
         assert cuda_build
-        assert info["cutlass_sm90a"] == load_setup().cutlass_sm90a_usable(info["cuda_archs"].replace("_", ";"))[0] \
+        assert (
+            info["cutlass_sm90a"] == load_setup().cutlass_sm90a_usable(info["cuda_archs"].replace("_", ";"))[0]
             or not info["cutlass_sm90a"]
+        )
 
 
 def test_kernel_options_set_restore_and_refuse_bad_values(kernel_options):

@@ -1,17 +1,42 @@
 """The molm CLI: generate streams text, info reports sizes, errors are one clear line."""
 
+import functools
+import json
 import os
+import re
+import select
+import signal
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import torch
+
+import molm
+import molm.cli as cli
 from molm.cli import main, model_info
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 def test_generate_streams_prompt_and_text(capsys):
-    assert main(["generate", "--model", os.path.join(DATA, "molm-tiny-a"), "It was the", "--max-new-tokens", "5",
-                 "--dtype", "float32", "--greedy"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                os.path.join(DATA, "molm-tiny-a"),
+                "It was the",
+                "--max-new-tokens",
+                "5",
+                "--dtype",
+                "float32",
+                "--greedy",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("It was the") and len(out) > len("It was the\n")
 
@@ -24,23 +49,15 @@ def test_info_counts_without_loading_weights():
 
 
 def test_console_entry_point_reports_errors_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "molm.cli", "info", str(tmp_path / "missing")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "molm.cli", "info", str(tmp_path / "missing")], capture_output=True, text=True
+    )
     assert result.returncode == 1
     assert result.stderr.strip().startswith("molm: error:") and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 # --- a new user's first commands -----------------------------------------------------------------------------------
-import json
-import re
-
-import numpy as np
-import pytest
-import torch
-
-import molm
-import molm.cli as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(DATA, "molm-tiny-a")
@@ -58,39 +75,69 @@ def test_stop_reads_backslash_escapes(capsys):
     model = molm.load(cli.DEFAULT_MODEL, dtype=torch.float32)
     full = molm.generate(model, prompt, max_new_tokens=40)
     assert "\n\n" in full  # otherwise this test could not tell the difference
-    code, out, _ = run_cli(capsys, "generate", prompt, "--stop", "\\n\\n", "--max-new-tokens", "40",
-                           "--dtype", "float32", "--greedy", "--repetition-penalty", "1")
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        prompt,
+        "--stop",
+        "\\n\\n",
+        "--max-new-tokens",
+        "40",
+        "--dtype",
+        "float32",
+        "--greedy",
+        "--repetition-penalty",
+        "1",
+    )
     assert code == 0
-    assert out == prompt + full[:full.index("\n\n")] + "\n"
+    assert out == prompt + full[: full.index("\n\n")] + "\n"
 
 
-@pytest.mark.parametrize("typed,meant", [("\\n\\n", "\n\n"), ("a\\tb", "a\tb"), ("\\r\\n", "\r\n"),
-                                         ("\\\\n", "\\n"), ("\\x", "\\x"), ("plain", "plain"), ("é\\n", "é\n")])
+@pytest.mark.parametrize(
+    "typed,meant",
+    [
+        ("\\n\\n", "\n\n"),
+        ("a\\tb", "a\tb"),
+        ("\\r\\n", "\r\n"),
+        ("\\\\n", "\\n"),
+        ("\\x", "\\x"),
+        ("plain", "plain"),
+        ("é\\n", "é\n"),
+    ],
+)
 def test_unescape(typed, meant):
     assert cli.unescape(typed) == meant
 
 
-@pytest.mark.parametrize("flag,value,message", [("--max-new-tokens", "-1", "--max-new-tokens must be >= 0"),
-                                                ("--temperature", "-0.5", "--temperature must be >= 0"),
-                                                ("--top-k", "0", "--top-k must be >= 1"),
-                                                ("--top-p", "1.5", "--top-p must be in (0, 1]"),
-                                                ("--repetition-penalty", "0", "--repetition-penalty must be > 0 "
-                                                                              "(1 = off)"),
-                                                ("--repetition-penalty", "-1.1", "--repetition-penalty must be > 0 "
-                                                                                 "(1 = off)"),
-                                                ("--no-repeat-ngram-size", "-1", "--no-repeat-ngram-size must be "
-                                                                                 ">= 0")])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--max-new-tokens", "-1", "--max-new-tokens must be >= 0"),
+        ("--temperature", "-0.5", "--temperature must be >= 0"),
+        ("--top-k", "0", "--top-k must be >= 1"),
+        ("--top-p", "1.5", "--top-p must be in (0, 1]"),
+        ("--repetition-penalty", "0", "--repetition-penalty must be > 0 (1 = off)"),
+        ("--repetition-penalty", "-1.1", "--repetition-penalty must be > 0 (1 = off)"),
+        ("--no-repeat-ngram-size", "-1", "--no-repeat-ngram-size must be >= 0"),
+    ],
+)
 def test_bad_generate_flags_are_named_and_nothing_is_printed(capsys, flag, value, message):
     code, out, err = run_cli(capsys, "generate", "--model", TINY, "It was the", flag, value)
     assert code == 1 and out == ""  # the prompt is not echoed before the error
     assert err.strip() == f"molm: error: {message}, got {value}"
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["It was", "--greedy", "--temperature", "0.7"], "--greedy and --temperature 0.7 contradict each other: "
-                                                     "--greedy means --temperature 0"),
-    (["-i", "It was"], "-i reads the prompts from stdin, one a line: drop the prompt argument"),
-    ([], "the prompt is empty: give some text to continue (or -i to read prompts from stdin)")])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["It was", "--greedy", "--temperature", "0.7"],
+            "--greedy and --temperature 0.7 contradict each other: --greedy means --temperature 0",
+        ),
+        (["-i", "It was"], "-i reads the prompts from stdin, one a line: drop the prompt argument"),
+        ([], "the prompt is empty: give some text to continue (or -i to read prompts from stdin)"),
+    ],
+)
 def test_contradicting_generate_flags_are_one_line(capsys, argv, message):
     code, out, err = run_cli(capsys, "generate", "--model", TINY, *argv)
     assert code == 1 and out == "" and err == f"molm: error: {message}\n"
@@ -105,8 +152,9 @@ def test_generate_samples_by_default_from_a_fixed_seed(capsys):
     sampled = molm.generate(model, prompt, max_new_tokens=12, **CLI_SAMPLING)
     assert sampled != molm.generate(model, prompt, max_new_tokens=12, repetition_penalty=1.1)  # not greedy
     for _ in range(2):  # the same command gives the same text
-        code, out, _ = run_cli(capsys, "generate", "--model", TINY, prompt, "--max-new-tokens", "12",
-                               "--dtype", "float32")
+        code, out, _ = run_cli(
+            capsys, "generate", "--model", TINY, prompt, "--max-new-tokens", "12", "--dtype", "float32"
+        )
         assert code == 0 and out == prompt + sampled + "\n"
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
@@ -122,8 +170,21 @@ def test_greedy_flags_pick_the_most_likely_token(capsys, flags):
     for penalty in ("1.1", "1"):  # the default penalty applies to greedy decoding too; 1 turns it off
         greedy = molm.generate(model, prompt, max_new_tokens=12, repetition_penalty=float(penalty))
         argv = ["--repetition-penalty", penalty] if penalty == "1" else []
-        code, out, _ = run_cli(capsys, "generate", "--model", TINY, prompt, "--max-new-tokens", "12", "--dtype",
-                               "float32", "--seed", "5", *flags, *argv)
+        code, out, _ = run_cli(
+            capsys,
+            "generate",
+            "--model",
+            TINY,
+            prompt,
+            "--max-new-tokens",
+            "12",
+            "--dtype",
+            "float32",
+            "--seed",
+            "5",
+            *flags,
+            *argv,
+        )
         assert code == 0 and out == prompt + greedy + "\n"
 
 
@@ -131,11 +192,24 @@ def test_penalty_flags_reach_generation(capsys):
     prompt = "To be, or not to be"  # the default model loops on this one when it decodes greedily
     model = molm.load(cli.DEFAULT_MODEL, dtype=torch.float32)
     for penalty, n in (("1.5", "0"), ("1", "3")):
-        expected = molm.generate(model, prompt, max_new_tokens=40, repetition_penalty=float(penalty),
-                                 no_repeat_ngram_size=int(n))
+        expected = molm.generate(
+            model, prompt, max_new_tokens=40, repetition_penalty=float(penalty), no_repeat_ngram_size=int(n)
+        )
         assert expected != molm.generate(model, prompt, max_new_tokens=40, repetition_penalty=1.1)
-        code, out, _ = run_cli(capsys, "generate", prompt, "--max-new-tokens", "40", "--dtype", "float32",
-                               "--greedy", "--repetition-penalty", penalty, "--no-repeat-ngram-size", n)
+        code, out, _ = run_cli(
+            capsys,
+            "generate",
+            prompt,
+            "--max-new-tokens",
+            "40",
+            "--dtype",
+            "float32",
+            "--greedy",
+            "--repetition-penalty",
+            penalty,
+            "--no-repeat-ngram-size",
+            n,
+        )
         assert code == 0 and out == prompt + expected + "\n"
 
 
@@ -152,16 +226,29 @@ def test_top_p_alone_samples_at_the_default_temperature(capsys):
     model = molm.load(TINY, dtype=torch.float32)
     sampled = molm.generate(model, prompt, max_new_tokens=8, **{**CLI_SAMPLING, "top_p": 0.5})
     assert sampled != molm.generate(model, prompt, max_new_tokens=8, **CLI_SAMPLING)  # top-p 0.5 shows here
-    code, out, _ = run_cli(capsys, "generate", "--model", TINY, prompt, "--top-p", "0.5", "--max-new-tokens", "8",
-                           "--dtype", "float32")
+    code, out, _ = run_cli(
+        capsys, "generate", "--model", TINY, prompt, "--top-p", "0.5", "--max-new-tokens", "8", "--dtype", "float32"
+    )
     assert code == 0 and out == prompt + sampled + "\n"
 
 
 @pytest.mark.parametrize("greedy", [["--temperature", "0"], ["--greedy"]])
 def test_top_k_with_explicit_greedy_warns(capsys, greedy):
     with pytest.warns(UserWarning, match="--top-k / --top-p have no effect with --greedy / --temperature 0"):
-        code, out, err = run_cli(capsys, "generate", "--model", TINY, "It was the", "--top-k", "5", *greedy,
-                                 "--max-new-tokens", "4", "--dtype", "float32")
+        code, out, err = run_cli(
+            capsys,
+            "generate",
+            "--model",
+            TINY,
+            "It was the",
+            "--top-k",
+            "5",
+            *greedy,
+            "--max-new-tokens",
+            "4",
+            "--dtype",
+            "float32",
+        )
     assert code == 0
 
 
@@ -170,8 +257,9 @@ def test_eval_tasks_without_lm_eval_is_one_line(capsys, monkeypatch):
     monkeypatch.delitem(sys.modules, "molm.lm_eval", raising=False)
     code, _, err = run_cli(capsys, "eval", "--model", TINY, "--tasks", "molm_local")
     assert code == 1
-    assert err.strip() == ("molm: error: molm eval --tasks needs lm-evaluation-harness, which is not installed: "
-                           "pip install 'molm[eval]'")
+    assert err.strip() == (
+        "molm: error: molm eval --tasks needs lm-evaluation-harness, which is not installed: pip install 'molm[eval]'"
+    )
 
 
 def test_closed_stdout_ends_quietly():
@@ -179,8 +267,12 @@ def test_closed_stdout_ends_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        result = subprocess.run([sys.executable, "-m", "molm.cli", "generate", "--model", TINY, "It was the",
-                                 "--max-new-tokens", "4"], stdout=write_end, stderr=subprocess.PIPE, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "molm.cli", "generate", "--model", TINY, "It was the", "--max-new-tokens", "4"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     finally:
         os.close(write_end)
     assert result.returncode == 141
@@ -207,9 +299,11 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys, monkeypa
 
 
 def test_bug_in_a_subprocess_shows_a_traceback(tmp_path):
-    script = ("import sys, molm.cli as c\n"
-              "def bug(args): raise RuntimeError('an internal bug')\n"
-              "c.cmd_info = bug\nsys.exit(c.main(['info', 'x']))\n")
+    script = (
+        "import sys, molm.cli as c\n"
+        "def bug(args): raise RuntimeError('an internal bug')\n"
+        "c.cmd_info = bug\nsys.exit(c.main(['info', 'x']))\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr and "RuntimeError: an internal bug" in result.stderr
@@ -253,14 +347,48 @@ def test_safetensors_with_trailing_bytes_is_damaged(tmp_path):
 
 def test_short_training_run_reaches_the_peak_lr(tmp_path, capsys):
     """`molm train --steps 10` with the default warmup: the lr reaches --lr, then decays."""
-    cfg = molm.ModuleFormerConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, att_hidden=16, ffd_hidden=32,
-                                  gating_size=16, n_att_experts=4, k_att=2, n_mlp_experts=4, k_mlp=2, block_size=16,
-                                  history_length=16, bos_token_id=0, eos_token_id=0)
+    cfg = molm.ModuleFormerConfig(
+        vocab_size=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        att_hidden=16,
+        ffd_hidden=32,
+        gating_size=16,
+        n_att_experts=4,
+        k_att=2,
+        n_mlp_experts=4,
+        k_mlp=2,
+        block_size=16,
+        history_length=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     cfg.save_pretrained(tmp_path / "cfg")
     np.save(tmp_path / "tokens.npy", np.arange(2000) % 64)
-    assert main(["train", str(tmp_path / "tokens.npy"), "--config", str(tmp_path / "cfg" / "config.json"),
-                 "--out", str(tmp_path / "out"), "--steps", "10", "--lr", "0.002", "--seq-len", "16",
-                 "--batch-size", "2", "--eval-every", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "tokens.npy"),
+                "--config",
+                str(tmp_path / "cfg" / "config.json"),
+                "--out",
+                str(tmp_path / "out"),
+                "--steps",
+                "10",
+                "--lr",
+                "0.002",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "2",
+                "--eval-every",
+                "0",
+            ]
+        )
+        == 0
+    )
     with open(tmp_path / "out" / "log.jsonl", encoding="utf-8") as f:
         lrs = [json.loads(line)["lr"] for line in f]
     assert len(lrs) == 10 and max(lrs) == pytest.approx(0.002)
@@ -301,8 +429,9 @@ def test_setup_without_torch_says_how_to_install(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "no_torch")}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "setup.py"), "--name"], capture_output=True,
-                            text=True, env=env, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "setup.py"), "--name"], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "install torch first" in result.stderr and "pip install --no-build-isolation -e ." in result.stderr
@@ -326,16 +455,17 @@ def test_setup_with_cuda_torch_but_no_toolkit_builds_the_cpu_kernels(monkeypatch
 
 
 # --- molm generate -i ------------------------------------------------------------------------------------------------
-import functools
-import select
-import signal
 
 
 def _cli_process(*argv, stdin=subprocess.PIPE):
     """`molm generate ARGV` in a child that takes Ctrl-C (SIGINT) as an interactive shell would deliver it."""
-    return subprocess.Popen([sys.executable, "-m", "molm.cli", "generate", *argv], stdin=stdin,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "molm.cli", "generate", *argv],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _read_until(stream, seen: bytes, done, timeout: float = 120.0) -> bytes:
@@ -361,8 +491,12 @@ def _continuation(prompt: str, seed: int, max_new_tokens: int) -> str:
 def test_interactive_reads_prompts_from_a_pipe():
     """`printf 'ROMEO.\\nJULIET.\\n' | molm generate -i`: one output per line, no prompt marker, exit at EOF.
     Blank lines are skipped; the n-th prompt samples from seed + n, so a repeated prompt gets a fresh text."""
-    result = subprocess.run([sys.executable, "-m", "molm.cli", "generate", "-i", "--max-new-tokens", "8"],
-                            input="ROMEO.\nJULIET.\n\nROMEO.\n", capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "molm.cli", "generate", "-i", "--max-new-tokens", "8"],
+        input="ROMEO.\nJULIET.\n\nROMEO.\n",
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0 and result.stderr == ""
     expected = [(p, _continuation(p, seed, 8)) for seed, p in enumerate(["ROMEO.", "JULIET.", "ROMEO."])]
     assert expected[0][1] != expected[2][1]
@@ -388,11 +522,10 @@ def test_interactive_ctrl_c_stops_the_generation_not_the_program():
     assert proc.returncode == 0 and b"Traceback" not in err
     first, second = (out + rest).decode().split("\nJULIET.")
     assert second.endswith("\n")  # the second generation was cut too, and the program ended at EOF
-    text = first[len("ROMEO."):]
+    text = first[len("ROMEO.") :]
     assert first.startswith("ROMEO.") and text
     full = ""
-    for piece in molm.generate(_default_model(), "ROMEO.", max_new_tokens=5000, stream=True,
-                               **CLI_SAMPLING):
+    for piece in molm.generate(_default_model(), "ROMEO.", max_new_tokens=5000, stream=True, **CLI_SAMPLING):
         full += piece
         if len(full) > len(text) + 10:
             break

@@ -37,18 +37,21 @@ def test_presets():
         assert c.identity_kv and c.n_ctx == 512 * layers
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model_type": "gpt2"}, "unknown model_type 'gpt2'"),
-    ({"k_att": 5}, "k_att"),
-    ({"k_mlp": 0}, "k_mlp"),
-    ({"n_head": 5}, "divisible by n_head"),
-    ({"n_embd": 10**9}, "n_embd"),
-    ({"n_mlp_experts": 10**6}, "n_mlp_experts"),
-    ({"n_layer": "24"}, "n_layer"),
-    ({"gate_type": "noisy"}, "gate_type"),
-    ({"activation_function": "relu"}, "activation_function"),
-    ({"n_embd": None}, "n_embd"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "gpt2"}, "unknown model_type 'gpt2'"),
+        ({"k_att": 5}, "k_att"),
+        ({"k_mlp": 0}, "k_mlp"),
+        ({"n_head": 5}, "divisible by n_head"),
+        ({"n_embd": 10**9}, "n_embd"),
+        ({"n_mlp_experts": 10**6}, "n_mlp_experts"),
+        ({"n_layer": "24"}, "n_layer"),
+        ({"gate_type": "noisy"}, "gate_type"),
+        ({"activation_function": "relu"}, "activation_function"),
+        ({"n_embd": None}, "n_embd"),
+    ],
+)
 def test_bad_configs_name_the_field(change, message):
     data = json.loads(open(os.path.join(DATA, "molm-tiny-a", "config.json")).read())
     data.update(change)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from molm import ops, reference
+
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason=f"molm._C not built: {ops.extension_error()}")
@@ -48,8 +49,14 @@ def _restore_isa_and_threads():
 
 
 def _isa_params():
-    return [pytest.param(name, marks=pytest.mark.skipif(name not in ops.cpu_isas(), reason=f"CPU lacks {name}"))
-            for name in ops.CPU_ISAS] if ops.extension_available() else ops.CPU_ISAS
+    return (
+        [
+            pytest.param(name, marks=pytest.mark.skipif(name not in ops.cpu_isas(), reason=f"CPU lacks {name}"))
+            for name in ops.CPU_ISAS
+        ]
+        if ops.extension_available()
+        else ops.CPU_ISAS
+    )
 
 
 def test_supported_sets_match_the_cpu():
@@ -82,9 +89,11 @@ def test_set_isa_refuses_unknown_names():
 @pytest.mark.parametrize("cap", ["scalar", "avx2"])
 def test_isa_cap_refuses_newer_sets(cap):
     """MOLM_CPU_ISA_MAX makes the process behave as on a CPU without the newer sets: they are refused."""
-    code = ("from molm import ops\n"
-            "print(ops.cpu_isa(), ','.join(ops.cpu_isas()))\n"
-            "try:\n    ops.set_cpu_isa('avx512')\nexcept ValueError as e:\n    print('refused:', e)\n")
+    code = (
+        "from molm import ops\n"
+        "print(ops.cpu_isa(), ','.join(ops.cpu_isas()))\n"
+        "try:\n    ops.set_cpu_isa('avx512')\nexcept ValueError as e:\n    print('refused:', e)\n"
+    )
     env = dict(os.environ, MOLM_CPU_ISA_MAX=cap)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
@@ -109,7 +118,7 @@ def _gemm_inputs(rows, k_in, n_out, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     offsets = torch.tensor([0] + rows).cumsum(0)
     x = torch.randn(sum(rows), k_in, generator=g).to(dtype)
-    weight = (torch.randn(len(rows), k_in, n_out, generator=g) * k_in ** -0.5).to(dtype)
+    weight = (torch.randn(len(rows), k_in, n_out, generator=g) * k_in**-0.5).to(dtype)
     return x, weight, offsets
 
 
@@ -217,7 +226,7 @@ def test_linear_every_isa_matches_reference(isa, m, dtype):
     ops.set_cpu_isa(isa)
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, 200, generator=g).to(dtype)
-    w = (torch.randn(131, 200, generator=g) * 200 ** -0.5).to(dtype)  # 131 rows: a tail of 3 after the 4-row blocks
+    w = (torch.randn(131, 200, generator=g) * 200**-0.5).to(dtype)  # 131 rows: a tail of 3 after the 4-row blocks
     out = ops.linear(x, w)
     exact = reference.linear_ref(x.double(), w.double())
     assert_close(out, exact, reference.linear_ref(x.float(), w.float()).to(dtype), dtype, f"linear {isa} m={m}")
@@ -233,8 +242,9 @@ def test_int8_ops_every_isa_match_reference(isa):
     scale = torch.rand(3, 40, generator=g) * 0.01 + 1e-3
     offsets = torch.tensor([0, 2, 2, 5])
     got = ops.expert_gemm_q8(x, q, scale, offsets, "gelu_new")
-    want = reference.expert_gemm_ref(x.double(), (q.double() * scale.double()[:, :, None]).transpose(1, 2), offsets,
-                                     "gelu_new")
+    want = reference.expert_gemm_ref(
+        x.double(), (q.double() * scale.double()[:, :, None]).transpose(1, 2), offsets, "gelu_new"
+    )
     assert_close(got, want, reference.expert_gemm_q8_ref(x, q, scale, offsets, "gelu_new"), torch.bfloat16, isa)
     got = ops.linear_q8(x, q[0], scale[0])
     want = reference.linear_ref(x.double(), q[0].double() * scale[0].double()[:, None])

@@ -12,11 +12,15 @@ import pytest
 import torch
 
 from molm import ops, reference
+
 from sb_cases import sb_inputs
 from tolerances import assert_close
 
-HAS_CUDA_OP = (torch.cuda.is_available() and ops.extension_available()
-               and torch._C._dispatch_has_kernel_for_dispatch_key("molm::sb_attention", "CUDA"))
+HAS_CUDA_OP = (
+    torch.cuda.is_available()
+    and ops.extension_available()
+    and torch._C._dispatch_has_kernel_for_dispatch_key("molm::sb_attention", "CUDA")
+)
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA_OP, reason="needs CUDA and molm built with CUDA")]
 
 DEV = "cuda"
@@ -46,11 +50,26 @@ def _check_forward(q, k, v, bias, scale, what):
 
 
 # (B, T, S, k slots, H, D): T <= 4 takes the split-KV decode kernel, larger T the tiled path
-DECODE = [(1, 1, 1, 1, 1, 64), (2, 1, 7, 2, 1, 64), (3, 1, 1025, 2, 1, 1024), (2, 1, 4096, 4, 1, 128),
-          (64, 1, 300, 2, 1, 1024), (2, 3, 100, 3, 2, 64), (1, 4, 4, 2, 1, 128), (1, 1, 4096, 5, 2, 64),
-          (2, 1, 100, 2, 1, 12), (1, 2, 700, 3, 1, 20)]  # D not a multiple of 8: the scalar-load path in bf16
-PREFILL = [(1, 5, 5, 1, 1, 64), (2, 33, 33, 2, 1, 128), (1, 100, 300, 4, 2, 64), (2, 257, 257, 2, 1, 1024),
-           (1, 1024, 1024, 2, 1, 128), (1, 4096, 4096, 1, 1, 64)]
+DECODE = [
+    (1, 1, 1, 1, 1, 64),
+    (2, 1, 7, 2, 1, 64),
+    (3, 1, 1025, 2, 1, 1024),
+    (2, 1, 4096, 4, 1, 128),
+    (64, 1, 300, 2, 1, 1024),
+    (2, 3, 100, 3, 2, 64),
+    (1, 4, 4, 2, 1, 128),
+    (1, 1, 4096, 5, 2, 64),
+    (2, 1, 100, 2, 1, 12),
+    (1, 2, 700, 3, 1, 20),
+]  # D not a multiple of 8: the scalar-load path in bf16
+PREFILL = [
+    (1, 5, 5, 1, 1, 64),
+    (2, 33, 33, 2, 1, 128),
+    (1, 100, 300, 4, 2, 64),
+    (2, 257, 257, 2, 1, 1024),
+    (1, 1024, 1024, 2, 1, 128),
+    (1, 4096, 4096, 1, 1, 64),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,7 +77,7 @@ PREFILL = [(1, 5, 5, 1, 1, 64), (2, 33, 33, 2, 1, 128), (1, 100, 300, 4, 2, 64),
 @pytest.mark.parametrize("B,T,S,G,H,D", DECODE + PREFILL)
 def test_cuda_forward(B, T, S, G, H, D, padded, dtype):
     q, k, v, bias = _inputs(B, T, S, G, H, D, dtype, padded, shared_kv=(B + T) % 2 == 0)
-    out = _check_forward(q, k, v, bias, D ** -0.5, f"forward {dtype} B={B} T={T} S={S} k={G} H={H} D={D}")
+    out = _check_forward(q, k, v, bias, D**-0.5, f"forward {dtype} B={B} T={T} S={S} k={G} H={H} D={D}")
     if padded and T > S // 2:  # fully padded query rows of batch 0 get exactly nothing
         assert torch.all(out[0, : S // 2 - (S - T)] == 0)
 
@@ -94,15 +113,22 @@ def test_cuda_matches_cpu_and_is_bitwise_repeatable(B, T, S, G, H, D):
 # set_kernel_options(sb_fused=False) sends it to the cuBLAS-tiled path, sb_early_exit=False walks every key.
 @pytest.mark.parametrize("fused,early_exit", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,T,S,G,H,D,shift", [(2, 100, 300, 2, 1, 1024, 0.0), (1, 513, 513, 3, 2, 128, 0.0),
-                                               (3, 64, 64, 1, 1, 256, 0.0), (1, 700, 700, 2, 1, 128, 8.0),
-                                               (1, 300, 300, 2, 1, 128, -30.0)])
+@pytest.mark.parametrize(
+    "B,T,S,G,H,D,shift",
+    [
+        (2, 100, 300, 2, 1, 1024, 0.0),
+        (1, 513, 513, 3, 2, 128, 0.0),
+        (3, 64, 64, 1, 1, 256, 0.0),
+        (1, 700, 700, 2, 1, 128, 8.0),
+        (1, 300, 300, 2, 1, 128, -30.0),
+    ],
+)
 def test_cuda_prefill_fused_and_tiled(kernel_options, B, T, S, G, H, D, shift, dtype, fused, early_exit):
     kernel_options(sb_fused=fused, sb_early_exit=early_exit)
     q, k, v, bias = _inputs(B, T, S, G, H, D, dtype, padded=shift == 0.0, shared_kv=B % 2 == 1, shift=shift)
     what = f"prefill fused={fused} exit={early_exit} {dtype} B={B} T={T} S={S} k={G} H={H} D={D} shift={shift}"
-    out = _check_forward(q, k, v, bias, D ** -0.5, what)
-    assert torch.equal(out, ops.sb_attention(q, k, v, bias, D ** -0.5)), f"{what}: not bitwise repeatable"
+    out = _check_forward(q, k, v, bias, D**-0.5, what)
+    assert torch.equal(out, ops.sb_attention(q, k, v, bias, D**-0.5)), f"{what}: not bitwise repeatable"
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -152,8 +178,12 @@ def test_cuda_decode_graph_capture():
         q.copy_(torch.randn(q.shape, generator=g, device=DEV))
         graph.replay()
         torch.cuda.synchronize()
-        assert_close(out, reference.sb_attention_ref(q.double(), cache.double(), cache.double(), None, 0.1),
-                     dtype=torch.float32, what=f"graph replay {seed}")
+        assert_close(
+            out,
+            reference.sb_attention_ref(q.double(), cache.double(), cache.double(), None, 0.1),
+            dtype=torch.float32,
+            what=f"graph replay {seed}",
+        )
 
 
 def _grads(fn, q, k, v, bias, grad, scale, shared_kv, dtype):
@@ -167,14 +197,21 @@ def _grads(fn, q, k, v, bias, grad, scale, shared_kv, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,T,S,G,H,D,padded,shared_kv", [
-    (1, 1, 1, 1, 1, 64, False, True), (2, 1, 500, 2, 1, 1024, True, True), (2, 7, 40, 3, 2, 64, True, False),
-    (1, 200, 200, 4, 1, 128, False, True), (2, 128, 300, 2, 1, 1024, True, False),
-    (1, 2048, 2048, 2, 1, 64, True, True)])
+@pytest.mark.parametrize(
+    "B,T,S,G,H,D,padded,shared_kv",
+    [
+        (1, 1, 1, 1, 1, 64, False, True),
+        (2, 1, 500, 2, 1, 1024, True, True),
+        (2, 7, 40, 3, 2, 64, True, False),
+        (1, 200, 200, 4, 1, 128, False, True),
+        (2, 128, 300, 2, 1, 1024, True, False),
+        (1, 2048, 2048, 2, 1, 64, True, True),
+    ],
+)
 def test_cuda_backward(B, T, S, G, H, D, padded, shared_kv, dtype):
     q, k, v, bias = _inputs(B, T, S, G, H, D, dtype, padded, shared_kv)
     grad = torch.randn(q.shape, device=DEV).to(dtype)
-    scale = D ** -0.5
+    scale = D**-0.5
     _poison_allocator()
     got = _grads(ops.sb_attention, q, k, v, bias, grad, scale, shared_kv, dtype)
     exact = _grads(reference.sb_attention_ref, q, k, v, bias, grad, scale, shared_kv, torch.float64)

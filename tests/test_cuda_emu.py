@@ -15,7 +15,7 @@ import torch
 from emu_build import load_emu_library
 
 P = ctypes.c_void_p
-I = ctypes.c_int
+I = ctypes.c_int  # noqa: E741  (ctypes signature shorthand)
 LL = ctypes.c_longlong
 SIGNATURES = {
     **{f"emu_warp_scan_{t}": [P, P, I] for t in ("f32", "f64", "i32", "u32", "i64")},
@@ -59,7 +59,7 @@ def aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
     """A C-contiguous copy of `a` at an `align`-byte boundary (WMMA pointers must be 32-byte aligned)."""
     raw = np.empty(a.nbytes + align, np.uint8)
     off = (-raw.ctypes.data) % align
-    out = raw[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = raw[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
     out[...] = a
     return out
 
@@ -74,6 +74,7 @@ def error_of(lib, status: int) -> str:
 
 
 # ---- warp shuffles and votes -----------------------------------------------------------------------------------------
+
 
 def warp_scan_reference(x: np.ndarray) -> np.ndarray:
     w = x.reshape(-1, 32)
@@ -93,8 +94,9 @@ def warp_scan_reference(x: np.ndarray) -> np.ndarray:
     return np.stack([o.reshape(-1) for o in outs]).astype(x.dtype)
 
 
-@pytest.mark.parametrize("suffix,dtype", [("f32", np.float32), ("f64", np.float64), ("i32", np.int32),
-                                          ("u32", np.uint32), ("i64", np.int64)])
+@pytest.mark.parametrize(
+    "suffix,dtype", [("f32", np.float32), ("f64", np.float64), ("i32", np.int32), ("u32", np.uint32), ("i64", np.int64)]
+)
 def test_warp_shuffles_scans_and_reductions(lib, suffix, dtype):
     n = 256  # 2 CTAs of 4 warps
     x = np.random.default_rng(0).integers(0, 1000, n).astype(dtype)  # integers: every order of addition is exact
@@ -117,7 +119,7 @@ def test_votes(lib):
     out = np.zeros((5, n), np.uint32)
     check(lib, lib.emu_vote(ptr(pred), ptr(key), ptr(out), n))
     for w in range(n // 32):
-        p, k = pred[32 * w:32 * w + 32], key[32 * w:32 * w + 32]
+        p, k = pred[32 * w : 32 * w + 32], key[32 * w : 32 * w + 32]
         ballot = sum(1 << i for i in range(32) if p[i])
         s = slice(32 * w, 32 * w + 32)
         assert (out[0, s] == ballot).all()
@@ -136,10 +138,13 @@ def test_exited_lanes_and_masks(lib):
         assert (sums == x[:16].sum()).all() and (active == 0xFFFF).all()
     msg = error_of(lib, lib.emu_lane_exit(ptr(x), ptr(sums), ptr(active), 16, 0xFFFFFFFF))
     assert re.search(r"lane \d+ reads lane \d+, which has exited", msg)  # whichever lane traps first
-    assert "mask must include every live lane" in error_of(lib, lib.emu_lane_exit(ptr(x), ptr(sums), ptr(active), 8, 0xFF))
+    assert "mask must include every live lane" in error_of(
+        lib, lib.emu_lane_exit(ptr(x), ptr(sums), ptr(active), 8, 0xFF)
+    )
 
 
-# ---- CTAs: smem, barriers, indices, early exits ------------------------------------------------------------------------
+# ---- CTAs: smem, barriers, indices, early exits ----------------------------------------------------------------------
+
 
 def test_block_reduction_multi_cta_2d_grid(lib):
     gx, gy, block, reps = 3, 2, (32, 4, 2), 5
@@ -184,14 +189,15 @@ def test_async_copy_zero_fill(lib, size):
     for zfill in range(size + 1):
         dst = np.full(32, 0xAB, np.uint8)
         check(lib, lib.emu_async_copy(ptr(src), ptr(dst), size, zfill))
-        np.testing.assert_array_equal(dst[:size - zfill], src[:size - zfill])
-        assert (dst[size - zfill:size] == 0).all() and (dst[size:] == 0xAB).all()
+        np.testing.assert_array_equal(dst[: size - zfill], src[: size - zfill])
+        assert (dst[size - zfill : size] == 0).all() and (dst[size:] == 0xAB).all()
     dst = np.zeros(32, np.uint8)
     assert "aligned" in error_of(lib, lib.emu_async_copy(ptr(src[1:]), ptr(dst), size, 0))
     assert "4, 8 or 16" in error_of(lib, lib.emu_async_copy(ptr(src), ptr(dst), 12, 0))
 
 
-# ---- WMMA ----------------------------------------------------------------------------------------------------------
+# ---- WMMA ------------------------------------------------------------------------------------------------------------
+
 
 def bits16(x: torch.Tensor) -> np.ndarray:
     return aligned(x.contiguous().view(torch.int16).numpy().view(np.uint16))
@@ -211,8 +217,9 @@ def test_wmma_gemm(lib, dtype, b_row, d_row, mnk):
     b_store = b if b_row else b.t()  # col-major B is stored [N, K]
     d = aligned(np.full((m, n) if d_row else (n, m), np.nan, np.float32))
     a_bits, b_bits, c0_np = bits16(a), bits16(b_store), aligned(c0.numpy())  # held: ptr() keeps no reference
-    status = lib.emu_wmma_gemm(0 if dtype == torch.bfloat16 else 1, ptr(a_bits), ptr(b_bits), ptr(c0_np), ptr(d),
-                               m, n, k, alpha, b_row, d_row)
+    status = lib.emu_wmma_gemm(
+        0 if dtype == torch.bfloat16 else 1, ptr(a_bits), ptr(b_bits), ptr(c0_np), ptr(d), m, n, k, alpha, b_row, d_row
+    )
     check(lib, status)
     got = torch.from_numpy(d if d_row else d.T.copy()).double()
     ref = alpha * (a.double() @ b.double()) + c0.double()
@@ -228,7 +235,8 @@ def test_wmma_checks_ldm_and_alignment(lib):
     assert "32-byte" in error_of(lib, lib.emu_wmma_bad_load(ptr(p), 16, 4))
 
 
-# ---- failures and launch checks ----------------------------------------------------------------------------------------
+# ---- failures and launch checks --------------------------------------------------------------------------------------
+
 
 def test_trap_is_an_error_not_a_crash(lib):
     msg = error_of(lib, lib.emu_trap(3, 1, 5))
@@ -254,7 +262,7 @@ def test_launch_configuration_checks(lib):
         check(lib, lib.emu_set_max_smem(232448))
 
 
-# ---- 16-bit conversions --------------------------------------------------------------------------------------------------
+# ---- 16-bit conversions ----------------------------------------------------------------------------------------------
 
 ALL16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
 
@@ -294,9 +302,31 @@ def conversion_inputs() -> np.ndarray:
     for frac in (0.5, 0.5 - 2**-14, 0.5 + 2**-14):
         parts.append(float_bits((vals + np.sign(vals + 0.1) * frac * 2.0 ** (exp - 10)).astype(np.float32)))
     mag = rng.uniform(-30, 17, 100_000)
-    parts.append(float_bits((2.0 ** mag * rng.choice([-1, 1], mag.size)).astype(np.float32)))
-    parts.append(float_bits(np.array([0.0, -0.0, 65504, 65519.996, 65520, 65536, 2**-24, 2**-25, 2**-25 * 1.0001,
-                                      3 * 2**-26, np.inf, -np.inf, np.nan, 1e-45, 3.4e38], np.float32)))
+    parts.append(float_bits((2.0**mag * rng.choice([-1, 1], mag.size)).astype(np.float32)))
+    parts.append(
+        float_bits(
+            np.array(
+                [
+                    0.0,
+                    -0.0,
+                    65504,
+                    65519.996,
+                    65520,
+                    65536,
+                    2**-24,
+                    2**-25,
+                    2**-25 * 1.0001,
+                    3 * 2**-26,
+                    np.inf,
+                    -np.inf,
+                    np.nan,
+                    1e-45,
+                    3.4e38,
+                ],
+                np.float32,
+            )
+        )
+    )
     return np.concatenate(parts).view(np.float32)
 
 

@@ -59,8 +59,20 @@ def test_cli_reports_oom_in_one_line(capsys):
     from molm.cli import main
 
     huge = too_many_bytes() // (2 * 64 * 4)
-    code = main(["generate", "--model", os.path.join(DATA, "molm-tiny-a"), "hi", "--device", "cuda",
-                 "--dtype", "float32", "--max-new-tokens", str(huge)])
+    code = main(
+        [
+            "generate",
+            "--model",
+            os.path.join(DATA, "molm-tiny-a"),
+            "hi",
+            "--device",
+            "cuda",
+            "--dtype",
+            "float32",
+            "--max-new-tokens",
+            str(huge),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("molm: error:") and "out of memory" in err
     assert "Traceback" not in err

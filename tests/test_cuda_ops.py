@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from molm import ops, reference
+
 from tolerances import assert_close
 
 pytestmark = [
@@ -48,8 +49,19 @@ def _check_sort(experts, sorted_slots, slot_positions, expert_offsets, n_experts
 
 # ------------------------------------------------------------------------------------------------------ route_topk
 # (N, E, k): the CPU cases, k == E, N = 0, and N spanning many 64-token chunks
-ROUTE_CASES = [(1, 1, 1), (1, 32, 2), (3, 4, 4), (64, 16, 2), (257, 32, 1), (100, 8, 8), (5, 257, 3), (0, 8, 2),
-               (65, 32, 32), (4096, 32, 2), (5000, 16, 4)]
+ROUTE_CASES = [
+    (1, 1, 1),
+    (1, 32, 2),
+    (3, 4, 4),
+    (64, 16, 2),
+    (257, 32, 1),
+    (100, 8, 8),
+    (5, 257, 3),
+    (0, 8, 2),
+    (65, 32, 32),
+    (4096, 32, 2),
+    (5000, 16, 4),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
@@ -106,8 +118,18 @@ def test_route_topk_all_on_one_and_empty_experts(skew):
 
 # ------------------------------------------------------------------------------------------------------ gather_rows
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-@pytest.mark.parametrize("n_rows,width,group,m", [(1, 8, 1, 1), (5, 33, 2, 10), (7, 1024, 4, 28), (3, 12, 1, 0),
-                                                  (16, 64, 1, 40), (4096, 1024, 2, 8192), (9, 7, 3, 27)])
+@pytest.mark.parametrize(
+    "n_rows,width,group,m",
+    [
+        (1, 8, 1, 1),
+        (5, 33, 2, 10),
+        (7, 1024, 4, 28),
+        (3, 12, 1, 0),
+        (16, 64, 1, 40),
+        (4096, 1024, 2, 8192),
+        (9, 7, 3, 27),
+    ],
+)
 def test_gather_rows(n_rows, width, group, m, dtype):
     x = _randn(n_rows, width, dtype=dtype)
     index = torch.randint(0, n_rows * group, (m,), generator=_gen(1)).to(DEV)
@@ -116,7 +138,7 @@ def test_gather_rows(n_rows, width, group, m, dtype):
 
 @pytest.mark.parametrize("start", [2, 8])  # start 2: rows misaligned for 16-byte vectors; 8: aligned
 def test_gather_rows_strided_source(start):
-    x = _randn(6, 40)[:, start: start + 16]  # row stride 40, stride(-1) == 1
+    x = _randn(6, 40)[:, start : start + 16]  # row stride 40, stride(-1) == 1
     index = torch.tensor([5, 0, 3, 3], device=DEV)
     assert torch.equal(ops.gather_rows(x, index), reference.gather_rows_ref(x, index))
 
@@ -137,8 +159,10 @@ def test_gather_rows_gradient_is_bitwise_repeatable(dtype):
 
 # ------------------------------------------------------------------------------------------------------ scatter_ksum
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_tokens,n_experts,k,width", [(1, 4, 1, 8), (1, 32, 2, 1024), (37, 8, 3, 33),
-                                                        (64, 16, 4, 64), (9, 4, 4, 12), (4096, 32, 2, 1024)])
+@pytest.mark.parametrize(
+    "n_tokens,n_experts,k,width",
+    [(1, 4, 1, 8), (1, 32, 2, 1024), (37, 8, 3, 33), (64, 16, 4, 64), (9, 4, 4, 12), (4096, 32, 2, 1024)],
+)
 def test_scatter_ksum(n_tokens, n_experts, k, width, dtype):
     _, gates, _, _, slot_positions, _ = reference.route_topk_ref(_randn(n_tokens, n_experts), k)
     y = _randn(n_tokens * k, width, seed=2, dtype=dtype)
@@ -171,7 +195,7 @@ GEMM_CASES = [
     ([0, 0, 0, 0], 16, 24),
     ([2], 1024, 2048),
     ([1, 1], 1024, 2048),
-    ([9, 0, 3], 100, 36),       # GEMV: a segment of > 8 rows, Nout not a multiple of 8 (scalar weight loads)
+    ([9, 0, 3], 100, 36),  # GEMV: a segment of > 8 rows, Nout not a multiple of 8 (scalar weight loads)
     ([100, 0, 37, 300], 256, 320),
     ([0, 513, 0, 1], 64, 130),
     ([130, 0, 0, 0, 127], 1024, 2048),
@@ -182,7 +206,7 @@ GEMM_CASES = [
 def _gemm_inputs(rows, k_in, n_out, dtype, seed=0):
     offsets = torch.tensor([0] + rows).cumsum(0).to(DEV)
     x = _randn(sum(rows), k_in, seed=seed, dtype=dtype)
-    weight = _randn(len(rows), k_in, n_out, seed=seed + 1, dtype=dtype, scale=k_in ** -0.5)
+    weight = _randn(len(rows), k_in, n_out, seed=seed + 1, dtype=dtype, scale=k_in**-0.5)
     return x, weight, offsets
 
 
@@ -241,9 +265,9 @@ def test_expert_gemm_wgrad_strided_x():
 
 # ------------------------------------------------------------------------------------------------------ sm_90a CUTLASS
 # The CUTLASS grouped GEMM (csrc/cuda/expert_gemm_sm90.cu) runs on compute capability 9.x for bf16/fp16 with M above
-# the GEMV range with set_kernel_options(sm90_gemm="on") (default: M >= 256); "off" forces the WMMA tiles. Elsewhere both settings
-# take the WMMA tiles, so the tests still hold. Cases: empty experts, M_e not a multiple of the 128-row tile, the
-# MoLM-350M shapes, 32 experts, and K/Nout not multiples of 8 (declined by the TMA path, falls back).
+# the GEMV range with set_kernel_options(sm90_gemm="on") (default: M >= 256); "off" forces the WMMA tiles. Elsewhere
+# both settings take the WMMA tiles, so the tests still hold. Cases: empty experts, M_e not a multiple of the 128-row
+# tile, the MoLM-350M shapes, 32 experts, and K/Nout not multiples of 8 (declined by the TMA path, falls back).
 SM90_CASES = [
     ([100, 0, 37, 300], 256, 320),
     ([130, 0, 0, 0, 127], 1024, 2048),
@@ -279,7 +303,7 @@ def test_expert_gemm_sm90_on_and_off_agree():
         on = ops.expert_gemm(x, weight, offsets, "gelu_new").float()
     with ops.kernel_options_scope(sm90_gemm="off"):
         off = ops.expert_gemm(x, weight, offsets, "gelu_new").float()
-    torch.testing.assert_close(on, off, rtol=2 ** -7, atol=2e-3)
+    torch.testing.assert_close(on, off, rtol=2**-7, atol=2e-3)
 
 
 def test_expert_gemm_sm90_cuda_graph(kernel_options):
@@ -302,7 +326,7 @@ def test_expert_gemm_sm90_cuda_graph(kernel_options):
     assert_close(captured, ref, dtype=torch.bfloat16, what="expert_gemm sm90 graph replay")
 
 
-# ------------------------------------------------------------------------------------------------------ bitwise / graphs
+# ---------------------------------------------------------------------------------------------------- bitwise / graphs
 def _moe_layer(logits, h, w1, w2, k):
     _, gates, _, sorted_slots, slot_positions, offsets = ops.route_topk(logits, k)
     x = ops.gather_rows(h, sorted_slots, k)
@@ -312,8 +336,12 @@ def _moe_layer(logits, h, w1, w2, k):
 
 
 def _layer_inputs(n_tokens, dtype, e=8, c=256, d=512):
-    return (_randn(n_tokens, e, seed=1), _randn(n_tokens, c, seed=2, dtype=dtype),
-            _randn(e, c, d, seed=3, dtype=dtype, scale=c ** -0.5), _randn(e, d, c, seed=4, dtype=dtype, scale=d ** -0.5))
+    return (
+        _randn(n_tokens, e, seed=1),
+        _randn(n_tokens, c, seed=2, dtype=dtype),
+        _randn(e, c, d, seed=3, dtype=dtype, scale=c**-0.5),
+        _randn(e, d, c, seed=4, dtype=dtype, scale=d**-0.5),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -413,24 +441,46 @@ BAD = [
     ("gather_rows", lambda: (torch.randn(3, 4), torch.tensor([0]), 0), ValueError, "group"),
     ("gather_rows", lambda: (torch.randn(4, 3).t(), torch.tensor([0]), 1), ValueError, "stride"),
     ("scatter_ksum", lambda: (torch.randn(6, 4), torch.randn(2, 2), torch.arange(6)), ValueError, "N*k"),
-    ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 7, 3), torch.tensor([0, 2, 4]), "none"), ValueError,
-     "K =="),
-    ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 4]), "none"), ValueError,
-     "E + 1"),
-    ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 2, 4]), "relu"), ValueError,
-     "activation"),
-    ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 8, 3).double(), torch.tensor([0, 2, 4]), "none"),
-     TypeError, "dtype"),
+    (
+        "expert_gemm",
+        lambda: (torch.randn(4, 8), torch.randn(2, 7, 3), torch.tensor([0, 2, 4]), "none"),
+        ValueError,
+        "K ==",
+    ),
+    (
+        "expert_gemm",
+        lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 4]), "none"),
+        ValueError,
+        "E + 1",
+    ),
+    (
+        "expert_gemm",
+        lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 2, 4]), "relu"),
+        ValueError,
+        "activation",
+    ),
+    (
+        "expert_gemm",
+        lambda: (torch.randn(4, 8), torch.randn(2, 8, 3).double(), torch.tensor([0, 2, 4]), "none"),
+        TypeError,
+        "dtype",
+    ),
 ]
 # value errors need the data on the host: raised only with set_kernel_options(value_checks=True)
 BAD_VALUES = [
     ("gather_rows", lambda: (torch.randn(3, 4), torch.tensor([0, 3]), 1), "out of range"),
     ("gather_rows", lambda: (torch.randn(3, 4), torch.tensor([-1]), 1), "out of range"),
     ("scatter_ksum", lambda: (torch.randn(4, 4), torch.randn(2, 2), torch.tensor([0, 1, 2, 9])), "out of range"),
-    ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 2, 5]), "none"),
-     "expert_offsets"),
-    ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 5, 4]), "none"),
-     "non-decreasing"),
+    (
+        "expert_gemm",
+        lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 2, 5]), "none"),
+        "expert_offsets",
+    ),
+    (
+        "expert_gemm",
+        lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 5, 4]), "none"),
+        "non-decreasing",
+    ),
 ]
 
 

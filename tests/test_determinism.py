@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import molm
+
 from backends import BACKENDS, REQUIRE, extension_built
 from tolerances import assert_close
 
@@ -89,8 +90,9 @@ def test_same_results_in_a_fresh_process():
     (at the same thread count, see the module docstring). One subprocess serves both backends."""
     backends = ["reference"] + (["extension"] if extension_built() or REQUIRE else [])
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", SCRIPT, *backends], capture_output=True, text=True, cwd=ROOT,
-                         env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT, *backends], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-1000:]
     here = []
     for backend in backends:

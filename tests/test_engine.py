@@ -21,16 +21,20 @@ def _decode_both_ways(model, input_ids, attention_mask, steps, min_window):
     mask[:, :T] = attention_mask
     plain_cache, static_cache = KVCache.for_model(model, B, T + steps), KVCache.for_model(model, B, T + steps)
     for cache in (plain_cache, static_cache):
-        out = model(input_ids, attention_mask=mask[:, :T], past_key_values=cache, use_cache=True,
-                    return_aux_loss=False)
+        out = model(input_ids, attention_mask=mask[:, :T], past_key_values=cache, use_cache=True, return_aux_loss=False)
     tokens = out.logits[:, -1].argmax(-1)
     decoder = StaticDecoder(model, static_cache, mask, cuda_graphs=False, min_window=min_window)
     windows, max_diff = set(), 0.0
     for step in range(steps - 1):
         position = T + step
         mask[:, position] = 1
-        plain = model(tokens[:, None], attention_mask=mask[:, : position + 1], past_key_values=plain_cache,
-                      use_cache=True, return_aux_loss=False).logits[:, -1]
+        plain = model(
+            tokens[:, None],
+            attention_mask=mask[:, : position + 1],
+            past_key_values=plain_cache,
+            use_cache=True,
+            return_aux_loss=False,
+        ).logits[:, -1]
         static = decoder.step(tokens, position)
         windows.add(decoder.window(position))
         max_diff = max(max_diff, (plain - static).abs().max().item())
@@ -66,10 +70,12 @@ def test_cuda_graph_generation_matches_eager():
     model = molm.load(os.path.join(DATA, "molm-tiny-a"), dtype=torch.float32, device="cuda", backend="extension")
     ids = torch.randint(0, model.config.vocab_size, (4, 9), generator=torch.Generator().manual_seed(1))
     eager = molm.generate(model, ids, max_new_tokens=80)
-    graphs = torch.cat([ids.cuda(), torch.stack(list(molm.generate_ids(model, ids, max_new_tokens=80,
-                                                                        cuda_graphs=True)), 1)], 1)
-    no_graphs = torch.cat([ids.cuda(), torch.stack(list(molm.generate_ids(model, ids, max_new_tokens=80,
-                                                                           cuda_graphs=False)), 1)], 1)
+    graphs = torch.cat(
+        [ids.cuda(), torch.stack(list(molm.generate_ids(model, ids, max_new_tokens=80, cuda_graphs=True)), 1)], 1
+    )
+    no_graphs = torch.cat(
+        [ids.cuda(), torch.stack(list(molm.generate_ids(model, ids, max_new_tokens=80, cuda_graphs=False)), 1)], 1
+    )
     assert torch.equal(graphs, no_graphs)
     assert torch.equal(eager, graphs)
     reference = molm.generate(model.set_backend("reference"), ids, max_new_tokens=80)
@@ -85,16 +91,18 @@ def test_finished_rows_are_dropped_without_changing_tokens(backend, monkeypatch)
     free = torch.stack(list(molm.generate_ids(model, ids, max_new_tokens=12)), 1)  # no eos: [4, 12]
     eos = int(free[0, 1])
     reorders = []
-    monkeypatch.setattr(KVCache, "reorder", lambda self, index, _orig=KVCache.reorder: (reorders.append(
-        index.tolist()), _orig(self, index))[1])
+    monkeypatch.setattr(
+        KVCache,
+        "reorder",
+        lambda self, index, _orig=KVCache.reorder: (reorders.append(index.tolist()), _orig(self, index))[1],
+    )
     pad = -1
-    steps = torch.stack(list(molm.generate_ids(model, ids, max_new_tokens=12, eos_token_id=eos,
-                                               pad_token_id=pad)), 1)
+    steps = torch.stack(list(molm.generate_ids(model, ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=pad)), 1)
     expected = free.clone()
     for row in range(4):
         hits = (free[row] == eos).nonzero()
         if len(hits):
-            expected[row, int(hits[0]) + 1:] = pad
+            expected[row, int(hits[0]) + 1 :] = pad
     n = steps.shape[1]
     assert torch.equal(steps, expected[:, :n])
     assert n == 12 or bool((expected[:, n:] == pad).all())  # stopped early only once every row ended

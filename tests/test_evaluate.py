@@ -36,9 +36,9 @@ def test_windows_predict_every_token_once(n, max_length, stride):
     for inputs, targets in strided_windows(ids, 0, max_length, stride):
         assert 1 <= len(targets) <= len(inputs) <= max_length
         start = seq.index(inputs[0])
-        assert inputs == seq[start:start + len(inputs)]  # a contiguous slice of [prefix] + ids
+        assert inputs == seq[start : start + len(inputs)]  # a contiguous slice of [prefix] + ids
         # the last len(targets) inputs predict exactly the targets
-        assert targets == seq[start + len(inputs) - len(targets) + 1:start + len(inputs) + 1]
+        assert targets == seq[start + len(inputs) - len(targets) + 1 : start + len(inputs) + 1]
         predicted += targets
     assert predicted == ids
 
@@ -67,7 +67,7 @@ def brute_force_loglik(model, ids, prefix, max_length, stride):
         start = max(0, end - max_length)
         for j in range(done, end):  # ids[j] = seq[j + 1], predicted from seq[start:j + 1]
             with torch.no_grad():
-                logits = model(torch.tensor([seq[start:j + 1]])).logits[0, -1].double()
+                logits = model(torch.tensor([seq[start : j + 1]])).logits[0, -1].double()
             total += float(F.log_softmax(logits, -1)[ids[j]])
         done, end = end, min(end + stride, len(ids))
     return total
@@ -106,8 +106,24 @@ def test_cli_perplexity(tmp_path, capsys):
     path = tmp_path / "text.txt"
     path.write_text(text_docs()[0])
     out_json = tmp_path / "ppl.json"
-    assert main(["eval", "--model", TINY, "--dtype", "float32", "--perplexity", str(path), "--stride", "16",
-                 "--json", str(out_json)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                TINY,
+                "--dtype",
+                "float32",
+                "--perplexity",
+                str(path),
+                "--stride",
+                "16",
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "word_perplexity" in printed and "bits_per_byte" in printed
     report = json.loads(out_json.read_text())
@@ -119,6 +135,7 @@ def test_cli_perplexity(tmp_path, capsys):
 
 
 # --- lm-evaluation-harness ---------------------------------------------------------------------------------------
+
 
 def need_lm_eval():
     if os.environ.get("MOLM_REQUIRE_LM_EVAL") != "1":  # CI's 10-hf job sets it: there a missing lm_eval fails
@@ -136,9 +153,14 @@ def harness():
     from molm.lm_eval import TASKS_DIR, MolmLM
 
     lm = MolmLM(pretrained=TINY, batch_size=3)
-    results = lm_eval.simple_evaluate(model=lm, tasks=["molm_choice", "molm_qa", "molm_text"], limit=5,
-                                      task_manager=TaskManager(include_path=TASKS_DIR), bootstrap_iters=0,
-                                      log_samples=True)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["molm_choice", "molm_qa", "molm_text"],
+        limit=5,
+        task_manager=TaskManager(include_path=TASKS_DIR),
+        bootstrap_iters=0,
+        log_samples=True,
+    )
     return lm, results
 
 
@@ -162,10 +184,10 @@ def test_harness_loglikelihood_matches_direct_scoring(harness, tiny):
         context = f"Question: {doc['question']}\nAnswer:"
         scores = []
         for choice, resp in zip(doc["choices"], sample["resps"]):
-            ctx, cont = tok.encode(context).ids, tok.encode(context + " " + choice).ids[len(tok.encode(context).ids):]
+            ctx, cont = tok.encode(context).ids, tok.encode(context + " " + choice).ids[len(tok.encode(context).ids) :]
             with torch.no_grad():
                 logits = model(torch.tensor([ctx + cont])).logits[0].double()
-            lp = F.log_softmax(logits[len(ctx) - 1:-1], -1).gather(1, torch.tensor(cont)[:, None]).sum()
+            lp = F.log_softmax(logits[len(ctx) - 1 : -1], -1).gather(1, torch.tensor(cont)[:, None]).sum()
             assert resp[0][0] == pytest.approx(float(lp), abs=1e-4)
             scores.append(float(lp))
         correct += int(max(range(len(scores)), key=scores.__getitem__) == doc["label"])
@@ -178,7 +200,7 @@ def test_harness_generate_until_matches_molm_generate(harness, tiny):
     for sample in results["samples"]["molm_qa"]:
         prompt = f"Q: {sample['doc']['question']}\nA:"
         ids = torch.tensor([tok.encode(prompt).ids])
-        new = molm.generate(model, ids, max_new_tokens=16)[0, ids.shape[1]:].tolist()
+        new = molm.generate(model, ids, max_new_tokens=16)[0, ids.shape[1] :].tolist()
         text = tok.decode(new)
         cut = min((text.find(s) for s in ["\n", ".", ","] if s in text), default=len(text))
         assert sample["resps"][0][0] == text[:cut]
@@ -216,20 +238,47 @@ def test_lm_eval_command_line_knows_molm(tmp_path):
 
     need_lm_eval()
     root = os.path.dirname(os.path.dirname(os.path.abspath(molm.__file__)))
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    run = subprocess.run([sys.executable, "-m", "molm.lm_eval", "--model", "molm", "--model_args",
-                          f"pretrained={TINY},dtype=float32", "--tasks", "molm_choice", "--include_path", TASKS,
-                          "--limit", "2", "--output_path", str(tmp_path)], capture_output=True, text=True, env=env,
-                         timeout=600)
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "molm.lm_eval",
+            "--model",
+            "molm",
+            "--model_args",
+            f"pretrained={TINY},dtype=float32",
+            "--tasks",
+            "molm_choice",
+            "--include_path",
+            TASKS,
+            "--limit",
+            "2",
+            "--output_path",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "molm_choice" in run.stdout and "acc" in run.stdout
 
 
 def _harness_env():
     root = os.path.dirname(os.path.dirname(os.path.abspath(molm.__file__)))
-    return {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-            "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
 
 
 def test_registering_molm_keeps_the_harness_own_models():
@@ -238,10 +287,13 @@ def test_registering_molm_keeps_the_harness_own_models():
     import sys
 
     need_lm_eval()
-    script = ("import molm.lm_eval\nfrom lm_eval.api.registry import get_model\n"
-              "print(get_model('molm').__name__, get_model('hf').__name__, get_model('dummy').__name__)\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_harness_env(),
-                         timeout=600)
+    script = (
+        "import molm.lm_eval\nfrom lm_eval.api.registry import get_model\n"
+        "print(get_model('molm').__name__, get_model('hf').__name__, get_model('dummy').__name__)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=_harness_env(), timeout=600
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["MolmLM", "HFLM", "DummyLM"]
 
@@ -266,13 +318,35 @@ def test_saved_directory_runs_under_the_harness_hf_model(tmp_path, tiny, command
     model.save_pretrained(saved)
     model_args = f"pretrained={saved},dtype=float32" + (",trust_remote_code=True" if command == "stock" else "")
     module = "lm_eval" if command == "stock" else "molm.lm_eval"
-    run = subprocess.run([sys.executable, "-m", module, "--model", "hf", "--model_args", model_args, "--device",
-                          "cpu", "--tasks", "molm_text", "--include_path", TASKS, "--limit", "3",
-                          "--output_path", str(tmp_path / "results")], capture_output=True, text=True,
-                         env=_harness_env(), timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            module,
+            "--model",
+            "hf",
+            "--model_args",
+            model_args,
+            "--device",
+            "cpu",
+            "--tasks",
+            "molm_text",
+            "--include_path",
+            TASKS,
+            "--limit",
+            "3",
+            "--output_path",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        env=_harness_env(),
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    [path] = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "results") for f in files
-              if f.startswith("results")]
+    [path] = [
+        os.path.join(d, f) for d, _, files in os.walk(tmp_path / "results") for f in files if f.startswith("results")
+    ]
     with open(path, encoding="utf-8") as f:
         got = json.load(f)["results"]["molm_text"]
     runs = [perplexity(model, tok, d, progress=False) for d in text_docs()[:3]]

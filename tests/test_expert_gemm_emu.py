@@ -14,8 +14,9 @@ import ctypes
 import pytest
 import torch
 
-from emu_build import load_emu_library
 from molm import reference
+
+from emu_build import load_emu_library
 from tolerances import assert_close
 
 DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
@@ -45,9 +46,23 @@ def expert_gemm(lib, x, weight, offsets, activation="none"):
     m, kdim = x.shape
     n_experts, _, n_out = weight.shape
     out = torch.full((m, n_out), float("nan"), dtype=x.dtype)
-    path = _check(lib, lib.expert_gemm_emu(DTYPE_CODE[x.dtype], x.data_ptr(), x.stride(0), weight.data_ptr(),
-                                           (I64 * 3)(*weight.stride()), offsets.data_ptr(), n_experts, m, kdim, n_out,
-                                           int(activation == "gelu_new"), out.data_ptr()))
+    path = _check(
+        lib,
+        lib.expert_gemm_emu(
+            DTYPE_CODE[x.dtype],
+            x.data_ptr(),
+            x.stride(0),
+            weight.data_ptr(),
+            (I64 * 3)(*weight.stride()),
+            offsets.data_ptr(),
+            n_experts,
+            m,
+            kdim,
+            n_out,
+            int(activation == "gelu_new"),
+            out.data_ptr(),
+        ),
+    )
     return out, path
 
 
@@ -55,9 +70,22 @@ def expert_wgrad(lib, x, g, offsets, n_experts):
     """molm.expert_gemm_wgrad's CUDA kernel on the emulator: grad_w[e] = x[rows of e]^T @ g[rows of e]."""
     m, kdim = x.shape
     gw = torch.full((n_experts, kdim, g.shape[1]), float("nan"), dtype=x.dtype)
-    _check(lib, lib.expert_wgrad_emu(DTYPE_CODE[x.dtype], x.data_ptr(), (I64 * 2)(*x.stride()), g.data_ptr(),
-                                     (I64 * 2)(*g.stride()), offsets.data_ptr(), n_experts, m, kdim, g.shape[1],
-                                     gw.data_ptr()))
+    _check(
+        lib,
+        lib.expert_wgrad_emu(
+            DTYPE_CODE[x.dtype],
+            x.data_ptr(),
+            (I64 * 2)(*x.stride()),
+            g.data_ptr(),
+            (I64 * 2)(*g.stride()),
+            offsets.data_ptr(),
+            n_experts,
+            m,
+            kdim,
+            g.shape[1],
+            gw.data_ptr(),
+        ),
+    )
     return gw
 
 
@@ -68,7 +96,7 @@ def _randn(*shape, dtype, seed=0, scale=1.0):
 def _inputs(rows, kdim, n_out, dtype, seed=0):
     offsets = torch.tensor([0] + rows).cumsum(0)
     x = _randn(sum(rows), kdim, dtype=dtype, seed=seed)
-    weight = _randn(len(rows), kdim, n_out, dtype=dtype, seed=seed + 1, scale=kdim ** -0.5)
+    weight = _randn(len(rows), kdim, n_out, dtype=dtype, seed=seed + 1, scale=kdim**-0.5)
     return x, weight, offsets
 
 
@@ -84,8 +112,13 @@ def _check_gemm(lib, x, weight, offsets, activation, what):
 
 # (rows per expert, K, Nout): empty experts around a single row; a segment of > 8 rows (two GEMV row groups), Nout
 # not a multiple of 8 (element loads), K over two depth splits; all rows on one expert; M = 32 (the last GEMV size)
-GEMV_CASES = [([1, 0, 2, 0], 64, 128), ([9, 0, 3], 100, 36), ([0, 0, 5, 0], 130, 16), ([5] * 6 + [2], 24, 8),
-              ([0, 32], 40, 24)]
+GEMV_CASES = [
+    ([1, 0, 2, 0], 64, 128),
+    ([9, 0, 3], 100, 36),
+    ([0, 0, 5, 0], 130, 16),
+    ([5] * 6 + [2], 24, 8),
+    ([0, 32], 40, 24),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
@@ -122,7 +155,7 @@ def test_strided_x_and_transposed_weight(lib, dtype):
     base = _randn(40, 48, dtype=dtype, seed=3)
     w = _randn(3, 16, 24, dtype=dtype, seed=4, scale=0.2)  # [E, Nout, K]
     for m, start in ((8, 0), (8, 1), (40, 8), (40, 3)):
-        x, offsets = base[:m, start:start + 24], torch.tensor([0, m // 4, m // 4, m])
+        x, offsets = base[:m, start : start + 24], torch.tensor([0, m // 4, m // 4, m])
         assert _check_gemm(lib, x, w.transpose(1, 2), offsets, "none", f"mT m={m} start={start}") == TILES
         weight = w.transpose(1, 2).contiguous()
         path = _check_gemm(lib, x, weight, offsets, "none", f"strided x m={m} start={start}")

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from molm import ops, reference
+
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason=f"molm._C not built: {ops.extension_error()}")
@@ -27,8 +28,14 @@ SCALE = float(os.environ.get("MOLM_FUZZ_EXAMPLES", "1"))
 
 
 def fuzz(n: int):
-    return settings(max_examples=max(1, int(n * SCALE)), derandomize=True, database=None, deadline=None,
-                    print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=max(1, int(n * SCALE)),
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
@@ -46,7 +53,7 @@ def relayout(t: torch.Tensor, kind: str) -> torch.Tensor:
         return t.contiguous()
     if kind == "sliced":  # padded rows and a storage offset; stride(-1) stays 1
         big = torch.zeros(*t.shape[:-1], t.shape[-1] * 2 + 3, dtype=t.dtype)
-        out = big[..., 3:3 + t.shape[-1]]
+        out = big[..., 3 : 3 + t.shape[-1]]
         out.copy_(t)
         return out
     if kind == "transposed":  # last two dims swapped in memory: stride(-1) != 1
@@ -87,8 +94,15 @@ def route_cases(draw):
     k = draw(st.integers(1, n_experts))
     n_tokens = draw(st.sampled_from([0, 1, 2, 5, 17, 64]))
     scale = draw(st.sampled_from([0.0, 1e-3, 1.0, 30.0]))  # 0: all-equal probabilities (every rank a tie)
-    return n_tokens, n_experts, k, scale, draw(DTYPES), draw(st.sampled_from(["contiguous", "sliced", "transposed"])), \
-        draw(SEEDS)
+    return (
+        n_tokens,
+        n_experts,
+        k,
+        scale,
+        draw(DTYPES),
+        draw(st.sampled_from(["contiguous", "sliced", "transposed"])),
+        draw(SEEDS),
+    )
 
 
 @fuzz(60)
@@ -118,8 +132,15 @@ def test_route_topk(case):
 
 # ------------------------------------------------------------------------------------------------------ gather_rows
 @fuzz(60)
-@given(n_rows=st.integers(1, 40), width=st.integers(1, 300), group=st.integers(1, 8), m=st.sampled_from([0, 1, 2, 9, 64]),
-       dtype=DTYPES, layout=st.sampled_from(["contiguous", "sliced", "transposed", "expanded"]), seed=SEEDS)
+@given(
+    n_rows=st.integers(1, 40),
+    width=st.integers(1, 300),
+    group=st.integers(1, 8),
+    m=st.sampled_from([0, 1, 2, 9, 64]),
+    dtype=DTYPES,
+    layout=st.sampled_from(["contiguous", "sliced", "transposed", "expanded"]),
+    seed=SEEDS,
+)
 def test_gather_rows(n_rows, width, group, m, dtype, layout, seed):
     if layout == "expanded":  # every row the same memory: stride 0
         x = randn((1, width), seed, dtype).expand(n_rows, width)
@@ -140,8 +161,16 @@ def ksum_cases(draw):
     k = draw(st.integers(1, min(n_experts, 8)))
     n_tokens = draw(st.sampled_from([0, 1, 3, 16, 33]))
     width = draw(st.integers(1, 200))
-    return n_tokens, n_experts, k, width, draw(DTYPES), draw(LAYOUTS), draw(st.sampled_from(["contiguous", "transposed"])), \
-        draw(SEEDS)
+    return (
+        n_tokens,
+        n_experts,
+        k,
+        width,
+        draw(DTYPES),
+        draw(LAYOUTS),
+        draw(st.sampled_from(["contiguous", "transposed"])),
+        draw(SEEDS),
+    )
 
 
 @fuzz(60)
@@ -173,9 +202,18 @@ def gemm_cases(draw):
     n_out = draw(st.integers(1, 24 if small else 160))
     n_rows = draw(st.sampled_from([0, 1, 2, 17, 40]))
     skew = draw(st.sampled_from(["random", "one_expert", "last_expert"]))
-    return n_experts, k_in, n_out, n_rows, skew, draw(st.sampled_from(["none", "gelu_new"])), draw(DTYPES), \
-        draw(st.sampled_from(["contiguous", "sliced", "transposed"])), \
-        draw(st.sampled_from(["contiguous", "sliced", "transposed"])), draw(SEEDS)
+    return (
+        n_experts,
+        k_in,
+        n_out,
+        n_rows,
+        skew,
+        draw(st.sampled_from(["none", "gelu_new"])),
+        draw(DTYPES),
+        draw(st.sampled_from(["contiguous", "sliced", "transposed"])),
+        draw(st.sampled_from(["contiguous", "sliced", "transposed"])),
+        draw(SEEDS),
+    )
 
 
 @fuzz(60)
@@ -189,7 +227,7 @@ def test_expert_gemm(case):
         owners = torch.full((n_rows,), 0 if skew == "one_expert" else n_experts - 1)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(owners, minlength=n_experts).cumsum(0)])
     x = relayout(randn((n_rows, k_in), seed, dtype), x_layout)
-    w = relayout(randn((n_experts, k_in, n_out), seed + 1, dtype, k_in ** -0.5), w_layout)
+    w = relayout(randn((n_experts, k_in, n_out), seed + 1, dtype, k_in**-0.5), w_layout)
     out = run_or_clear_error("expert_gemm", ops.expert_gemm, x, w, offsets, activation)
     if out is None:
         assert x_layout == "transposed" and k_in > 1 and n_rows > 1, "expert_gemm refused a valid layout"
@@ -209,10 +247,19 @@ def sb_cases(draw):
     S = draw(st.sampled_from([1, 2, 3, 8, 17, 40, 130]))
     T = draw(st.sampled_from(sorted({0, 1, 2, S // 2, S})))
     T = min(T, S)
-    return (draw(st.integers(1, 3)), T, S, draw(st.integers(1, 4)), draw(st.integers(1, 3)),
-            draw(st.sampled_from([1, 2, 7, 16, 33, 64])), draw(st.sampled_from(["none", "zeros", "left_pad"])),
-            draw(DTYPES), draw(LAYOUTS), draw(st.sampled_from(["contiguous", "channels_last", "cache_view",
-                                                               "transposed"])), draw(SEEDS))
+    return (
+        draw(st.integers(1, 3)),
+        T,
+        S,
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 3)),
+        draw(st.sampled_from([1, 2, 7, 16, 33, 64])),
+        draw(st.sampled_from(["none", "zeros", "left_pad"])),
+        draw(DTYPES),
+        draw(LAYOUTS),
+        draw(st.sampled_from(["contiguous", "channels_last", "cache_view", "transposed"])),
+        draw(SEEDS),
+    )
 
 
 @fuzz(60)
@@ -232,7 +279,7 @@ def test_sb_attention(case):
         bias = torch.zeros(B, S)
         if bias_kind == "left_pad":
             bias[0, : S // 2] = FMIN  # some query rows of batch 0 see only padding
-    scale = D ** -0.5
+    scale = D**-0.5
     out = run_or_clear_error("sb_attention", ops.sb_attention, q, kv, kv, bias, scale)
     if out is None:
         assert any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in (q, kv)), "sb_attention refused a valid layout"
@@ -248,10 +295,18 @@ INDEX_VALUES = st.sampled_from([-(2**62), -1, 0, 1, 3, 7, 2**31, 2**62])
 
 
 @fuzz(80)
-@given(op=st.sampled_from(["gather_rows", "scatter_ksum", "expert_gemm"]), rows=st.integers(0, 6),
-       width=st.integers(0, 5), n=st.integers(0, 4), k=st.integers(0, 3), n_experts=st.integers(0, 4),
-       index=st.lists(INDEX_VALUES, min_size=0, max_size=8), group=st.sampled_from([-1, 0, 1, 2, 2**40]),
-       index_dtype=st.sampled_from([torch.int64, torch.int32]), seed=SEEDS)
+@given(
+    op=st.sampled_from(["gather_rows", "scatter_ksum", "expert_gemm"]),
+    rows=st.integers(0, 6),
+    width=st.integers(0, 5),
+    n=st.integers(0, 4),
+    k=st.integers(0, 3),
+    n_experts=st.integers(0, 4),
+    index=st.lists(INDEX_VALUES, min_size=0, max_size=8),
+    group=st.sampled_from([-1, 0, 1, 2, 2**40]),
+    index_dtype=st.sampled_from([torch.int64, torch.int32]),
+    seed=SEEDS,
+)
 def test_malformed_index_inputs(op, rows, width, n, k, n_experts, index, group, index_dtype, seed):
     """Out-of-range, negative, huge or mistyped indices and inconsistent sizes: a clear error or the reference's
     answer, never an out-of-bounds read (the sanitizer job runs this too)."""
@@ -276,10 +331,15 @@ def test_malformed_index_inputs(op, rows, width, n, k, n_experts, index, group, 
 
 
 @fuzz(60)
-@given(q_shape=st.lists(st.integers(0, 4), min_size=3, max_size=6), kv_shape=st.lists(st.integers(0, 5), min_size=2,
-       max_size=5), bias_shape=st.one_of(st.none(), st.lists(st.integers(0, 5), min_size=1, max_size=3)),
-       k=st.integers(-1, 5), logits_shape=st.lists(st.integers(0, 5), min_size=1, max_size=3),
-       scale=st.sampled_from([0.0, -1.0, 0.5, float("inf"), float("nan")]), seed=SEEDS)
+@given(
+    q_shape=st.lists(st.integers(0, 4), min_size=3, max_size=6),
+    kv_shape=st.lists(st.integers(0, 5), min_size=2, max_size=5),
+    bias_shape=st.one_of(st.none(), st.lists(st.integers(0, 5), min_size=1, max_size=3)),
+    k=st.integers(-1, 5),
+    logits_shape=st.lists(st.integers(0, 5), min_size=1, max_size=3),
+    scale=st.sampled_from([0.0, -1.0, 0.5, float("inf"), float("nan")]),
+    seed=SEEDS,
+)
 def test_malformed_shapes(q_shape, kv_shape, bias_shape, k, logits_shape, scale, seed):
     """Inconsistent ranks and sizes for sb_attention and route_topk: a clear error or a reference-equal result."""
     q, kv = randn(q_shape, seed), randn(kv_shape, seed + 1)
@@ -300,9 +360,17 @@ def test_route_topk_non_finite_logits(n_tokens, n_experts, data, seed):
     routing: they index weights and rows downstream. Finite rows are unaffected."""
     k = data.draw(st.integers(1, n_experts))
     logits = randn((n_tokens, n_experts), seed)
-    special = data.draw(st.lists(st.tuples(st.integers(0, n_tokens - 1), st.integers(0, n_experts - 1),
-                                           st.sampled_from([float("nan"), float("inf"), -float("inf")])),
-                                 min_size=1, max_size=6))
+    special = data.draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, n_tokens - 1),
+                st.integers(0, n_experts - 1),
+                st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+            ),
+            min_size=1,
+            max_size=6,
+        )
+    )
     for row, col, value in special:
         logits[row, col] = value
     probs, gates, experts, sorted_slots, slot_positions, offsets = ops.route_topk(logits, k)

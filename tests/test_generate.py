@@ -100,8 +100,11 @@ def test_a_tokenizer_of_another_model_is_named(model):
     big.pre_tokenizer = pre_tokenizers.Whitespace()
     vocab = model.config.vocab_size
     assert vocab < 600
-    with pytest.raises(ValueError, match=f"the tokenizer does not match the model: it encodes the prompt to token id "
-                                         f"601, but the model has only {vocab} tokens"):
+    with pytest.raises(
+        ValueError,
+        match=f"the tokenizer does not match the model: it encodes the prompt to token id "
+        f"601, but the model has only {vocab} tokens",
+    ):
         molm.generate(model, "It was", tokenizer=big, stream=True)
 
 
@@ -139,9 +142,9 @@ def _repeats_by_hand(row: list[int], logits: torch.Tensor, penalty: float, n: in
     for token in set(row):
         logits[token] = logits[token] / penalty if logits[token] > 0 else logits[token] * penalty
     if n and len(row) >= n:
-        suffix = row[len(row) - n + 1:] if n > 1 else []
+        suffix = row[len(row) - n + 1 :] if n > 1 else []
         for start in range(len(row) - n + 1):
-            if row[start:start + n - 1] == suffix:
+            if row[start : start + n - 1] == suffix:
                 logits[row[start + n - 1]] = float("-inf")
     return logits
 
@@ -174,7 +177,7 @@ def test_penalties_match_transformers_processors(penalty, n):
     ours = penalize_repeats(logits, padded, valid, penalty, n)
     assert torch.equal(ours[0], processors(padded[:1], logits[:1].clone())[0])
     for row in range(1, 4):
-        assert torch.equal(ours[row], processors(ids[row:row + 1], logits[row:row + 1].clone())[0])
+        assert torch.equal(ours[row], processors(ids[row : row + 1], logits[row : row + 1].clone())[0])
 
 
 def test_penalties_by_hand():
@@ -202,7 +205,7 @@ def _greedy_reference(model, rows: list[list[int]], steps: int, penalty: float, 
             tokens.append(token)
             if token == eos:
                 break
-        out.append(tokens[len(row):])
+        out.append(tokens[len(row) :])
     return out
 
 
@@ -216,13 +219,14 @@ def test_greedy_with_penalties_matches_a_reference_loop(backend):
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for r, row in enumerate(rows):
         ids[r] = plain[r][0]  # padding holds the row's own next greedy token: counting it would change the text
-        ids[r, T - len(row):] = torch.tensor(row)
-        mask[r, T - len(row):] = 1
+        ids[r, T - len(row) :] = torch.tensor(row)
+        mask[r, T - len(row) :] = 1
     for penalty, n in [(1.5, 0), (1.0, 2), (1.3, 3)]:
         expected = _greedy_reference(model, rows, 20, penalty, n)
         assert expected != _greedy_reference(model, rows, 20, 1.0, 0)  # the settings change the text here
-        out = molm.generate(model, ids, attention_mask=mask, max_new_tokens=20, repetition_penalty=penalty,
-                            no_repeat_ngram_size=n)
+        out = molm.generate(
+            model, ids, attention_mask=mask, max_new_tokens=20, repetition_penalty=penalty, no_repeat_ngram_size=n
+        )
         assert out[:, T:].tolist() == expected
 
 
@@ -236,16 +240,33 @@ def test_penalties_survive_dropping_finished_rows():
     expected = _greedy_reference(model, rows, 12, 1.4, 2, eos=eos)
     assert len(expected[0]) == 2 and len(expected[1]) > 4  # ... and row 1 runs on alone, in a batch of one
     for compact in (True, False):
-        steps = torch.stack(list(molm.generate_ids(model, torch.tensor(rows), max_new_tokens=12, eos_token_id=eos,
-                                                   pad_token_id=0, compact_finished=compact, **settings)), 1)
+        steps = torch.stack(
+            list(
+                molm.generate_ids(
+                    model,
+                    torch.tensor(rows),
+                    max_new_tokens=12,
+                    eos_token_id=eos,
+                    pad_token_id=0,
+                    compact_finished=compact,
+                    **settings,
+                )
+            ),
+            1,
+        )
         for r, tokens in enumerate(expected):
             assert steps[r, : len(tokens)].tolist() == tokens
 
 
-@pytest.mark.parametrize("setting,message", [(dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
-                                             (dict(repetition_penalty=-1.1), "repetition_penalty must be > 0"),
-                                             (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be"),
-                                             (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size must be")])
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+        (dict(repetition_penalty=-1.1), "repetition_penalty must be > 0"),
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be"),
+        (dict(no_repeat_ngram_size=1.5), "no_repeat_ngram_size must be"),
+    ],
+)
 def test_bad_penalty_settings(model, setting, message):
     with pytest.raises(ValueError, match=message):
         molm.generate(model, "It was", stream=True, **setting)

@@ -135,8 +135,7 @@ def test_beam_search_reorders_the_cache(causal):
     """Beam search with molm's cache (reordered every step) must pick what full recomputation picks."""
     name, model = causal
     prompt = golden(name)["input_ids"][:2, :6]
-    settings = dict(max_new_tokens=10, num_beams=4, num_return_sequences=2, do_sample=False,
-                    length_penalty=1.0)
+    settings = dict(max_new_tokens=10, num_beams=4, num_return_sequences=2, do_sample=False, length_penalty=1.0)
     cached = gen(model, prompt, use_cache=True, **settings)
     uncached = gen(model, prompt, use_cache=False, **settings)
     assert cached.shape == (4, 16)
@@ -226,8 +225,9 @@ def test_return_dict_false_gives_a_tuple():
     model = load_hf("molm-tiny-a")
     g = golden("molm-tiny-a")
     with torch.no_grad():
-        out = model(g["input_ids"], attention_mask=g["attention_mask"], labels=g["labels"], return_dict=False,
-                    use_cache=False)
+        out = model(
+            g["input_ids"], attention_mask=g["attention_mask"], labels=g["labels"], return_dict=False, use_cache=False
+        )
     assert isinstance(out, tuple)
     loss, logits, aux = out
     assert (loss - g["loss"]).abs().max() <= TOL_FP32 and (logits - g["logits_masked"]).abs().max() <= TOL_FP32
@@ -235,8 +235,9 @@ def test_return_dict_false_gives_a_tuple():
     model.config.return_dict = False  # the config's default applies when the call does not say
     with torch.no_grad():
         assert isinstance(model(g["input_ids"], use_cache=False), tuple)
-        assert torch.equal(model(g["input_ids"], use_cache=False, return_dict=True).logits,
-                           model(g["input_ids"], use_cache=False)[0])
+        assert torch.equal(
+            model(g["input_ids"], use_cache=False, return_dict=True).logits, model(g["input_ids"], use_cache=False)[0]
+        )
 
 
 def test_hidden_states_only_when_asked():
@@ -299,7 +300,7 @@ def test_pad_token_id_set_after_loading_is_used():
     ids = golden("molm-tiny-a")["input_ids"][:2, :8].clamp(min=1)
     with torch.no_grad():
         batched = model(ids).logits
-        rows = torch.cat([model(ids[i:i + 1]).logits for i in range(2)])
+        rows = torch.cat([model(ids[i : i + 1]).logits for i in range(2)])
     assert torch.allclose(batched, rows, atol=1e-5)
 
 
@@ -352,8 +353,9 @@ def test_default_model_tokenizer_and_generate_match_molm():
     with torch.no_grad():
         typed = model(**enc, token_type_ids=types).logits
         embeds = model.transformer.wte(enc["input_ids"]) + model.transformer.wte(types)
-        assert torch.allclose(typed, model(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits,
-                              atol=1e-5)
+        assert torch.allclose(
+            typed, model(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits, atol=1e-5
+        )
     # a pipeline finds the tokenizer in the model directory
     generator = pipeline("text-generation", model=DEFAULT_MODEL, model_kwargs=FP32)
     text = generator("Once upon a time", max_new_tokens=8, do_sample=False)[0]["generated_text"]
@@ -364,8 +366,9 @@ def test_inputs_embeds_equal_input_ids():
     model = load_hf("molm-tiny-b")
     g = golden("molm-tiny-b")
     with torch.no_grad():
-        out = model(inputs_embeds=model.transformer.wte(g["input_ids"]), attention_mask=g["attention_mask"],
-                    labels=g["labels"])
+        out = model(
+            inputs_embeds=model.transformer.wte(g["input_ids"]), attention_mask=g["attention_mask"], labels=g["labels"]
+        )
     assert (out.logits - g["logits_masked"]).abs().max() <= TOL_FP32
     assert (out.loss - g["loss"]).abs().max() <= TOL_FP32
 
@@ -396,10 +399,19 @@ def test_trainer_gradient_accumulation_logs_the_mean_loss(tmp_path):
 
     def first_log(batch, accumulation):
         model = load_hf("molm-tiny-b")
-        args = TrainingArguments(output_dir=str(tmp_path / f"run{accumulation}"), per_device_train_batch_size=batch,
-                                 gradient_accumulation_steps=accumulation, max_steps=1, logging_steps=1,
-                                 learning_rate=0.0, report_to=[], use_cpu=True, save_strategy="no",
-                                 dataloader_drop_last=False, disable_tqdm=True)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"run{accumulation}"),
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            logging_steps=1,
+            learning_rate=0.0,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            dataloader_drop_last=False,
+            disable_tqdm=True,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train()
         return next(entry for entry in trainer.state.log_history if "loss" in entry)
@@ -457,8 +469,9 @@ def test_peft_lora_on_lm_head_changes_the_forward():
 def test_peft_modules_to_save_lm_head_is_used():
     peft = require("peft")
     g = golden("molm-tiny-a")
-    model = peft.get_peft_model(load_hf("molm-tiny-a"),
-                                peft.LoraConfig(r=4, target_modules=["w_gate.0"], modules_to_save=["lm_head"]))
+    model = peft.get_peft_model(
+        load_hf("molm-tiny-a"), peft.LoraConfig(r=4, target_modules=["w_gate.0"], modules_to_save=["lm_head"])
+    )
     head = model.base_model.model.lm_head
     with torch.no_grad():
         head.modules_to_save["default"].weight.zero_()
@@ -508,8 +521,7 @@ def test_generate_continues_from_a_returned_cache(causal):
     prompt = golden(name)["input_ids"][:2, :8]
     whole = gen(model, prompt, max_new_tokens=12, do_sample=False)
     first = gen(model, prompt, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    again = gen(model, first.sequences, max_new_tokens=7, do_sample=False,
-                **{CACHE_KWARG: returned_cache(first)})
+    again = gen(model, first.sequences, max_new_tokens=7, do_sample=False, **{CACHE_KWARG: returned_cache(first)})
     assert torch.equal(again, whole)
     with torch.no_grad():  # a cache from forward on all but the last prompt token
         cache = returned_cache(model(prompt[:, :-1], use_cache=True))
@@ -586,7 +598,7 @@ def test_automodel_loads_the_base_model_from_a_causal_checkpoint(tmp_path):
     base = AutoModel.from_pretrained(os.path.join(DATA, "molm-tiny-a"), **FP32).eval()
     assert type(base) is ModuleFormerModel
     causal = load_hf("molm-tiny-a")
-    assert list(base.state_dict()) == [k[len("transformer."):] for k in causal.state_dict() if k != "lm_head.weight"]
+    assert list(base.state_dict()) == [k[len("transformer.") :] for k in causal.state_dict() if k != "lm_head.weight"]
     with torch.no_grad():
         out = base(g["input_ids"], attention_mask=g["attention_mask"], output_hidden_states=True)
         assert (causal.lm_head(out.last_hidden_state) - g["logits_masked"]).abs().max() <= TOL_FP32
@@ -600,8 +612,9 @@ def test_automodel_loads_the_base_model_from_a_causal_checkpoint(tmp_path):
 def test_prepare_inputs_for_generation_forwards_extra_kwargs():
     model = load_hf("molm-tiny-a")
     ids = golden("molm-tiny-a")["input_ids"][:1, :6]
-    inputs = model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids), output_hidden_states=True,
-                                                 return_dict=True, shift_labels=None)
+    inputs = model.prepare_inputs_for_generation(
+        ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, return_dict=True, shift_labels=None
+    )
     assert inputs["output_hidden_states"] is True and inputs["return_dict"] is True and "shift_labels" in inputs
 
 
@@ -639,13 +652,21 @@ def test_generate_from_inputs_embeds(causal):
     from_ids = gen(model, prompt, max_new_tokens=8, do_sample=False)
     with torch.no_grad():
         embeds = model.transformer.wte(prompt)
-    from_embeds = gen(model, None, inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                      do_sample=False)
+    from_embeds = gen(
+        model, None, inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False
+    )
     assert torch.equal(from_embeds[:, -8:], from_ids[:, -8:])
     with torch.no_grad():  # with a cache of the prompt's first positions: only the rest of the embeddings are fed
         cache = returned_cache(model(prompt[:, :-3], use_cache=True))
-    resumed = gen(model, None, inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                  do_sample=False, **{CACHE_KWARG: cache})
+    resumed = gen(
+        model,
+        None,
+        inputs_embeds=embeds,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=8,
+        do_sample=False,
+        **{CACHE_KWARG: cache},
+    )
     assert torch.equal(resumed[:, -8:], from_ids[:, -8:])
 
 

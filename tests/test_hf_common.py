@@ -38,8 +38,10 @@ from transformers.models.auto import modeling_auto  # noqa: E402
 TESTS_DIR = os.environ.get("MOLM_TRANSFORMERS_TESTS")
 _COMMON = TESTS_DIR and os.path.join(TESTS_DIR, "test_modeling_common.py")
 if not (_COMMON and os.path.isfile(_COMMON)):
-    message = ("transformers' common model tests not found: set MOLM_TRANSFORMERS_TESTS to the tests/ directory of "
-               f"the transformers {transformers.__version__} source distribution (with an empty __init__.py added)")
+    message = (
+        "transformers' common model tests not found: set MOLM_TRANSFORMERS_TESTS to the tests/ directory of "
+        f"the transformers {transformers.__version__} source distribution (with an empty __init__.py added)"
+    )
     if REQUIRED:
         raise RuntimeError(message)
     pytest.skip(message, allow_module_level=True)
@@ -78,25 +80,52 @@ STAND_INS: set = set()
 _load_package()
 common = importlib.import_module(_PACKAGE + ".test_modeling_common")
 configuration = importlib.import_module(_PACKAGE + ".test_configuration_common")
-ModelTesterMixin, ids_tensor, random_attention_mask = (common.ModelTesterMixin, common.ids_tensor,
-                                                       common.random_attention_mask)
-GENERATION_MIXIN = None if "generation.test_utils" in STAND_INS else \
-    importlib.import_module(_PACKAGE + ".generation.test_utils").GenerationTesterMixin
+ModelTesterMixin, ids_tensor, random_attention_mask = (
+    common.ModelTesterMixin,
+    common.ids_tensor,
+    common.random_attention_mask,
+)
+GENERATION_MIXIN = (
+    None
+    if "generation.test_utils" in STAND_INS
+    else importlib.import_module(_PACKAGE + ".generation.test_utils").GenerationTesterMixin
+)
 
-from molm.hf import (ModuleFormerConfig, ModuleFormerForCausalLM,  # noqa: E402
-                     ModuleFormerForSequenceClassification, ModuleFormerModel)
+from molm.hf import (  # noqa: E402
+    ModuleFormerConfig,
+    ModuleFormerForCausalLM,
+    ModuleFormerForSequenceClassification,
+    ModuleFormerModel,
+)
 
 MODEL_TYPE = ModuleFormerConfig.model_type
-_TABLES = (modeling_auto.MODEL_MAPPING_NAMES, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-           modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+_TABLES = (
+    modeling_auto.MODEL_MAPPING_NAMES,
+    modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
 
 
 class ModuleFormerModelTester:
     """Tiny configs and inputs in the shape transformers' mixins expect of a `model_tester`."""
 
-    def __init__(self, parent, batch_size=3, seq_length=7, vocab_size=99, hidden_size=32, num_hidden_layers=2,
-                 att_hidden=32, ffd_hidden=37, n_att_experts=4, k_att=2, n_mlp_experts=4, k_mlp=2, num_labels=3,
-                 pad_token_id=0):
+    def __init__(
+        self,
+        parent,
+        batch_size=3,
+        seq_length=7,
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        att_hidden=32,
+        ffd_hidden=37,
+        n_att_experts=4,
+        k_att=2,
+        n_mlp_experts=4,
+        k_mlp=2,
+        num_labels=3,
+        pad_token_id=0,
+    ):
         self.parent = parent
         self.batch_size, self.seq_length, self.vocab_size = batch_size, seq_length, vocab_size
         self.hidden_size, self.num_hidden_layers = hidden_size, num_hidden_layers
@@ -108,11 +137,24 @@ class ModuleFormerModelTester:
 
     def get_config(self) -> ModuleFormerConfig:
         return ModuleFormerConfig(
-            vocab_size=self.vocab_size, n_embd=self.hidden_size, n_layer=self.num_hidden_layers, n_head=1,
-            att_hidden=self.att_hidden, ffd_hidden=self.ffd_hidden, gating_size=16,
-            n_att_experts=self.n_att_experts, k_att=self.k_att, n_mlp_experts=self.n_mlp_experts, k_mlp=self.k_mlp,
-            block_size=16, history_length=16, num_labels=self.num_labels, pad_token_id=self.pad_token_id,
-            bos_token_id=1, eos_token_id=2)
+            vocab_size=self.vocab_size,
+            n_embd=self.hidden_size,
+            n_layer=self.num_hidden_layers,
+            n_head=1,
+            att_hidden=self.att_hidden,
+            ffd_hidden=self.ffd_hidden,
+            gating_size=16,
+            n_att_experts=self.n_att_experts,
+            k_att=self.k_att,
+            n_mlp_experts=self.n_mlp_experts,
+            k_mlp=self.k_mlp,
+            block_size=16,
+            history_length=16,
+            num_labels=self.num_labels,
+            pad_token_id=self.pad_token_id,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
 
     def prepare_config_and_inputs(self):
         input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
@@ -137,8 +179,9 @@ class TestModuleFormerModel(ModelTesterMixin, *([GENERATION_MIXIN] if GENERATION
         # a model inside transformers is listed in the Auto* name tables, which the mixin reads to pick labels and
         # to tell base models from heads; register() only adds to the Auto* classes, so list it here for the tests
         cls._listed = [(table, table.pop(MODEL_TYPE, None)) for table in _TABLES]
-        for table, name in zip(_TABLES, ("ModuleFormerModel", "ModuleFormerForCausalLM",
-                                         "ModuleFormerForSequenceClassification")):
+        for table, name in zip(
+            _TABLES, ("ModuleFormerModel", "ModuleFormerForCausalLM", "ModuleFormerForSequenceClassification")
+        ):
             table[MODEL_TYPE] = name
 
     @classmethod
@@ -162,12 +205,16 @@ class TestModuleFormerModel(ModelTesterMixin, *([GENERATION_MIXIN] if GENERATION
             self.assertRegex(str(error), "config field '(n_embd|n_head|n_layer|vocab_size)' must be >= 1, got 0")
         # the rest of ConfigTester.run_common_tests; check_config_arguments_init needs the kwargs table the sdist
         # lacks (see the module docstring)
-        checks = ["create_and_test_config_to_json_string", "create_and_test_config_to_json_file",
-                  "create_and_test_config_from_and_save_pretrained",
-                  "create_and_test_config_from_and_save_pretrained_subfolder",
-                  "create_and_test_config_from_and_save_pretrained_composite",
-                  "create_and_test_config_with_num_labels", "create_and_test_config_from_pretrained_custom_kwargs",
-                  "check_config_can_be_init_without_params"]
+        checks = [
+            "create_and_test_config_to_json_string",
+            "create_and_test_config_to_json_file",
+            "create_and_test_config_from_and_save_pretrained",
+            "create_and_test_config_from_and_save_pretrained_subfolder",
+            "create_and_test_config_from_and_save_pretrained_composite",
+            "create_and_test_config_with_num_labels",
+            "create_and_test_config_from_pretrained_custom_kwargs",
+            "check_config_can_be_init_without_params",
+        ]
         if "utils.test_configuration_utils" not in STAND_INS:
             checks.append("check_config_arguments_init")
         for name in checks:
@@ -195,6 +242,8 @@ class TestModuleFormerModel(ModelTesterMixin, *([GENERATION_MIXIN] if GENERATION
         model = ModuleFormerModel(config).eval()
         with torch.no_grad():
             out = model(**inputs, output_hidden_states=True)
-        self.assertEqual(out.last_hidden_state.shape,
-                         (self.model_tester.batch_size, self.model_tester.seq_length, self.model_tester.hidden_size))
+        self.assertEqual(
+            out.last_hidden_state.shape,
+            (self.model_tester.batch_size, self.model_tester.seq_length, self.model_tester.hidden_size),
+        )
         self.assertEqual(len(out.hidden_states), config.num_hidden_layers + 1)

@@ -112,9 +112,14 @@ def test_malicious_pickle_through_the_cli_is_one_line(tmp_path):
     directory = copy_fixture(tmp_path)
     marker = tmp_path / "pwned"
     torch.save({"lm_head.weight": Exec(marker)}, directory / "pytorch_model.bin")  # zip format, mmap path
-    run = subprocess.run([sys.executable, "-m", "molm.cli", "generate", "--model", str(directory), "hi"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [sys.executable, "-m", "molm.cli", "generate", "--model", str(directory), "hi"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 1
     assert "pytorch_model.bin: cannot be loaded safely" in run.stderr and "Traceback" not in run.stderr
     assert not marker.exists()
@@ -127,8 +132,9 @@ class LyingTensor:
         self.size, self.stride, self.offset = size, stride, offset
 
     def __reduce__(self):
-        storage = torch.storage.TypedStorage(wrap_storage=torch.zeros(4).untyped_storage(), dtype=torch.float32,
-                                             _internal=True)
+        storage = torch.storage.TypedStorage(
+            wrap_storage=torch.zeros(4).untyped_storage(), dtype=torch.float32, _internal=True
+        )
         return torch._utils._rebuild_tensor_v2, (storage, self.offset, self.size, self.stride, False, OrderedDict())
 
 
@@ -149,7 +155,7 @@ def test_pickled_tensor_lying_about_its_size(tmp_path, lie):
 def rewrite_header(path, change=None, body_change=None, length=None, raw_header=None):
     data = path.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
-    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    header, body = json.loads(data[8 : 8 + n]), data[8 + n :]
     if change:
         change(header)
     encoded = raw_header(json.dumps(header).encode()) if raw_header else json.dumps(header).encode()
@@ -160,6 +166,7 @@ def rewrite_header(path, change=None, body_change=None, length=None, raw_header=
 def _set(key, field, value):
     def change(header):
         header[key][field] = value
+
     return change
 
 
@@ -309,8 +316,10 @@ ABSURD = {
     "n_head_zero": ({"n_head": 0}, "'n_head' must be >= 1"),
     "k_above_e": ({"k_mlp": 9}, "k_mlp"),
     # each field within its sane limit, together ~10^15 parameters: caught by the weights-size check
-    "within_limits_together": ({"n_embd": 65_536, "ffd_hidden": 262_144, "n_mlp_experts": 65_536, "n_layer": 1_024,
-                                "att_hidden": 65_536}, "parameters but the weight files hold only"),
+    "within_limits_together": (
+        {"n_embd": 65_536, "ffd_hidden": 262_144, "n_mlp_experts": 65_536, "n_layer": 1_024, "att_hidden": 65_536},
+        "parameters but the weight files hold only",
+    ),
 }
 
 
@@ -382,8 +391,14 @@ def test_rewriting_the_files_does_not_touch_a_live_model(tmp_path):
     """Loaded weights own their memory: a memory-mapped tensor left in the model would change when the file is
     rewritten and die with SIGBUS when it is truncated (run in a subprocess so a regression fails, not crashes)."""
     args = [str(copy_fixture(tmp_path)), "pytorch_model.bin", str(safetensors_fixture(tmp_path)), "model.safetensors"]
-    run = subprocess.run([sys.executable, "-c", LIVE_SCRIPT, *args], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", LIVE_SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert run.returncode == 0, f"exit {run.returncode} (-7 = SIGBUS) after {run.stdout!r}: {run.stderr[-500:]}"
     assert run.stdout.split() == ["pytorch_model.bin", "same", "model.safetensors", "same"]
 
@@ -399,8 +414,10 @@ def test_a_failed_load_leaves_the_live_model_alone(tmp_path):
         before = model(ids).logits
     last = directory / "pytorch_model-00006-of-00006.bin"
     good = last.read_bytes()
-    for breakage in (lambda: last.write_bytes(good[: len(good) // 3]),
-                     lambda: last.write_bytes(raw_global_pickle(tmp_path / "pwned"))):
+    for breakage in (
+        lambda: last.write_bytes(good[: len(good) // 3]),
+        lambda: last.write_bytes(raw_global_pickle(tmp_path / "pwned")),
+    ):
         breakage()
         result = None
         with pytest.raises(CheckpointError, match=last.name):

@@ -30,8 +30,11 @@ def molm_imports(path: str, module: str) -> set[str]:
 
 
 def graph() -> dict[str, set[str]]:
-    return {f[:-3]: molm_imports(os.path.join(PACKAGE, f), f[:-3]) for f in os.listdir(PACKAGE)
-            if f.endswith(".py") and f != "__init__.py"}
+    return {
+        f[:-3]: molm_imports(os.path.join(PACKAGE, f), f[:-3])
+        for f in os.listdir(PACKAGE)
+        if f.endswith(".py") and f != "__init__.py"
+    }
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -43,7 +46,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -69,6 +72,18 @@ def test_the_cycle_finder_finds_cycles():
 def test_the_core_layers_do_not_import_the_layers_above():
     edges = graph()
     for low in ("config", "reference", "ops", "modules", "cache", "model"):
-        above = edges[low] & {"loading", "generate", "train", "surgery", "usage", "evaluate", "hf", "cli", "engine",
-                              "serve", "lm_eval", "quantization"}
+        above = edges[low] & {
+            "loading",
+            "generate",
+            "train",
+            "surgery",
+            "usage",
+            "evaluate",
+            "hf",
+            "cli",
+            "engine",
+            "serve",
+            "lm_eval",
+            "quantization",
+        }
         assert not above, f"molm/{low}.py imports {sorted(above)}"

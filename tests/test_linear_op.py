@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from molm import ops, reference
+
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="molm._C not built")
@@ -16,14 +17,16 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def _inputs(m, k, n, dtype, bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g).to(dtype)
-    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+    w = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     return x, w, b
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-@pytest.mark.parametrize("m,k,n", [(1, 1024, 4099), (2, 64, 7), (4, 33, 5), (16, 1000, 130), (17, 64, 40),
-                                   (64, 256, 300), (1, 3, 1), (3, 31, 2)])
+@pytest.mark.parametrize(
+    "m,k,n",
+    [(1, 1024, 4099), (2, 64, 7), (4, 33, 5), (16, 1000, 130), (17, 64, 40), (64, 256, 300), (1, 3, 1), (3, 31, 2)],
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_reference(m, k, n, dtype, bias):
     x, w, b = _inputs(m, k, n, dtype, bias)
@@ -56,7 +59,7 @@ def test_linear_rows_are_independent_of_the_batch_and_threads(dtype):
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
     for i in range(8):  # a row alone gives what it gives inside the batch
-        assert torch.equal(ops.linear(x[i:i + 1], w, b), one[i:i + 1])
+        assert torch.equal(ops.linear(x[i : i + 1], w, b), one[i : i + 1])
 
 
 def test_linear_gradients():
@@ -72,13 +75,16 @@ def test_linear_compiles_with_the_fake_kernel():
     torch.testing.assert_close(compiled(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("args,exc,needle", [
-    (lambda: (torch.randn(2, 8), torch.randn(4, 7), None), ValueError, "must have K == x.size(1) = 8"),
-    (lambda: (torch.randn(2, 8), torch.randn(4, 8).double(), None), TypeError, "weight must have the dtype of x"),
-    (lambda: (torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), ValueError, "bias.numel()"),
-    (lambda: (torch.randn(2, 8), torch.randn(8, 4).t(), None), ValueError, "stride(-1) == 1"),
-    (lambda: (torch.randn(2, 8).int(), torch.randn(4, 8).int(), None), TypeError, "must be float32"),
-])
+@pytest.mark.parametrize(
+    "args,exc,needle",
+    [
+        (lambda: (torch.randn(2, 8), torch.randn(4, 7), None), ValueError, "must have K == x.size(1) = 8"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 8).double(), None), TypeError, "weight must have the dtype of x"),
+        (lambda: (torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), ValueError, "bias.numel()"),
+        (lambda: (torch.randn(2, 8), torch.randn(8, 4).t(), None), ValueError, "stride(-1) == 1"),
+        (lambda: (torch.randn(2, 8).int(), torch.randn(4, 8).int(), None), TypeError, "must be float32"),
+    ],
+)
 def test_linear_bad_inputs_name_the_problem(args, exc, needle):
     with pytest.raises(exc, match=__import__("re").escape(needle)) as info:
         torch.ops.molm.linear(*args())

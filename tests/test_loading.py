@@ -61,8 +61,9 @@ def test_saved_keys_are_the_original_names(tmp_path):
     model = molm.load(os.path.join(DATA, "molm-tiny-b"), backend="reference")
     model.save_pretrained(tmp_path)
     saved = set(load_file(tmp_path / "model.safetensors"))
-    original = set(json.loads(open(os.path.join(DATA, "molm-tiny-b", "pytorch_model.bin.index.json")).read())
-                   ["weight_map"])
+    original = set(
+        json.loads(open(os.path.join(DATA, "molm-tiny-b", "pytorch_model.bin.index.json")).read())["weight_map"]
+    )
     unused = {k for k in original if k.endswith(("attn.mask", "attn.cum_weight"))}
     assert saved == original - unused
 

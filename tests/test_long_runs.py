@@ -54,8 +54,10 @@ def test_10k_tokens_memory_is_flat(tiny):
         if i % 1000 == 0:
             samples.append(rss_bytes())
     figures = ", ".join(f"{(s - start) / MiB:+.1f}" for s in samples)
-    print(f"\n10k tokens: RSS {start / MiB:.1f} MiB at start, then every 1,000 tokens (MiB vs start): {figures}; "
-          f"KV cache {cache_bytes / MiB:.2f} MiB")
+    print(
+        f"\n10k tokens: RSS {start / MiB:.1f} MiB at start, then every 1,000 tokens (MiB vs start): {figures}; "
+        f"KV cache {cache_bytes / MiB:.2f} MiB"
+    )
     assert len(tokens) == n_new and all(0 <= t < tiny.config.vocab_size for t in tokens)
     assert max(samples) - start <= cache_bytes + NOISE, f"RSS grew beyond the KV cache: {figures}"
     assert samples[-1] - samples[0] <= NOISE, f"RSS kept growing after the first 1,000 tokens: {figures}"
@@ -93,15 +95,31 @@ class _Reader(threading.Thread):
 
 def test_ctrl_c_prints_what_was_produced_and_exits_130():
     model_dir, prompt = os.path.join(DATA, "molm-tiny-a"), "It was the"
-    proc = subprocess.Popen([sys.executable, "-m", "molm.cli", "generate", "--model", model_dir, prompt,
-                             "--max-new-tokens", "100000", "--dtype", "float32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "molm.cli",
+            "generate",
+            "--model",
+            model_dir,
+            prompt,
+            "--max-new-tokens",
+            "100000",
+            "--dtype",
+            "float32",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+    )
     out, err = _Reader(proc.stdout), _Reader(proc.stderr)
     out.start(), err.start()
     deadline = time.monotonic() + 120
-    while len(out.data.decode(errors="ignore")) < len(prompt) + 30 and proc.poll() is None and \
-            time.monotonic() < deadline:
+    while (
+        len(out.data.decode(errors="ignore")) < len(prompt) + 30 and proc.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert proc.poll() is None, f"molm generate ended early: {err.data.decode()[-500:]}"
     proc.send_signal(signal.SIGINT)
@@ -114,7 +132,7 @@ def test_ctrl_c_prints_what_was_produced_and_exits_130():
     assert rc == 130, f"exit {rc}: {err.data.decode()[-500:]}"
     assert "Traceback" not in err.data.decode()
     assert text.startswith(prompt) and text.endswith("\n")
-    produced = text[len(prompt):-1]
+    produced = text[len(prompt) : -1]
     assert len(produced) >= 30
     # what was printed is exactly the start of the same greedy generation run to completion
     model = molm.load(model_dir, dtype=torch.float32)

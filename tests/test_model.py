@@ -4,11 +4,12 @@ import os
 
 import pytest
 import torch
-from backends import BACKENDS
 from safetensors.torch import load_file
 
 import molm
 from molm.config import ModuleFormerConfig
+
+from backends import BACKENDS
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 FIXTURES = ["molm-tiny-a", "molm-tiny-b"]
@@ -87,7 +88,7 @@ def test_incremental_decoding_equals_full_forward(name, backend):
         out = model(ids[:, :9], attention_mask=mask[:, :9], use_cache=True)
         pieces, cache = [out.logits], out.past_key_values
         for t in range(9, ids.shape[1], 5):  # chunks of 5 then the remainder: T > 1 with a cache too
-            out = model(ids[:, t:t + 5], attention_mask=mask[:, :t + 5], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 5], attention_mask=mask[:, : t + 5], past_key_values=cache, use_cache=True)
             pieces.append(out.logits)
     assert (torch.cat(pieces, 1) - full).abs().max() <= 1e-5
 
@@ -136,9 +137,20 @@ def test_backends_agree_on_a_random_general_model():
     if not extension_built():
         pytest.skip("molm._C not built")
     for k_att, k_mlp, n_head, gate in ((1, 1, 2, "mlp"), (4, 8, 1, "linear"), (2, 3, 4, "gmm")):
-        config = ModuleFormerConfig(vocab_size=97, n_embd=32, n_layer=2, n_head=n_head, att_hidden=16 * n_head,
-                                    ffd_hidden=40, gating_size=16, n_att_experts=4, k_att=k_att, n_mlp_experts=8,
-                                    k_mlp=k_mlp, gate_type=gate)
+        config = ModuleFormerConfig(
+            vocab_size=97,
+            n_embd=32,
+            n_layer=2,
+            n_head=n_head,
+            att_hidden=16 * n_head,
+            ffd_hidden=40,
+            gating_size=16,
+            n_att_experts=4,
+            k_att=k_att,
+            n_mlp_experts=8,
+            k_mlp=k_mlp,
+            gate_type=gate,
+        )
         model = molm.ModuleFormerForCausalLM(config, backend="reference").init_weights(seed=1).eval()
         ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
@@ -172,15 +184,31 @@ def test_parameter_counts():
     total = sum(p.numel() for p in model.parameters())
     assert model.num_parameters() == total
     expert = 2 * c.n_embd * c.att_hidden * (c.n_att_experts - c.k_att) + 2 * c.n_embd * c.ffd_hidden * (
-        c.n_mlp_experts - c.k_mlp)
+        c.n_mlp_experts - c.k_mlp
+    )
     assert model.num_parameters(active=True) == total - c.n_layer * expert
 
 
 def test_training_mode_backward_and_aux_weight():
     """Dropout, sampled routing and the aux-loss weight run in training; gradients reach every expert used."""
-    config = ModuleFormerConfig(vocab_size=50, n_embd=16, n_layer=1, n_head=1, att_hidden=16, ffd_hidden=24,
-                                gating_size=8, n_att_experts=3, k_att=2, n_mlp_experts=4, k_mlp=2, sample_topk=1,
-                                resid_pdrop=0.1, embd_pdrop=0.1, moe_pdrop=0.1, aux_loss_weight=0.5)
+    config = ModuleFormerConfig(
+        vocab_size=50,
+        n_embd=16,
+        n_layer=1,
+        n_head=1,
+        att_hidden=16,
+        ffd_hidden=24,
+        gating_size=8,
+        n_att_experts=3,
+        k_att=2,
+        n_mlp_experts=4,
+        k_mlp=2,
+        sample_topk=1,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        moe_pdrop=0.1,
+        aux_loss_weight=0.5,
+    )
     model = molm.ModuleFormerForCausalLM(config, backend="reference").init_weights(seed=0).train()
     ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
     out = model(ids, labels=ids)
@@ -218,9 +246,20 @@ def test_torch_compile_fullgraph_matches_golden():
 
 def test_a_fresh_model_is_initialised():
     """Built without init_weights, every parameter holds finite values and the model gives finite logits."""
-    config = molm.ModuleFormerConfig(vocab_size=64, n_layer=1, n_embd=16, att_hidden=16, ffd_hidden=32, n_head=1,
-                                     n_att_experts=4, n_mlp_experts=4, k_att=2, k_mlp=2, gating_size=8,
-                                     gate_type="gmm")
+    config = molm.ModuleFormerConfig(
+        vocab_size=64,
+        n_layer=1,
+        n_embd=16,
+        att_hidden=16,
+        ffd_hidden=32,
+        n_head=1,
+        n_att_experts=4,
+        n_mlp_experts=4,
+        k_att=2,
+        k_mlp=2,
+        gating_size=8,
+        gate_type="gmm",
+    )
     model = molm.ModuleFormerForCausalLM(config)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
@@ -258,8 +297,11 @@ def test_cache_keeps_gradients(name, backend):
     cache = molm.KVCache.for_model(model, 3, 30)
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
-        keys, _ = cache.append(0, torch.zeros(3, 1, cache.keys[0].shape[2]), None if cache.values is None
-                               else torch.zeros(3, 1, cache.keys[0].shape[2]))
+        keys, _ = cache.append(
+            0,
+            torch.zeros(3, 1, cache.keys[0].shape[2]),
+            None if cache.values is None else torch.zeros(3, 1, cache.keys[0].shape[2]),
+        )
     assert keys.data_ptr() == cache.keys[0].data_ptr()
 
 

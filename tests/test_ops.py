@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from molm import ops, reference
+
 from tolerances import FLOORS, assert_close
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason=f"molm._C not built: {ops.extension_error()}")
@@ -76,8 +77,9 @@ def test_route_topk_all_on_one_and_empty_experts(skew):
 
 # ------------------------------------------------------------------------------------------------------ gather_rows
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_rows,width,group,m", [(1, 8, 1, 1), (5, 33, 2, 10), (7, 1024, 4, 28), (3, 12, 1, 0),
-                                                  (16, 64, 1, 40)])
+@pytest.mark.parametrize(
+    "n_rows,width,group,m", [(1, 8, 1, 1), (5, 33, 2, 10), (7, 1024, 4, 28), (3, 12, 1, 0), (16, 64, 1, 40)]
+)
 def test_gather_rows(n_rows, width, group, m, dtype):
     x = torch.randn(n_rows, width, generator=_gen()).to(dtype)
     index = torch.randint(0, n_rows * group, (m,), generator=_gen(1))
@@ -92,8 +94,9 @@ def test_gather_rows_strided_source():
 
 # ------------------------------------------------------------------------------------------------------ scatter_ksum
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_tokens,n_experts,k,width", [(1, 4, 1, 8), (1, 32, 2, 1024), (37, 8, 3, 33),
-                                                        (64, 16, 4, 64), (9, 4, 4, 12)])
+@pytest.mark.parametrize(
+    "n_tokens,n_experts,k,width", [(1, 4, 1, 8), (1, 32, 2, 1024), (37, 8, 3, 33), (64, 16, 4, 64), (9, 4, 4, 12)]
+)
 def test_scatter_ksum(n_tokens, n_experts, k, width, dtype):
     _, gates, _, _, slot_positions, _ = _routing(n_tokens, n_experts, k)
     y = torch.randn(n_tokens * k, width, generator=_gen(2)).to(dtype)
@@ -122,7 +125,7 @@ GEMM_CASES = [
 def test_expert_gemm(rows, k_in, n_out, activation, dtype):
     offsets = torch.tensor([0] + rows).cumsum(0)
     x = torch.randn(sum(rows), k_in, generator=_gen()).to(dtype)
-    weight = (torch.randn(len(rows), k_in, n_out, generator=_gen(1)) * k_in ** -0.5).to(dtype)
+    weight = (torch.randn(len(rows), k_in, n_out, generator=_gen(1)) * k_in**-0.5).to(dtype)
     out = ops.expert_gemm(x, weight, offsets, activation)
     ref = reference.expert_gemm_ref(x.float(), weight.float(), offsets, activation)
     lowp = reference.expert_gemm_ref(x, weight, offsets, activation) if dtype != torch.float32 else None
@@ -172,7 +175,7 @@ def _sb_inputs(B, T, S, G, H, D, dtype, padded, seed=0):
 @pytest.mark.parametrize("B,T,S,G,H,D", SB_CASES)
 def test_sb_attention(B, T, S, G, H, D, padded, dtype):
     q, k, v, bias = _sb_inputs(B, T, S, G, H, D, dtype, padded)
-    scale = D ** -0.5
+    scale = D**-0.5
     out = ops.sb_attention(q, k, v, bias, scale)
     ref = reference.sb_attention_ref(q.float(), k.float(), v.float(), bias, scale)
     lowp = reference.sb_attention_ref(q, k, v, bias, scale) if dtype != torch.float32 else None
@@ -187,8 +190,8 @@ def test_sb_attention_shared_kv_and_strided_cache():
     cache = torch.randn(2, 50, 3 * 32, generator=_gen())  # [B, S_max, H*D] preallocated, use the first 40
     kv = cache[:, :40].view(2, 40, 3, 32) if cache[:, :40].is_contiguous() else cache[:, :40].unflatten(-1, (3, 32))
     q = torch.randn(2, 1, 2, 3, 32, generator=_gen(1))
-    out = ops.sb_attention(q, kv, kv, None, 32 ** -0.5)
-    assert_close(out, reference.sb_attention_ref(q, kv, kv, None, 32 ** -0.5), what="sb strided")
+    out = ops.sb_attention(q, kv, kv, None, 32**-0.5)
+    assert_close(out, reference.sb_attention_ref(q, kv, kv, None, 32**-0.5), what="sb strided")
 
 
 def test_sb_attention_left_padding_invariance():
@@ -267,9 +270,15 @@ def test_torch_compile_fullgraph():
         return ops.scatter_ksum(y, gates, slot_positions), o
 
     g = _gen()
-    args = (torch.randn(6, 4, generator=g), torch.randn(6, 8, generator=g), torch.randn(4, 8, 16, generator=g),
-            torch.randn(4, 16, 8, generator=g), torch.randn(2, 3, 2, 1, 8, generator=g),
-            torch.randn(2, 5, 1, 8, generator=g), torch.zeros(2, 5))
+    args = (
+        torch.randn(6, 4, generator=g),
+        torch.randn(6, 8, generator=g),
+        torch.randn(4, 8, 16, generator=g),
+        torch.randn(4, 16, 8, generator=g),
+        torch.randn(2, 3, 2, 1, 8, generator=g),
+        torch.randn(2, 5, 1, 8, generator=g),
+        torch.zeros(2, 5),
+    )
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     for a, b in zip(compiled(*args), layer(*args)):
         assert torch.equal(a, b)
@@ -287,28 +296,72 @@ BAD = [
     ("gather_rows", lambda: (torch.randn(3, 4), torch.tensor([0]), 0), ValueError, "group"),
     ("gather_rows", lambda: (torch.randn(4, 3).t(), torch.tensor([0]), 1), ValueError, "stride"),
     ("scatter_ksum", lambda: (torch.randn(6, 4), torch.randn(2, 2), torch.arange(6)), ValueError, "N*k"),
-    ("scatter_ksum", lambda: (torch.randn(4, 4), torch.randn(2, 2), torch.tensor([0, 1, 2, 9])), ValueError,
-     "out of range"),
-    ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 7, 3), torch.tensor([0, 2, 4]), "none"), ValueError,
-     "K =="),
-    ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 2, 5]), "none"), ValueError,
-     "expert_offsets"),
-    ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 4]), "none"), ValueError,
-     "E + 1"),
-    ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 2, 4]), "relu"), ValueError,
-     "activation"),
-    ("expert_gemm", lambda: (torch.randn(4, 8), torch.randn(2, 8, 3).double(), torch.tensor([0, 2, 4]), "none"),
-     TypeError, "dtype"),
-    ("sb_attention", lambda: (torch.randn(1, 2, 2, 1, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8), None, 1.0),
-     ValueError, "rank"),
-    ("sb_attention", lambda: (torch.randn(1, 4, 2, 1, 8), torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8), None, 1.0),
-     ValueError, "T <= S"),
-    ("sb_attention", lambda: (torch.randn(1, 1, 2, 1, 8), torch.randn(1, 3, 1, 6), torch.randn(1, 3, 1, 6), None, 1.0),
-     ValueError, "B, H and D"),
-    ("sb_attention", lambda: (torch.randn(1, 1, 2, 1, 8), torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8),
-                              torch.zeros(1, 4), 1.0), ValueError, "bias"),
-    ("sb_attention", lambda: (torch.randn(1, 1, 2, 1, 8), torch.randn(1, 3, 1, 8).half(), torch.randn(1, 3, 1, 8),
-                              None, 1.0), TypeError, "dtype"),
+    (
+        "scatter_ksum",
+        lambda: (torch.randn(4, 4), torch.randn(2, 2), torch.tensor([0, 1, 2, 9])),
+        ValueError,
+        "out of range",
+    ),
+    (
+        "expert_gemm",
+        lambda: (torch.randn(4, 8), torch.randn(2, 7, 3), torch.tensor([0, 2, 4]), "none"),
+        ValueError,
+        "K ==",
+    ),
+    (
+        "expert_gemm",
+        lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 2, 5]), "none"),
+        ValueError,
+        "expert_offsets",
+    ),
+    (
+        "expert_gemm",
+        lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 4]), "none"),
+        ValueError,
+        "E + 1",
+    ),
+    (
+        "expert_gemm",
+        lambda: (torch.randn(4, 8), torch.randn(2, 8, 3), torch.tensor([0, 2, 4]), "relu"),
+        ValueError,
+        "activation",
+    ),
+    (
+        "expert_gemm",
+        lambda: (torch.randn(4, 8), torch.randn(2, 8, 3).double(), torch.tensor([0, 2, 4]), "none"),
+        TypeError,
+        "dtype",
+    ),
+    (
+        "sb_attention",
+        lambda: (torch.randn(1, 2, 2, 1, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8), None, 1.0),
+        ValueError,
+        "rank",
+    ),
+    (
+        "sb_attention",
+        lambda: (torch.randn(1, 4, 2, 1, 8), torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8), None, 1.0),
+        ValueError,
+        "T <= S",
+    ),
+    (
+        "sb_attention",
+        lambda: (torch.randn(1, 1, 2, 1, 8), torch.randn(1, 3, 1, 6), torch.randn(1, 3, 1, 6), None, 1.0),
+        ValueError,
+        "B, H and D",
+    ),
+    (
+        "sb_attention",
+        lambda: (torch.randn(1, 1, 2, 1, 8), torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8), torch.zeros(1, 4), 1.0),
+        ValueError,
+        "bias",
+    ),
+    (
+        "sb_attention",
+        lambda: (torch.randn(1, 1, 2, 1, 8), torch.randn(1, 3, 1, 8).half(), torch.randn(1, 3, 1, 8), None, 1.0),
+        TypeError,
+        "dtype",
+    ),
 ]
 
 
@@ -380,7 +433,7 @@ def test_grad_layer_vs_reference():
         x = getattr(mod, "gather_rows" + suffix)(h, ss, 2)
         y = getattr(mod, "expert_gemm" + suffix)(x, w, off, "gelu_new")
         o = getattr(mod, "sb_attention" + suffix)(q, kv, kv, None, 0.3)
-        return getattr(mod, "scatter_ksum" + suffix)(y, gates, sp).sum() + (o ** 2).sum()
+        return getattr(mod, "scatter_ksum" + suffix)(y, gates, sp).sum() + (o**2).sum()
 
     got = torch.autograd.grad(chain(ops, ""), (logits, h, w, q, kv))
     want = torch.autograd.grad(chain(reference, "_ref"), (logits, h, w, q, kv))

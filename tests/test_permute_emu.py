@@ -13,8 +13,9 @@ import ctypes
 import pytest
 import torch
 
-from emu_build import load_emu_library
 from molm import reference
+
+from emu_build import load_emu_library
 
 DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
 DTYPES = list(DTYPE_CODE)
@@ -25,10 +26,29 @@ I64 = ctypes.c_int64
 def lib():
     lib = load_emu_library("permute", ["tests/emu/permute_emu.cpp"])
     lib.permute_emu_last_error.restype = ctypes.c_char_p
-    lib.gather_rows_emu.argtypes = [ctypes.c_int, ctypes.c_void_p, I64, ctypes.c_void_p, I64, I64, I64, I64,
-                                    ctypes.c_void_p]
-    lib.scatter_ksum_emu.argtypes = [ctypes.c_int, ctypes.c_void_p, I64, ctypes.c_void_p, ctypes.c_void_p, I64, I64,
-                                     I64, I64, ctypes.c_void_p]
+    lib.gather_rows_emu.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        I64,
+        ctypes.c_void_p,
+        I64,
+        I64,
+        I64,
+        I64,
+        ctypes.c_void_p,
+    ]
+    lib.scatter_ksum_emu.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        I64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        I64,
+        I64,
+        I64,
+        I64,
+        ctypes.c_void_p,
+    ]
     return lib
 
 
@@ -41,8 +61,20 @@ def gather_rows(lib, x, index, group):
     """molm.gather_rows' CUDA kernel on the emulator: out[i] = x[index[i] // group]."""
     assert x.stride(1) == 1 and index.is_contiguous()
     out = torch.full((index.numel(), x.shape[1]), float("nan"), dtype=x.dtype)
-    _check(lib, lib.gather_rows_emu(DTYPE_CODE[x.dtype], x.data_ptr(), x.stride(0), index.data_ptr(), index.numel(),
-                                    group, x.shape[0], x.shape[1], out.data_ptr()))
+    _check(
+        lib,
+        lib.gather_rows_emu(
+            DTYPE_CODE[x.dtype],
+            x.data_ptr(),
+            x.stride(0),
+            index.data_ptr(),
+            index.numel(),
+            group,
+            x.shape[0],
+            x.shape[1],
+            out.data_ptr(),
+        ),
+    )
     return out
 
 
@@ -52,8 +84,21 @@ def scatter_ksum(lib, y, gates, pos):
     n, k = gates.shape
     g = gates.to(torch.float64 if y.dtype == torch.float64 else torch.float32).contiguous()
     out = torch.full((n, y.shape[1]), float("nan"), dtype=y.dtype)
-    _check(lib, lib.scatter_ksum_emu(DTYPE_CODE[y.dtype], y.data_ptr(), y.stride(0), g.data_ptr(), pos.data_ptr(), n,
-                                     k, y.shape[0], y.shape[1], out.data_ptr()))
+    _check(
+        lib,
+        lib.scatter_ksum_emu(
+            DTYPE_CODE[y.dtype],
+            y.data_ptr(),
+            y.stride(0),
+            g.data_ptr(),
+            pos.data_ptr(),
+            n,
+            k,
+            y.shape[0],
+            y.shape[1],
+            out.data_ptr(),
+        ),
+    )
     return out
 
 
@@ -82,7 +127,7 @@ def test_gather_rows_strided_and_misaligned_source(lib, dtype):
     base = _randn(6, 40, dtype=dtype)
     index = torch.tensor([5, 0, 3, 3, 1])
     for start in (0, 1, 8):
-        x = base[:, start:start + 16]
+        x = base[:, start : start + 16]
         assert torch.equal(gather_rows(lib, x, index, 1), reference.gather_rows_ref(x, index, 1)), f"start={start}"
 
 
@@ -98,8 +143,11 @@ def test_gather_rows_out_of_range_index_gives_nan_row(lib, dtype):
 def _routing(n_tokens, k, n_experts, seed, skew=False):
     """slot_positions of a top-k routing sorted by expert: token n's slot j sits at row pos[n * k + j]."""
     g = torch.Generator().manual_seed(seed)
-    experts = torch.zeros(n_tokens * k, dtype=torch.long) if skew else torch.randint(0, n_experts, (n_tokens * k,),
-                                                                                     generator=g)
+    experts = (
+        torch.zeros(n_tokens * k, dtype=torch.long)
+        if skew
+        else torch.randint(0, n_experts, (n_tokens * k,), generator=g)
+    )
     order = torch.argsort(experts * (n_tokens * k) + torch.arange(n_tokens * k))  # stable sort by expert
     pos = torch.empty_like(order)
     pos[order] = torch.arange(n_tokens * k)
@@ -119,8 +167,15 @@ def _scatter_want(y, gates, pos):
 
 # (n_tokens, k, width, all on one expert): vector rows; odd width (element path); k = 1; many slots; a single token;
 # every token on one expert; a row wider than a block's threads
-SCATTER_CASES = [(6, 2, 64, False), (5, 3, 13, False), (7, 1, 24, False), (3, 8, 16, False), (1, 2, 8, False),
-                 (4, 2, 32, True), (2, 2, 1040, False)]
+SCATTER_CASES = [
+    (6, 2, 64, False),
+    (5, 3, 13, False),
+    (7, 1, 24, False),
+    (3, 8, 16, False),
+    (1, 2, 8, False),
+    (4, 2, 32, True),
+    (2, 2, 1040, False),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -140,7 +195,7 @@ def test_scatter_ksum_strided_y_and_bad_position(lib, dtype):
     base = _randn(10, 48, dtype=dtype, seed=4)
     gates = torch.rand(5, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float()
     for start in (0, 3):
-        y = base[:, start:start + 16]
+        y = base[:, start : start + 16]
         assert torch.equal(scatter_ksum(lib, y, gates, pos), _scatter_want(y, gates, pos)), f"start={start}"
     bad = pos.clone()
     bad[3] = 10  # token 1, slot 1

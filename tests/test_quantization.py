@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import molm
 from molm import ops, reference
 from molm.quantization import QMAX, quantize_tensor
+
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="molm._C not built")
@@ -35,13 +36,23 @@ def _experts(rows, k, n, dtype, seed=0):
 # ------------------------------------------------------------------------------------------------------ ops
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["none", "gelu_new"])
-@pytest.mark.parametrize("rows,k,n", [([1, 0, 1], 64, 128), ([2, 3], 33, 70), ([0, 16, 1], 128, 64), ([40, 0, 5], 48, 96),
-                                      ([1], 7, 1), ([4] * 8, 256, 200)])
+@pytest.mark.parametrize(
+    "rows,k,n",
+    [
+        ([1, 0, 1], 64, 128),
+        ([2, 3], 33, 70),
+        ([0, 16, 1], 128, 64),
+        ([40, 0, 5], 48, 96),
+        ([1], 7, 1),
+        ([4] * 8, 256, 200),
+    ],
+)
 def test_expert_gemm_q8_matches_reference(rows, k, n, activation, dtype):
     x, q, scale, offsets = _experts(rows, k, n, dtype)
     out = ops.expert_gemm_q8(x, q, scale, offsets, activation)
-    exact = reference.expert_gemm_ref(x.double(), (q.double() * scale.double()[:, :, None]).transpose(1, 2), offsets,
-                                      activation)
+    exact = reference.expert_gemm_ref(
+        x.double(), (q.double() * scale.double()[:, :, None]).transpose(1, 2), offsets, activation
+    )
     lowp = reference.expert_gemm_q8_ref(x, q, scale, offsets, activation)
     assert out.dtype == dtype and out.shape == (sum(rows), n)
     assert_close(out, exact, lowp, dtype, f"expert_gemm_q8 {dtype} rows={rows}")
@@ -87,19 +98,44 @@ def test_int8_ops_schema_fakes_and_activation_gradients():
         got = torch.autograd.grad(ops.expert_gemm_q8(xr, q, scale, offsets, activation), xr, grad)[0]
         want = torch.autograd.grad(reference.expert_gemm_q8_ref(xr, q, scale, offsets, activation), xr, grad)[0]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    compiled = torch.compile(lambda x: ops.expert_gemm_q8(x, q, scale, offsets, "none"), backend="eager",
-                             fullgraph=True)
+    compiled = torch.compile(
+        lambda x: ops.expert_gemm_q8(x, q, scale, offsets, "none"), backend="eager", fullgraph=True
+    )
     torch.testing.assert_close(compiled(x), ops.expert_gemm_q8(x, q, scale, offsets, "none"))
 
 
-@pytest.mark.parametrize("make,exc,needle", [
-    (lambda: (torch.randn(2, 8), torch.zeros(1, 4, 8), torch.ones(1, 4), torch.tensor([0, 2]), "none"), TypeError,
-     "qweight must be int8"),
-    (lambda: (torch.randn(2, 8), torch.zeros(1, 4, 8, dtype=torch.int8), torch.ones(4), torch.tensor([0, 2]), "none"),
-     ValueError, "scale must be [E, N] = [1, 4]"),
-    (lambda: (torch.randn(2, 8), torch.zeros(1, 4, 7, dtype=torch.int8), torch.ones(1, 4), torch.tensor([0, 2]),
-              "none"), ValueError, "must have K == x.size(1) = 8"),
-])
+@pytest.mark.parametrize(
+    "make,exc,needle",
+    [
+        (
+            lambda: (torch.randn(2, 8), torch.zeros(1, 4, 8), torch.ones(1, 4), torch.tensor([0, 2]), "none"),
+            TypeError,
+            "qweight must be int8",
+        ),
+        (
+            lambda: (
+                torch.randn(2, 8),
+                torch.zeros(1, 4, 8, dtype=torch.int8),
+                torch.ones(4),
+                torch.tensor([0, 2]),
+                "none",
+            ),
+            ValueError,
+            "scale must be [E, N] = [1, 4]",
+        ),
+        (
+            lambda: (
+                torch.randn(2, 8),
+                torch.zeros(1, 4, 7, dtype=torch.int8),
+                torch.ones(1, 4),
+                torch.tensor([0, 2]),
+                "none",
+            ),
+            ValueError,
+            "must have K == x.size(1) = 8",
+        ),
+    ],
+)
 def test_expert_gemm_q8_bad_inputs(make, exc, needle):
     with pytest.raises(exc, match=re.escape(needle)):
         torch.ops.molm.expert_gemm_q8(*make())
@@ -138,12 +174,16 @@ def test_quantized_model_is_close_to_the_float_model_on_both_backends(float_mode
     # int8 rounding moves every logit a little; a router near-tie may flip an expert at a rare position (as bf16
     # against fp32 does), so the bound is on the typical position
     per_position = (got - want).abs().amax(-1)
-    assert per_position.median() < 0.01 * want.abs().max() and (per_position < 0.02 * want.abs().max()).float().mean() > 0.9
+    assert (
+        per_position.median() < 0.01 * want.abs().max()
+        and (per_position < 0.02 * want.abs().max()).float().mean() > 0.9
+    )
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)  # the kernels compute what the reference does
     prompt = _ids()[:1, :6]
-    assert torch.equal(molm.generate(q, prompt, max_new_tokens=12), molm.generate(float_model, prompt,
-                                                                                   max_new_tokens=12))
+    assert torch.equal(
+        molm.generate(q, prompt, max_new_tokens=12), molm.generate(float_model, prompt, max_new_tokens=12)
+    )
 
 
 def test_quantized_checkpoint_round_trip_and_load_time_quantization(float_model, tmp_path):
@@ -184,9 +224,11 @@ def test_bad_quantization_requests_name_the_problem(float_model, tmp_path):
         molm.quantize(copy.deepcopy(float_model), "int4")
     with pytest.raises(ValueError, match="quantize must be one of"):
         molm.load(os.path.join(DATA, "molm-tiny-a"), quantize="fp8")
-    for what, call in (("training", lambda: molm.train(q, _ids().flatten(), steps=1, seq_len=8, progress=False)),
-                       ("molm.extend", lambda: molm.extend(q, new_mlp_experts=1)),
-                       ("molm.prune", lambda: molm.prune(q, None, keep=2))):
+    for what, call in (
+        ("training", lambda: molm.train(q, _ids().flatten(), steps=1, seq_len=8, progress=False)),
+        ("molm.extend", lambda: molm.extend(q, new_mlp_experts=1)),
+        ("molm.prune", lambda: molm.prune(q, None, keep=2)),
+    ):
         with pytest.raises(ValueError, match=f"{re.escape(what)} needs float weights.*molm.dequantize"):
             call()
     q.save_pretrained(tmp_path / "int8")

@@ -13,8 +13,9 @@ import ctypes
 import pytest
 import torch
 
-from emu_build import load_emu_library
 from molm import reference
+
+from emu_build import load_emu_library
 
 DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
 I64, P = ctypes.c_int64, ctypes.c_void_p
@@ -36,8 +37,18 @@ def route(lib, probs, k):
     experts = torch.full((n, k), -1, dtype=torch.int64)
     sorted_slots, slot_positions = torch.full((n * k,), -1), torch.full((n * k,), -1)
     offsets = torch.full((e + 1,), -1)
-    rc = lib.routing_emu(DTYPE_CODE[probs.dtype], probs.data_ptr(), n, e, k, gates.data_ptr(), experts.data_ptr(),
-                         sorted_slots.data_ptr(), slot_positions.data_ptr(), offsets.data_ptr())
+    rc = lib.routing_emu(
+        DTYPE_CODE[probs.dtype],
+        probs.data_ptr(),
+        n,
+        e,
+        k,
+        gates.data_ptr(),
+        experts.data_ptr(),
+        sorted_slots.data_ptr(),
+        slot_positions.data_ptr(),
+        offsets.data_ptr(),
+    )
     if rc != 0:
         raise RuntimeError(lib.routing_emu_last_error().decode())
     return gates, experts, sorted_slots, slot_positions, offsets

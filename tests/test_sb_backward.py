@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from molm import ops, reference
+
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not ops.extension_available(), reason="molm._C not built")
@@ -60,7 +61,7 @@ CASES = [
 @pytest.mark.parametrize("B,T,S,G,H,D", CASES)
 def test_sb_backward_vs_reference(B, T, S, G, H, D, padded, shared_kv, dtype):
     q, k, v, bias, grad = _inputs(B, T, S, G, H, D, dtype, padded, shared_kv)
-    scale = D ** -0.5
+    scale = D**-0.5
     bias_grad = padded  # also check dbias where a bias is given
     got = _grads(ops.sb_attention, q, k, v, bias, grad, scale, shared_kv, bias_grad, dtype)
     exact = _grads(reference.sb_attention_ref, q, k, v, bias, grad, scale, shared_kv, bias_grad, torch.float64)

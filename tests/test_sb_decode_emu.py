@@ -13,8 +13,9 @@ import ctypes
 import pytest
 import torch
 
-from emu_build import load_emu_library
 from molm import reference
+
+from emu_build import load_emu_library
 from sb_cases import sb_inputs
 from tolerances import assert_close
 
@@ -43,9 +44,21 @@ def decode(lib, q, k, v, bias, scale, sms):
     vec = 16 // q.element_size()
     aligned = all(t.data_ptr() % 16 == 0 and all(s % vec == 0 for s in t.stride()[:-1]) for t in (k, v))
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    rc = lib.sb_decode_emu(DTYPE_CODE[q.dtype], ptr(q), _strides(q), ptr(k), _strides(k), ptr(v), _strides(v), ptr(b),
-                           ctypes.c_double(scale), (ctypes.c_int * 6)(B, T, G, H, D, S), sms,
-                           int(D % vec == 0 and aligned), ptr(out))
+    rc = lib.sb_decode_emu(
+        DTYPE_CODE[q.dtype],
+        ptr(q),
+        _strides(q),
+        ptr(k),
+        _strides(k),
+        ptr(v),
+        _strides(v),
+        ptr(b),
+        ctypes.c_double(scale),
+        (ctypes.c_int * 6)(B, T, G, H, D, S),
+        sms,
+        int(D % vec == 0 and aligned),
+        ptr(out),
+    )
     if rc < 0:
         raise RuntimeError(lib.sb_decode_emu_last_error().decode())
     return out, rc
@@ -53,25 +66,37 @@ def decode(lib, q, k, v, bias, scale, sms):
 
 # (B, T, S, k slots, H, D, sms): one key; cached keys; T up to 4; k = 5 slots (two register groups); H > 1; the MoLM
 # head; D = 12 and 20 (not a multiple of the 16-byte vector: the scalar-load path); many chunks (sms = 64)
-CASES = [(1, 1, 1, 1, 1, 64, 4), (2, 1, 7, 2, 1, 64, 4), (1, 1, 700, 2, 1, 1024, 64), (2, 3, 100, 3, 2, 64, 16),
-         (1, 4, 4, 2, 1, 128, 4), (1, 1, 300, 5, 2, 64, 32), (2, 1, 100, 2, 1, 12, 8), (1, 2, 200, 3, 1, 20, 8)]
+CASES = [
+    (1, 1, 1, 1, 1, 64, 4),
+    (2, 1, 7, 2, 1, 64, 4),
+    (1, 1, 700, 2, 1, 1024, 64),
+    (2, 3, 100, 3, 2, 64, 16),
+    (1, 4, 4, 2, 1, 128, 4),
+    (1, 1, 300, 5, 2, 64, 32),
+    (2, 1, 100, 2, 1, 12, 8),
+    (1, 2, 200, 3, 1, 20, 8),
+]
 
 
 def _case(case, dtype):
     return pytest.param(*case, dtype, id="-".join(map(str, case)) + "-" + str(dtype).removeprefix("torch."))
 
 
-@pytest.mark.parametrize("B,T,S,G,H,D,sms,dtype", [
-    *[_case(case, dtype) for case in CASES for dtype in (torch.bfloat16, torch.float32)],
-    *[_case(case, dtype) for case in (CASES[3], CASES[6]) for dtype in (torch.float16, torch.float64)]])
+@pytest.mark.parametrize(
+    "B,T,S,G,H,D,sms,dtype",
+    [
+        *[_case(case, dtype) for case in CASES for dtype in (torch.bfloat16, torch.float32)],
+        *[_case(case, dtype) for case in (CASES[3], CASES[6]) for dtype in (torch.float16, torch.float64)],
+    ],
+)
 def test_decode_matches_reference(lib, B, T, S, G, H, D, sms, dtype):
     padded = (S + G) % 2 == 1
     q, k, v, bias = sb_inputs(B, T, S, G, H, D, dtype, padded, shared_kv=(B + T) % 2 == 0)
-    out, n_chunks = decode(lib, q, k, v, bias, D ** -0.5, sms)
+    out, n_chunks = decode(lib, q, k, v, bias, D**-0.5, sms)
     what = f"decode {dtype} B={B} T={T} S={S} k={G} H={H} D={D} chunks={n_chunks}"
     assert torch.isfinite(out).all(), f"{what}: non-finite or unwritten output"
-    exact = reference.sb_attention_ref(q.double(), k.double(), v.double(), bias, D ** -0.5)
-    assert_close(out, exact, reference.sb_attention_ref(q, k, v, bias, D ** -0.5), dtype, what)
+    exact = reference.sb_attention_ref(q.double(), k.double(), v.double(), bias, D**-0.5)
+    assert_close(out, exact, reference.sb_attention_ref(q, k, v, bias, D**-0.5), dtype, what)
 
 
 def test_decode_chunking_and_adversarial_logits(lib):

@@ -14,8 +14,9 @@ import ctypes
 import pytest
 import torch
 
-from emu_build import load_emu_library
 from molm import reference
+
+from emu_build import load_emu_library
 from sb_cases import sb_inputs
 from tolerances import assert_close
 
@@ -35,8 +36,9 @@ def _strides(t: torch.Tensor):
     return (ctypes.c_int64 * (t.dim() - 1))(*t.stride()[:-1])
 
 
-def fused_forward(lib, q, k, v, bias, scale, max_smem=H200_SMEM, max_weights_bytes=256 << 20, exit_below=-30.0,
-                  first_key=None):
+def fused_forward(
+    lib, q, k, v, bias, scale, max_smem=H200_SMEM, max_weights_bytes=256 << 20, exit_below=-30.0, first_key=None
+):
     """molm's fused prefill on the emulator: q [B, T, G, H, D], k/v [B, S, H, D] (16-bit, last dim contiguous).
     Returns (out, positions per pass); first_key (int32 tensor) receives the last pass's oldest walked key per
     row tile."""
@@ -47,11 +49,22 @@ def fused_forward(lib, q, k, v, bias, scale, max_smem=H200_SMEM, max_weights_byt
     bias32 = None if bias is None else bias.float().contiguous()
     shape = (ctypes.c_int * 6)(B, T, G, H, D, S)
     rc = lib.sb_prefill_forward_emu(
-        int(q.dtype == torch.bfloat16), ctypes.c_void_p(q.data_ptr()), _strides(q), ctypes.c_void_p(k.data_ptr()),
-        _strides(k), ctypes.c_void_p(v.data_ptr()), _strides(v),
-        None if bias32 is None else ctypes.c_void_p(bias32.data_ptr()), ctypes.c_float(scale),
-        ctypes.c_float(exit_below), shape, ctypes.c_int64(max_smem), ctypes.c_int64(max_weights_bytes),
-        ctypes.c_void_p(out.data_ptr()), None if first_key is None else ctypes.c_void_p(first_key.data_ptr()))
+        int(q.dtype == torch.bfloat16),
+        ctypes.c_void_p(q.data_ptr()),
+        _strides(q),
+        ctypes.c_void_p(k.data_ptr()),
+        _strides(k),
+        ctypes.c_void_p(v.data_ptr()),
+        _strides(v),
+        None if bias32 is None else ctypes.c_void_p(bias32.data_ptr()),
+        ctypes.c_float(scale),
+        ctypes.c_float(exit_below),
+        shape,
+        ctypes.c_int64(max_smem),
+        ctypes.c_int64(max_weights_bytes),
+        ctypes.c_void_p(out.data_ptr()),
+        None if first_key is None else ctypes.c_void_p(first_key.data_ptr()),
+    )
     if rc < 0:
         raise RuntimeError(lib.sb_emu_last_error().decode())
     return out, rc
@@ -68,9 +81,25 @@ def fused_backward(lib, grad, q, k, v, bias, scale, bias_grad, max_smem=H200_SME
     bias32 = None if bias is None else bias.float().contiguous()
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     rc = lib.sb_prefill_backward_emu(
-        int(q.dtype == torch.bfloat16), ptr(q), _strides(q), ptr(k), _strides(k), ptr(v), _strides(v), ptr(bias32),
-        ctypes.c_float(scale), (ctypes.c_int * 6)(B, T, G, H, D, S), ctypes.c_int64(max_smem),
-        ctypes.c_int64(max_pass_bytes), ptr(grad), _strides(grad), ptr(dq), ptr(dk_acc), ptr(dv_acc), ptr(dbias))
+        int(q.dtype == torch.bfloat16),
+        ptr(q),
+        _strides(q),
+        ptr(k),
+        _strides(k),
+        ptr(v),
+        _strides(v),
+        ptr(bias32),
+        ctypes.c_float(scale),
+        (ctypes.c_int * 6)(B, T, G, H, D, S),
+        ctypes.c_int64(max_smem),
+        ctypes.c_int64(max_pass_bytes),
+        ptr(grad),
+        _strides(grad),
+        ptr(dq),
+        ptr(dk_acc),
+        ptr(dv_acc),
+        ptr(dbias),
+    )
     if rc < 0:
         raise RuntimeError(lib.sb_emu_last_error().decode())
     as_key = lambda acc: acc.view(B, H, S, D).permute(0, 2, 1, 3).to(q.dtype)  # noqa: E731
@@ -104,8 +133,13 @@ def _check(lib, q, k, v, bias, scale, what, **kw):
 
 # (B, T, S, k slots, H, D): row tiles partly filled, several key tiles, T < S (a cache before the queries), H > 1,
 # the MoLM head (D = 1024), and a diagonal that is not aligned to the key tiles
-CASES = [(1, 5, 5, 1, 1, 128), (2, 33, 70, 2, 1, 128), (1, 40, 130, 4, 2, 256), (1, 70, 70, 3, 1, 128),
-         (1, 20, 100, 2, 1, 1024)]
+CASES = [
+    (1, 5, 5, 1, 1, 128),
+    (2, 33, 70, 2, 1, 128),
+    (1, 40, 130, 4, 2, 256),
+    (1, 70, 70, 3, 1, 128),
+    (1, 20, 100, 2, 1, 1024),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -113,7 +147,7 @@ CASES = [(1, 5, 5, 1, 1, 128), (2, 33, 70, 2, 1, 128), (1, 40, 130, 4, 2, 256), 
 def test_fused_prefill_matches_reference(lib, B, T, S, G, H, D, dtype):
     padded = (T + G) % 2 == 1
     q, k, v, bias = sb_inputs(B, T, S, G, H, D, dtype, padded=padded, shared_kv=(B + T) % 2 == 0)
-    out, _ = _check(lib, q, k, v, bias, D ** -0.5, f"fused {dtype} B={B} T={T} S={S} k={G} H={H} D={D}")
+    out, _ = _check(lib, q, k, v, bias, D**-0.5, f"fused {dtype} B={B} T={T} S={S} k={G} H={H} D={D}")
     if padded and T > S // 2:  # fully padded query rows of batch 0 get exactly nothing
         assert torch.all(out[0, : S // 2 - (S - T)] == 0)
 
@@ -165,7 +199,7 @@ def test_fused_prefill_strided_inputs(lib):
     qbig = torch.randn(B, T, G, 1, D + 64, generator=g).to(torch.bfloat16)
     cache = torch.randn(B, S + 8, 1, D, generator=g).to(torch.bfloat16)
     q, k = qbig[..., :D], cache[:, 8:]
-    _check(lib, q, k, k, None, D ** -0.5, "strided")
+    _check(lib, q, k, k, None, D**-0.5, "strided")
 
 
 def test_fused_prefill_refuses_unsupported_head(lib):
@@ -176,8 +210,13 @@ def test_fused_prefill_refuses_unsupported_head(lib):
 
 # (B, T, S, k slots, H, D): partial row tiles, a cache before the queries (T = 21: the rows of position 64 start at
 # row 30, just before a 32-row step of kernel 3), H > 1, the MoLM head
-BACKWARD_CASES = [(1, 6, 6, 1, 1, 128), (2, 33, 70, 2, 1, 128), (1, 21, 70, 2, 1, 128), (1, 20, 40, 3, 2, 128),
-                  (1, 12, 30, 2, 1, 1024)]
+BACKWARD_CASES = [
+    (1, 6, 6, 1, 1, 128),
+    (2, 33, 70, 2, 1, 128),
+    (1, 21, 70, 2, 1, 128),
+    (1, 20, 40, 3, 2, 128),
+    (1, 12, 30, 2, 1, 1024),
+]
 
 
 @pytest.mark.parametrize("shared_kv", [True, False])
@@ -189,22 +228,28 @@ def test_fused_backward_matches_reference(lib, B, T, S, G, H, D, shared_kv):
     if bias is None:
         bias = torch.zeros(B, S)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
-    scale = D ** -0.5
+    scale = D**-0.5
     dq, dk, dv, dbias, _ = fused_backward(lib, grad, q, k, v, bias, scale, bias_grad=True)
     # the op returns separate dk and dv; with K = V the model's gradient is their sum
     got = {"dq": dq, "dkv": (dk.float() + dv.float()) if shared_kv else dk, "dbias": dbias}
     if not shared_kv:
         got["dv"] = dv
-    exact = _ref_grads(q.double(), k.double(), v.double(), bias.double(), grad.double(), scale, torch.float64,
-                       shared_kv, True)
+    exact = _ref_grads(
+        q.double(), k.double(), v.double(), bias.double(), grad.double(), scale, torch.float64, shared_kv, True
+    )
     lowp = _ref_grads(q, k, v, bias, grad, scale, dtype, shared_kv, True)
     names = ["dq", "dkv"] + ([] if shared_kv else ["dv"]) + ["dbias"]
     exact = dict(zip(["dq", "dkv", "dv", "dbias"], exact))
     lowp = dict(zip(["dq", "dkv", "dv", "dbias"], lowp))
     for name in names:
         assert torch.isfinite(got[name]).all(), f"{name}: non-finite or unwritten"
-        assert_close(got[name], exact[name], lowp[name], dtype if name != "dbias" else torch.float32,
-                     f"{name} B={B} T={T} S={S} k={G} H={H} D={D} shared={shared_kv}")
+        assert_close(
+            got[name],
+            exact[name],
+            lowp[name],
+            dtype if name != "dbias" else torch.float32,
+            f"{name} B={B} T={T} S={S} k={G} H={H} D={D} shared={shared_kv}",
+        )
 
 
 def test_fused_backward_passes_and_small_smem(lib):

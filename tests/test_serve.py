@@ -35,8 +35,14 @@ except ImportError as exc:  # the serve extra (and the openai client) are option
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, "molm", "default_model")
 NAME = "molm-default"
-PROMPTS = ["To be, or not to be", "Now is the winter of our discontent", "O Romeo", "Friends, Romans, countrymen,",
-           "All the world's a stage, and all the men and women merely players", "The king"]
+PROMPTS = [
+    "To be, or not to be",
+    "Now is the winter of our discontent",
+    "O Romeo",
+    "Friends, Romans, countrymen,",
+    "All the world's a stage, and all the men and women merely players",
+    "The king",
+]
 
 
 def wait_until(predicate, what: str, timeout: float = 60.0):
@@ -131,8 +137,12 @@ def reference(model, tokenizer, prompt, max_tokens, **settings):
 
 def metric(live, name, **labels):
     text = httpx.get(live.url + "/metrics").text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and labels.items() <= s.labels.items())
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
 
 
 def wide_steps(live):
@@ -159,7 +169,7 @@ def test_greedy_matches_generate(live, model, tokenizer):
         assert out.choices[0].text == expected
         assert out.usage.prompt_tokens == len(tokenizer.encode(prompt).ids)
         ids = torch.tensor([tokenizer.encode(prompt).ids])
-        new = molm.generate(model, ids, max_new_tokens=max_tokens)[0, ids.shape[1]:].tolist()
+        new = molm.generate(model, ids, max_new_tokens=max_tokens)[0, ids.shape[1] :].tolist()
         eos = model.config.eos_token_id
         assert out.usage.completion_tokens == (new.index(eos) if eos in new else len(new))
         assert out.choices[0].finish_reason == ("length" if out.usage.completion_tokens == max_tokens else "stop")
@@ -168,7 +178,7 @@ def test_greedy_matches_generate(live, model, tokenizer):
 def test_token_id_prompts_and_echo(live, model, tokenizer):
     ids = tokenizer.encode(PROMPTS[1]).ids
     out = live.complete([ids, tokenizer.encode(PROMPTS[2]).ids], max_tokens=6, temperature=0, echo=True)
-    expected = molm.generate(model, torch.tensor([ids]), max_new_tokens=6)[0, len(ids):].tolist()
+    expected = molm.generate(model, torch.tensor([ids]), max_new_tokens=6)[0, len(ids) :].tolist()
     assert out.choices[0].text == tokenizer.decode(ids) + tokenizer.decode(expected)
     assert out.choices[1].text.startswith(tokenizer.decode(tokenizer.encode(PROMPTS[2]).ids))
 
@@ -178,8 +188,11 @@ def test_seeded_sampling_repeats_and_matches_generate(live, model, tokenizer):
     first = live.complete(PROMPTS[0], max_tokens=24, seed=7, extra_body={"top_k": 40}, temperature=0.9, top_p=0.9)
     again = live.complete(PROMPTS[0], max_tokens=24, seed=7, extra_body={"top_k": 40}, temperature=0.9, top_p=0.9)
     other = live.complete(PROMPTS[0], max_tokens=24, seed=8, extra_body={"top_k": 40}, temperature=0.9, top_p=0.9)
-    assert first.choices[0].text == again.choices[0].text == reference(model, tokenizer, PROMPTS[0], 24, seed=7,
-                                                                         **settings)
+    assert (
+        first.choices[0].text
+        == again.choices[0].text
+        == reference(model, tokenizer, PROMPTS[0], 24, seed=7, **settings)
+    )
     assert other.choices[0].text == reference(model, tokenizer, PROMPTS[0], 24, seed=8, **settings)
     assert other.choices[0].text != first.choices[0].text
 
@@ -195,8 +208,9 @@ def test_n_choices_use_consecutive_seeds(live, model, tokenizer):
 
 def test_stream_matches_the_whole_response(live):
     whole = live.complete(PROMPTS[4], max_tokens=20, temperature=0)
-    chunks = list(live.complete(PROMPTS[4], max_tokens=20, temperature=0, stream=True,
-                                stream_options={"include_usage": True}))
+    chunks = list(
+        live.complete(PROMPTS[4], max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True})
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -206,9 +220,9 @@ def test_stream_matches_the_whole_response(live):
 
 def test_stop_strings(live, model, tokenizer):
     full = reference(model, tokenizer, PROMPTS[0], 30)
-    stop = full[len(full) // 2: len(full) // 2 + 3]  # a piece from the middle of the greedy text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]  # a piece from the middle of the greedy text
     expected = reference(model, tokenizer, PROMPTS[0], 30, stop=[stop])
-    assert expected == full[:full.index(stop)]
+    assert expected == full[: full.index(stop)]
     out = live.complete(PROMPTS[0], max_tokens=30, temperature=0, stop=[stop, "never appears"])
     assert (out.choices[0].text, out.choices[0].finish_reason) == (expected, "stop")
     streamed = live.complete(PROMPTS[0], max_tokens=30, temperature=0, stop=stop, stream=True)
@@ -234,8 +248,11 @@ def test_requests_join_and_leave_a_running_batch(live, model, tokenizer):
     """A decodes alone; B, C, D arrive mid-decode, join the batch after their own prefill and leave when done.
     Every row (greedy and seeded sampled) equals molm.generate run alone."""
     engine = live.engine
-    joiners = [(PROMPTS[1], dict(max_tokens=5, temperature=0)), (PROMPTS[4], dict(max_tokens=12, temperature=0)),
-               (PROMPTS[2], dict(max_tokens=9, temperature=0.8, seed=3))]
+    joiners = [
+        (PROMPTS[1], dict(max_tokens=5, temperature=0)),
+        (PROMPTS[4], dict(max_tokens=12, temperature=0)),
+        (PROMPTS[2], dict(max_tokens=9, temperature=0.8, seed=3)),
+    ]
     with Gate(engine) as gate, ThreadPoolExecutor(3) as pool:
         stream = iter(live.complete(PROMPTS[5], max_tokens=40, temperature=0, stream=True))
         pieces = [next(stream).choices[0].text]  # the prefill's token; the gate holds the first decode step
@@ -252,41 +269,44 @@ def test_requests_join_and_leave_a_running_batch(live, model, tokenizer):
         assert text == reference(model, tokenizer, prompt, s.pop("max_tokens"), **s)
 
 
-@pytest.mark.parametrize("body, param", [
-    ("{not json", None),
-    ('["a list"]', None),
-    ({"max_tokens": 3}, "prompt"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": [[]]}, "prompt"),
-    ({"prompt": 5}, "prompt"),
-    ({"prompt": [1, "a"]}, "prompt"),
-    ({"prompt": [4096]}, "prompt"),
-    ({"prompt": [-1]}, "prompt"),
-    ({"prompt": [1] * 257}, "prompt"),
-    ({"prompt": "a", "max_tokens": -1}, "max_tokens"),
-    ({"prompt": "a", "max_tokens": 10**9}, "max_tokens"),
-    ({"prompt": "a", "max_tokens": "3"}, "max_tokens"),
-    ({"prompt": "a", "max_tokens": 2.5}, "max_tokens"),
-    ({"prompt": "a", "temperature": -0.1}, "temperature"),
-    ({"prompt": "a", "temperature": "hot"}, "temperature"),
-    ({"prompt": "a", "temperature": 10**400}, "temperature"),
-    ({"prompt": "a", "model": 5}, "model"),
-    ({"prompt": "a", "top_p": 0}, "top_p"),
-    ({"prompt": "a", "top_p": 1.5}, "top_p"),
-    ({"prompt": "a", "top_k": -2}, "top_k"),
-    ({"prompt": "a", "n": 0}, "n"),
-    ({"prompt": "a", "n": True}, "n"),
-    ({"prompt": "a", "seed": "x"}, "seed"),
-    ({"prompt": "a", "seed": 2**64}, "seed"),
-    ({"prompt": ["a"] * 10, "n": 7}, "n"),
-    ({"prompt": "a", "stop": 3}, "stop"),
-    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"prompt": "a", "logprobs": 6}, "logprobs"),
-    ({"prompt": "a", "stream": "yes"}, "stream"),
-    ({"prompt": "a", "echo": 1}, "echo"),
-    ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ("{not json", None),
+        ('["a list"]', None),
+        ({"max_tokens": 3}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": [4096]}, "prompt"),
+        ({"prompt": [-1]}, "prompt"),
+        ({"prompt": [1] * 257}, "prompt"),
+        ({"prompt": "a", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": 10**9}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": "3"}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": 2.5}, "max_tokens"),
+        ({"prompt": "a", "temperature": -0.1}, "temperature"),
+        ({"prompt": "a", "temperature": "hot"}, "temperature"),
+        ({"prompt": "a", "temperature": 10**400}, "temperature"),
+        ({"prompt": "a", "model": 5}, "model"),
+        ({"prompt": "a", "top_p": 0}, "top_p"),
+        ({"prompt": "a", "top_p": 1.5}, "top_p"),
+        ({"prompt": "a", "top_k": -2}, "top_k"),
+        ({"prompt": "a", "n": 0}, "n"),
+        ({"prompt": "a", "n": True}, "n"),
+        ({"prompt": "a", "seed": "x"}, "seed"),
+        ({"prompt": "a", "seed": 2**64}, "seed"),
+        ({"prompt": ["a"] * 10, "n": 7}, "n"),
+        ({"prompt": "a", "stop": 3}, "stop"),
+        ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "a", "logprobs": 6}, "logprobs"),
+        ({"prompt": "a", "stream": "yes"}, "stream"),
+        ({"prompt": "a", "echo": 1}, "echo"),
+        ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
+    ],
+)
 def test_bad_input_is_a_400_naming_the_field(live, body, param):
     response = live.post(body)
     assert response.status_code == 400, response.text
@@ -321,14 +341,19 @@ def test_a_failing_request_fails_alone(live, model, tokenizer):
         del engine._prefill
     assert bad.status_code == 500 and "injected failure" in bad.json()["error"]["message"]
     assert live.complete(PROMPTS[2], max_tokens=3, temperature=0).choices[0].text == reference(
-        model, tokenizer, PROMPTS[2], 3)
+        model, tokenizer, PROMPTS[2], 3
+    )
 
 
 def test_disconnect_mid_stream_frees_the_slot(live):
     engine = live.engine
     with Gate(engine) as gate:
-        with httpx.stream("POST", live.url + "/v1/completions", timeout=60,
-                          json={"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            live.url + "/v1/completions",
+            timeout=60,
+            json={"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0, "stream": True},
+        ) as r:
             next(r.iter_lines())  # the first token arrived
             gate.wait_blocked(0)  # the gate holds the first decode step
             (seq,) = engine.running
@@ -356,14 +381,37 @@ def test_full_queue_answers_429(model, tokenizer):
 def test_bounded_load(live, model, tokenizer):
     """32 clients x 2 requests: every request is answered once, with the length and text molm.generate gives.
     The first 32 are queued while the scheduler is held, so they decode as one batch of 32 rows."""
-    jobs = [(f"{PROMPTS[i % len(PROMPTS)]} {word}", 1 + i % 7) for i, word in enumerate(
-        ("and", "the", "of", "my", "thy", "good", "lord", "king", "sweet", "love", "night", "day", "death", "life",
-         "heaven", "earth") * 4)]
+    jobs = [
+        (f"{PROMPTS[i % len(PROMPTS)]} {word}", 1 + i % 7)
+        for i, word in enumerate(
+            (
+                "and",
+                "the",
+                "of",
+                "my",
+                "thy",
+                "good",
+                "lord",
+                "king",
+                "sweet",
+                "love",
+                "night",
+                "day",
+                "death",
+                "life",
+                "heaven",
+                "earth",
+            )
+            * 4
+        )
+    ]
     before = metric(live, "molm_requests_total"), wide_steps(live)
     with ThreadPoolExecutor(32) as pool:
         with live.engine.lock:
-            futures = [pool.submit(lambda c: [live.complete(p, max_tokens=n, temperature=0) for p, n in jobs[c::32]],
-                                   c) for c in range(32)]
+            futures = [
+                pool.submit(lambda c: [live.complete(p, max_tokens=n, temperature=0) for p, n in jobs[c::32]], c)
+                for c in range(32)
+            ]
             wait_until(lambda: len(live.engine.waiting) == 32, "the first wave to queue")
         answers = [None] * len(jobs)
         for c, future in enumerate(futures):
@@ -379,21 +427,29 @@ def test_bounded_load(live, model, tokenizer):
 
 def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "molm.cli", "serve", "--port", "0", "--max-batch", "4"],
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "molm.cli", "serve", "--port", "0", "--max-batch", "4"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+    )
     try:
         line = proc.stderr.readline()
         assert "http://127.0.0.1:" in line, line + proc.stderr.read()
         url = line.split("http://")[1].split("/v1")[0]
-        with httpx.stream("POST", f"http://{url}/v1/completions", timeout=120,
-                          json={"model": NAME, "prompt": "To be", "max_tokens": 200, "temperature": 0,
-                                "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            f"http://{url}/v1/completions",
+            timeout=120,
+            json={"model": NAME, "prompt": "To be", "max_tokens": 200, "temperature": 0, "stream": True},
+        ) as r:
             lines = r.iter_lines()
             first = next(lines)
             proc.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]
         assert first.startswith("data: {") and rest[-1] == "data: [DONE]"
-        finish = json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"]
+        finish = json.loads(rest[-2][len("data: ") :])["choices"][0]["finish_reason"]
         assert finish in ("length", "stop")
         assert proc.wait(timeout=60) == 0
     finally:

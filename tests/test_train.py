@@ -15,9 +15,23 @@ train_mod = importlib.import_module("molm.train")  # the module (molm.train is t
 
 
 def tiny_config(**changes):
-    base = dict(vocab_size=64, n_embd=32, n_layer=1, n_head=2, att_hidden=16, ffd_hidden=32, gating_size=16,
-                n_att_experts=4, k_att=2, n_mlp_experts=4, k_mlp=2, block_size=16, history_length=16,
-                bos_token_id=0, eos_token_id=0)
+    base = dict(
+        vocab_size=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        att_hidden=16,
+        ffd_hidden=32,
+        gating_size=16,
+        n_att_experts=4,
+        k_att=2,
+        n_mlp_experts=4,
+        k_mlp=2,
+        block_size=16,
+        history_length=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return molm.ModuleFormerConfig(**{**base, **changes})
 
 
@@ -39,8 +53,16 @@ def one_thread():
 
 
 def test_loss_decreases_on_memorisable_data(tmp_path):
-    result = train(tiny_config(), memorisable(), out_dir=tmp_path, eval_data=memorisable(400), steps=30, lr=1e-2,
-                   aux_loss_weight=0.01, **FAST)
+    result = train(
+        tiny_config(),
+        memorisable(),
+        out_dir=tmp_path,
+        eval_data=memorisable(400),
+        steps=30,
+        lr=1e-2,
+        aux_loss_weight=0.01,
+        **FAST,
+    )
     ce = [h["ce"] for h in result.history]
     assert ce[0] > math.log(64) - 0.5  # starts near uniform
     assert sum(ce[-5:]) / 5 < 0.5 * ce[0]
@@ -95,12 +117,14 @@ def test_bf16_training_learns_and_returns_fp32(tmp_path):
 
 
 def _ddp_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     try:
-        result = train(tiny_config(), memorisable(), steps=3, lr=1e-2, aux_loss_weight=0.01,
-                       **{**FAST, "batch_size": 2})
+        result = train(
+            tiny_config(), memorisable(), steps=3, lr=1e-2, aux_loss_weight=0.01, **{**FAST, "batch_size": 2}
+        )
         if rank == 0:
             torch.save({"state": result.model.state_dict(), "history": result.history}, out)
     finally:
@@ -148,8 +172,9 @@ def test_text_files_are_encoded_with_the_tokenizer(tmp_path):
     (tmp_path / "a.txt").write_text(text)
     tokens = train_mod.load_tokens(str(tmp_path / "a.txt"), tok)
     assert tokens.tolist() == tok.encode(text).ids
-    result = train(tiny_config(vocab_size=300), str(tmp_path / "a.txt"), out_dir=tmp_path / "out",
-                   tokenizer=data, steps=2, **FAST)
+    result = train(
+        tiny_config(vocab_size=300), str(tmp_path / "a.txt"), out_dir=tmp_path / "out", tokenizer=data, steps=2, **FAST
+    )
     assert os.path.isfile(tmp_path / "out" / "tokenizer.json") and len(result.history) == 2
 
 
@@ -170,10 +195,39 @@ def test_cli_train_from_config_then_extend(tmp_path, capsys):
     text = tmp_path / "a.txt"
     text.write_text("It was the best of times, it was the worst of times.\n" * 40)
     common = ["--seq-len", "16", "--batch-size", "2", "--steps", "2", "--warmup", "1"]
-    assert main(["train", str(text), "--config", str(tmp_path / "cfg" / "config.json"), "--tokenizer", tok,
-                 "--out", str(tmp_path / "a"), *common]) == 0
-    assert main(["train", str(text), "--model", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
-                 "--new-mlp-experts", "2", "--freeze-old", *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(text),
+                "--config",
+                str(tmp_path / "cfg" / "config.json"),
+                "--tokenizer",
+                tok,
+                "--out",
+                str(tmp_path / "a"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                str(text),
+                "--model",
+                str(tmp_path / "a"),
+                "--out",
+                str(tmp_path / "b"),
+                "--new-mlp-experts",
+                "2",
+                "--freeze-old",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert "trained 2 steps" in capsys.readouterr().out
     back = molm.load(tmp_path / "b", dtype=torch.float32)
     before = molm.load(tmp_path / "a", dtype=torch.float32)

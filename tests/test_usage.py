@@ -23,8 +23,9 @@ def reference_usage(model, windows):
         for layer, block in enumerate(model.transformer.h):
             for kind, router, h in (("att", block.attn.q_proj.gate, block.ln_1(x)),):
                 p = torch.softmax(router.logits(h.reshape(-1, C)), -1)
-                counts[kind][layer] += torch.bincount(p.topk(c.k_att, -1).indices.reshape(-1),
-                                                      minlength=c.n_att_experts)
+                counts[kind][layer] += torch.bincount(
+                    p.topk(c.k_att, -1).indices.reshape(-1), minlength=c.n_att_experts
+                )
                 probs[kind][layer] += p.double().sum(0)
             a, _ = block.attn(block.ln_1(x), None, None, layer, model._ops, False)
             x = x + a
@@ -60,8 +61,24 @@ def test_heat_map_and_cli(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("It was the best of times, it was the worst of times.\n" * 30)
     tok = os.path.join(os.path.dirname(__file__), "data", "molm-tiny-a")
-    assert main(["usage", str(tmp_path / "model"), str(text), "--tokenizer", tok, "--seq-len", "16",
-                 "--png", str(tmp_path / "cli.png"), "--json", str(tmp_path / "u.json")]) == 0
+    assert (
+        main(
+            [
+                "usage",
+                str(tmp_path / "model"),
+                str(text),
+                "--tokenizer",
+                tok,
+                "--seq-len",
+                "16",
+                "--png",
+                str(tmp_path / "cli.png"),
+                "--json",
+                str(tmp_path / "u.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "mlp" in out and os.path.isfile(tmp_path / "cli.png")
     saved = json.loads((tmp_path / "u.json").read_text())

@@ -25,8 +25,13 @@ def scaled_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref64).abs().max() / ref64.abs().max().clamp_min(1.0)).item()
 
 
-def assert_close(out: torch.Tensor, ref_exact: torch.Tensor, ref_lowp: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, what: str = "") -> None:
+def assert_close(
+    out: torch.Tensor,
+    ref_exact: torch.Tensor,
+    ref_lowp: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    what: str = "",
+) -> None:
     """out (any dtype) vs ref_exact (the reference in fp32/fp64); ref_lowp: the reference run in the test dtype."""
     dtype = dtype or out.dtype
     bound = FLOORS[dtype]

@@ -23,8 +23,8 @@ namespace molm::cpu {
 namespace {
 
 constexpr int64_t kGemvMaxRows = 16;      // segments with at most this many rows skip at::mm (measured crossover)
-constexpr int64_t kStreamMaxRows = 4;      // ... and up to this many stream the weight block once
-constexpr int64_t kSubCols = 128;          // above that, 128-column sub-blocks are re-read from L2 per 4 rows
+constexpr int64_t kStreamMaxRows = 4;     // ... and up to this many stream the weight block once
+constexpr int64_t kSubCols = 128;         // above that, 128-column sub-blocks are re-read from L2 per 4 rows
 constexpr int64_t kGemvDepthChunk = 256;  // weight rows per work item (fixed: results do not depend on threads)
 constexpr int64_t kGemvColBlock = 512;    // output columns per work item
 
@@ -32,8 +32,8 @@ constexpr int64_t kGemvColBlock = 512;    // output columns per work item
 std::vector<int64_t> read_offsets(const char* op, const at::Tensor& expert_offsets, int64_t m) {
   const int64_t* p = expert_offsets.data_ptr<int64_t>();
   std::vector<int64_t> b(p, p + expert_offsets.numel());
-  TORCH_CHECK_VALUE(b.front() == 0 && b.back() == m, op, ": expert_offsets must start at 0 and end at x.size(0) = ",
-                    m, ", got ", b.front(), " .. ", b.back());
+  TORCH_CHECK_VALUE(b.front() == 0 && b.back() == m, op, ": expert_offsets must start at 0 and end at x.size(0) = ", m,
+                    ", got ", b.front(), " .. ", b.back());
   for (size_t e = 0; e + 1 < b.size(); ++e)
     TORCH_CHECK_VALUE(b[e] <= b[e + 1], op, ": expert_offsets must be non-decreasing, got offsets[", e, "] = ", b[e],
                       " > offsets[", e + 1, "] = ", b[e + 1]);

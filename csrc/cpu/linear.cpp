@@ -23,8 +23,8 @@
 namespace molm::cpu {
 namespace {
 
-constexpr int64_t kGemvMaxRows = 16;   // input rows up to which the streaming path wins over at::mm
-constexpr int64_t kRowsPerItem = 64;   // weight rows (outputs) per parallel work item
+constexpr int64_t kGemvMaxRows = 16;  // input rows up to which the streaming path wins over at::mm
+constexpr int64_t kRowsPerItem = 64;  // weight rows (outputs) per parallel work item
 
 // y[m * ldy + r] = sum_k x[m * K + k] * w[r * ldw + k] for m < M, r < R (R <= 4 per call of the bodies below).
 template <typename w_t>
@@ -141,9 +141,8 @@ MOLM_TARGET_AVX512 void dot_rows_avx512(const float* x, int64_t M, int64_t K, co
 MOLM_TARGET_AVX512BF16 inline __m512bh load32(const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 
 // x is bf16 here (the op's input dtype), so no rounding happens that the other bodies avoid.
-MOLM_TARGET_AVX512BF16 void dot_rows_avx512_bf16(const c10::BFloat16* x, int64_t M, int64_t K,
-                                                 const c10::BFloat16* w, int64_t ldw, int64_t R, float* y,
-                                                 int64_t ldy) {
+MOLM_TARGET_AVX512BF16 void dot_rows_avx512_bf16(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* w,
+                                                 int64_t ldw, int64_t R, float* y, int64_t ldy) {
   for (int64_t r0 = 0; r0 < R; r0 += 4) {
     const int64_t rr = std::min<int64_t>(4, R - r0);
     const c10::BFloat16* wr[4];

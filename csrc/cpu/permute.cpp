@@ -24,8 +24,8 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index, int64_t
       break;
     }
   TORCH_CHECK_VALUE(bad < 0, "molm::gather_rows: index[", bad, "] = ", bad < 0 ? 0 : idx[bad],
-                    " is out of range: with x.size(0) = ", n_rows, " and group = ", group,
-                    " valid values are 0..", limit - 1);
+                    " is out of range: with x.size(0) = ", n_rows, " and group = ", group, " valid values are 0..",
+                    limit - 1);
   at::Tensor out = at::empty({m, c}, x.options());  // [M, C]
   if (m == 0 || c == 0) return out;
   const int64_t row_bytes = c * x.element_size(), x_stride = x.stride(0) * x.element_size();

@@ -62,8 +62,7 @@ MOLM_TARGET_AVX2 inline float hsum8(__m256 v) {
 }
 
 // four weight rows at a time, one dot product each
-MOLM_TARGET_AVX2 void row_dots_avx2(const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows,
-                                    float* y) {
+MOLM_TARGET_AVX2 void row_dots_avx2(const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows, float* y) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
     const int8_t* q0 = q + r * ldq;
@@ -135,11 +134,13 @@ void row_dots(Isa isa, const float* x, int64_t K, const int8_t* q, int64_t ldq, 
 std::vector<int64_t> read_q8_offsets(const at::Tensor& expert_offsets, int64_t m) {
   const int64_t* p = expert_offsets.data_ptr<int64_t>();
   std::vector<int64_t> b(p, p + expert_offsets.numel());
-  TORCH_CHECK_VALUE(b.front() == 0 && b.back() == m, "molm::expert_gemm_q8: expert_offsets must start at 0 and end "
-                    "at x.size(0) = ", m, ", got ", b.front(), " .. ", b.back());
+  TORCH_CHECK_VALUE(b.front() == 0 && b.back() == m,
+                    "molm::expert_gemm_q8: expert_offsets must start at 0 and end "
+                    "at x.size(0) = ",
+                    m, ", got ", b.front(), " .. ", b.back());
   for (size_t e = 0; e + 1 < b.size(); ++e)
-    TORCH_CHECK_VALUE(b[e] <= b[e + 1], "molm::expert_gemm_q8: expert_offsets must be non-decreasing, got offsets[",
-                      e, "] = ", b[e], " > offsets[", e + 1, "] = ", b[e + 1]);
+    TORCH_CHECK_VALUE(b[e] <= b[e + 1], "molm::expert_gemm_q8: expert_offsets must be non-decreasing, got offsets[", e,
+                      "] = ", b[e], " > offsets[", e + 1, "] = ", b[e + 1]);
   return b;
 }
 
@@ -218,7 +219,8 @@ at::Tensor linear_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
     constexpr int64_t kBlock = 4096;  // dequantise this many weight rows at a time: bounded extra memory
     for (int64_t r0 = 0; r0 < N; r0 += kBlock) {
       const int64_t rows = std::min(kBlock, N - r0);
-      y.narrow(1, r0, rows).copy_(at::mm(x32, dequantize_rows(qweight.narrow(0, r0, rows), s32.narrow(0, r0, rows)).t()));
+      y.narrow(1, r0, rows)
+          .copy_(at::mm(x32, dequantize_rows(qweight.narrow(0, r0, rows), s32.narrow(0, r0, rows)).t()));
     }
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));

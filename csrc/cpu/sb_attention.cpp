@@ -64,14 +64,14 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   // One region: the chunk that finishes a row last combines its chunks, newest to oldest (a fixed order).
   parallel_items(n_rows * n_chunks, threads, [&](int64_t item, int slot) {
     acc_t* qbuf = scratch.data() + slot * per_thread;  // [G, D]
-    acc_t* obuf = qbuf + G * D;                          // [G, D]
-    acc_t* kbuf = obuf + G * D;                          // [D]
-    acc_t* vbuf = kbuf + D;                              // [D]
-    acc_t* cum = vbuf + D;                               // [G]
+    acc_t* obuf = qbuf + G * D;                        // [G, D]
+    acc_t* kbuf = obuf + G * D;                        // [D]
+    acc_t* vbuf = kbuf + D;                            // [D]
+    acc_t* cum = vbuf + D;                             // [G]
     const int64_t row = item / n_chunks, c = item % n_chunks;
     const int64_t b = row / (T * H), t = (row / H) % T, h = row % H;
-    const int64_t i = S - T + t;                        // absolute query position
-    const int64_t k_hi = i + 1 - c * kKeyChunk;          // keys [k_lo, k_hi) of this chunk, newest first
+    const int64_t i = S - T + t;                 // absolute query position
+    const int64_t k_hi = i + 1 - c * kKeyChunk;  // keys [k_lo, k_hi) of this chunk, newest first
     const int64_t k_lo = std::max<int64_t>(0, k_hi - kKeyChunk);
     std::fill(obuf, obuf + G * D, acc_t(0));
     std::fill(cum, cum + G, acc_t(0));
@@ -123,7 +123,7 @@ void sb_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   const bool kv_same = k.data_ptr() == v.data_ptr() && k.strides() == v.strides();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
-      const at::Tensor kf = k.select(0, b).select(1, h).to(acc_dtype);               // [S, D]
+      const at::Tensor kf = k.select(0, b).select(1, h).to(acc_dtype);                 // [S, D]
       const at::Tensor vf = kv_same ? kf : v.select(0, b).select(1, h).to(acc_dtype);  // [S, D]
       for (int64_t t0 = 0; t0 < T; t0 += tile_t) {
         const int64_t tn = std::min(tile_t, T - t0), rows = tn * G;
@@ -165,8 +165,8 @@ at::Tensor sb_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::
 // (no atomics: every sum has a fixed order, so results are bitwise repeatable).
 template <typename scalar_t>
 void sb_backward_tiled(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const acc_type<scalar_t>* bias, double scale_d, at::Tensor& dq, at::Tensor& dk,
-                       at::Tensor& dv, at::Tensor& dbias) {
+                       const acc_type<scalar_t>* bias, double scale_d, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                       at::Tensor& dbias) {
   using acc_t = acc_type<scalar_t>;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), S = k.size(1);
@@ -175,9 +175,9 @@ void sb_backward_tiled(const at::Tensor& grad, const at::Tensor& q, const at::Te
   const bool kv_same = k.data_ptr() == v.data_ptr() && k.strides() == v.strides();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {
-      const at::Tensor kf = k.select(0, b).select(1, h).to(acc_dtype);               // [S, D]
+      const at::Tensor kf = k.select(0, b).select(1, h).to(acc_dtype);                 // [S, D]
       const at::Tensor vf = kv_same ? kf : v.select(0, b).select(1, h).to(acc_dtype);  // [S, D]
-      at::Tensor dkf = at::zeros_like(kf), dvf = at::zeros_like(kf);                    // [S, D] accumulators
+      at::Tensor dkf = at::zeros_like(kf), dvf = at::zeros_like(kf);                   // [S, D] accumulators
       for (int64_t t0 = 0; t0 < T; t0 += tile_t) {
         const int64_t tn = std::min(tile_t, T - t0), rows = tn * G;
         const int64_t width = S - T + t0 + tn;
@@ -192,8 +192,7 @@ void sb_backward_tiled(const at::Tensor& grad, const at::Tensor& q, const at::Te
         at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
           std::vector<acc_t> scratch(2 * width);
           for (int64_t r = lo; r < hi; ++r)
-            core::sb_backward_row(ap + r * width, gp + r * width, S - T + t0 + r / G, width, scale, bb,
-                                  scratch.data());
+            core::sb_backward_row(ap + r * width, gp + r * width, S - T + t0 + r / G, width, scale, bb, scratch.data());
         });
         const at::Tensor dqt = at::mm(dlogits, kw).mul_(scale);  // [rows, D]
         dq.select(0, b).narrow(0, t0, tn).select(2, h).copy_(dqt.view({tn, G, -1}));

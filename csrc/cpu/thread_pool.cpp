@@ -72,7 +72,9 @@ class Pool {
     epoch_ = (epoch_ + 1) & 0xffff;
     ticket_.store(Ticket::make(epoch_, threads, claims), std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-      { std::lock_guard<std::mutex> lk(sleep_mutex_); }
+      {
+        std::lock_guard<std::mutex> lk(sleep_mutex_);
+      }
       wake_.notify_all();
     }
     tl_in_region = true;
@@ -81,7 +83,10 @@ class Pool {
     const auto own_done = Clock::now();
     // Only claims already taken remain: wait for them (yielding, in case their thread needs this core).
     for (int spin = 0; done_.load(std::memory_order_acquire) < claims; ++spin) {
-      if (spin < 2000) MOLM_CPU_RELAX(); else std::this_thread::yield();
+      if (spin < 2000)
+        MOLM_CPU_RELAX();
+      else
+        std::this_thread::yield();
     }
     tl_in_region = false;
     adapt(own_done - start, Clock::now() - own_done);
@@ -157,15 +162,15 @@ class Pool {
     return e;
   }
 
-  std::mutex run_mutex_;                // held by the caller of the running region
-  int64_t serial_backoff_ = 0;          // under run_mutex_
-  int64_t serial_regions_left_ = 0;     // under run_mutex_
-  uint64_t epoch_ = 0;                  // under run_mutex_
-  size_t n_workers_ = 0;                // under run_mutex_
+  std::mutex run_mutex_;                                         // held by the caller of the running region
+  int64_t serial_backoff_ = 0;                                   // under run_mutex_
+  int64_t serial_regions_left_ = 0;                              // under run_mutex_
+  uint64_t epoch_ = 0;                                           // under run_mutex_
+  size_t n_workers_ = 0;                                         // under run_mutex_
   const c10::function_ref<void(int64_t, int)>* item_ = nullptr;  // the region's; published by ticket_
   int64_t n_items_ = 0, per_claim_ = 1;                          // the region's; published by ticket_
   std::atomic<uint64_t> ticket_{0};
-  std::atomic<int64_t> done_{0};        // claims of the current region finished
+  std::atomic<int64_t> done_{0};  // claims of the current region finished
   std::mutex sleep_mutex_;
   std::condition_variable wake_;
   std::atomic<int> sleepers_{0};

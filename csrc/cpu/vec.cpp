@@ -44,15 +44,18 @@ void gemv_scalar(const float* x, int64_t ldx, int64_t rows, int64_t depth, const
 bool detect(Isa isa) {
 #ifdef MOLM_X86
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   switch (isa) {
-    case Isa::kScalar: return true;
-    case Isa::kAvx2: return avx2;
-    case Isa::kAvx512: return avx512;
-    case Isa::kAvx512Bf16: return avx512 && __builtin_cpu_supports("avx512bf16");
+    case Isa::kScalar:
+      return true;
+    case Isa::kAvx2:
+      return avx2;
+    case Isa::kAvx512:
+      return avx512;
+    case Isa::kAvx512Bf16:
+      return avx512 && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else
@@ -89,10 +92,14 @@ inline bool vector_helpers() { return active_isa() != Isa::kScalar; }
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::kScalar: return "scalar";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx512Bf16: return "avx512_bf16";
+    case Isa::kScalar:
+      return "scalar";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx512Bf16:
+      return "avx512_bf16";
   }
   return "?";
 }
@@ -156,9 +163,12 @@ GemvFn<float> gemv_body<float>() {
 #ifdef MOLM_X86
   switch (active_isa()) {
     case Isa::kAvx512Bf16:  // no fp32 use for bf16 dot products
-    case Isa::kAvx512: return MOLM_BODY(gemv_avx512, float);
-    case Isa::kAvx2: return MOLM_BODY(gemv_avx2, float);
-    case Isa::kScalar: break;
+    case Isa::kAvx512:
+      return MOLM_BODY(gemv_avx512, float);
+    case Isa::kAvx2:
+      return MOLM_BODY(gemv_avx2, float);
+    case Isa::kScalar:
+      break;
   }
 #endif
   return &gemv_scalar<float>;
@@ -168,10 +178,14 @@ template <>
 GemvFn<c10::BFloat16> gemv_body<c10::BFloat16>() {
 #ifdef MOLM_X86
   switch (active_isa()) {
-    case Isa::kAvx512Bf16: return &bodies::gemv_avx512_bf16;
-    case Isa::kAvx512: return MOLM_BODY(gemv_avx512, c10::BFloat16);
-    case Isa::kAvx2: return MOLM_BODY(gemv_avx2, c10::BFloat16);
-    case Isa::kScalar: break;
+    case Isa::kAvx512Bf16:
+      return &bodies::gemv_avx512_bf16;
+    case Isa::kAvx512:
+      return MOLM_BODY(gemv_avx512, c10::BFloat16);
+    case Isa::kAvx2:
+      return MOLM_BODY(gemv_avx2, c10::BFloat16);
+    case Isa::kScalar:
+      break;
   }
 #endif
   return &gemv_scalar<c10::BFloat16>;
@@ -182,9 +196,12 @@ GemvFn<c10::Half> gemv_body<c10::Half>() {
 #ifdef MOLM_X86
   switch (active_isa()) {
     case Isa::kAvx512Bf16:  // fp16 has no dot-product instruction here: converted to fp32
-    case Isa::kAvx512: return MOLM_BODY(gemv_avx512, c10::Half);
-    case Isa::kAvx2: return MOLM_BODY(gemv_avx2, c10::Half);
-    case Isa::kScalar: break;
+    case Isa::kAvx512:
+      return MOLM_BODY(gemv_avx512, c10::Half);
+    case Isa::kAvx2:
+      return MOLM_BODY(gemv_avx2, c10::Half);
+    case Isa::kScalar:
+      break;
   }
 #endif
   return &gemv_scalar<c10::Half>;

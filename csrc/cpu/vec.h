@@ -27,8 +27,8 @@ void to_float(const c10::Half* src, float* dst, int64_t n);
 //   y[m * ldy + c] += sum_{r < depth} x[m * ldx + r] * w[r * ldw + c]   for c < cols.
 // Streams `depth` weight rows once for all m together.
 template <typename w_t>
-using GemvFn = void (*)(const float* x, int64_t ldx, int64_t rows, int64_t depth, const w_t* w, int64_t ldw,
-                        float* y, int64_t ldy, int64_t cols);
+using GemvFn = void (*)(const float* x, int64_t ldx, int64_t rows, int64_t depth, const w_t* w, int64_t ldw, float* y,
+                        int64_t ldy, int64_t cols);
 
 // The GEMV body of the active instruction set, for w_t = float, c10::BFloat16, c10::Half. An op takes it once per
 // call, so one call never mixes bodies.

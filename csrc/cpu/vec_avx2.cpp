@@ -17,8 +17,7 @@ MOLM_AVX2 inline float hsum(__m256 v) {
 }
 
 MOLM_AVX2 float dot_body(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
-         acc3 = _mm256_setzero_ps();
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
@@ -107,7 +106,8 @@ MOLM_AVX2 void gemv_rows_avx2_t(const float* x, int64_t ldx, int64_t depth, cons
       const __m256 a = _mm256_set1_ps(am);
       float* ym = y + m * ldy;
       int64_t c = 0;
-      for (; c + 8 <= cols; c += 8) _mm256_storeu_ps(ym + c, _mm256_fmadd_ps(a, load8(wr + c), _mm256_loadu_ps(ym + c)));
+      for (; c + 8 <= cols; c += 8)
+        _mm256_storeu_ps(ym + c, _mm256_fmadd_ps(a, load8(wr + c), _mm256_loadu_ps(ym + c)));
       for (; c < cols; ++c) ym[c] += am * static_cast<float>(wr[c]);
     }
   }
@@ -117,10 +117,14 @@ template <typename w_t>
 MOLM_AVX2 void gemv_rows_avx2(const float* x, int64_t ldx, int64_t rows, int64_t depth, const w_t* w, int64_t ldw,
                               float* y, int64_t ldy, int64_t cols) {
   switch (rows) {
-    case 1: return gemv_rows_avx2_t<1>(x, ldx, depth, w, ldw, y, ldy, cols);
-    case 2: return gemv_rows_avx2_t<2>(x, ldx, depth, w, ldw, y, ldy, cols);
-    case 3: return gemv_rows_avx2_t<3>(x, ldx, depth, w, ldw, y, ldy, cols);
-    case 4: return gemv_rows_avx2_t<4>(x, ldx, depth, w, ldw, y, ldy, cols);
+    case 1:
+      return gemv_rows_avx2_t<1>(x, ldx, depth, w, ldw, y, ldy, cols);
+    case 2:
+      return gemv_rows_avx2_t<2>(x, ldx, depth, w, ldw, y, ldy, cols);
+    case 3:
+      return gemv_rows_avx2_t<3>(x, ldx, depth, w, ldw, y, ldy, cols);
+    case 4:
+      return gemv_rows_avx2_t<4>(x, ldx, depth, w, ldw, y, ldy, cols);
     default:
       for (int64_t m = 0; m < rows; m += 4) {
         const int64_t mm = rows - m < 4 ? rows - m : 4;
@@ -136,10 +140,10 @@ void axpy_avx2(float alpha, const float* x, float* y, int64_t n) { axpy_body(alp
 void to_float_avx2(const c10::BFloat16* src, float* dst, int64_t n) { bf16_to_float(src, dst, n); }
 void to_float_avx2(const c10::Half* src, float* dst, int64_t n) { half_to_float(src, dst, n); }
 
-#define MOLM_DEFINE_GEMV(W_T)                                                                                  \
+#define MOLM_DEFINE_GEMV(W_T)                                                                                   \
   void gemv_avx2(const float* x, int64_t ldx, int64_t rows, int64_t depth, const W_T* w, int64_t ldw, float* y, \
-                 int64_t ldy, int64_t cols) {                                                                  \
-    gemv_rows_avx2<W_T>(x, ldx, rows, depth, w, ldw, y, ldy, cols);                                            \
+                 int64_t ldy, int64_t cols) {                                                                   \
+    gemv_rows_avx2<W_T>(x, ldx, rows, depth, w, ldw, y, ldy, cols);                                             \
   }
 MOLM_DEFINE_GEMV(float)
 MOLM_DEFINE_GEMV(c10::BFloat16)

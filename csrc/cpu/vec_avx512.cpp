@@ -31,9 +31,7 @@ MOLM_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 k) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
 }
 
-MOLM_AVX512 inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
-}
+MOLM_AVX512 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
 // rows <= 4 (ROWS is the compile-time count): four weight rows per step, 16 columns per vector.
 template <int ROWS, typename w_t>
@@ -76,16 +74,24 @@ MOLM_AVX512 void gemv_f32_t(const float* x, int64_t ldx, int64_t depth, const w_
 }
 
 template <typename w_t>
-MOLM_AVX512 void gemv_f32(const float* x, int64_t ldx, int64_t rows, int64_t depth, const w_t* w, int64_t ldw,
-                          float* y, int64_t ldy, int64_t cols) {
+MOLM_AVX512 void gemv_f32(const float* x, int64_t ldx, int64_t rows, int64_t depth, const w_t* w, int64_t ldw, float* y,
+                          int64_t ldy, int64_t cols) {
   for (int64_t m = 0; m < rows; m += 4) {
     const float* xm = x + m * ldx;
     float* ym = y + m * ldy;
     switch (rows - m < 4 ? rows - m : 4) {
-      case 1: gemv_f32_t<1>(xm, ldx, depth, w, ldw, ym, ldy, cols); break;
-      case 2: gemv_f32_t<2>(xm, ldx, depth, w, ldw, ym, ldy, cols); break;
-      case 3: gemv_f32_t<3>(xm, ldx, depth, w, ldw, ym, ldy, cols); break;
-      default: gemv_f32_t<4>(xm, ldx, depth, w, ldw, ym, ldy, cols); break;
+      case 1:
+        gemv_f32_t<1>(xm, ldx, depth, w, ldw, ym, ldy, cols);
+        break;
+      case 2:
+        gemv_f32_t<2>(xm, ldx, depth, w, ldw, ym, ldy, cols);
+        break;
+      case 3:
+        gemv_f32_t<3>(xm, ldx, depth, w, ldw, ym, ldy, cols);
+        break;
+      default:
+        gemv_f32_t<4>(xm, ldx, depth, w, ldw, ym, ldy, cols);
+        break;
     }
   }
 }
@@ -117,8 +123,8 @@ MOLM_AVX512_BF16 inline void dp_step(__m512 (&lo)[ROWS][NV], __m512 (&hi)[ROWS][
 
 // y[m, c0 .. c0 + 32 NV) += x[m] . w[:, strip] for one group of ROWS rows; xpair [ROWS, n_pairs].
 template <int ROWS, int NV>
-MOLM_AVX512_BF16 void dp_strips(const uint32_t* xpair, int64_t n_pairs, int64_t depth, const uint16_t* w,
-                                int64_t ldw, float* y, int64_t ldy) {
+MOLM_AVX512_BF16 void dp_strips(const uint32_t* xpair, int64_t n_pairs, int64_t depth, const uint16_t* w, int64_t ldw,
+                                float* y, int64_t ldy) {
   __m512 lo[ROWS][NV], hi[ROWS][NV];
   for (int m = 0; m < ROWS; ++m)
     for (int v = 0; v < NV; ++v) lo[m][v] = hi[m][v] = _mm512_setzero_ps();
@@ -169,10 +175,18 @@ MOLM_AVX512_BF16 void gemv_dp(const float* x, int64_t ldx, int64_t rows, int64_t
       const c10::BFloat16* wr = w + r0 * ldw;
       float* ym = y + m0 * ldy;
       switch (mm) {
-        case 1: gemv_dp_t<1>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs); break;
-        case 2: gemv_dp_t<2>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs); break;
-        case 3: gemv_dp_t<3>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs); break;
-        default: gemv_dp_t<4>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs); break;
+        case 1:
+          gemv_dp_t<1>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs);
+          break;
+        case 2:
+          gemv_dp_t<2>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs);
+          break;
+        case 3:
+          gemv_dp_t<3>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs);
+          break;
+        default:
+          gemv_dp_t<4>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs);
+          break;
       }
     }
   }
@@ -183,18 +197,18 @@ MOLM_AVX512_BF16 void gemv_dp(const float* x, int64_t ldx, int64_t rows, int64_t
 
 }  // namespace
 
-#define MOLM_DEFINE_GEMV(W_T)                                                                                    \
+#define MOLM_DEFINE_GEMV(W_T)                                                                                     \
   void gemv_avx512(const float* x, int64_t ldx, int64_t rows, int64_t depth, const W_T* w, int64_t ldw, float* y, \
-                   int64_t ldy, int64_t cols) {                                                                  \
-    gemv_f32<W_T>(x, ldx, rows, depth, w, ldw, y, ldy, cols);                                                    \
+                   int64_t ldy, int64_t cols) {                                                                   \
+    gemv_f32<W_T>(x, ldx, rows, depth, w, ldw, y, ldy, cols);                                                     \
   }
 MOLM_DEFINE_GEMV(float)
 MOLM_DEFINE_GEMV(c10::BFloat16)
 MOLM_DEFINE_GEMV(c10::Half)
 #undef MOLM_DEFINE_GEMV
 
-void gemv_avx512_bf16(const float* x, int64_t ldx, int64_t rows, int64_t depth, const c10::BFloat16* w,
-                      int64_t ldw, float* y, int64_t ldy, int64_t cols) {
+void gemv_avx512_bf16(const float* x, int64_t ldx, int64_t rows, int64_t depth, const c10::BFloat16* w, int64_t ldw,
+                      float* y, int64_t ldy, int64_t cols) {
   gemv_dp(x, ldx, rows, depth, w, ldw, y, ldy, cols);
 }
 

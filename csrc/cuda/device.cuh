@@ -61,15 +61,21 @@ struct alignas(sizeof(T) * VEC) Pack {
 // Element <-> accumulator conversions (round to nearest even into the 16-bit types).
 template <typename acc_t, typename T>
 __device__ __forceinline__ acc_t to_acc(T x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
-  else if constexpr (std::is_same_v<T, __half>) return __half2float(x);
-  else return static_cast<acc_t>(x);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __bfloat162float(x);
+  else if constexpr (std::is_same_v<T, __half>)
+    return __half2float(x);
+  else
+    return static_cast<acc_t>(x);
 }
 template <typename T, typename acc_t>
 __device__ __forceinline__ T from_acc(acc_t x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16(x);
-  else if constexpr (std::is_same_v<T, __half>) return __float2half(x);
-  else return static_cast<T>(x);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __float2bfloat16(x);
+  else if constexpr (std::is_same_v<T, __half>)
+    return __float2half(x);
+  else
+    return static_cast<T>(x);
 }
 
 __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
@@ -88,9 +94,7 @@ __device__ __forceinline__ double gelu_new(double x) {
 
 // acc + a * b rounded twice (no FMA contraction), the way an eager `out += g * y` in torch rounds.
 __device__ __forceinline__ float mul_add_rn(float acc, float a, float b) { return __fadd_rn(acc, __fmul_rn(a, b)); }
-__device__ __forceinline__ double mul_add_rn(double acc, double a, double b) {
-  return __dadd_rn(acc, __dmul_rn(a, b));
-}
+__device__ __forceinline__ double mul_add_rn(double acc, double a, double b) { return __dadd_rn(acc, __dmul_rn(a, b)); }
 
 // Inclusive sum over lanes <= lane.
 template <typename T>

@@ -31,9 +31,7 @@ bool use_sm90_gemm(const at::Tensor& x, int64_t m) {
   return (forced || m >= kSm90MinM) && prop->major == 9 && prop->minor == 0;
 }
 
-bool tensor_cores_ok(const at::Tensor& t) {
-  return at::cuda::getDeviceProperties(t.get_device())->major >= 8;
-}
+bool tensor_cores_ok(const at::Tensor& t) { return at::cuda::getDeviceProperties(t.get_device())->major >= 8; }
 
 at::Tensor expert_gemm_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_offsets,
                             c10::string_view activation) {
@@ -51,11 +49,21 @@ at::Tensor expert_gemm_cuda(const at::Tensor& x, const at::Tensor& weight, const
   MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::expert_gemm", [&] {
     using T = device_t<scalar_t>;
     if constexpr (kUseWmma<T>)
-      TORCH_CHECK_VALUE(tensor_cores_ok(x), "molm::expert_gemm: 16-bit inputs need a GPU of compute capability "
+      TORCH_CHECK_VALUE(tensor_cores_ok(x),
+                        "molm::expert_gemm: 16-bit inputs need a GPU of compute capability "
                         ">= 8.0 (bf16/fp16 tensor cores)");
-    const GemmArgs<T> args{reinterpret_cast<const T*>(x.data_ptr()), x.stride(0),
-                           reinterpret_cast<const T*>(weight.data_ptr()), weight.stride(0), weight.stride(1),
-                           weight.stride(2), expert_offsets.data_ptr<int64_t>(), n_experts, m, kdim, n_out, gelu,
+    const GemmArgs<T> args{reinterpret_cast<const T*>(x.data_ptr()),
+                           x.stride(0),
+                           reinterpret_cast<const T*>(weight.data_ptr()),
+                           weight.stride(0),
+                           weight.stride(1),
+                           weight.stride(2),
+                           expert_offsets.data_ptr<int64_t>(),
+                           n_experts,
+                           m,
+                           kdim,
+                           n_out,
+                           gelu,
                            reinterpret_cast<T*>(out.data_ptr())};
     if (use_gemv(args)) {
       at::Tensor partial = at::empty({gemv_workspace_elems(m, kdim, n_out)}, x.options().dtype(at::kFloat));
@@ -80,13 +88,14 @@ at::Tensor expert_gemm_wgrad_cuda(const at::Tensor& x, const at::Tensor& grad_ou
   if (value_checks_enabled()) check_offsets("molm::expert_gemm_wgrad", expert_offsets, m);
   at::Tensor grad_w = at::empty({num_experts, kdim, n_out}, x.options());  // [E, K, Nout]
   if (grad_w.numel() == 0) return grad_w;
-  TORCH_CHECK_VALUE(num_experts <= kMaxGridYZ, "molm::expert_gemm_wgrad: the CUDA kernel supports up to ",
-                    kMaxGridYZ, " experts, got ", num_experts);
+  TORCH_CHECK_VALUE(num_experts <= kMaxGridYZ, "molm::expert_gemm_wgrad: the CUDA kernel supports up to ", kMaxGridYZ,
+                    " experts, got ", num_experts);
   const auto stream = at::cuda::getCurrentCUDAStream();
   MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::expert_gemm_wgrad", [&] {
     using T = device_t<scalar_t>;
     if constexpr (kUseWmma<T>)
-      TORCH_CHECK_VALUE(tensor_cores_ok(x), "molm::expert_gemm_wgrad: 16-bit inputs need a GPU of compute "
+      TORCH_CHECK_VALUE(tensor_cores_ok(x),
+                        "molm::expert_gemm_wgrad: 16-bit inputs need a GPU of compute "
                         "capability >= 8.0 (bf16/fp16 tensor cores)");
     TORCH_CHECK_VALUE(ceil_div(kdim, kTileM<T>) <= kMaxGridYZ, "molm::expert_gemm_wgrad: x.size(1) = ", kdim,
                       " is too large");

@@ -46,7 +46,7 @@ constexpr int kSimtSmem = (kSimtBK * (kSimtBM + 1) + kSimtBK * (kSimtBN + 1)) * 
 template <typename T>
 __device__ void simt_tile(const Problem<T>& p, int64_t row0, int64_t col0, bool gelu, unsigned char* smem) {
   using acc_t = dev_acc_t<T>;
-  auto* As = reinterpret_cast<acc_t(*)[kSimtBM + 1]>(smem);                                  // [BK][BM + 1]
+  auto* As = reinterpret_cast<acc_t(*)[kSimtBM + 1]>(smem);                                            // [BK][BM + 1]
   auto* Bs = reinterpret_cast<acc_t(*)[kSimtBN + 1]>(smem + kSimtBK * (kSimtBM + 1) * sizeof(acc_t));  // [BK][BN + 1]
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;  // thread owns rows ty + 16i, cols tx + 16j
   acc_t acc[4][4];
@@ -206,12 +206,10 @@ __device__ __forceinline__ void tile(const Problem<T>& p, int64_t row0, int64_t 
 
 // grid: x = column tiles, y walks the row tiles of all experts (n_row_slots >= their total).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const T* __restrict__ x, int64_t xs0,
-                                                               const T* __restrict__ w, int64_t ws0, int64_t ws1,
-                                                               int64_t ws2, const int64_t* __restrict__ offsets,
-                                                               int64_t n_experts, int64_t m, int64_t kdim,
-                                                               int64_t n_out, int64_t n_row_slots, bool gelu,
-                                                               bool vec, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    expert_gemm_kernel(const T* __restrict__ x, int64_t xs0, const T* __restrict__ w, int64_t ws0, int64_t ws1,
+                       int64_t ws2, const int64_t* __restrict__ offsets, int64_t n_experts, int64_t m, int64_t kdim,
+                       int64_t n_out, int64_t n_row_slots, bool gelu, bool vec, T* __restrict__ out) {
   MOLM_CUDA_SMEM(smem);
   constexpr int BM = kTileM<T>;
   const int64_t col0 = int64_t(blockIdx.x) * kTileN<T>;
@@ -234,16 +232,16 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const T* __restri
 
 // grid: x = column tiles of Nout, y = row tiles of K, z = expert.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) expert_wgrad_kernel(const T* __restrict__ x, int64_t xs0, int64_t xs1,
-                                                                const T* __restrict__ g, int64_t gs0, int64_t gs1,
-                                                                const int64_t* __restrict__ offsets, int64_t m,
-                                                                int64_t kdim, int64_t n_out, T* __restrict__ gw) {
+__global__ void __launch_bounds__(kThreads)
+    expert_wgrad_kernel(const T* __restrict__ x, int64_t xs0, int64_t xs1, const T* __restrict__ g, int64_t gs0,
+                        int64_t gs1, const int64_t* __restrict__ offsets, int64_t m, int64_t kdim, int64_t n_out,
+                        T* __restrict__ gw) {
   MOLM_CUDA_SMEM(smem);
   const int64_t e = blockIdx.z;
   const int64_t a = clamp64(offsets[e], 0, m), b = clamp64(offsets[e + 1], a, m);
   // A = x[a:b]^T [kdim, rows], B = g[a:b] [rows, n_out]
-  const Problem<T> p{x + a * xs0, xs1, xs0, g + a * gs0, gs0, gs1, gw + e * kdim * n_out, n_out, kdim, n_out, b - a,
-                     false};
+  const Problem<T> p{x + a * xs0,           xs1,   xs0,  g + a * gs0, gs0,   gs1,
+                     gw + e * kdim * n_out, n_out, kdim, n_out,       b - a, false};
   tile<T>(p, int64_t(blockIdx.y) * kTileM<T>, int64_t(blockIdx.x) * kTileN<T>, false, smem);
 }
 
@@ -254,11 +252,10 @@ constexpr int64_t kGemvMaxM = 32;   // total rows up to which the GEMV path is t
 
 // partial[split, r, c] = sum over the split's depth rows of x[r, kk] * w[e, kk, c], r in expert e's segment.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kGemvThreads) gemv_partial_kernel(const T* __restrict__ x, int64_t xs0,
-                                                                    const T* __restrict__ w, int64_t ws0, int64_t ws1,
-                                                                    const int64_t* __restrict__ offsets, int64_t m,
-                                                                    int64_t kdim, int64_t n_out,
-                                                                    float* __restrict__ partial) {
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_partial_kernel(const T* __restrict__ x, int64_t xs0, const T* __restrict__ w, int64_t ws0, int64_t ws1,
+                        const int64_t* __restrict__ offsets, int64_t m, int64_t kdim, int64_t n_out,
+                        float* __restrict__ partial) {
   using P = dev::Pack<T, VEC>;
   const int64_t e = blockIdx.z, split = blockIdx.y;
   const int64_t c0 = (int64_t(blockIdx.x) * kGemvThreads + threadIdx.x) * VEC;
@@ -371,10 +368,10 @@ void launch_tiles(const GemmArgs<T>& a, stream_t stream) {
 template <typename T>
 void launch_wgrad(const T* x, int64_t xs0, int64_t xs1, const T* g, int64_t gs0, int64_t gs1, const int64_t* offsets,
                   int64_t n_experts, int64_t m, int64_t kdim, int64_t n_out, T* grad_w, stream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(n_out, kTileN<T>)),
-                  static_cast<unsigned>(ceil_div(kdim, kTileM<T>)), static_cast<unsigned>(n_experts));
-  MOLM_CUDA_LAUNCH(expert_wgrad_kernel<T>, grid, dim3(kThreads), size_t(kTileSmem<T>), stream, x, xs0, xs1, g, gs0,
-                   gs1, offsets, m, kdim, n_out, grad_w);
+  const dim3 grid(static_cast<unsigned>(ceil_div(n_out, kTileN<T>)), static_cast<unsigned>(ceil_div(kdim, kTileM<T>)),
+                  static_cast<unsigned>(n_experts));
+  MOLM_CUDA_LAUNCH(expert_wgrad_kernel<T>, grid, dim3(kThreads), size_t(kTileSmem<T>), stream, x, xs0, xs1, g, gs0, gs1,
+                   offsets, m, kdim, n_out, grad_w);
 }
 
 }  // namespace molm::cuda::expert_gemm

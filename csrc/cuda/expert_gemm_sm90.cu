@@ -54,11 +54,10 @@ struct Sm90Gemm {
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes: TMA's minimum
   using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-  using Fusion =
-      std::conditional_t<Gelu,
-                         cutlass::epilogue::fusion::LinCombEltAct<cutlass::epilogue::thread::GELU_taylor, Element,
-                                                                  float, void, float>,
-                         cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>;
+  using Fusion = std::conditional_t<
+      Gelu,
+      cutlass::epilogue::fusion::LinCombEltAct<cutlass::epilogue::thread::GELU_taylor, Element, float, void, float>,
+      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>;
   // C is void: no source operand is read (beta = 0).
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -90,9 +89,9 @@ struct GroupArrays {  // per-expert arguments, filled on the device
 // One thread per expert. Offsets are clamped to [0, M] like the other expert_gemm kernels (memory-safe without
 // value checks).
 template <typename G, typename E>
-__global__ void setup_groups_kernel(const E* x, const E* w, int64_t ws0, E* out, const int64_t* offsets,
-                                    int n_experts, int64_t m, int n, int k, typename G::StrideA sa,
-                                    typename G::StrideB sb, typename G::StrideD sd, GroupArrays<G> g) {
+__global__ void setup_groups_kernel(const E* x, const E* w, int64_t ws0, E* out, const int64_t* offsets, int n_experts,
+                                    int64_t m, int n, int k, typename G::StrideA sa, typename G::StrideB sb,
+                                    typename G::StrideD sd, GroupArrays<G> g) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= n_experts) return;
   int64_t lo = offsets[e], hi = offsets[e + 1];
@@ -125,9 +124,10 @@ bool run_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   // Per-expert arrays: shapes, 3 pointers and 3 strides each, plus alignment slack.
-  const int64_t bytes = n_experts * int64_t(sizeof(typename ProblemShape::UnderlyingProblemShape) + 3 * sizeof(void*) +
-                                            sizeof(typename G::StrideA) + sizeof(typename G::StrideB) +
-                                            sizeof(typename G::StrideD)) + 7 * 16;
+  const int64_t bytes =
+      n_experts * int64_t(sizeof(typename ProblemShape::UnderlyingProblemShape) + 3 * sizeof(void*) +
+                          sizeof(typename G::StrideA) + sizeof(typename G::StrideB) + sizeof(typename G::StrideD)) +
+      7 * 16;
   at::Tensor arrays = at::empty({bytes}, x.options().dtype(at::kByte));
   uint8_t* cursor = arrays.data_ptr<uint8_t>();
   GroupArrays<G> g;
@@ -162,8 +162,8 @@ bool run_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
 
   Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
-  at::Tensor workspace = at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args)) + 1},
-                                   x.options().dtype(at::kByte));
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args)) + 1}, x.options().dtype(at::kByte));
   TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
               "molm::expert_gemm: CUTLASS sm90 grouped GEMM failed to initialise");
   TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess,

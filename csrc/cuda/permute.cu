@@ -26,8 +26,7 @@ at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index, int64_
   MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::gather_rows", [&] {
     using T = device_t<scalar_t>;
     permute::launch_gather<T>(reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), index.data_ptr<int64_t>(), m,
-                              group, n_rows, c, reinterpret_cast<T*>(out.data_ptr()),
-                              at::cuda::getCurrentCUDAStream());
+                              group, n_rows, c, reinterpret_cast<T*>(out.data_ptr()), at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

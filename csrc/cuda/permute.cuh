@@ -20,10 +20,14 @@ constexpr int64_t kMaxRowBlocks = 1 << 16;
 template <typename T>
 uint4 nan_pattern() {
   uint4 v;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) v.x = v.y = v.z = v.w = 0x7fc07fc0u;
-  else if constexpr (std::is_same_v<T, __half>) v.x = v.y = v.z = v.w = 0x7e007e00u;
-  else if constexpr (std::is_same_v<T, float>) v.x = v.y = v.z = v.w = 0x7fc00000u;
-  else v.x = v.z = 0x00000000u, v.y = v.w = 0x7ff80000u;  // double, little endian
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    v.x = v.y = v.z = v.w = 0x7fc07fc0u;
+  else if constexpr (std::is_same_v<T, __half>)
+    v.x = v.y = v.z = v.w = 0x7e007e00u;
+  else if constexpr (std::is_same_v<T, float>)
+    v.x = v.y = v.z = v.w = 0x7fc00000u;
+  else
+    v.x = v.z = 0x00000000u, v.y = v.w = 0x7ff80000u;  // double, little endian
   return v;
 }
 
@@ -110,8 +114,8 @@ __global__ void scatter_ksum_kernel(const T* __restrict__ y, int64_t y_stride, c
 // y [m, width] with row stride y_stride (elements), gates [n_tokens, k] contiguous in the accumulation type,
 // pos [n_tokens * k], out [n_tokens, width] contiguous and 16-byte aligned; n_tokens, width > 0.
 template <typename T>
-void launch_scatter_ksum(const T* y, int64_t y_stride, const dev_acc_t<T>* gates, const int64_t* pos,
-                         int64_t n_tokens, int64_t k, int64_t m, int64_t width, T* out, stream_t stream) {
+void launch_scatter_ksum(const T* y, int64_t y_stride, const dev_acc_t<T>* gates, const int64_t* pos, int64_t n_tokens,
+                         int64_t k, int64_t m, int64_t width, T* out, stream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = width % kVec == 0 && y_stride % kVec == 0 && aligned16(y);
   const dim3 grid(static_cast<unsigned>(n_tokens < kMaxRowBlocks ? n_tokens : kMaxRowBlocks));

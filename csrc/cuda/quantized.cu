@@ -16,10 +16,10 @@ at::Tensor expert_gemm_q8_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   check_expert_gemm_q8(x, qweight, scale, expert_offsets, activation);
   const c10::cuda::CUDAGuard guard(x.device());
   // [E, N, K] -> the [E, K, N] view expert_gemm takes (a transposed weight is one of its supported layouts)
-  const at::Tensor w =
-      (qweight.to(at::kFloat) * scale.to(at::kFloat).unsqueeze(2)).to(x.scalar_type()).transpose(1, 2);
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("molm::expert_gemm", "").typed<
-      at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view)>();
+  const at::Tensor w = (qweight.to(at::kFloat) * scale.to(at::kFloat).unsqueeze(2)).to(x.scalar_type()).transpose(1, 2);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("molm::expert_gemm", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view)>();
   return op.call(x, w, expert_offsets, activation);
 }
 

@@ -16,9 +16,9 @@
 
 namespace molm::cuda::routing {
 
-constexpr int kChunkTokens = 64;       // tokens per histogram chunk (= threads per topk_hist block)
-constexpr int kScanThreads = 1024;     // threads of the single scan block
-constexpr int kScanItems = 4;          // items per scan thread per tile
+constexpr int kChunkTokens = 64;    // tokens per histogram chunk (= threads per topk_hist block)
+constexpr int kScanThreads = 1024;  // threads of the single scan block
+constexpr int kScanItems = 4;       // items per scan thread per tile
 constexpr int kScanWarps = kScanThreads / 32;
 constexpr int64_t kMaxExperts = 8192;  // histogram of one chunk lives in shared memory (E ints)
 constexpr int kPlaceWarps = 4;         // chunks per place block
@@ -127,8 +127,8 @@ inline int64_t hist_elems(int64_t n_tokens, int64_t n_experts) { return n_expert
 // probs [N, E] contiguous -> gates, experts [N, k], sorted_slots, slot_positions [N * k], expert_offsets [E + 1];
 // hist: hist_elems(N, E) ints of workspace. E <= kMaxExperts, N * k < 2^31 (the caller checks).
 template <typename T>
-void launch_route(const T* probs, int64_t n_tokens, int64_t n_experts, int64_t k, T* gates, int64_t* experts,
-                  int* hist, int64_t* sorted_slots, int64_t* slot_positions, int64_t* expert_offsets, stream_t stream) {
+void launch_route(const T* probs, int64_t n_tokens, int64_t n_experts, int64_t k, T* gates, int64_t* experts, int* hist,
+                  int64_t* sorted_slots, int64_t* slot_positions, int64_t* expert_offsets, stream_t stream) {
   const int64_t n_chunks = ceil_div(n_tokens, kChunkTokens);
   if (n_chunks > 0)
     MOLM_CUDA_LAUNCH(topk_hist_kernel<T>, dim3(static_cast<unsigned>(n_chunks)), dim3(kChunkTokens),
@@ -138,9 +138,9 @@ void launch_route(const T* probs, int64_t n_tokens, int64_t n_experts, int64_t k
   MOLM_CUDA_LAUNCH(scan_kernel, dim3(1), dim3(kScanThreads), sizeof(int) * kScanWarps, stream, hist,
                    n_experts * n_chunks, n_chunks, n_experts, expert_offsets);
   if (n_chunks > 0)
-    MOLM_CUDA_LAUNCH(place_kernel, dim3(static_cast<unsigned>(ceil_div(n_chunks, kPlaceWarps))),
-                     dim3(kPlaceWarps * 32), size_t(0), stream, static_cast<const int64_t*>(experts), n_tokens * k, k,
-                     hist, n_chunks, sorted_slots, slot_positions);
+    MOLM_CUDA_LAUNCH(place_kernel, dim3(static_cast<unsigned>(ceil_div(n_chunks, kPlaceWarps))), dim3(kPlaceWarps * 32),
+                     size_t(0), stream, static_cast<const int64_t*>(experts), n_tokens * k, k, hist, n_chunks,
+                     sorted_slots, slot_positions);
 }
 
 }  // namespace molm::cuda::routing

@@ -47,8 +47,10 @@ constexpr bool is_16bit() {
 // Batched a @ b^T-style products with acc_t output: 16-bit inputs give fp32 through cuBLAS's fp32-output GEMM.
 template <typename scalar_t>
 at::Tensor bmm_acc(const at::Tensor& a, const at::Tensor& b) {
-  if constexpr (is_16bit<scalar_t>()) return at::bmm(a, b, at::kFloat);
-  else return at::bmm(a, b);
+  if constexpr (is_16bit<scalar_t>())
+    return at::bmm(a, b, at::kFloat);
+  else
+    return at::bmm(a, b);
 }
 
 // [B, S, H, D] -> [B*H, W, D] (keys 0 .. W-1); a view when H == 1.
@@ -89,8 +91,8 @@ void launch_scan_forward(at::Tensor& w, int64_t rows, int64_t width, int64_t G, 
 }
 
 template <typename scalar_t>
-void sb_forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const acc_type<scalar_t>* bias, double scale, at::Tensor& out) {
+void sb_forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_type<scalar_t>* bias,
+                      double scale, at::Tensor& out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), S = k.size(1);
   const int64_t tile = tile_positions(B, H, G, S, T, sizeof(acc_t));
@@ -118,7 +120,7 @@ bool fused_prefill_enabled() { return kernel_options().sb_fused.load(std::memory
 // set_kernel_options(sb_early_exit=False).
 float early_exit_below() {
   return kernel_options().sb_early_exit.load(std::memory_order_relaxed) ? -30.f
-                                                                         : -std::numeric_limits<float>::infinity();
+                                                                        : -std::numeric_limits<float>::infinity();
 }
 
 // Kernel 1's dynamic shared-memory limit, raised once per device to what the widest head (kMaxD) needs with chunk
@@ -173,8 +175,8 @@ bool fused_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 
 // The fused tensor-core prefill; false when fused_setup refuses (the caller takes the cuBLAS-tiled path).
 template <typename scalar_t>
-bool sb_forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const acc_type<scalar_t>* bias, double scale, at::Tensor& out) {
+bool sb_forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_type<scalar_t>* bias,
+                      double scale, at::Tensor& out) {
   if constexpr (!is_16bit<scalar_t>()) {
     return false;
   } else {
@@ -198,8 +200,8 @@ bool sb_forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // The fused backward (causal tensor-core products, sb_prefill.cuh); false when fused_setup refuses.
 template <typename scalar_t>
 bool sb_backward_fused(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const acc_type<scalar_t>* bias, double scale, at::Tensor& dq, at::Tensor& dk,
-                       at::Tensor& dv, at::Tensor& dbias) {
+                       const acc_type<scalar_t>* bias, double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                       at::Tensor& dbias) {
   if constexpr (!is_16bit<scalar_t>()) {
     return false;
   } else {
@@ -223,9 +225,8 @@ bool sb_backward_fused(const at::Tensor& grad, const at::Tensor& q, const at::Te
                                        dv_acc.data_ptr<float>(),
                                        dbias.numel() > 0 ? dbias.data_ptr<float>() : nullptr};
     const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
-    sp::run_backward_passes(p, reinterpret_cast<const T16*>(grad.data_ptr()), gs,
-                            reinterpret_cast<T16*>(dq.data_ptr()), buf, bd, static_cast<int>(tn_max),
-                            at::cuda::getCurrentCUDAStream());
+    sp::run_backward_passes(p, reinterpret_cast<const T16*>(grad.data_ptr()), gs, reinterpret_cast<T16*>(dq.data_ptr()),
+                            buf, bd, static_cast<int>(tn_max), at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dk.permute({0, 2, 1, 3}).copy_(dk_acc.view({B, H, S, D}));
     dv.permute({0, 2, 1, 3}).copy_(dv_acc.view({B, H, S, D}));
@@ -236,8 +237,8 @@ bool sb_backward_fused(const at::Tensor& grad, const at::Tensor& q, const at::Te
 // Returns false, having done nothing, when the grids would exceed CUDA's limits (chunks on grid y, more than
 // about 33.5 M keys; query rows x slots on grid x of the combine kernel): the tiled path takes those.
 template <typename scalar_t>
-bool sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const acc_type<scalar_t>* bias, double scale, at::Tensor& out) {
+bool sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_type<scalar_t>* bias,
+                       double scale, at::Tensor& out) {
   using acc_t = acc_type<scalar_t>;
   using dev_t = device_t<scalar_t>;
   const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), D = q.size(4), S = k.size(1);
@@ -246,8 +247,8 @@ bool sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       sb_decode::plan(B * T * H, G, D, S, props->multiProcessorCount, static_cast<int64_t>(sizeof(acc_t)));
   if (plan.n_chunks > kMaxGridYZ || B * T * H * G > kMaxGridX) return false;
   TORCH_CHECK(plan.smem <= static_cast<int64_t>(props->sharedMemPerBlockOptin), "molm::sb_attention: k = ", G,
-              " slots of D = ", D, " need ", plan.smem, " bytes of shared memory in the decode kernel, the device allows ",
-              props->sharedMemPerBlockOptin);
+              " slots of D = ", D, " need ", plan.smem,
+              " bytes of shared memory in the decode kernel, the device allows ", props->sharedMemPerBlockOptin);
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor o_part = at::empty({B * T * H * G * plan.n_chunks, D}, acc_opts);
   at::Tensor s_part = at::empty({B * T * H * G * plan.n_chunks}, acc_opts);
@@ -302,8 +303,8 @@ at::Tensor sb_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at:
 // place (w -> A, g -> dl), then dQ = scale dl K, and dK += scale dl^T Q, dV += A^T dO into acc_t buffers.
 template <typename scalar_t>
 void sb_backward_tiled(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const acc_type<scalar_t>* bias, double scale, at::Tensor& dq, at::Tensor& dk,
-                       at::Tensor& dv, at::Tensor& dbias) {
+                       const acc_type<scalar_t>* bias, double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                       at::Tensor& dbias) {
   using acc_t = acc_type<scalar_t>;
   const auto dtype = q.scalar_type();
   const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), D = q.size(4), S = k.size(1);
@@ -314,7 +315,7 @@ void sb_backward_tiled(const at::Tensor& grad, const at::Tensor& q, const at::Te
     const int64_t tn = std::min(tile, T - t0), rows = tn * G, width = S - T + t0 + tn;
     const at::Tensor kw = keys_bh(k, width), vw = keys_bh(v, width);
     const at::Tensor qt = queries_bh(q, t0, tn), gt = queries_bh(grad, t0, tn);  // [B*H, rows, D]
-    at::Tensor w = bmm_acc<scalar_t>(qt, kw.transpose(1, 2));                     // [B*H, rows, W]
+    at::Tensor w = bmm_acc<scalar_t>(qt, kw.transpose(1, 2));                    // [B*H, rows, W]
     at::Tensor g = bmm_acc<scalar_t>(gt, vw.transpose(1, 2));
     const int64_t n_rows = B * H * rows;
     const int64_t blocks = ceil_div(n_rows, kScanWarps);
@@ -348,8 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sb_attention_backward
     const at::Tensor bias_acc = sb_bias_as<acc_t>(bias);
     const acc_t* bp = sb_bias_ptr<acc_t>(bias_acc);
     const at::Tensor grad = grad_out.contiguous();
-    if (sb_backward_fused<scalar_t>(grad, q, k, v, bp, scale, dq, dk, dv, dbias))
-      return;
+    if (sb_backward_fused<scalar_t>(grad, q, k, v, bp, scale, dq, dk, dv, dbias)) return;
     sb_backward_tiled<scalar_t>(grad, q, k, v, bp, scale, dq, dk, dv, dbias);
   });
   return {dq, dk, dv, dbias};

@@ -17,7 +17,7 @@ using namespace sb;
 
 constexpr int kDecodeMaxQueries = 4;  // T <= this takes the split-KV path
 constexpr int kDecodeThreads = 256;
-constexpr int kMaxSlotsPerPass = 4;   // k slots held in registers at once (more slots loop in groups)
+constexpr int kMaxSlotsPerPass = 4;  // k slots held in registers at once (more slots loop in groups)
 
 // Element types as the kernels see them: __nv_bfloat16, __half, float, double.
 using dev::from_acc;
@@ -53,11 +53,12 @@ __device__ __forceinline__ void unpack16(const uint4& r, acc_t (&out)[16 / sizeo
 // Writes o_part[((row * G + g) * n_chunks + c) * D + d] and s_part[(row * G + g) * n_chunks + c] (fp32/fp64).
 // Shared memory: q as acc_t [G, D], then the chunk's logits -> weights as acc_t [G, chunk].
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kDecodeThreads, 2) sb_decode_chunk_kernel(
-    const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
-    const acc_t* __restrict__ bias, acc_t scale, int T, int G, int H, int D, int S, int chunk, int n_chunks,
-    int64_t qs0, int64_t qs1, int64_t qs2, int64_t qs3, int64_t ks0, int64_t ks1, int64_t ks2, int64_t vs0,
-    int64_t vs1, int64_t vs2, bool vec_ok, acc_t* __restrict__ o_part, acc_t* __restrict__ s_part) {
+__global__ void __launch_bounds__(kDecodeThreads, 2)
+    sb_decode_chunk_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                           const scalar_t* __restrict__ v, const acc_t* __restrict__ bias, acc_t scale, int T, int G,
+                           int H, int D, int S, int chunk, int n_chunks, int64_t qs0, int64_t qs1, int64_t qs2,
+                           int64_t qs3, int64_t ks0, int64_t ks1, int64_t ks2, int64_t vs0, int64_t vs1, int64_t vs2,
+                           bool vec_ok, acc_t* __restrict__ o_part, acc_t* __restrict__ s_part) {
   MOLM_SB_SMEM(smem_raw);
   acc_t* qsm = reinterpret_cast<acc_t*>(smem_raw);  // [G, D]
   acc_t* wsm = qsm + static_cast<int64_t>(G) * D;   // [G, chunk]
@@ -206,8 +207,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 2) sb_decode_chunk_kernel(
 
 // Grid (B * T * H * G). out[b, t, g, h, :] = combine of the chunks, newest first.
 template <typename scalar_t, typename acc_t>
-__global__ void sb_decode_combine_kernel(const acc_t* __restrict__ o_part, const acc_t* __restrict__ s_part,
-                                         int T, int G, int H, int D, int n_chunks, scalar_t* __restrict__ out) {
+__global__ void sb_decode_combine_kernel(const acc_t* __restrict__ o_part, const acc_t* __restrict__ s_part, int T,
+                                         int G, int H, int D, int n_chunks, scalar_t* __restrict__ out) {
   const int64_t rg = blockIdx.x;  // (row, g), row = (b * T + t) * H + h
   const int64_t row = rg / G;
   const int g = static_cast<int>(rg % G);

@@ -33,7 +33,6 @@ namespace molm::cuda::sb_prefill {
 
 namespace wmma = nvcuda::wmma;
 
-
 // ------------------------------------------------------------------------------------------------ traits
 constexpr int kThreads = 256;  // 8 warps in both kernels
 constexpr int kBM = 64;        // query rows per CTA (both kernels use the same row tiles)
@@ -78,8 +77,8 @@ struct ApplyTraits {
 // The kernels read q as "the row operand" and k / v as "the key operands"; the backward points them at dO, V, K.
 template <typename T16>
 struct Params {
-  const T16* q;       // [B, T, G, H, D] strided
-  const T16* k;       // [B, S, H, D] strided
+  const T16* q;  // [B, T, G, H, D] strided
+  const T16* k;  // [B, S, H, D] strided
   const T16* v;
   const float* bias;  // [B, S] additive (fp32), or nullptr
   T16* weights;       // [B * H, row_stride, width]: A (kernels 2, 3) or dl (backward)
@@ -100,9 +99,13 @@ struct Params {
 template <typename T16>
 __device__ __forceinline__ T16 from_float(float x);
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half(x);
+}
 
 template <typename T16>
 struct alignas(4) Pair {
@@ -171,8 +174,8 @@ __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> 
   MOLM_SB_SMEM(smem);
   const int D = p.D;
   const int64_t q_row = Tr::q_row(D);
-  T16* qs = reinterpret_cast<T16*>(smem);                   // [kBM][q_row]
-  T16* ks = qs + kBM * q_row;                               // [kStages][kBN][kKRow]
+  T16* qs = reinterpret_cast<T16*>(smem);                                // [kBM][q_row]
+  T16* ks = qs + kBM * q_row;                                            // [kStages][kBN][kKRow]
   float* ss = reinterpret_cast<float*>(ks + kStages * kBN * Tr::kKRow);  // [kBM][kSRow]
   int* done = reinterpret_cast<int*>(ss + kBM * Tr::kSRow);              // [warps]
 
@@ -267,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) sb_weights_kernel(const Params<T16> 
         if (j_lo <= i) sb::sb_terms(srow[0] * p.scale + bias_lo, beta_lo, survive, ls_lo);
         if (j_hi <= i) sb::sb_terms(srow[1] * p.scale + bias_hi, beta_hi, survive, ls_hi);
         const float incl = sb::warp_suffix_sum(ls_lo + ls_hi, lane);  // keys >= j_lo of this tile
-        float excl = __shfl_down_sync(0xffffffffu, incl, 1);            // keys > j_hi of this tile
+        float excl = __shfl_down_sync(0xffffffffu, incl, 1);          // keys > j_hi of this tile
         if (lane == 31) excl = 0.f;
         const float newer = carry[u] + excl;
         Pair<T16> w;
@@ -303,9 +306,9 @@ template <typename T16>
 __global__ void __launch_bounds__(kThreads) sb_apply_kernel(const Params<T16> p) {
   using Tr = ApplyTraits;
   MOLM_SB_SMEM(smem);
-  T16* as = reinterpret_cast<T16*>(smem);         // [kStages][kBM][kARow]
-  T16* vs = as + kStages * kBM * Tr::kARow;       // [kStages][kBK][kVRow]
-  float* os = reinterpret_cast<float*>(smem);     // [kBM][kORow] after the main loop
+  T16* as = reinterpret_cast<T16*>(smem);      // [kStages][kBM][kARow]
+  T16* vs = as + kStages * kBM * Tr::kARow;    // [kStages][kBK][kVRow]
+  float* os = reinterpret_cast<float*>(smem);  // [kBM][kORow] after the main loop
 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
@@ -382,7 +385,7 @@ __global__ void __launch_bounds__(kThreads) sb_key_grad_kernel(const Params<T16>
   const int tid = threadIdx.x, warp = tid >> 5;
   const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
   const int j0 = blockIdx.z * kBN, d0 = blockIdx.y * Tr::kBNd;  // the oldest keys (most rows) start first
-  const int pos0 = p.S - p.T + p.t0;  // position of row 0
+  const int pos0 = p.S - p.T + p.t0;                            // position of row 0
   const int r_first = j0 > pos0 ? (j0 - pos0) * p.G : 0;
   const int s_begin = r_first / Tr::kBK, n_steps = (p.rows + Tr::kBK - 1) / Tr::kBK;
   const T16* xb = p.weights + int64_t(bh) * p.row_stride * p.width + j0;
@@ -448,8 +451,8 @@ __global__ void sb_round_kernel(const float* __restrict__ src, T16* __restrict__
 
 // Grid (ceil(keys / 256), B): dbias[b, j] += sum over heads and rows (in order) of dl[bh, r, j] for this pass.
 template <typename acc_t>
-__global__ void sb_bias_grad_kernel(const acc_t* __restrict__ dl, acc_t* __restrict__ dbias, int keys, int H,
-                                    int rows, int64_t row_stride, int64_t width, int S) {
+__global__ void sb_bias_grad_kernel(const acc_t* __restrict__ dl, acc_t* __restrict__ dbias, int keys, int H, int rows,
+                                    int64_t row_stride, int64_t width, int S) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
   if (j >= keys) return;
   acc_t sum = acc_t(0);
@@ -481,8 +484,8 @@ inline int64_t row_tiles(int64_t G, int64_t tn) { return (tn * G + kBM - 1) / kB
 
 // Elements of one [B * H, row_stride, width] buffer for passes of tn query positions.
 inline int64_t weights_elements(int64_t B, int64_t H, int64_t G, int64_t S, int64_t T, int64_t tn) {
-  return B * H * row_tiles(G, tn) * kBM * weights_width(static_cast<int>(S), static_cast<int>(T),
-                                                        static_cast<int>(T - tn), static_cast<int>(tn));
+  return B * H * row_tiles(G, tn) * kBM *
+         weights_width(static_cast<int>(S), static_cast<int>(T), static_cast<int>(T - tn), static_cast<int>(tn));
 }
 
 // Query positions per pass, so that the pass buffers (bytes_per_element per weights element: 2 for the forward's
@@ -541,10 +544,10 @@ void run_passes(Params<T16> p, int bd, int tn_max, sb::stream_t stream) {
 // [B * H, S, D] (zeroed by the caller) and dbias [B, S] (fp32, zeroed; null when not wanted).
 template <typename T16>
 struct BackwardBuffers {
-  float* scores;   // Q K^T, then A (fp32)
-  float* grads;    // dO V^T, then dl (fp32)
-  T16* weights;    // A rounded to 16 bits
-  T16* dlogits;    // dl rounded to 16 bits
+  float* scores;  // Q K^T, then A (fp32)
+  float* grads;   // dO V^T, then dl (fp32)
+  T16* weights;   // A rounded to 16 bits
+  T16* dlogits;   // dl rounded to 16 bits
   float* dk_acc;
   float* dv_acc;
   float* dbias;
@@ -567,21 +570,19 @@ void run_backward_passes(const Params<T16>& p, const T16* grad_out, const int64_
     launch_weights<T16, false>(gv, bd, stream);
 
     const int64_t n_rows = int64_t(p.B) * p.H * qk.rows;
-    MOLM_SB_LAUNCH(sb::sb_scan_backward_kernel<float>, dim3(static_cast<unsigned>((n_rows + sb::kScanWarps - 1) /
-                                                                                  sb::kScanWarps)),
-                   dim3(sb::kScanWarps * 32), size_t(0), stream, buf.scores, buf.grads, n_rows, qk.rows,
-                   qk.row_stride, static_cast<int>(qk.width), p.G, p.H, p.S - p.T + qk.t0, p.S, p.bias, p.scale);
+    MOLM_SB_LAUNCH(sb::sb_scan_backward_kernel<float>,
+                   dim3(static_cast<unsigned>((n_rows + sb::kScanWarps - 1) / sb::kScanWarps)),
+                   dim3(sb::kScanWarps * 32), size_t(0), stream, buf.scores, buf.grads, n_rows, qk.rows, qk.row_stride,
+                   static_cast<int>(qk.width), p.G, p.H, p.S - p.T + qk.t0, p.S, p.bias, p.scale);
     const int keys = p.S - p.T + qk.t0 + qk.tn;
     if (buf.dbias)
-      MOLM_SB_LAUNCH(sb_bias_grad_kernel<float>, dim3(static_cast<unsigned>((keys + 255) / 256),
-                                                          static_cast<unsigned>(p.B)),
-                     dim3(256), size_t(0), stream, buf.grads, buf.dbias, keys, p.H, qk.rows, qk.row_stride,
-                     qk.width, p.S);
+      MOLM_SB_LAUNCH(sb_bias_grad_kernel<float>,
+                     dim3(static_cast<unsigned>((keys + 255) / 256), static_cast<unsigned>(p.B)), dim3(256), size_t(0),
+                     stream, buf.grads, buf.dbias, keys, p.H, qk.rows, qk.row_stride, qk.width, p.S);
     const int64_t n = int64_t(p.B) * p.H * qk.row_stride * qk.width;
     const unsigned round_blocks = static_cast<unsigned>(n / 256 + 1 < 4096 ? n / 256 + 1 : 4096);
     MOLM_SB_LAUNCH(sb_round_kernel<T16>, dim3(round_blocks), dim3(256), size_t(0), stream, buf.scores, buf.weights, n);
-    MOLM_SB_LAUNCH(sb_round_kernel<T16>, dim3(round_blocks), dim3(256), size_t(0), stream, buf.grads, buf.dlogits,
-                   n);
+    MOLM_SB_LAUNCH(sb_round_kernel<T16>, dim3(round_blocks), dim3(256), size_t(0), stream, buf.grads, buf.dlogits, n);
 
     Params<T16> dqp = qk;  // dq = scale dl K over the causal range
     dqp.weights = buf.dlogits, dqp.first_key = nullptr, dqp.out = dq, dqp.out_scale = p.scale;

@@ -57,12 +57,9 @@ using dev::warp_prefix_sum;  // inclusive sum over lanes <= lane
 // down to 0; lanes hold consecutive keys.
 // In place: scores -> weights A (entries beyond the query position -> 0).
 template <typename acc_t>
-__global__ void __launch_bounds__(kScanWarps * 32) sb_scan_forward_kernel(acc_t* __restrict__ w, int64_t n_rows,
-                                                                          int rows, int64_t row_stride,
-                                                                          int width, int G, int H,
-                                                                          int pos0, int S,
-                                                                          const acc_t* __restrict__ bias,
-                                                                          acc_t scale) {
+__global__ void __launch_bounds__(kScanWarps * 32)
+    sb_scan_forward_kernel(acc_t* __restrict__ w, int64_t n_rows, int rows, int64_t row_stride, int width, int G, int H,
+                           int pos0, int S, const acc_t* __restrict__ bias, acc_t scale) {
   const int lane = threadIdx.x & 31;
   const int64_t r_glob = static_cast<int64_t>(blockIdx.x) * kScanWarps + (threadIdx.x >> 5);
   if (r_glob >= n_rows) return;  // whole warp leaves together
@@ -90,13 +87,9 @@ __global__ void __launch_bounds__(kScanWarps * 32) sb_scan_forward_kernel(acc_t*
 // dl_j = P_j (1 - beta_j) - beta_j * sum_{m<j} P_m, and sum_{m<j} P_m = sum_{m<=i} P_m - sum_{m>=j} P_m, so both
 // passes walk newest to oldest: pass 1 sums P over the row, pass 2 recomputes A (bitwise the same) and writes.
 template <typename acc_t>
-__global__ void __launch_bounds__(kScanWarps * 32) sb_scan_backward_kernel(acc_t* __restrict__ w,
-                                                                           acc_t* __restrict__ g, int64_t n_rows,
-                                                                           int rows, int64_t row_stride,
-                                                                           int width, int G, int H,
-                                                                           int pos0, int S,
-                                                                           const acc_t* __restrict__ bias,
-                                                                           acc_t scale) {
+__global__ void __launch_bounds__(kScanWarps * 32)
+    sb_scan_backward_kernel(acc_t* __restrict__ w, acc_t* __restrict__ g, int64_t n_rows, int rows, int64_t row_stride,
+                            int width, int G, int H, int pos0, int S, const acc_t* __restrict__ bias, acc_t scale) {
   const int lane = threadIdx.x & 31;
   const int64_t r_glob = static_cast<int64_t>(blockIdx.x) * kScanWarps + (threadIdx.x >> 5);
   if (r_glob >= n_rows) return;
@@ -126,7 +119,7 @@ __global__ void __launch_bounds__(kScanWarps * 32) sb_scan_backward_kernel(acc_t
       if (pass == 0) {
         p_total += warp_sum(p);
       } else {
-        const acc_t p_suffix = warp_suffix_sum(p, lane);  // sum over keys >= j within the group
+        const acc_t p_suffix = warp_suffix_sum(p, lane);     // sum over keys >= j within the group
         const acc_t older = p_total - (p_newer + p_suffix);  // sum_{m<j} P_m
         if (valid) {
           wrow[j] = a;

@@ -16,7 +16,7 @@ namespace molm::core {
 // l = finfo.min) gives beta = 0 and log_survive = 0 exactly, as the reference's masked_fill does.
 template <typename acc_t>
 inline void sb_terms(acc_t l, acc_t& beta, acc_t& log_survive) {
-  const acc_t e = std::exp(-std::abs(l));                    // in (0, 1]
+  const acc_t e = std::exp(-std::abs(l));  // in (0, 1]
   const acc_t one = acc_t(1);
   beta = (l >= acc_t(0) ? one : e) / (one + e);
   log_survive = -(std::max(l, acc_t(0)) + std::log1p(e));

@@ -36,17 +36,29 @@
 #undef __shared__  // static shared arrays are not emulated: left undefined so that using one fails to compile
 
 // ---- vector types and built-in indices -------------------------------------------------------------------------
-struct uint3 { unsigned x, y, z; };
+struct uint3 {
+  unsigned x, y, z;
+};
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
   constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
 };
-struct alignas(8) uint2 { unsigned x, y; };
-struct alignas(16) uint4 { unsigned x, y, z, w; };
-struct alignas(16) int4 { int x, y, z, w; };
-struct alignas(8) float2 { float x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(16) int4 {
+  int x, y, z, w;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
@@ -66,8 +78,11 @@ constexpr std::size_t kMaxDynamicSmem = 232448;  // H100/H200 opt-in limit per b
 
 namespace detail {
 
-struct Trap { std::string msg; };  // thrown by trap(); not a std::exception so kernel code cannot swallow it
-struct Aborted {};                 // unwinds threads blocked at a barrier after another thread trapped
+// thrown by trap(); not a std::exception so kernel code cannot swallow it
+struct Trap {
+  std::string msg;
+};
+struct Aborted {};  // unwinds threads blocked at a barrier after another thread trapped
 
 // Generation-counting barrier with arrive-and-drop: `expected` is the number of live participants.
 struct Barrier {
@@ -229,7 +244,8 @@ inline unsigned live_lanes(Cta& c) {
 inline unsigned check_mask(Cta& c, unsigned mask, const char* fn) {
   const unsigned live = live_lanes(c);
   if ((mask & live) != live)
-    trap_in_kernel(std::string(fn) + ": mask must include every live lane of the warp (partial masks are not emulated)");
+    trap_in_kernel(std::string(fn) +
+                   ": mask must include every live lane of the warp (partial masks are not emulated)");
   return live;
 }
 
@@ -271,10 +287,22 @@ T shfl(unsigned mask, T v, Shfl mode, int b, int width, const char* fn) {
   int j = lane;
   bool ok = true;
   switch (mode) {
-    case Shfl::idx: j = min_lane | (b & 31 & ~seg); ok = j <= max_lane; break;
-    case Shfl::up: j = lane - b; ok = j >= min_lane; break;
-    case Shfl::down: j = lane + b; ok = j <= max_lane; break;
-    case Shfl::bfly: j = lane ^ (b & 31); ok = j <= max_lane; break;
+    case Shfl::idx:
+      j = min_lane | (b & 31 & ~seg);
+      ok = j <= max_lane;
+      break;
+    case Shfl::up:
+      j = lane - b;
+      ok = j >= min_lane;
+      break;
+    case Shfl::down:
+      j = lane + b;
+      ok = j <= max_lane;
+      break;
+    case Shfl::bfly:
+      j = lane ^ (b & 31);
+      ok = j <= max_lane;
+      break;
   }
   if (!ok) return v;
   if (!((mask & live) >> j & 1u))  // undefined on hardware: the source lane has exited or is not in mask
@@ -396,8 +424,8 @@ void launch(dim3 grid, dim3 block, std::size_t smem_bytes, Kernel kernel, Args..
       }
       if (!err.empty()) {
         std::lock_guard<std::mutex> lk(c.m);
-        detail::abort_locked(c, err + " (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
-                                    "," + std::to_string(blockIdx.z) + ", thread " + std::to_string(tid) + ")");
+        detail::abort_locked(c, err + " (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
+                                    std::to_string(blockIdx.z) + ", thread " + std::to_string(tid) + ")");
       }
       detail::exit_thread(c);
       if (detail::end_of_cta(c)) break;
@@ -475,11 +503,13 @@ unsigned vote(unsigned mask, const T& v, const char* fn, Pred pred) {
 }  // namespace molm_emu::detail
 
 inline unsigned __ballot_sync(unsigned mask, int pred) {
-  return molm_emu::detail::vote(mask, pred != 0, "__ballot_sync", [](std::uint64_t s, std::uint64_t) { return s != 0; });
+  return molm_emu::detail::vote(mask, pred != 0, "__ballot_sync",
+                                [](std::uint64_t s, std::uint64_t) { return s != 0; });
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
 inline int __all_sync(unsigned mask, int pred) {  // no lane votes false
-  return molm_emu::detail::vote(mask, pred != 0, "__all_sync", [](std::uint64_t s, std::uint64_t) { return s == 0; }) == 0;
+  return molm_emu::detail::vote(mask, pred != 0, "__all_sync", [](std::uint64_t s, std::uint64_t) { return s == 0; }) ==
+         0;
 }
 // Lanes (of the live lanes in mask) holding the same value as this lane.
 template <typename T>
@@ -518,7 +548,9 @@ inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __saturatef(float x) { return x != x ? 0.0f : std::min(std::max(x, 0.0f), 1.0f); }
 template <typename T>
-T __ldg(const T* p) { return *p; }
+T __ldg(const T* p) {
+  return *p;
+}
 // Round-to-nearest arithmetic that CUDA never contracts into an FMA (g++ does not contract without -mfma/-march).
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
@@ -547,10 +579,18 @@ inline int __double2hiint(double d) { return int(molm_emu::detail::bits<std::uin
 inline int __double2loint(double d) { return int(unsigned(molm_emu::detail::bits<std::uint64_t>(d))); }
 
 // ---- 16-bit floats (CUDA's bit layout; conversions are explicit, as in torch extensions) -----------------------
-struct alignas(2) __nv_bfloat16 { unsigned short __x; };
-struct alignas(2) __half { unsigned short __x; };
-struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
-struct alignas(4) __half2 { __half x, y; };
+struct alignas(2) __nv_bfloat16 {
+  unsigned short __x;
+};
+struct alignas(2) __half {
+  unsigned short __x;
+};
+struct alignas(4) __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+struct alignas(4) __half2 {
+  __half x, y;
+};
 
 namespace molm_emu::detail {
 inline unsigned short f2bf(float f) {  // round to nearest even; NaN -> canonical NaN 0x7fff (as CUDA)
@@ -564,7 +604,7 @@ inline unsigned short f2h(float f) {  // round to nearest even, subnormals, over
   const std::uint32_t sign = (x >> 16) & 0x8000u, u = x & 0x7fffffffu;
   if (u > 0x7f800000u) return 0x7fff;
   if (u >= 0x477ff000u) return static_cast<unsigned short>(sign | 0x7c00u);  // >= 65520 (half-way above 65504)
-  if (u <= 0x33000000u) return static_cast<unsigned short>(sign);             // <= 2^-25 (tie rounds to 0)
+  if (u <= 0x33000000u) return static_cast<unsigned short>(sign);            // <= 2^-25 (tie rounds to 0)
   std::uint32_t mant, rem, half;
   std::uint32_t h;
   if (u >= 0x38800000u) {  // normal result: keep 10 of 23 mantissa bits, rebias the exponent 127 -> 15
@@ -652,10 +692,10 @@ enum layout_t { mem_row_major, mem_col_major };
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "molm_emu: only the 16x16x16 WMMA shape is emulated");
-  static_assert(std::is_same_v<Use, accumulator> ? std::is_same_v<T, float> && std::is_void_v<Layout>
-                                                 : (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) &&
-                                                       (std::is_same_v<Layout, row_major> ||
-                                                        std::is_same_v<Layout, col_major>),
+  static_assert(std::is_same_v<Use, accumulator>
+                    ? std::is_same_v<T, float> && std::is_void_v<Layout>
+                    : (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) &&
+                          (std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>),
                 "molm_emu: fragments are bf16/fp16 matrix_a/b with a layout, or float accumulators without one");
   using element_type = T;
   static constexpr int num_elements = 256;
@@ -681,9 +721,12 @@ void load(T* x, const T* p, unsigned ldm, bool row) {
 template <typename Use, typename T, typename Layout, typename V>
 void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, const V& v) {
   T t;
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<V, T>) t = static_cast<T>(v);
-  else if constexpr (std::is_same_v<T, __half>) t = __float2half(float(v));
-  else t = __float2bfloat16(float(v));
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<V, T>)
+    t = static_cast<T>(v);
+  else if constexpr (std::is_same_v<T, __half>)
+    t = __float2half(float(v));
+  else
+    t = __float2bfloat16(float(v));
   for (auto& e : f.x) e = t;
 }
 
