@@ -108,6 +108,9 @@ def test_ctrl_c_prints_what_was_produced_and_exits_130():
             "100000",
             "--dtype",
             "float32",
+            "--greedy",  # with no penalty: what molm.generate does by default
+            "--repetition-penalty",
+            "1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -171,6 +171,7 @@ def test_saved_surgery_result_keeps_the_tokenizer(tmp_path, capsys, surgery):
     assert (
         main(
             ["generate", "--model", str(tmp_path / "out"), "It was the", "--max-new-tokens", "6", "--dtype", "float32"]
+            + ["--greedy", "--repetition-penalty", "1"]  # what molm.generate does by default
         )
         == 0
     )
