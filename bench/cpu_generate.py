@@ -32,16 +32,34 @@ from molm.config import PRESETS
 from common import median_seconds, peak_rss_gb, random_model, run_metadata
 
 
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def decode_bytes_per_step(model, context: int) -> int:
     """Bytes a batch-1 decode step must read at least: lm_head, routers, norms, the k chosen experts of every MoE
-    site and the KV cache (once per layer when K = V)."""
+    site (int8 ones with their scales) and the KV cache (once per layer when K = V), in their stored dtypes."""
     c = model.config
-    size = model.transformer.wte.weight.element_size()
-    layer = model.transformer.h[0]
-    per_layer = sum(p.numel() for name, p in layer.named_parameters() if "experts" not in name)
-    per_layer += c.k_att * 2 * c.n_embd * c.att_hidden + c.k_mlp * 2 * c.n_embd * c.ffd_hidden
-    per_layer += context * c.att_hidden * (1 if c.identity_kv else 2)
-    return size * (c.n_layer * per_layer + c.vocab_size * c.n_embd + c.n_embd)
+    act = model.transformer.wte.weight.element_size()
+    total = 0
+    for block in model.transformer.h:
+        for name, t in [*block.named_parameters(), *block.named_buffers()]:
+            if "experts" not in name:
+                total += _bytes(t)
+        for moe, k in ((block.attn.q_proj, c.k_att), (block.mlpf, c.k_mlp)):
+            for experts in (moe.experts, moe.output_experts):
+                per_expert = sum(_bytes(t) for t in experts.state_dict().values()) // experts.weight.shape[0]
+                total += k * per_expert
+        total += context * c.att_hidden * act * (1 if c.identity_kv else 2)
+    head = sum(_bytes(t) for t in model.lm_head.state_dict().values())
+    return total + head + _bytes(model.transformer.ln_f.weight) * 2
+
+
+def read_bandwidth_gbs() -> float:
+    """Streaming-read bandwidth of this machine with the current torch threads: a sum over 1 GiB of fp32."""
+    x = torch.ones(2**28)
+    seconds = median_seconds(lambda: x.sum(), runs=5)
+    return x.numel() * 4 / seconds / 1e9
 
 
 def decode_rate(model, batch: int, prompt: int, steps: int) -> float:
@@ -151,6 +169,7 @@ def git_commit(path: str) -> str:
 
 def contention_main(args) -> None:
     builds = dict(b.split("=", 1) for b in args.builds) or {"this": os.path.dirname(os.path.dirname(__file__))}
+    float_dtypes = [d for d in args.dtypes if d != "int8"]  # older checkouts have no int8
     records = []
     print(
         f"batch-1 decode, MoLM-350M-4B widths, {args.layers} layers, prompt {args.prompt}, {args.steps} steps, "
@@ -170,7 +189,7 @@ def contention_main(args) -> None:
     }
     for phase in args.phases:
         compete, threads, isas, measure = phases[phase]
-        for dtype in args.dtypes if "isa" in phase else args.dtypes[:1]:
+        for dtype in float_dtypes if "isa" in phase else float_dtypes[:1]:
             for name, path in builds.items():
                 if "isa" in phase and "def set_cpu_isa" not in open(os.path.join(path, "molm", "ops.py")).read():
                     continue  # a checkout without the switch has nothing to report here
@@ -241,7 +260,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4, help="layers of the MoLM-350M-4B config to keep (24 = full)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16", "int8"],
+        help="float32, bfloat16, or int8 (bf16 with int8 experts and lm_head)",
+    )
     parser.add_argument("--prompt", type=int, default=128, help="prompt length before decoding")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed")
     parser.add_argument("--prefill", type=int, default=256, help="prefill length per sequence")
@@ -271,13 +295,19 @@ def main() -> None:
     print(f"MoLM-350M-4B widths, {args.layers} layers, torch {torch.__version__}, {torch.get_num_threads()} threads")
     header = (
         f"{'dtype':>9} {'batch':>5} {'backend':>10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode x':>9} "
-        f"{'decode GB/s':>12} {'peak RSS GB':>12}"
+        f"{'decode GB/s':>12} {'%read':>7} {'peak RSS GB':>12}"
     )
     print(header)
     print("-" * len(header))
+    bandwidth = read_bandwidth_gbs()
+    print(f"streaming read: {bandwidth:.1f} GB/s")
     for dtype_name in args.dtypes:
-        # built straight in the dtype: the full 24-layer model is 4 B parameters (16 GB in fp32, 8 GB in bf16)
-        model = random_model(config, getattr(torch, dtype_name), "cpu", backend="reference", seed=0)
+        # built straight in the dtype: the full 24-layer model is 4 B parameters (16 GB in fp32, 8 GB in bf16);
+        # int8: the bf16 model with its experts and lm_head quantized (molm.quantize)
+        dtype = torch.bfloat16 if dtype_name == "int8" else getattr(torch, dtype_name)
+        model = random_model(config, dtype, "cpu", backend="reference", seed=0)
+        if dtype_name == "int8":
+            molm.quantize(model)
         for batch in args.batches:
             rates = {}
             for backend in args.backends:
@@ -300,7 +330,7 @@ def main() -> None:
                 rss = peak_rss_gb()
                 print(
                     f"{dtype_name:>9} {batch:>5} {backend:>10} {prefill:>14.1f} {decode:>13.2f} {speedup:>8.2f}x "
-                    f"{gbs:>12.2f} {rss:>12.1f}"
+                    f"{gbs:>12.2f} {100 * gbs / bandwidth:>6.0f}% {rss:>12.1f}"
                 )
                 records.append(
                     {
@@ -314,12 +344,13 @@ def main() -> None:
                         "decode_tok_s": decode,
                         "decode_speedup_vs_reference": speedup,
                         "decode_GB_s_batch1": None if batch != 1 else gbs,
+                        "decode_pct_of_read_bandwidth": None if batch != 1 else 100 * gbs / bandwidth,
                         "peak_rss_GB": rss,
                     }
                 )
         del model
     if args.json:
-        meta = run_metadata()
+        meta = {**run_metadata(), "read_bandwidth_GB_s": bandwidth, "threads": torch.get_num_threads()}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "records": records}, f, indent=2)
 
