@@ -12,13 +12,9 @@
 #include "../checks.h"
 #include "../dispatch.h"
 #include "gemm.h"
+#include "simd.h"
 #include "thread_pool.h"
 #include "vec.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MOLM_X86 1
-#include <immintrin.h>
-#endif
 
 namespace molm::cpu {
 namespace {
@@ -45,26 +41,9 @@ void dot_rows_scalar(const float* x, int64_t M, int64_t K, const w_t* w, int64_t
 }
 
 #ifdef MOLM_X86
-#define MOLM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define MOLM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
-#define MOLM_TARGET_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
-
-// ---------------------------------------------------------------- AVX2 + FMA (+ F16C)
-MOLM_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-MOLM_TARGET_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-MOLM_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-MOLM_TARGET_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using simd::hsum8;
+using simd::load16;
+using simd::load8;
 
 template <typename w_t>
 MOLM_TARGET_AVX2 void dot_rows_avx2(const float* x, int64_t M, int64_t K, const w_t* w, int64_t ldw, int64_t R,
@@ -97,15 +76,6 @@ MOLM_TARGET_AVX2 void dot_rows_avx2(const float* x, int64_t M, int64_t K, const 
 }
 
 // ---------------------------------------------------------------- AVX-512F
-MOLM_TARGET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-MOLM_TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-MOLM_TARGET_AVX512 inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
 template <typename w_t>
 MOLM_TARGET_AVX512 void dot_rows_avx512(const float* x, int64_t M, int64_t K, const w_t* w, int64_t ldw, int64_t R,
                                         float* y, int64_t ldy) {

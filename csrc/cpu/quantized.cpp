@@ -15,13 +15,9 @@
 #include "../checks.h"
 #include "../dispatch.h"
 #include "gelu.h"
+#include "simd.h"
 #include "thread_pool.h"
 #include "vec.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MOLM_X86 1
-#include <immintrin.h>
-#endif
 
 namespace molm::cpu {
 namespace {
@@ -44,22 +40,7 @@ void row_dots_scalar(const float* x, int64_t K, const int8_t* q, int64_t ldq, in
 }
 
 #ifdef MOLM_X86
-#define MOLM_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define MOLM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
-
-MOLM_TARGET_AVX2 inline __m256 widen8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-MOLM_TARGET_AVX512 inline __m512 widen16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-MOLM_TARGET_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using simd::hsum8;
 
 // four weight rows at a time, one dot product each
 MOLM_TARGET_AVX2 void row_dots_avx2(const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows, float* y) {
@@ -73,10 +54,10 @@ MOLM_TARGET_AVX2 void row_dots_avx2(const float* x, int64_t K, const int8_t* q, 
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
       const __m256 xv = _mm256_loadu_ps(x + k);
-      a0 = _mm256_fmadd_ps(xv, widen8(q0 + k), a0);
-      a1 = _mm256_fmadd_ps(xv, widen8(q1 + k), a1);
-      a2 = _mm256_fmadd_ps(xv, widen8(q2 + k), a2);
-      a3 = _mm256_fmadd_ps(xv, widen8(q3 + k), a3);
+      a0 = _mm256_fmadd_ps(xv, simd::load8(q0 + k), a0);
+      a1 = _mm256_fmadd_ps(xv, simd::load8(q1 + k), a1);
+      a2 = _mm256_fmadd_ps(xv, simd::load8(q2 + k), a2);
+      a3 = _mm256_fmadd_ps(xv, simd::load8(q3 + k), a3);
     }
     float s[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
     for (; k < K; ++k) {
@@ -102,10 +83,10 @@ MOLM_TARGET_AVX512 void row_dots_avx512(const float* x, int64_t K, const int8_t*
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
       const __m512 xv = _mm512_loadu_ps(x + k);
-      a0 = _mm512_fmadd_ps(xv, widen16(q0 + k), a0);
-      a1 = _mm512_fmadd_ps(xv, widen16(q1 + k), a1);
-      a2 = _mm512_fmadd_ps(xv, widen16(q2 + k), a2);
-      a3 = _mm512_fmadd_ps(xv, widen16(q3 + k), a3);
+      a0 = _mm512_fmadd_ps(xv, simd::load16(q0 + k), a0);
+      a1 = _mm512_fmadd_ps(xv, simd::load16(q1 + k), a1);
+      a2 = _mm512_fmadd_ps(xv, simd::load16(q2 + k), a2);
+      a3 = _mm512_fmadd_ps(xv, simd::load16(q3 + k), a3);
     }
     float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
                   _mm512_reduce_add_ps(a3)};
