@@ -456,3 +456,41 @@ def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc for the resident set size")
+def test_64_clients_x_8_requests_every_answer_once_and_memory_flat(live):
+    """A bounded load test: 64 concurrent clients send 8 requests each; every request is answered exactly once with
+    the length it asked for, and the server's resident memory does not grow across the run (after a warm-up wave
+    that reaches the same batch sizes)."""
+    clients, per_client = 64, 8
+
+    def wave(rounds):
+        def client(c):
+            return [
+                (
+                    1 + (c + r) % 4,
+                    live.complete(PROMPTS[(c + r) % len(PROMPTS)], max_tokens=1 + (c + r) % 4, temperature=0),
+                )
+                for r in range(rounds)
+            ]
+
+        with ThreadPoolExecutor(clients) as pool:
+            return [pair for result in pool.map(client, range(clients)) for pair in result]
+
+    wave(1)  # warm-up: the allocator and the batch cache reach their working sizes
+    rss_before, requests_before = _rss_bytes(), metric(live, "molm_requests_total")
+    answers = wave(per_client)
+    rss_growth = _rss_bytes() - rss_before
+    assert metric(live, "molm_requests_total") - requests_before == clients * per_client
+    assert len({answer.id for _, answer in answers}) == clients * per_client  # none lost, none duplicated
+    for max_tokens, answer in answers:
+        choice = answer.choices[0]
+        assert len(answer.choices) == 1 and choice.finish_reason in ("length", "stop")
+        assert (answer.usage.completion_tokens == max_tokens) == (choice.finish_reason == "length")
+    assert rss_growth < 64 * 2**20, f"resident memory grew by {rss_growth / 2**20:.1f} MiB over {len(answers)} requests"
