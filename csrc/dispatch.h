@@ -1,4 +1,4 @@
-// Dtype and value switches, written once. Every kernel family dispatches through these macros so that the
+// The dtype switch, written once. Every kernel family dispatches through these macros so that the
 // supported set (fp32, fp64, bf16, fp16) and the error for anything else are the same everywhere.
 #pragma once
 
@@ -31,18 +31,6 @@
         TORCH_CHECK_TYPE(false, OPNAME, ": unsupported dtype ", TYPE,          \
                          " (expected float32, float64, bfloat16 or float16)"); \
     }                                                                          \
-  }()
-
-// Runs __VA_ARGS__ with the compile-time bool CONST_NAME equal to COND.
-#define MOLM_BOOL_SWITCH(COND, CONST_NAME, ...) \
-  [&] {                                         \
-    if (COND) {                                 \
-      constexpr bool CONST_NAME = true;         \
-      return __VA_ARGS__();                     \
-    } else {                                    \
-      constexpr bool CONST_NAME = false;        \
-      return __VA_ARGS__();                     \
-    }                                           \
   }()
 
 namespace molm {
