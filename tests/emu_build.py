@@ -1,4 +1,4 @@
-"""Builds C++ sources that include the CPU CUDA emulator (csrc/cuda/emu/cuda_emu.h) into a shared library for
+"""Builds C++ sources that include the CPU CUDA emulator (tests/cuda_emu/cuda_emu.h) into a shared library for
 ctypes, so CUDA kernel source can be tested on machines without a GPU."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+EMU = ROOT / "tests" / "cuda_emu"  # the CPU emulator of CUDA (test support, not shipped)
 FLAGS = ["-O2", "-std=c++17", "-pthread", "-shared", "-fPIC", "-DMOLM_CUDA_EMU"]
 # MOLM_EMU_SANITIZE=address or =thread builds instrumented libraries (the sanitizer runtime must be preloaded into
 # Python): ASan catches a kernel reading or writing outside its buffers; TSan, since every emulated CUDA thread is an
@@ -38,8 +39,8 @@ def _compiler() -> str | None:
 
 
 def _newest_input(sources: list[Path]) -> float:
-    # every header under csrc/: kernel headers include csrc/cpu/core/ too
-    headers = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in HEADER_SUFFIXES]
+    # every header under csrc/ (kernel headers include csrc/cpu/core/ too) and the emulator's
+    headers = [p for d in (ROOT / "csrc", EMU) for p in d.rglob("*") if p.suffix in HEADER_SUFFIXES]
     return max(p.stat().st_mtime for p in [*sources, *headers])
 
 
@@ -56,10 +57,9 @@ def load_emu_library(name: str, sources: list[str]) -> ctypes.CDLL:
     out = ROOT / "build" / "emu" / (f"{name}-{sanitize}.so" if sanitize else f"{name}.so")
     if not out.exists() or out.stat().st_mtime < _newest_input(srcs):
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(
-            f"{out.name}.{os.getpid()}.tmp"
-        )  # renamed into place: concurrent runs never see half a file
-        cmd = [cxx, *FLAGS, *SANITIZE.get(sanitize, []), f"-I{ROOT / 'csrc'}", *map(str, srcs), "-o", str(tmp)]
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # renamed into place: runs never see half a file
+        includes = [f"-I{ROOT / 'csrc'}", f"-I{EMU}"]
+        cmd = [cxx, *FLAGS, *SANITIZE.get(sanitize, []), *includes, *map(str, srcs), "-o", str(tmp)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             tmp.unlink(missing_ok=True)

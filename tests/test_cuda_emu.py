@@ -1,4 +1,4 @@
-"""The CPU CUDA emulator (csrc/cuda/emu/cuda_emu.h) through the CUDA-style kernels of tests/emu/selftest_kernels.cpp:
+"""The CPU CUDA emulator (tests/cuda_emu/cuda_emu.h) through the CUDA-style kernels of tests/emu/selftest_kernels.cpp:
 warp shuffles and votes, smem + barriers, early exits, async copies, a WMMA GEMM, 16-bit conversions, traps,
 deadlocks and launch checks, each against numpy/torch references. Needs only a C++ compiler."""
 

@@ -1,6 +1,6 @@
 """The fused CUDA prefill kernels of sb_attention (csrc/cuda/sb_prefill.cuh), run on the CPU emulator.
 
-The kernel source and its pass loop compile with -DMOLM_CUDA_EMU against csrc/cuda/emu/cuda_emu.h; each CTA runs as
+The kernel source and its pass loop compile with -DMOLM_CUDA_EMU against tests/cuda_emu/cuda_emu.h; each CTA runs as
 CPU threads. Outputs are held to the same bound as the CUDA tests (tests/tolerances.py: fp64 reference on the same
 rounded inputs, the reference in the test dtype as the low-precision yardstick). The output buffer and the kernels'
 weights buffer start as NaN, so an element that is never written, or read before it is written, fails the test.

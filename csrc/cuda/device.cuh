@@ -1,10 +1,10 @@
 // The CUDA headers, launch macros and small device math shared by the ATen-free kernel headers (permute.cuh,
 // expert_gemm.cuh, sb_*.cuh). Compiles with nvcc and, with MOLM_CUDA_EMU, against the CPU emulator
-// (csrc/cuda/emu/cuda_emu.h), so the same kernel source runs in tests without a GPU.
+// (tests/cuda_emu/cuda_emu.h), so the same kernel source runs in tests without a GPU.
 #pragma once
 
 #ifdef MOLM_CUDA_EMU
-#include "cuda/emu/cuda_emu.h"
+#include "cuda_emu.h"  // test support: the emulator builds put tests/cuda_emu on the include path
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

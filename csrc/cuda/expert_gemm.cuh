@@ -1,5 +1,5 @@
 // Grouped expert GEMM over contiguous expert segments (forward) and its weight gradient: kernels and launch
-// decisions, free of ATen so that the CPU emulator (csrc/cuda/emu/) runs them in tests/test_expert_gemm_emu.py.
+// decisions, free of ATen so that the CPU emulator (tests/cuda_emu/) runs them in tests/test_expert_gemm_emu.py.
 // The segment bounds are read on the device (no host sync, graph-capturable). Three paths:
 //   * decode GEMV (M <= kGemvMaxM rows in all, fp32/bf16/fp16, weight [.., Nout] contiguous): each block streams
 //     a (depth chunk x 512-column) slab of one expert's weight once, in 16-byte loads, for up to 8 rows at a

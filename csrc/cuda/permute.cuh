@@ -1,5 +1,5 @@
 // Gather / scatter between token order and expert-sorted order: kernels and launch decisions, free of ATen so that
-// the CPU emulator (csrc/cuda/emu/) runs them in tests/test_permute_emu.py. One block per row (grid-stride), threads
+// the CPU emulator (tests/cuda_emu/) runs them in tests/test_permute_emu.py. One block per row (grid-stride), threads
 // across the row in 16-byte vectors when the row allows it. No atomics: scatter_ksum sums the k slots of a token in
 // slot order in fp32 (fp64 for fp64) inside one thread, so results are bitwise repeatable and equal the reference's
 // `out += g * y` (products and sums rounded separately, no FMA contraction).

@@ -1,4 +1,4 @@
-// Routing kernels after the softmax, free of ATen so that the CPU emulator (csrc/cuda/emu/) runs them in
+// Routing kernels after the softmax, free of ATen so that the CPU emulator (tests/cuda_emu/) runs them in
 // tests/test_routing_emu.py. Three kernels with no host synchronisation (graph-capturable):
 //   1. topk_hist: one thread per token runs core::topk_row (the CPU's code) and a per-chunk expert histogram
 //      (chunk = kChunkTokens consecutive tokens = one block; shared-memory integer atomics, order-free).

@@ -1,5 +1,5 @@
 // Split-KV decode of stick-breaking attention (T <= kDecodeMaxQueries query positions per sequence): kernels and
-// launch plan, free of ATen so that the CPU emulator (csrc/cuda/emu/) runs them in tests/test_sb_decode_emu.py.
+// launch plan, free of ATen so that the CPU emulator (tests/cuda_emu/) runs them in tests/test_sb_decode_emu.py.
 // One CTA per (query position, key chunk) reads each key row of its chunk once for all k slots of the token, scores
 // it, runs the newest-to-oldest scan over the chunk (warp scan, carry = running log-survival) and accumulates A @ V;
 // a second kernel combines the chunks newest to oldest, o = o_0 + exp(s_0) * (o_1 + exp(s_1) * (...)). No host

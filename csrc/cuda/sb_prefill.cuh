@@ -21,7 +21,7 @@
 // No atomics: every output element is written by exactly one thread per launch, results are bitwise repeatable.
 //
 // The same source compiles with nvcc and, with MOLM_CUDA_EMU, with a host compiler against the CPU emulator in
-// csrc/cuda/emu/ (tests/test_sb_prefill_emu.py runs the kernels that way on machines without a GPU).
+// tests/cuda_emu/ (tests/test_sb_prefill_emu.py runs the kernels that way on machines without a GPU).
 #pragma once
 
 #include <cstdint>

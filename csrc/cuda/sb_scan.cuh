@@ -1,6 +1,6 @@
 // Stick-breaking device math and the per-row scan kernels shared by the CUDA kernels of sb_attention
 // (sb_attention.cu: decode and the cuBLAS-tiled path; sb_prefill.cuh: the fused prefill and its backward).
-// Compiles with nvcc and, with MOLM_CUDA_EMU, against the CPU emulator (csrc/cuda/emu/cuda_emu.h).
+// Compiles with nvcc and, with MOLM_CUDA_EMU, against the CPU emulator (tests/cuda_emu/cuda_emu.h).
 #pragma once
 
 #include "device.cuh"

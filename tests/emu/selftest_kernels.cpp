@@ -1,8 +1,8 @@
-// CUDA-style kernels, written as they would be in a .cu file, that test the CPU emulator (csrc/cuda/emu/cuda_emu.h)
+// CUDA-style kernels, written as they would be in a .cu file, that test the CPU emulator (tests/cuda_emu/cuda_emu.h)
 // from tests/test_cuda_emu.py. Each extern "C" entry point launches through molm_emu on host pointers and returns 0,
 // or -1 with the message in emu_last_error(): a trap or bad launch never takes the Python process down.
 #ifdef MOLM_CUDA_EMU
-#include "cuda/emu/cuda_emu.h"
+#include "cuda_emu.h"
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,6 +1,6 @@
 // CPU emulator of the CUDA subset molm's kernels use, so the same kernel source compiles with g++ (-DMOLM_CUDA_EMU
 // -pthread) and can be tested without a GPU. Every CUDA thread is a std::thread; CTAs run one after the other.
-// Semantics and limits: csrc/cuda/emu/README.md.
+// Semantics and limits: tests/cuda_emu/README.md.
 #pragma once
 
 #include <math.h>  // the C++ wrapper: expf, fabsf, fminf, ... and the float overloads of fabs/exp in the global namespace
