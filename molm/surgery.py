@@ -5,8 +5,8 @@ Both return a fresh plain ModuleFormerForCausalLM whose config has the new n_att
 tensor whose shape depends on it: `experts.weight`, `output_experts.weight` and the router's output rows
 (`w_gate.3.weight` for the mlp gate, `w_gate.0.weight` for the linear gate, `expert_centroids` for gmm).
 
-Routing caveat (spec §3.4): gates are the raw softmax probabilities over *all* experts, never renormalised over the
-chosen k. So the softmax denominator changes with the expert count:
+Routing caveat (docs/model.md §3.4): gates are the raw softmax probabilities over *all* experts, never
+renormalised over the chosen k. So the softmax denominator changes with the expert count:
 - extend: new router rows take probability mass from the old experts, so even with freeze_old the old experts'
   gates shrink until the model has learned to use (or ignore) the new ones. New rows start near zero logits (the
   original init, normal(0, initializer_range)), so a new expert starts at about the probability of a neutral one.

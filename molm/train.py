@@ -1,5 +1,5 @@
-"""Causal-LM training and finetuning: AdamW, warmup + cosine schedule, gradient accumulation, fp32 or bf16 (fp32
-master weights), MI aux loss (spec §4), load concentration, periodic eval perplexity, HF-format checkpoints with
+"""Causal-LM training and finetuning: AdamW, warmup + cosine schedule, gradient accumulation, fp32 or bf16 (fp32 master
+weights), MI aux loss (docs/model.md §4), load concentration, periodic eval perplexity, HF-format checkpoints with
 resume, tqdm progress, a loss-curve PNG, and torchrun data parallel (gradient all-reduce; gloo on CPU, nccl on CUDA).
 
 Batches are random windows of the token stream drawn from a generator seeded by (seed, step, micro-step), and the
@@ -62,10 +62,11 @@ class TrainConfig:
 def concentration_loss(routings) -> torch.Tensor:
     """Sum over routers of the marginal entropy H(p̄) of expert usage, p̄_e = mean over tokens of p(e|x).
 
-    This is exactly the term the MI loss (spec §4) *maximises* to balance experts, with the sign flipped: adding it
-    with weight w turns L_MI = H(e|x) - H(e) into H(e|x) - (1 - w) H(e). For w > 1 the pressure is to concentrate
-    the task's tokens on few experts while each token stays confident, so the unused experts can be pruned. It uses
-    probabilities, not top-k counts, so it is differentiable and also moves mass off experts that are not chosen.
+    This is exactly the term the MI loss (docs/model.md §4) *maximises* to balance experts, with the sign flipped:
+    adding it with weight w turns L_MI = H(e|x) - H(e) into H(e|x) - (1 - w) H(e). For w > 1 the pressure is to
+    concentrate the task's tokens on few experts while each token stays confident, so the unused experts can be pruned.
+    It uses probabilities, not top-k counts, so it is differentiable and also moves mass off experts that are not
+    chosen.
     """
     total = None
     for _, r in routings:
