@@ -72,6 +72,8 @@ def with_sm90_gemm(choice: str, fn):
         with ops.kernel_options_scope(sm90_gemm=choice):
             return fn()
 
+    return run
+
 
 def gemm_impls(x, w, offsets, activation):
     """name -> callable, for the grouped GEMM and its baselines (each computing act(x_e @ w_e) per segment)."""
