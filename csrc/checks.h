@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <vector>
 
 namespace molm {
 
@@ -45,6 +46,18 @@ inline void check_last_dim_contiguous(const char* op, const char* arg, const at:
 
 inline void check_size(const char* op, const char* what, int64_t got, int64_t expected) {
   TORCH_CHECK_VALUE(got == expected, op, ": ", what, " must be ", expected, ", got ", got);
+}
+
+// Reads and validates host-side expert offsets: offsets[0] == 0, non-decreasing, offsets[E] == M.
+inline std::vector<int64_t> read_expert_offsets(const char* op, const at::Tensor& expert_offsets, int64_t m) {
+  const int64_t* p = expert_offsets.data_ptr<int64_t>();
+  std::vector<int64_t> b(p, p + expert_offsets.numel());
+  TORCH_CHECK_VALUE(b.front() == 0 && b.back() == m, op, ": expert_offsets must start at 0 and end at x.size(0) = ", m,
+                    ", got ", b.front(), " .. ", b.back());
+  for (size_t e = 0; e + 1 < b.size(); ++e)
+    TORCH_CHECK_VALUE(b[e] <= b[e + 1], op, ": expert_offsets must be non-decreasing, got offsets[", e, "] = ", b[e],
+                      " > offsets[", e + 1, "] = ", b[e + 1]);
+  return b;
 }
 
 // logits [N, E] floating, 1 <= k <= E.

@@ -54,39 +54,6 @@ def default_backend() -> str:
     return "extension" if ops.extension_available() else "reference"
 
 
-class ModuleFormerModel(nn.Module):
-    def __init__(self, config: ModuleFormerConfig):
-        super().__init__()
-        self.config = config
-        add_trunk_modules(self, config)
-
-    def padding_bias(self, attention_mask: torch.Tensor | None, batch: int, total: int) -> torch.Tensor | None:
-        return padding_bias(self, attention_mask, batch, total)
-
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        cache: KVCache | None = None,
-        token_type_ids=None,
-        ops=None,
-        want_aux_loss: bool = True,
-        inputs_embeds=None,
-        output_hidden_states: bool = False,
-    ):
-        return trunk_forward(
-            self,
-            input_ids,
-            attention_mask,
-            cache,
-            token_type_ids,
-            ops,
-            want_aux_loss,
-            inputs_embeds,
-            output_hidden_states,
-        )
-
-
 # --- the trunk as functions of any module that holds its parts (wte, drop, h, ln_f): molm's ModuleFormerModel, and
 # the transformers base model (molm.hf), which must be a PreTrainedModel itself and so cannot subclass it.
 
@@ -159,6 +126,18 @@ def trunk_forward(
     if states is not None:
         states.append(x)
     return x, aux, (tuple(states) if states is not None else None)
+
+
+class ModuleFormerModel(nn.Module):
+    """The trunk: embeddings, blocks, final LayerNorm (the functions above, as methods)."""
+
+    def __init__(self, config: ModuleFormerConfig):
+        super().__init__()
+        self.config = config
+        add_trunk_modules(self, config)
+
+    padding_bias = padding_bias
+    forward = trunk_forward
 
 
 def trunk_of(model) -> nn.Module:

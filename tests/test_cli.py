@@ -17,6 +17,8 @@ import molm
 import molm.cli as cli
 from molm.cli import main, model_info
 
+from test_train import tiny_config
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
@@ -347,23 +349,7 @@ def test_safetensors_with_trailing_bytes_is_damaged(tmp_path):
 
 def test_short_training_run_reaches_the_peak_lr(tmp_path, capsys):
     """`molm train --steps 10` with the default warmup: the lr reaches --lr, then decays."""
-    cfg = molm.ModuleFormerConfig(
-        vocab_size=64,
-        n_embd=32,
-        n_layer=1,
-        n_head=2,
-        att_hidden=16,
-        ffd_hidden=32,
-        gating_size=16,
-        n_att_experts=4,
-        k_att=2,
-        n_mlp_experts=4,
-        k_mlp=2,
-        block_size=16,
-        history_length=16,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    cfg = tiny_config()
     cfg.save_pretrained(tmp_path / "cfg")
     np.save(tmp_path / "tokens.npy", np.arange(2000) % 64)
     assert (

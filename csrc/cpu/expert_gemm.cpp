@@ -31,18 +31,6 @@ constexpr int64_t kSubCols = 128;         // above that, 128-column sub-blocks a
 constexpr int64_t kGemvDepthChunk = 256;  // weight rows per work item (fixed: results do not depend on threads)
 constexpr int64_t kGemvColBlock = 512;    // output columns per work item
 
-// Reads and validates expert_offsets: offsets[0] == 0, non-decreasing, offsets[E] == M.
-std::vector<int64_t> read_offsets(const char* op, const at::Tensor& expert_offsets, int64_t m) {
-  const int64_t* p = expert_offsets.data_ptr<int64_t>();
-  std::vector<int64_t> b(p, p + expert_offsets.numel());
-  TORCH_CHECK_VALUE(b.front() == 0 && b.back() == m, op, ": expert_offsets must start at 0 and end at x.size(0) = ", m,
-                    ", got ", b.front(), " .. ", b.back());
-  for (size_t e = 0; e + 1 < b.size(); ++e)
-    TORCH_CHECK_VALUE(b[e] <= b[e + 1], op, ": expert_offsets must be non-decreasing, got offsets[", e, "] = ", b[e],
-                      " > offsets[", e + 1, "] = ", b[e + 1]);
-  return b;
-}
-
 struct Segment {
   int64_t expert, lo, rows, compact;  // compact: first row in the packed small-segment buffers
 };
@@ -98,7 +86,7 @@ at::Tensor expert_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const 
                            c10::string_view activation) {
   check_expert_gemm(x, weight, expert_offsets, activation);
   const int64_t m = x.size(0), n_experts = weight.size(0), cols = weight.size(2);
-  const std::vector<int64_t> b = read_offsets("molm::expert_gemm", expert_offsets, m);
+  const std::vector<int64_t> b = read_expert_offsets("molm::expert_gemm", expert_offsets, m);
   at::Tensor out = at::empty({m, cols}, x.options());  // [M, Nout]
   if (out.numel() == 0) return out;
   const bool gemv_ok = weight.stride(2) == 1 && x.scalar_type() != at::kDouble && x.size(1) > 0;
@@ -136,7 +124,7 @@ at::Tensor expert_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 at::Tensor expert_gemm_wgrad_cpu(const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& expert_offsets,
                                  int64_t num_experts) {
   check_expert_gemm_wgrad(x, grad_out, expert_offsets, num_experts);
-  const std::vector<int64_t> b = read_offsets("molm::expert_gemm_wgrad", expert_offsets, x.size(0));
+  const std::vector<int64_t> b = read_expert_offsets("molm::expert_gemm_wgrad", expert_offsets, x.size(0));
   at::Tensor grad_w = at::zeros({num_experts, x.size(1), grad_out.size(1)}, x.options());  // [E, K, Nout]
   for (int64_t e = 0; e < num_experts; ++e) {
     const int64_t rows = b[e + 1] - b[e];

@@ -15,7 +15,7 @@
 #include "../checks.h"
 #include "../dispatch.h"
 #include "gelu.h"
-#include "simd.h"
+#include "dot_rows.h"
 #include "thread_pool.h"
 #include "vec.h"
 
@@ -25,124 +25,22 @@ namespace {
 constexpr int64_t kGemvMaxRows = 16;  // rows (per expert segment, or in x for linear) served by the streaming path
 constexpr int64_t kRowsPerItem = 64;  // weight rows (outputs) per work item of the streaming path
 
-// ---------------------------------------------------------------- linear GEMV bodies: y[r] = sum_k x[k] q[r, k]
-void row_dots_scalar(const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows, float* y) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* qr = q + r * ldq;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    int64_t k = 0;
-    for (; k + 4 <= K; k += 4)
-      for (int u = 0; u < 4; ++u) acc[u] += x[k + u] * static_cast<float>(qr[k + u]);
-    float s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    for (; k < K; ++k) s += x[k] * static_cast<float>(qr[k]);
-    y[r] = s;
-  }
-}
-
-#ifdef MOLM_X86
-using simd::hsum8;
-
-// four weight rows at a time, one dot product each
-MOLM_TARGET_AVX2 void row_dots_avx2(const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows, float* y) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    const int8_t* q0 = q + r * ldq;
-    const int8_t* q1 = q0 + ldq;
-    const int8_t* q2 = q1 + ldq;
-    const int8_t* q3 = q2 + ldq;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      const __m256 xv = _mm256_loadu_ps(x + k);
-      a0 = _mm256_fmadd_ps(xv, simd::load8(q0 + k), a0);
-      a1 = _mm256_fmadd_ps(xv, simd::load8(q1 + k), a1);
-      a2 = _mm256_fmadd_ps(xv, simd::load8(q2 + k), a2);
-      a3 = _mm256_fmadd_ps(xv, simd::load8(q3 + k), a3);
-    }
-    float s[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
-    for (; k < K; ++k) {
-      s[0] += x[k] * static_cast<float>(q0[k]);
-      s[1] += x[k] * static_cast<float>(q1[k]);
-      s[2] += x[k] * static_cast<float>(q2[k]);
-      s[3] += x[k] * static_cast<float>(q3[k]);
-    }
-    for (int u = 0; u < 4; ++u) y[r + u] = s[u];
-  }
-  if (r < rows) row_dots_scalar(x, K, q + r * ldq, ldq, rows - r, y + r);
-}
-
-MOLM_TARGET_AVX512 void row_dots_avx512(const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows,
-                                        float* y) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    const int8_t* q0 = q + r * ldq;
-    const int8_t* q1 = q0 + ldq;
-    const int8_t* q2 = q1 + ldq;
-    const int8_t* q3 = q2 + ldq;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + k);
-      a0 = _mm512_fmadd_ps(xv, simd::load16(q0 + k), a0);
-      a1 = _mm512_fmadd_ps(xv, simd::load16(q1 + k), a1);
-      a2 = _mm512_fmadd_ps(xv, simd::load16(q2 + k), a2);
-      a3 = _mm512_fmadd_ps(xv, simd::load16(q3 + k), a3);
-    }
-    float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                  _mm512_reduce_add_ps(a3)};
-    for (; k < K; ++k) {
-      s[0] += x[k] * static_cast<float>(q0[k]);
-      s[1] += x[k] * static_cast<float>(q1[k]);
-      s[2] += x[k] * static_cast<float>(q2[k]);
-      s[3] += x[k] * static_cast<float>(q3[k]);
-    }
-    for (int u = 0; u < 4; ++u) y[r + u] = s[u];
-  }
-  if (r < rows) row_dots_scalar(x, K, q + r * ldq, ldq, rows - r, y + r);
-}
-
-#endif
-
-void row_dots(Isa isa, const float* x, int64_t K, const int8_t* q, int64_t ldq, int64_t rows, float* y) {
-#ifdef MOLM_X86
-  if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16) return row_dots_avx512(x, K, q, ldq, rows, y);
-  if (isa == Isa::kAvx2) return row_dots_avx2(x, K, q, ldq, rows, y);
-#endif
-  (void)isa;
-  row_dots_scalar(x, K, q, ldq, rows, y);
-}
-
-std::vector<int64_t> read_q8_offsets(const at::Tensor& expert_offsets, int64_t m) {
-  const int64_t* p = expert_offsets.data_ptr<int64_t>();
-  std::vector<int64_t> b(p, p + expert_offsets.numel());
-  TORCH_CHECK_VALUE(b.front() == 0 && b.back() == m,
-                    "molm::expert_gemm_q8: expert_offsets must start at 0 and end "
-                    "at x.size(0) = ",
-                    m, ", got ", b.front(), " .. ", b.back());
-  for (size_t e = 0; e + 1 < b.size(); ++e)
-    TORCH_CHECK_VALUE(b[e] <= b[e + 1], "molm::expert_gemm_q8: expert_offsets must be non-decreasing, got offsets[", e,
-                      "] = ", b[e], " > offsets[", e + 1, "] = ", b[e + 1]);
-  return b;
-}
-
 // fp32 copy of the int8 rows q [N, K] times their scales s [N]
 at::Tensor dequantize_rows(const at::Tensor& q, const at::Tensor& s) { return q.to(at::kFloat) * s.unsqueeze(1); }
 
 // y[m, r0 + r] = scale[r0 + r] * sum_k x[m, k] q[r0 + r, k] for the M rows of x and `rows` weight rows
 void gemv_rows_q8(Isa isa, const float* x, int64_t M, int64_t K, const int8_t* q, int64_t ldq, const float* scale,
                   int64_t rows, float* y, int64_t ldy) {
-  float acc[kRowsPerItem];
-  for (int64_t m = 0; m < M; ++m) {
-    row_dots(isa, x + m * K, K, q, ldq, rows, acc);
-    for (int64_t r = 0; r < rows; ++r) y[m * ldy + r] = acc[r] * scale[r];
-  }
+  dot_rows<int8_t>(isa, x, nullptr, M, K, q, ldq, rows, y, ldy);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t r = 0; r < rows; ++r) y[m * ldy + r] *= scale[r];
 }
 
 at::Tensor expert_gemm_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                               const at::Tensor& expert_offsets, c10::string_view activation) {
   check_expert_gemm_q8(x, qweight, scale, expert_offsets, activation);
   const int64_t m = x.size(0), depth = x.size(1), n_experts = qweight.size(0), cols = qweight.size(1);
-  const std::vector<int64_t> b = read_q8_offsets(expert_offsets, m);
+  const std::vector<int64_t> b = read_expert_offsets("molm::expert_gemm_q8", expert_offsets, m);
   at::Tensor y = at::empty({m, cols}, x.options().dtype(at::kFloat));  // fp32, rounded once at the end
   if (y.numel() == 0) return y.to(x.scalar_type());
   const at::Tensor x32 = x.to(at::kFloat).contiguous();

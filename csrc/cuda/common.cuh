@@ -15,6 +15,7 @@
 
 #include <string>
 
+#include "../checks.h"
 #include "../kernel_options.h"
 #include "device.cuh"
 
@@ -33,14 +34,7 @@ inline void check_index_range(const char* op, const char* arg, const at::Tensor&
 }
 
 inline void check_offsets(const char* op, const at::Tensor& expert_offsets, int64_t m) {
-  const at::Tensor h = expert_offsets.cpu();
-  const int64_t* b = h.data_ptr<int64_t>();
-  const int64_t n = h.numel();
-  TORCH_CHECK_VALUE(b[0] == 0 && b[n - 1] == m, op, ": expert_offsets must start at 0 and end at x.size(0) = ", m,
-                    ", got ", b[0], " .. ", b[n - 1]);
-  for (int64_t e = 0; e + 1 < n; ++e)
-    TORCH_CHECK_VALUE(b[e] <= b[e + 1], op, ": expert_offsets must be non-decreasing, got offsets[", e, "] = ", b[e],
-                      " > offsets[", e + 1, "] = ", b[e + 1]);
+  read_expert_offsets(op, expert_offsets.cpu(), m);  // the same checks and messages as the CPU kernels
 }
 
 // The element type as the kernels see it: c10's 16-bit types as CUDA's (same bits).
