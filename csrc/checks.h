@@ -165,6 +165,99 @@ inline void check_expert_gemm_q8(const at::Tensor& x, const at::Tensor& qweight,
                     ": activation must be 'none' or 'gelu_new', got '", std::string(activation), "'");
 }
 
+// The fused MoE ops (moe_map, moe_reduce, moe_mlp). One expert weight: float [E, K, Nout] of x's dtype (stride(-1)
+// == 1 or a transposed view), or int8 [E, Nout, K] (output rows) with scale [E, Nout]. Returns Nout.
+inline int64_t check_moe_weight(const char* op, const char* arg, const at::Tensor& x, int64_t in,
+                                const at::Tensor& weight, const c10::optional<at::Tensor>& scale) {
+  check_rank(op, arg, weight, 3);
+  check_same_device(op, arg, weight, "x", x);
+  if (scale.has_value()) {
+    check_q8_weight(op, x, weight, *scale);
+    TORCH_CHECK_VALUE(weight.size(2) == in, op, ": int8 ", arg, " [E, Nout, K] must have K == ", in, ", got shape ",
+                      weight.sizes());
+    TORCH_CHECK_VALUE(scale->dim() == 2 && scale->size(0) == weight.size(0) && scale->size(1) == weight.size(1), op,
+                      ": the scale of ", arg, " must be [E, Nout] = [", weight.size(0), ", ", weight.size(1), "], got ",
+                      scale->sizes());
+    return weight.size(1);
+  }
+  check_same_dtype(op, arg, weight, "x", x);
+  TORCH_CHECK_VALUE(weight.stride(2) == 1 || weight.stride(1) == 1 || weight.size(2) <= 1 || weight.size(1) <= 1, op,
+                    ": ", arg, " must have stride(-1) == 1 or stride(-2) == 1, got strides ", weight.strides());
+  TORCH_CHECK_VALUE(weight.size(1) == in, op, ": ", arg, " [E, K, Nout] must have K == ", in, ", got shape ",
+                    weight.sizes());
+  return weight.size(2);
+}
+
+// x [R, K] floating with stride(-1) == 1; sorted_slots and slot_positions [M] int64 (a routing of M slots, see
+// route_topk); expert_offsets [E+1]; activation "none" | "gelu_new".
+inline void check_moe_routing(const char* op, const at::Tensor& x, const at::Tensor& sorted_slots,
+                              const at::Tensor& slot_positions, const at::Tensor& expert_offsets, int64_t m,
+                              int64_t n_experts, c10::string_view activation) {
+  check_rank(op, "x", x, 2);
+  check_floating(op, "x", x);
+  check_last_dim_contiguous(op, "x", x);
+  const auto check_slots = [&](const char* name, const at::Tensor& t) {
+    check_index(op, name, t);
+    check_same_device(op, name, t, "x", x);
+    TORCH_CHECK_VALUE(t.size(0) == m, op, ": ", name, " must be [M = ", m, "], got shape ", t.sizes());
+  };
+  check_slots("sorted_slots", sorted_slots);
+  check_slots("slot_positions", slot_positions);
+  check_index(op, "expert_offsets", expert_offsets);
+  check_same_device(op, "expert_offsets", expert_offsets, "x", x);
+  check_size(op, "expert_offsets.numel() (= E + 1)", expert_offsets.numel(), n_experts + 1);
+  TORCH_CHECK_VALUE(activation == "none" || activation == "gelu_new", op,
+                    ": activation must be 'none' or 'gelu_new', got '", std::string(activation), "'");
+}
+
+// gates [N, k] floating on x's device.
+inline void check_moe_gates(const char* op, const at::Tensor& x, const at::Tensor& gates) {
+  check_rank(op, "gates", gates, 2);
+  check_floating(op, "gates", gates);
+  check_same_device(op, "gates", gates, "x", x);
+}
+
+// moe_map: x [N, K], M = N * k slots, out [M, Nout].
+inline void check_moe_map(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+                          const at::Tensor& sorted_slots, const at::Tensor& slot_positions,
+                          const at::Tensor& expert_offsets, int64_t k, c10::string_view activation) {
+  const char* op = "molm::moe_map";
+  TORCH_CHECK_VALUE(k >= 1, op, ": k must be >= 1, got ", k);
+  check_rank(op, "x", x, 2);
+  check_moe_weight(op, "weight", x, x.size(1), weight, scale);
+  check_moe_routing(op, x, sorted_slots, slot_positions, expert_offsets, x.size(0) * k, weight.size(0), activation);
+}
+
+// moe_reduce: x [M, K] in slot order, gates [N, k] with N * k == M, out [N, Nout].
+inline void check_moe_reduce(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+                             const at::Tensor& gates, const at::Tensor& sorted_slots, const at::Tensor& slot_positions,
+                             const at::Tensor& expert_offsets) {
+  const char* op = "molm::moe_reduce";
+  check_rank(op, "x", x, 2);
+  check_moe_gates(op, x, gates);
+  TORCH_CHECK_VALUE(gates.size(0) * gates.size(1) == x.size(0), op, ": gates ", gates.sizes(),
+                    " must have N*k == x.size(0) = ", x.size(0));
+  check_moe_weight(op, "weight", x, x.size(1), weight, scale);
+  check_moe_routing(op, x, sorted_slots, slot_positions, expert_offsets, x.size(0), weight.size(0), "none");
+}
+
+// moe_mlp: x [N, C], w1 [E, C, F], w2 [E, F, C] (or their int8 forms), gates [N, k], out [N, C].
+inline void check_moe_mlp(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& scale1,
+                          const at::Tensor& w2, const c10::optional<at::Tensor>& scale2, const at::Tensor& gates,
+                          const at::Tensor& sorted_slots, const at::Tensor& slot_positions,
+                          const at::Tensor& expert_offsets, c10::string_view activation) {
+  const char* op = "molm::moe_mlp";
+  check_rank(op, "x", x, 2);
+  check_moe_gates(op, x, gates);
+  TORCH_CHECK_VALUE(gates.size(0) == x.size(0), op, ": gates must be [N = ", x.size(0), ", k], got ", gates.sizes());
+  const int64_t hidden = check_moe_weight(op, "w1", x, x.size(1), w1, scale1);
+  const int64_t out = check_moe_weight(op, "w2", x, hidden, w2, scale2);
+  TORCH_CHECK_VALUE(out == x.size(1) && w2.size(0) == w1.size(0), op, ": w2 must map the ", hidden,
+                    " hidden features of each of the ", w1.size(0), " experts back to x.size(1) = ", x.size(1),
+                    ", got w1 ", w1.sizes(), " and w2 ", w2.sizes());
+  check_moe_routing(op, x, sorted_slots, slot_positions, expert_offsets, gates.numel(), w1.size(0), activation);
+}
+
 // x [M, K] floating, qweight [N, K] int8 (nn.Linear layout), scale [N], bias [N] (x's dtype) or none.
 inline void check_linear_q8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                             const c10::optional<at::Tensor>& bias) {

@@ -21,6 +21,22 @@ TORCH_LIBRARY(molm, m) {
   // qweight [E, N, K] int8 (experts stored as output rows) with scale [E, N] / qweight [N, K] int8 with scale [N]
   m.def("expert_gemm_q8(Tensor x, Tensor qweight, Tensor scale, Tensor expert_offsets, str activation) -> Tensor");
   m.def("linear_q8(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor");
+  // Fused MoE sites: the expert GEMMs read their input rows and write their output rows through the routing's slot
+  // ids, so no permuted copy of the rows is made. weight: float [E, K, Nout] in x's dtype, or int8 [E, Nout, K] with
+  // its scale [E, Nout]; sorted_slots / slot_positions / expert_offsets as route_topk returns them.
+  //   moe_map:    out[s] = act(x[s // k] @ weight[e(s)]), [M = N*k, Nout] in slot order
+  //   moe_reduce: out[n] = sum_j gates[n, j] * (x[n*k + j] @ weight[e(n, j)]), x in slot order, fp32 k-sum in slot
+  //               order, [N, Nout]
+  //   moe_mlp:    moe_reduce(moe_map(x, w1, k, activation), w2): a whole MoE MLP, [N, C]
+  m.def(
+      "moe_map(Tensor x, Tensor weight, Tensor? scale, Tensor sorted_slots, Tensor slot_positions, "
+      "Tensor expert_offsets, int k, str activation) -> Tensor");
+  m.def(
+      "moe_reduce(Tensor x, Tensor weight, Tensor? scale, Tensor gates, Tensor sorted_slots, Tensor slot_positions, "
+      "Tensor expert_offsets) -> Tensor");
+  m.def(
+      "moe_mlp(Tensor x, Tensor w1, Tensor? scale1, Tensor w2, Tensor? scale2, Tensor gates, Tensor sorted_slots, "
+      "Tensor slot_positions, Tensor expert_offsets, str activation) -> Tensor");
   // backward helper: grad_weight[e] = x[rows of e]^T @ grad_out[rows of e] (zeros for an empty expert), [E, K, Nout]
   m.def("expert_gemm_wgrad(Tensor x, Tensor grad_out, Tensor expert_offsets, int num_experts) -> Tensor");
   // fused causal stick-breaking attention (ModuleFormer variant), q [B,T,k,H,D], k/v [B,S,H,D], bias [B,S] ->

@@ -29,6 +29,9 @@ OP_NAMES = (
     "linear",
     "expert_gemm_q8",
     "linear_q8",
+    "moe_map",
+    "moe_reduce",
+    "moe_mlp",
 )
 BACKENDS = ("reference", "extension")
 
@@ -93,12 +96,11 @@ class ParallelExperts(nn.Module):
         bound = 1.0 / input_size  # the original's uniform(-1/in, 1/in); never left uninitialised
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(
-        self, x: torch.Tensor, expert_offsets: torch.Tensor, activation: str, ops: SimpleNamespace
-    ) -> torch.Tensor:
-        """Expert-sorted rows x [M, in] -> [M, out]. Reading `self.weight` inside a call of this module lets a
-        parametrization of it (PEFT's target_parameters LoRA) apply."""
-        return ops.expert_gemm(x, self.weight, expert_offsets, activation)
+    def forward(self, kernel):
+        """kernel(weight, scale) with this module's weight (scale None: float weights). The MoE sites call their
+        fused ops through here: reading `self.weight` inside a call of this module lets a parametrization of it
+        (PEFT's target_parameters LoRA) apply."""
+        return kernel(self.weight, None)
 
     def extra_repr(self) -> str:
         e, i, o = self.weight.shape
@@ -179,22 +181,21 @@ class MoE(nn.Module):
     def mlp(self, h: torch.Tensor, ops: SimpleNamespace, want_aux_loss: bool = True):
         """The MoE MLP: sum_j p_j * (gelu_new(h @ W1[e_j]) @ W2[e_j]). h [N, C] -> ([N, C], aux)."""
         r, aux = self.gate(h, ops, want_aux_loss)
-        x = ops.gather_rows(h, r.sorted_slots, r.k)  # [M, C] expert-sorted
-        x = self.experts(x, r.expert_offsets, "gelu_new", ops)  # [M, F]
-        y = self.output_experts(x, r.expert_offsets, "none", ops)  # [M, C]
-        return ops.scatter_ksum(y, r.gates, r.slot_positions), aux  # [N, C]
+        routing = (r.gates, r.sorted_slots, r.slot_positions, r.expert_offsets)
+        out = self.experts(
+            lambda w1, s1: self.output_experts(lambda w2, s2: ops.moe_mlp(h, w1, s1, w2, s2, *routing, "gelu_new"))
+        )
+        return out, aux
 
     def map(self, h: torch.Tensor, r: Routing, ops: SimpleNamespace) -> torch.Tensor:
         """Per-slot expert inputs projections, in slot order: h [N, C] -> [M, A] (row n*k+j = h[n] @ W[e_nj])."""
-        x = ops.gather_rows(h, r.sorted_slots, r.k)  # [M, C] expert-sorted
-        q = self.experts(x, r.expert_offsets, "none", ops)  # [M, A] expert-sorted
-        return ops.gather_rows(q, r.slot_positions, 1)  # [M, A] slot order
+        routing = (r.sorted_slots, r.slot_positions, r.expert_offsets)
+        return self.experts(lambda w, s: ops.moe_map(h, w, s, *routing, r.k, "none"))
 
     def reduce(self, o: torch.Tensor, r: Routing, ops: SimpleNamespace) -> torch.Tensor:
         """Output projections of slot-ordered rows, gate-weighted k-sum: o [M, A] -> [N, C]."""
-        o = ops.gather_rows(o, r.sorted_slots, 1)  # [M, A] expert-sorted
-        y = self.output_experts(o, r.expert_offsets, "none", ops)  # [M, C]
-        return ops.scatter_ksum(y, r.gates, r.slot_positions)  # [N, C]
+        routing = (r.gates, r.sorted_slots, r.slot_positions, r.expert_offsets)
+        return self.output_experts(lambda w, s: ops.moe_reduce(o, w, s, *routing))
 
 
 class MoA(nn.Module):

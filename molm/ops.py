@@ -526,3 +526,192 @@ if _C is not None:
         "molm::expert_gemm_q8", _expert_gemm_q8_backward, setup_context=_expert_gemm_q8_setup
     )
     torch.library.register_autograd("molm::linear_q8", _linear_q8_backward, setup_context=_linear_q8_setup)
+
+
+# ---------------------------------------------------------------------------------------------------- fused MoE sites
+def _moe_weight_out(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, in_features: int, op: str):
+    torch._check(weight.dim() == 3, lambda: f"{op}: weight must be 3-d, got {tuple(weight.shape)}")
+    if scale is not None:  # int8 [E, Nout, K]
+        torch._check(weight.dtype == torch.int8, lambda: f"{op}: a weight with a scale must be int8")
+        torch._check(weight.shape[2] == in_features, lambda: f"{op}: int8 weight [E, Nout, K] needs K = {in_features}")
+        return weight.shape[1]
+    torch._check(weight.shape[1] == in_features, lambda: f"{op}: weight [E, K, Nout] needs K = {in_features}")
+    return weight.shape[2]
+
+
+def moe_map(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    sorted_slots: torch.Tensor,
+    slot_positions: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    k: int,
+    activation: str = "none",
+) -> torch.Tensor:
+    """out[s] = act(x[s // k] @ W[e(s)]) for every slot s = n*k + j, in slot order: x [N, K] -> [N*k, Nout].
+
+    weight [E, K, Nout] in x's dtype, or int8 [E, Nout, K] with scale [E, Nout]; sorted_slots, slot_positions,
+    expert_offsets as route_topk returns them. No permuted copy of x is made on the decode path.
+    """
+    _require_extension()
+    return torch.ops.molm.moe_map(x, weight, scale, sorted_slots, slot_positions, expert_offsets, k, activation)
+
+
+def moe_reduce(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    gates: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    slot_positions: torch.Tensor,
+    expert_offsets: torch.Tensor,
+) -> torch.Tensor:
+    """out[n] = sum_j gates[n, j] * (x[n*k + j] @ W[e(n, j)]): x [N*k, K] in slot order -> [N, Nout]; the k-sum in
+    fp32, in slot order."""
+    _require_extension()
+    return torch.ops.molm.moe_reduce(x, weight, scale, gates, sorted_slots, slot_positions, expert_offsets)
+
+
+def moe_mlp(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    scale1: torch.Tensor | None,
+    w2: torch.Tensor,
+    scale2: torch.Tensor | None,
+    gates: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    slot_positions: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    activation: str = "gelu_new",
+) -> torch.Tensor:
+    """A whole MoE MLP, moe_reduce(moe_map(x, w1, k, activation), w2): x [N, C] -> [N, C]. On a CPU, decode-sized
+    routings run in one parallel region that streams the chosen experts' two weights once."""
+    _require_extension()
+    return torch.ops.molm.moe_mlp(
+        x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets, activation
+    )
+
+
+def _float_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The [E, K, Nout] weight in `dtype` that an int8 weight [E, Nout, K] with its scale stands for."""
+    if scale is None:
+        return weight
+    return (weight.float() * scale.float()[:, :, None]).transpose(1, 2).to(dtype)
+
+
+def _moe_map_grads(x, weight, scale, sorted_slots, slot_positions, offsets, k, activation, grad, need_x, need_w):
+    """Gradients of moe_map: dZ = act'(Z) * grad; dx[n] = sum_j dZ[n*k+j] @ W[e]^T (a k-sum with unit gates, in
+    fp32); dW[e] = sum over e's slots of x[s // k]^T dZ[s] (expert_gemm_wgrad: no atomics)."""
+    grad = grad.contiguous()
+    if activation == "gelu_new":
+        pre = torch.ops.molm.moe_map(x, weight, scale, sorted_slots, slot_positions, offsets, k, "none")
+        grad = torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
+    d_x = d_w = None
+    if need_x:
+        w_t = _float_weight(weight, scale, x.dtype).transpose(1, 2)  # [E, Nout, K]
+        ones = grad.new_ones(x.shape[0], k)
+        d_x = torch.ops.molm.moe_reduce(grad, w_t, None, ones, sorted_slots, slot_positions, offsets)
+    if need_w:
+        xs = torch.ops.molm.gather_rows(x, sorted_slots, k)
+        gs = torch.ops.molm.gather_rows(grad, sorted_slots, 1)
+        d_w = torch.ops.molm.expert_gemm_wgrad(xs, gs, offsets, weight.shape[0])
+    return d_x, d_w
+
+
+def _moe_reduce_grads(x, weight, scale, gates, sorted_slots, slot_positions, offsets, grad, need_x, need_w, need_g):
+    """Gradients of moe_reduce: dY[n*k+j] = gates[n, j] * grad[n]; dx = dY @ W[e]^T per slot; dW[e] from e's slots;
+    d gates[n, j] = <grad[n], x[n*k+j] @ W[e]> (recomputed), all in fp32 where summed."""
+    n_tokens, k = gates.shape
+    g = grad.float()
+    d_x = d_w = d_g = None
+    if need_g:
+        y = torch.ops.molm.moe_map(x, weight, scale, sorted_slots, slot_positions, offsets, 1, "none")
+        d_g = (y.float().view(n_tokens, k, -1) * g[:, None, :]).sum(-1).to(gates.dtype)
+    if need_x or need_w:
+        d_y = (gates.float()[:, :, None] * g[:, None, :]).reshape(n_tokens * k, -1).to(x.dtype)  # slot order
+        if need_x:
+            w_t = _float_weight(weight, scale, x.dtype).transpose(1, 2)
+            d_x = torch.ops.molm.moe_map(d_y, w_t, None, sorted_slots, slot_positions, offsets, 1, "none")
+        if need_w:
+            xs = torch.ops.molm.gather_rows(x, sorted_slots, 1)
+            ys = torch.ops.molm.gather_rows(d_y, sorted_slots, 1)
+            d_w = torch.ops.molm.expert_gemm_wgrad(xs, ys, offsets, weight.shape[0])
+    return d_x, d_w, d_g
+
+
+def _no_int8_weight_grad(needs_weight_grad: bool, scale) -> None:
+    if needs_weight_grad and scale is not None:
+        raise RuntimeError("molm: int8 weights cannot be trained; dequantize the model first (molm.dequantize)")
+
+
+if _C is not None:
+
+    @torch.library.register_fake("molm::moe_map")
+    def _moe_map_fake(x, weight, scale, sorted_slots, slot_positions, expert_offsets, k, activation):
+        torch._check(
+            activation in reference.ACTIVATIONS,
+            lambda: f"moe_map: activation must be one of {reference.ACTIVATIONS}, got {activation!r}",
+        )
+        out = _moe_weight_out(x, weight, scale, x.shape[1], "moe_map")
+        return x.new_empty((x.shape[0] * k, out))
+
+    @torch.library.register_fake("molm::moe_reduce")
+    def _moe_reduce_fake(x, weight, scale, gates, sorted_slots, slot_positions, expert_offsets):
+        torch._check(gates.shape[0] * gates.shape[1] == x.shape[0], lambda: "moe_reduce: gates must be [N, k], N*k = M")
+        return x.new_empty((gates.shape[0], _moe_weight_out(x, weight, scale, x.shape[1], "moe_reduce")))
+
+    @torch.library.register_fake("molm::moe_mlp")
+    def _moe_mlp_fake(x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets, activation):
+        hidden = _moe_weight_out(x, w1, scale1, x.shape[1], "moe_mlp")
+        torch._check(_moe_weight_out(x, w2, scale2, hidden, "moe_mlp") == x.shape[1], lambda: "moe_mlp: w2 shape")
+        return x.new_empty(x.shape)
+
+    def _moe_map_setup(ctx, inputs, output):
+        x, weight, scale, sorted_slots, slot_positions, offsets, k, activation = inputs
+        ctx.save_for_backward(x, weight, scale, sorted_slots, slot_positions, offsets)
+        ctx.k, ctx.activation = k, activation
+
+    def _moe_map_backward(ctx, grad):
+        x, weight, scale, sorted_slots, slot_positions, offsets = ctx.saved_tensors
+        _no_int8_weight_grad(ctx.needs_input_grad[1] or ctx.needs_input_grad[2], scale)
+        d_x, d_w = _moe_map_grads(
+            x, weight, scale, sorted_slots, slot_positions, offsets, ctx.k, ctx.activation, grad,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+        )  # fmt: skip
+        return d_x, d_w, None, None, None, None, None, None
+
+    def _moe_reduce_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _moe_reduce_backward(ctx, grad):
+        x, weight, scale, gates, sorted_slots, slot_positions, offsets = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        _no_int8_weight_grad(need[1] or need[2], scale)
+        d_x, d_w, d_g = _moe_reduce_grads(
+            x, weight, scale, gates, sorted_slots, slot_positions, offsets, grad, need[0], need[1], need[3]
+        )
+        return d_x, d_w, None, d_g, None, None, None
+
+    def _moe_mlp_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:-1])
+        ctx.activation = inputs[-1]
+
+    def _moe_mlp_backward(ctx, grad):
+        """Through the hidden activations h = moe_map(x, w1, k, act), recomputed (not kept from the forward)."""
+        x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, offsets = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        _no_int8_weight_grad(need[1] or need[2], scale1)
+        _no_int8_weight_grad(need[3] or need[4], scale2)
+        k = gates.shape[1]
+        routing = (sorted_slots, slot_positions, offsets)
+        h = torch.ops.molm.moe_map(x, w1, scale1, *routing, k, ctx.activation)
+        d_h, d_w2, d_g = _moe_reduce_grads(h, w2, scale2, gates, *routing, grad, need[0] or need[1], need[3], need[5])
+        d_x = d_w1 = None
+        if d_h is not None:
+            d_x, d_w1 = _moe_map_grads(x, w1, scale1, *routing, k, ctx.activation, d_h, need[0], need[1])
+        return d_x, d_w1, None, d_w2, None, d_g, None, None, None, None
+
+    torch.library.register_autograd("molm::moe_map", _moe_map_backward, setup_context=_moe_map_setup)
+    torch.library.register_autograd("molm::moe_reduce", _moe_reduce_backward, setup_context=_moe_reduce_setup)
+    torch.library.register_autograd("molm::moe_mlp", _moe_mlp_backward, setup_context=_moe_mlp_setup)

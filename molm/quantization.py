@@ -57,8 +57,9 @@ class QuantizedExperts(_Int8Weights):
             torch.zeros(num_experts, output_size, input_size, dtype=torch.int8), torch.ones(num_experts, output_size)
         )
 
-    def forward(self, x, expert_offsets, activation, ops):
-        return ops.expert_gemm_q8(x, self.weight, self.weight_scale, expert_offsets, activation)
+    def forward(self, kernel):
+        """kernel(weight, scale), as ParallelExperts.forward: the fused MoE ops take the int8 weight with its scale."""
+        return kernel(self.weight, self.weight_scale)
 
     def extra_repr(self) -> str:
         e, o, i = self.weight.shape

@@ -131,3 +131,62 @@ def sb_attention_ref(
     newer = torch.tril(torch.ones(S, S, dtype=logits.dtype, device=q.device), diagonal=-1)
     weights = beta * torch.exp(log_survive @ newer)  # [B, k, H, T, S]
     return torch.einsum("bkhts,bshd->btkhd", weights, v)
+
+
+def _expert_projection(x, weight, scale, expert_offsets, activation):
+    """expert_gemm_ref for a float weight [E, K, Nout]; expert_gemm_q8_ref for int8 [E, Nout, K] + scale [E, Nout]."""
+    if scale is None:
+        return expert_gemm_ref(x, weight, expert_offsets, activation)
+    return expert_gemm_q8_ref(x, weight, scale, expert_offsets, activation)
+
+
+def moe_map_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    sorted_slots: torch.Tensor,
+    slot_positions: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    k: int,
+    activation: str = "none",
+) -> torch.Tensor:
+    """out[s] = act(x[s // k] @ W[e(s)]) for every slot s, in slot order: x [N, K] -> [N*k, Nout].
+
+    weight [E, K, Nout] in x's dtype, or int8 [E, Nout, K] with scale [E, Nout]; the routing as route_topk gives it.
+    Equals gather_rows -> expert_gemm (or expert_gemm_q8) -> back to slot order.
+    """
+    y = _expert_projection(gather_rows_ref(x, sorted_slots, k), weight, scale, expert_offsets, activation)
+    return gather_rows_ref(y, slot_positions)
+
+
+def moe_reduce_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    gates: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    slot_positions: torch.Tensor,
+    expert_offsets: torch.Tensor,
+) -> torch.Tensor:
+    """out[n] = sum_j gates[n, j] * (x[n*k + j] @ W[e(n, j)]): x [N*k, K] in slot order -> [N, Nout], the k-sum in
+    fp32 in slot order (scatter_ksum's)."""
+    y = _expert_projection(gather_rows_ref(x, sorted_slots), weight, scale, expert_offsets, "none")
+    return scatter_ksum_ref(y, gates, slot_positions)
+
+
+def moe_mlp_ref(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    scale1: torch.Tensor | None,
+    w2: torch.Tensor,
+    scale2: torch.Tensor | None,
+    gates: torch.Tensor,
+    sorted_slots: torch.Tensor,
+    slot_positions: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    activation: str = "gelu_new",
+) -> torch.Tensor:
+    """A whole MoE MLP: out[n] = sum_j gates[n, j] * (act(x[n] @ W1[e]) @ W2[e]), e = e(n, j). x [N, C] -> [N, C]."""
+    h = _expert_projection(gather_rows_ref(x, sorted_slots, gates.shape[1]), w1, scale1, expert_offsets, activation)
+    y = _expert_projection(h, w2, scale2, expert_offsets, "none")
+    return scatter_ksum_ref(y, gates, slot_positions)

@@ -1,9 +1,7 @@
 // CPU grouped expert GEMM over contiguous expert segments, plus its weight-gradient helper.
-// Small segments (decode: up to 16 rows per expert) use a streaming GEMV over the [in, out] weight, split into
-// (depth chunk x column block) items run on the molm thread pool (thread_pool.h) and reduced in a fixed order;
-// larger segments call at::mm (MKL / oneDNN, itself multithreaded) on views of each segment. Measured on 2 AMD
-// EPYC cores, 8 experts of 1024 x 2048 fp32: rows/expert 1: 3.2 ms vs 3.6 ms (at::mm), 4: 3.8 vs 13.4, 8: 6.4 vs
-// 11.6, 16: 9.7 vs 12.5, 32: 16.9 vs 14.2 (at::mm wins from there).
+// Small segments (decode) use the streaming GEMV of expert_gemv.h, split into (depth chunk x column block) items run
+// on the molm thread pool (thread_pool.h) and reduced in a fixed order; larger segments call at::mm (MKL / oneDNN,
+// itself multithreaded) on views of each segment.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -16,20 +14,12 @@
 #include "../dispatch.h"
 #include "thread_pool.h"
 #include "gelu.h"
+#include "expert_gemv.h"
 #include "gemm.h"
 #include "vec.h"
 
 namespace molm::cpu {
 namespace {
-
-constexpr int64_t kGemvMaxRows = 16;  // segments with at most this many rows skip at::mm (measured crossover)
-// ... but oneDNN's bf16 GEMM (gemm.h) wins from 5 rows on ([rows, 1024] @ [1024, 2048] on 2 AMD EPYC cores: 4 rows
-// 0.107 ms GEMV vs 0.119 ms, 8 rows 0.209 vs 0.130, 16 rows 0.381 vs 0.165)
-constexpr int64_t kGemvMaxRowsNativeBf16 = 4;
-constexpr int64_t kStreamMaxRows = 4;     // ... and up to this many stream the weight block once
-constexpr int64_t kSubCols = 128;         // above that, 128-column sub-blocks are re-read from L2 per 4 rows
-constexpr int64_t kGemvDepthChunk = 256;  // weight rows per work item (fixed: results do not depend on threads)
-constexpr int64_t kGemvColBlock = 512;    // output columns per work item
 
 struct Segment {
   int64_t expert, lo, rows, compact;  // compact: first row in the packed small-segment buffers
@@ -42,8 +32,7 @@ template <typename scalar_t>
 void gemv_segments(const at::Tensor& x, const at::Tensor& weight, const std::vector<Segment>& segs, int64_t m_small,
                    bool gelu, at::Tensor& out) {
   const int64_t depth = x.size(1), cols = weight.size(2);
-  const int64_t n_kc = (depth + kGemvDepthChunk - 1) / kGemvDepthChunk;
-  const int64_t n_cb = (cols + kGemvColBlock - 1) / kGemvColBlock;
+  const int64_t n_kc = ceil_div(depth, kGemvDepthChunk), n_cb = ceil_div(cols, kGemvColBlock);
   at::Tensor xs = at::empty({m_small, depth}, x.options().dtype(at::kFloat));  // [M_small, K] fp32
   for (const auto& s : segs) xs.narrow(0, s.compact, s.rows).copy_(x.narrow(0, s.lo, s.rows));
   at::Tensor partial = at::empty({n_kc, m_small, cols}, xs.options());  // [chunks, M_small, Nout]
@@ -64,12 +53,9 @@ void gemv_segments(const at::Tensor& x, const at::Tensor& weight, const std::vec
     const int64_t r0 = kc * kGemvDepthChunk, r1 = std::min(depth, r0 + kGemvDepthChunk);
     const int64_t c0 = cb * kGemvColBlock, c1 = std::min(cols, c0 + kGemvColBlock);
     float* y = pp + (kc * m_small + s.compact) * cols + c0;
-    const int64_t sub_cols = s.rows <= kStreamMaxRows ? kGemvColBlock : kSubCols;
-    for (int64_t r = 0; r < s.rows; ++r) std::fill(y + r * cols, y + r * cols + (c1 - c0), 0.f);
     const float* xs0 = xp + s.compact * depth + r0;
     const scalar_t* w0 = wp + s.expert * ws0 + r0 * ws1 + c0;
-    for (int64_t c = 0; c < c1 - c0; c += sub_cols)  // L2-sized sub-blocks, re-read once per 4 rows
-      gemv(xs0, depth, s.rows, r1 - r0, w0 + c, ws1, y + c, cols, std::min(sub_cols, c1 - c0 - c));
+    gemv_chunk(gemv, xs0, depth, s.rows, r1 - r0, w0, ws1, y, cols, c1 - c0);
     if (chunks_left[block].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
     // last chunk of this block: fixed-order reduction over the depth chunks
     for (int64_t r = 0; r < s.rows; ++r)
@@ -93,12 +79,11 @@ at::Tensor expert_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   const bool gelu = activation == "gelu_new";  // gelu_new == GELU with the tanh approximation
   std::vector<Segment> small;
   int64_t m_small = 0;
-  const int64_t gemv_max_rows =
-      x.scalar_type() == at::kBFloat16 && native_bf16_gemm() ? kGemvMaxRowsNativeBf16 : kGemvMaxRows;
+  const int64_t max_rows = gemv_max_rows(x.scalar_type());
   for (int64_t e = 0; e < n_experts; ++e) {
     const int64_t rows = b[e + 1] - b[e];
     if (rows == 0) continue;
-    if (gemv_ok && rows <= gemv_max_rows) {
+    if (gemv_ok && rows <= max_rows) {
       small.push_back({e, b[e], rows, m_small});
       m_small += rows;
     } else {

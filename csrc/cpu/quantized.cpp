@@ -14,27 +14,16 @@
 
 #include "../checks.h"
 #include "../dispatch.h"
+#include "expert_gemv.h"
 #include "gelu.h"
-#include "dot_rows.h"
 #include "thread_pool.h"
 #include "vec.h"
 
 namespace molm::cpu {
 namespace {
 
-constexpr int64_t kGemvMaxRows = 16;  // rows (per expert segment, or in x for linear) served by the streaming path
-constexpr int64_t kRowsPerItem = 64;  // weight rows (outputs) per work item of the streaming path
-
 // fp32 copy of the int8 rows q [N, K] times their scales s [N]
 at::Tensor dequantize_rows(const at::Tensor& q, const at::Tensor& s) { return q.to(at::kFloat) * s.unsqueeze(1); }
-
-// y[m, r0 + r] = scale[r0 + r] * sum_k x[m, k] q[r0 + r, k] for the M rows of x and `rows` weight rows
-void gemv_rows_q8(Isa isa, const float* x, int64_t M, int64_t K, const int8_t* q, int64_t ldq, const float* scale,
-                  int64_t rows, float* y, int64_t ldy) {
-  dot_rows<int8_t>(isa, x, nullptr, M, K, q, ldq, rows, y, ldy);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t r = 0; r < rows; ++r) y[m * ldy + r] *= scale[r];
-}
 
 at::Tensor expert_gemm_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                               const at::Tensor& expert_offsets, c10::string_view activation) {
@@ -55,12 +44,12 @@ at::Tensor expert_gemm_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, co
     int64_t expert, lo, rows, r0;
   };
   std::vector<Item> items;
-  const int64_t n_blocks = (cols + kRowsPerItem - 1) / kRowsPerItem;
+  const int64_t n_blocks = (cols + kQ8RowBlock - 1) / kQ8RowBlock;
   for (int64_t e = 0; e < n_experts; ++e) {
     const int64_t rows = b[e + 1] - b[e];
     if (rows == 0) continue;
     if (gemv_ok && rows <= kGemvMaxRows) {
-      for (int64_t blk = 0; blk < n_blocks; ++blk) items.push_back({e, b[e], rows, blk * kRowsPerItem});
+      for (int64_t blk = 0; blk < n_blocks; ++blk) items.push_back({e, b[e], rows, blk * kQ8RowBlock});
     } else {  // prefill: one dequantised expert at a time
       at::Tensor seg = y.narrow(0, b[e], rows);
       at::mm_out(seg, x32.narrow(0, b[e], rows), dequantize_rows(qweight[e], s32[e]).t());
@@ -70,7 +59,7 @@ at::Tensor expert_gemm_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, co
   parallel_items(static_cast<int64_t>(items.size()), max_threads(), [&](int64_t i, int) {
     const Item& it = items[i];
     gemv_rows_q8(isa, xp + it.lo * depth, it.rows, depth, qp + it.expert * qs0 + it.r0 * qs1, qs1,
-                 sp + it.expert * cols + it.r0, std::min(kRowsPerItem, cols - it.r0), yp + it.lo * cols + it.r0, cols);
+                 sp + it.expert * cols + it.r0, std::min(kQ8RowBlock, cols - it.r0), yp + it.lo * cols + it.r0, cols);
   });
   if (activation == "gelu_new") gelu_rows<float>(y, 0, m);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
@@ -88,11 +77,11 @@ at::Tensor linear_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
     const float* sp = s32.data_ptr<float>();
     const int8_t* qp = qweight.data_ptr<int8_t>();
     float* yp = y.data_ptr<float>();
-    const int64_t ldq = qweight.stride(0), n_items = (N + kRowsPerItem - 1) / kRowsPerItem;
+    const int64_t ldq = qweight.stride(0), n_items = (N + kQ8RowBlock - 1) / kQ8RowBlock;
     const Isa isa = active_isa();
     parallel_items(n_items, max_threads(), [&](int64_t it, int) {
-      const int64_t r0 = it * kRowsPerItem;
-      gemv_rows_q8(isa, xp, M, K, qp + r0 * ldq, ldq, sp + r0, std::min(kRowsPerItem, N - r0), yp + r0, N);
+      const int64_t r0 = it * kQ8RowBlock;
+      gemv_rows_q8(isa, xp, M, K, qp + r0 * ldq, ldq, sp + r0, std::min(kQ8RowBlock, N - r0), yp + r0, N);
     });
   } else if (y.numel() > 0) {
     constexpr int64_t kBlock = 4096;  // dequantise this many weight rows at a time: bounded extra memory
