@@ -60,6 +60,12 @@ def _sb_backward_fallback(q, kv, grad, scale):
     return dq.to(q.dtype), dkv.to(kv.dtype)
 
 
+def _moe_mlp_unfused(h, w1, w2, gates, sorted_slots, slot_positions, offsets):
+    """The MoE MLP as four ops: gather the rows into expert order, two grouped GEMMs, the gate-weighted k-sum."""
+    x = ops.expert_gemm(ops.gather_rows(h, sorted_slots, K_SLOTS), w1, offsets, "gelu_new")
+    return ops.scatter_ksum(ops.expert_gemm(x, w2, offsets, "none"), gates, slot_positions)
+
+
 def cases(dtype: torch.dtype, quick: bool):
     """Yields (family, shape text, fn_molm, fn_ref, flops, bytes)."""
     gen = torch.Generator().manual_seed(0)
@@ -94,6 +100,23 @@ def cases(dtype: torch.dtype, quick: bool):
             2 * y.numel(),
             y.nbytes * 3 // 2,
         )
+        # the whole MoE MLP: fused (one op) and as the grouped-GEMM ops compose it
+        w1 = rnd(E_MLP, C, F_MLP) * C**-0.5
+        w2 = rnd(E_MLP, F_MLP, C) * F_MLP**-0.5
+        routing = (gates, sorted_slots, slot_positions, offsets)
+        touched = int((offsets[1:] > offsets[:-1]).sum())
+        for family, fn in (
+            ("moe_mlp", lambda h=h, w1=w1, w2=w2, r=routing: ops.moe_mlp(h, w1, None, w2, None, *r, "gelu_new")),
+            ("moe_mlp_unfused", lambda h=h, w1=w1, w2=w2, r=routing: _moe_mlp_unfused(h, w1, w2, *r)),
+        ):
+            yield (
+                family,
+                f"N={n} {E_MLP}x{C}->{F_MLP}->{C}",
+                fn,
+                lambda h=h, w1=w1, w2=w2, r=routing: reference.moe_mlp_ref(h, w1, None, w2, None, *r),
+                4 * n * K_SLOTS * C * F_MLP,
+                touched * 2 * C * F_MLP * w1.element_size(),
+            )
         for name, e, k_in, n_out, act in (
             ("mlp_up", E_MLP, C, F_MLP, "gelu_new"),
             ("mlp_down", E_MLP, F_MLP, C, "none"),

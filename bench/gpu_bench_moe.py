@@ -186,11 +186,16 @@ def bench_layer(n_tokens, k, skew, dtype, gen, rows):
         z = ops.expert_gemm(ops.expert_gemm(ops.gather_rows(h, s1, k), w1, o, "gelu_new"), w2, o, "none")
         return ops.scatter_ksum(z, g, s2)
 
+    def layer_moe_mlp():  # the same layer through the fused op
+        _, g, _, s1, s2, o = ops.route_topk(logits, k)
+        return ops.moe_mlp(h, w1, None, w2, None, g, s1, s2, o, "gelu_new")
+
     parts = {
         "route_topk": lambda: ops.route_topk(logits, k),
         "gather_rows": lambda: ops.gather_rows(h, ss, k),
         "scatter_ksum": lambda: ops.scatter_ksum(y, gates, sp),
         "layer": layer,
+        "layer_moe_mlp": layer_moe_mlp,
     }
     t = {name: time_us(fn) for name, fn in parts.items()}
     share = 100.0 * (t["route_topk"] + t["gather_rows"] + t["scatter_ksum"]) / t["layer"]

@@ -112,7 +112,7 @@ step build 200 "$PY" setup.py build_ext --inplace
 step check_registered 60 "$PY" -c "
 import json, torch, molm._C
 names = ['route_topk', 'gather_rows', 'scatter_ksum', 'expert_gemm', 'expert_gemm_wgrad', 'sb_attention',
-         'sb_attention_backward']
+         'sb_attention_backward', 'linear', 'expert_gemm_q8', 'linear_q8', 'moe_map', 'moe_reduce', 'moe_mlp']
 missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key('molm::' + n, 'CUDA')]
 print('CUDA kernels missing for:', missing or 'none')
 info = molm._C.build_info()

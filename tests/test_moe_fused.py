@@ -223,3 +223,18 @@ def test_bad_input_names_the_problem():
         ops.moe_reduce(torch.randn(6, f), w2, None, gates, ss, sp[:4], off)
     with pytest.raises(ValueError, match="expert_offsets must start at 0"):
         ops.moe_map(x, w1, None, ss, sp, off + 1, k, "none")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_fused_ops_match_the_cpu_ops(int8, dtype):
+    for n, k, e, c, f in SHAPES:
+        gates, ss, sp, off = routing(n, k, e)
+        (w1, s1), (w2, s2) = weights(e, c, f, dtype, int8=int8)
+        x = torch.randn(n, c, generator=torch.Generator().manual_seed(2)).to(dtype)
+        args = (x, w1, s1, w2, s2, gates.to(dtype), ss, sp, off, "gelu_new")
+        want = ops.moe_mlp(*args)
+        got = ops.moe_mlp(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args])
+        assert_close(got.cpu(), want.float(), dtype=dtype, what=f"moe_mlp cuda {(n, k, e, c, f)}")
