@@ -1,5 +1,15 @@
 """molm: a fast, faithful ModuleFormer / MoLM implementation (IBM's sparse mixture-of-modules language models)."""
 
+import os as _os
+import sys as _sys
+
+# OpenMP workers that spin between parallel regions take the CPU from the thread they are waiting for when the
+# machine is busy: a tiny ATen op (the routers' GELU opens a parallel region at any size) then waits milliseconds for
+# a descheduled worker. libgomp reads its wait policy once, when torch loads it, so when molm is imported first (the
+# `molm` command and server always are) idle OpenMP workers sleep instead of spinning; an explicit setting wins.
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .cache import KVCache
 from .config import PRESETS, ModuleFormerConfig
 from .generate import generate, generate_ids
