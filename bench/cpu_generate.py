@@ -10,13 +10,15 @@ Decode is timed after a prefill of --prompt tokens, one token per sequence per s
 Busy-machine mode (extension backend, batch 1): decode tok/s of each molm checkout (its built extension) at the
 default torch thread count and at 1 thread, with one competing CPU-bound process running and without, the same
 for molm's expert GEMM alone (decode-shaped), then the checkout(s) that have molm.ops.set_cpu_isa at every
-instruction set the CPU supports (1 thread). Each checkout runs in its own
-subprocess; settings alternate within a repeat and the medians over --repeats are reported, with the load average.
+instruction set the CPU supports (1 thread). Each checkout runs in its own subprocess, once per OpenMP wait policy
+(--omp-wait-policies: PASSIVE, what the molm command gets, and libgomp's default); settings alternate within a
+repeat and the medians over --repeats are reported, with the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -148,9 +150,12 @@ def contention_worker(spec: dict) -> None:
     )
 
 
-def run_checkout(path: str, spec: dict) -> dict:
+def run_checkout(path: str, spec: dict, omp_wait_policy: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
     env.pop("OMP_NUM_THREADS", None)  # the default thread count is one of the settings compared
+    env.pop("OMP_WAIT_POLICY", None)  # "default": libgomp's own (a program that imports torch before molm)
+    if omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
         env=env,
@@ -176,7 +181,7 @@ def contention_main(args) -> None:
         f"median of {args.repeats}; {os.cpu_count()} CPUs"
     )
     print(
-        f"{'phase':>13} {'checkout':>8} {'dtype':>9} {'threads':>8} {'isa':>12} {'median':>9}  samples "
+        f"{'phase':>13} {'checkout':>16} {'dtype':>9} {'threads':>8} {'isa':>12} {'median':>9}  samples "
         "(decode: tok/s; op: expert_gemm calls/s)"
     )
     all_isas = ["scalar", "avx2", "avx512", "avx512_bf16"]
@@ -190,9 +195,10 @@ def contention_main(args) -> None:
     for phase in args.phases:
         compete, threads, isas, measure = phases[phase]
         for dtype in float_dtypes if "isa" in phase else float_dtypes[:1]:
-            for name, path in builds.items():
+            for (build, path), policy in itertools.product(builds.items(), args.omp_wait_policies):
                 if "isa" in phase and "def set_cpu_isa" not in open(os.path.join(path, "molm", "ops.py")).read():
                     continue  # a checkout without the switch has nothing to report here
+                name = build if len(args.omp_wait_policies) == 1 else f"{build}/{policy.lower()}"
                 spec = {
                     "layers": args.layers,
                     "dtype": dtype,
@@ -206,7 +212,7 @@ def contention_main(args) -> None:
                 busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if compete else None
                 try:
                     load_before = os.getloadavg()
-                    out = run_checkout(path, spec)
+                    out = run_checkout(path, spec, policy)
                     load_after = os.getloadavg()
                 finally:
                     if busy is not None:
@@ -215,14 +221,15 @@ def contention_main(args) -> None:
                 for r in out["results"]:
                     med = statistics.median(r["samples"])
                     print(
-                        f"{phase:>13} {name:>8} {dtype:>9} {str(r['threads']):>8} {str(r['isa'] or '-'):>12} "
+                        f"{phase:>13} {name:>16} {dtype:>9} {str(r['threads']):>8} {str(r['isa'] or '-'):>12} "
                         f"{med:>9.2f}  {' '.join(f'{v:.1f}' for v in r['samples'])}"
                     )
                     records.append(
                         {
                             "phase": phase,
                             "competing_busy_process": compete,
-                            "checkout": name,
+                            "checkout": build,
+                            "omp_wait_policy": policy,
                             "dtype": dtype,
                             "threads": r["threads"],
                             "default_threads": out["default_threads"],
@@ -280,6 +287,13 @@ def main() -> None:
         help="molm checkouts (with a built extension) to compare in --contention mode (default: this)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="rounds per setting in --contention mode")
+    parser.add_argument(
+        "--omp-wait-policies",
+        nargs="+",
+        default=["PASSIVE", "default"],
+        help="OpenMP wait policies to run each checkout under in --contention mode: PASSIVE is what the molm command "
+        "and server get (molm imported before torch), default is libgomp's (a program that imports torch first)",
+    )
     parser.add_argument(
         "--phases",
         nargs="+",
