@@ -600,12 +600,16 @@ def _float_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch
     return (weight.float() * scale.float()[:, :, None]).transpose(1, 2).to(dtype)
 
 
-def _moe_map_grads(x, weight, scale, sorted_slots, slot_positions, offsets, k, activation, grad, need_x, need_w):
-    """Gradients of moe_map: dZ = act'(Z) * grad; dx[n] = sum_j dZ[n*k+j] @ W[e]^T (a k-sum with unit gates, in
-    fp32); dW[e] = sum over e's slots of x[s // k]^T dZ[s] (expert_gemm_wgrad: no atomics)."""
+def _moe_map_grads(
+    x, weight, scale, sorted_slots, slot_positions, offsets, k, activation, grad, need_x, need_w, pre=None
+):
+    """Gradients of moe_map: dZ = act'(Z) * grad (Z = `pre`, recomputed when not given); dx[n] = sum_j dZ[n*k+j] @
+    W[e]^T (a k-sum with unit gates, in fp32); dW[e] = sum over e's slots of x[s // k]^T dZ[s] (expert_gemm_wgrad:
+    no atomics)."""
     grad = grad.contiguous()
     if activation == "gelu_new":
-        pre = torch.ops.molm.moe_map(x, weight, scale, sorted_slots, slot_positions, offsets, k, "none")
+        if pre is None:
+            pre = torch.ops.molm.moe_map(x, weight, scale, sorted_slots, slot_positions, offsets, k, "none")
         grad = torch.ops.aten.gelu_backward(grad, pre, approximate="tanh")
     d_x = d_w = None
     if need_x:
@@ -698,18 +702,19 @@ if _C is not None:
         ctx.activation = inputs[-1]
 
     def _moe_mlp_backward(ctx, grad):
-        """Through the hidden activations h = moe_map(x, w1, k, act), recomputed (not kept from the forward)."""
+        """Through the hidden activations h = act(Z), Z = moe_map(x, w1, k), recomputed (not kept from the forward)."""
         x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, offsets = ctx.saved_tensors
         need = ctx.needs_input_grad
         _no_int8_weight_grad(need[1] or need[2], scale1)
         _no_int8_weight_grad(need[3] or need[4], scale2)
         k = gates.shape[1]
         routing = (sorted_slots, slot_positions, offsets)
-        h = torch.ops.molm.moe_map(x, w1, scale1, *routing, k, ctx.activation)
+        pre = torch.ops.molm.moe_map(x, w1, scale1, *routing, k, "none")  # [M, F] slot order
+        h = torch.ops.aten.gelu(pre, approximate="tanh") if ctx.activation == "gelu_new" else pre
         d_h, d_w2, d_g = _moe_reduce_grads(h, w2, scale2, gates, *routing, grad, need[0] or need[1], need[3], need[5])
         d_x = d_w1 = None
         if d_h is not None:
-            d_x, d_w1 = _moe_map_grads(x, w1, scale1, *routing, k, ctx.activation, d_h, need[0], need[1])
+            d_x, d_w1 = _moe_map_grads(x, w1, scale1, *routing, k, ctx.activation, d_h, need[0], need[1], pre)
         return d_x, d_w1, None, d_w2, None, d_g, None, None, None, None
 
     torch.library.register_autograd("molm::moe_map", _moe_map_backward, setup_context=_moe_map_setup)
