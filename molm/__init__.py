@@ -12,13 +12,14 @@ if "torch" not in _sys.modules:
 
 from .cache import KVCache
 from .config import PRESETS, ModuleFormerConfig
+from .evaluate import perplexity_of_stream as perplexity
 from .generate import generate, generate_ids
 from .loading import CheckpointError, load, save_pretrained
 from .model import ModelOutput, ModuleFormerForCausalLM, ModuleFormerForSequenceClassification, ModuleFormerModel
 from .quantization import dequantize, quantize
 from .surgery import extend, prune
 from .tokenizer import load_tokenizer
-from .train import TrainConfig, perplexity, train
+from .train import TrainConfig, train
 from .usage import ExpertUsage, expert_usage, plot_usage
 
 __version__ = "0.3.0"

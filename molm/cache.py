@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
 class KVCache:
-    """Static cache written by position. `append` returns views of the first S = length + T positions.
+    """Static cache written by position: every write goes through `update` (new K/V at given positions, the first
+    S positions read back). The attention layers call `append`, which picks the positions for the step:
 
-    `length` is a host integer: shapes stay known on the host, so no step needs a device sync. If more positions
-    arrive than were reserved, the buffers grow by doubling (a reallocation, never per step).
+    - eager steps (prefill, plain decode): the T new positions follow the `length` cached ones, and S = length + T.
+      `length` is a host integer: shapes stay known on the host, so no step needs a device sync. If more positions
+      arrive than were reserved, the buffers grow by doubling (a reallocation, never per step).
+    - fixed-shape decode steps (inside `fixed_window`, what CUDA graphs replay): the one new position is a device
+      tensor and S is the window, so shapes and pointers never change within a window (see molm/engine.py).
 
     The buffers hold detached copies. When autograd records (grad mode on and the new K/V require grad), `append`
     returns past + new concatenated instead of a buffer view, keeping every appended position in the graph, so
@@ -26,14 +32,19 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ):
-        self.length = 0
-        self._pending = 0
         shape = (batch, max(1, max_length), width)
-        # zeros, not empty: a fixed-shape decode step (StaticWindow) reads positions not yet written, masked by a
-        # finite bias, which garbage NaN/Inf would turn into NaN
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.values = None if shared_kv else [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        # zeros, not empty: a fixed-shape decode step reads positions not yet written, masked by a finite bias,
+        # which garbage NaN/Inf would turn into NaN
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        values = None if shared_kv else [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self._set_state(keys, values, 0)
+
+    def _set_state(self, keys: list[torch.Tensor], values: list[torch.Tensor] | None, length: int) -> None:
+        self.keys, self.values, self.length = keys, values, length
+        self._pending = 0  # positions appended in the current step, added to length by advance()
         self._tracked: dict[int, tuple] = {}  # layer -> (K, V) of all positions so far, still in the graph
+        self.window: int | None = None  # inside fixed_window: the positions attention reads
+        self.position: torch.Tensor | None = None  # inside fixed_window: [1] int64, where the new token goes
 
     @classmethod
     def for_model(cls, model, batch: int, max_length: int) -> "KVCache":
@@ -49,6 +60,57 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[1]
 
+    def read_length(self, new: int) -> int:
+        """The positions a step of `new` positions attends to (the width of its attention mask)."""
+        return self.window if self.window is not None else self.length + new
+
+    @contextmanager
+    def fixed_window(self, window: int, position: torch.Tensor):
+        """Forwards inside are fixed-shape decode steps for CUDA graphs: the one new token is written at the device
+        position `position` ([1] int64) and attention reads the first `window` positions, so the model expects an
+        attention_mask of exactly [B, window]; positions not yet written are masked by it (a -inf logit gives
+        beta = 0, which changes neither the weights nor the stick-breaking product). `length` is not moved inside (a
+        replayed step runs no Python): the caller sets it after the step."""
+        if not 0 < window <= self.capacity:
+            raise ValueError(f"KVCache.fixed_window: window {window} must be in 1..capacity ({self.capacity})")
+        if self.window is not None:
+            raise RuntimeError("KVCache.fixed_window: already inside a fixed window")
+        self.window, self.position = window, position
+        try:
+            yield self
+        finally:
+            self.window = self.position = None
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor | None, positions: torch.Tensor, read: int):
+        """The one write path: keys/values [B, T, A] go to cache positions `positions` ([T] int64 on the cache's
+        device) of `layer`; returns (K, V) [B, read, A] of the first `read` positions (V is None when K = V)."""
+        self.keys[layer].index_copy_(1, positions, keys.detach().to(self.keys[layer].dtype))
+        if self.values is not None:
+            self.values[layer].index_copy_(1, positions, values.detach().to(self.values[layer].dtype))
+        k = self.keys[layer][:, :read]
+        return k, (None if self.values is None else self.values[layer][:, :read])
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor | None):
+        """keys/values [B, T, A] for the new positions -> (K, V) [B, S, A] (V is None when K = V)."""
+        B, T, _ = keys.shape
+        if B != self.batch:
+            raise ValueError(f"KVCache: batch {B} does not match the cache's batch {self.batch}")
+        if self.window is not None:
+            if T != 1:
+                raise ValueError(f"KVCache.fixed_window takes one new position per step, got {T}")
+            self._tracked.pop(layer, None)
+            return self.update(layer, keys, values, self.position, self.window)
+        end = self.length + T
+        if end > self.capacity:
+            self._grow(end)
+        self._pending = T
+        positions = torch.arange(self.length, end, device=self.keys[layer].device)
+        k, v = self.update(layer, keys, values, positions, end)
+        if torch.is_grad_enabled() and (keys.requires_grad or (values is not None and values.requires_grad)):
+            return self._append_tracked(layer, keys, values)
+        self._tracked.pop(layer, None)
+        return k, v
+
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.capacity)
 
@@ -61,25 +123,6 @@ class KVCache:
         if self.values is not None:
             self.values = [grown(b) for b in self.values]
 
-    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor | None):
-        """keys/values [B, T, A] for the new positions -> (K, V) [B, S, A] (V is None when K = V)."""
-        B, T, _ = keys.shape
-        if B != self.batch:
-            raise ValueError(f"KVCache: batch {B} does not match the cache's batch {self.batch}")
-        end = self.length + T
-        if end > self.capacity:
-            self._grow(end)
-        self.keys[layer][:, self.length : end] = keys.detach()
-        if self.values is not None:
-            self.values[layer][:, self.length : end] = values.detach()
-        self._pending = T
-        if torch.is_grad_enabled() and (keys.requires_grad or (values is not None and values.requires_grad)):
-            return self._append_tracked(layer, keys, values)
-        self._tracked.pop(layer, None)
-        k = self.keys[layer][:, :end]
-        v = None if self.values is None else self.values[layer][:, :end]
-        return k, v
-
     def _append_tracked(self, layer: int, keys: torch.Tensor, values: torch.Tensor | None):
         past_k, past_v = self._tracked.get(layer, (None, None))
         if past_k is None or past_k.shape[1] != self.length:  # positions written without a graph: the buffer's
@@ -91,7 +134,7 @@ class KVCache:
         return k, v
 
     def advance(self) -> None:
-        """Called once after all layers have appended the same T positions."""
+        """Called once after all layers have appended the same T positions (inside fixed_window: nothing to do)."""
         self.length += self._pending
         self._pending = 0
 
@@ -105,7 +148,8 @@ class KVCache:
         self._tracked.clear()  # graph tensors of the dropped positions
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Beam search: keep batch rows `index` (index_select on dim 0 of every buffer)."""
+        """Beam search: keep batch rows `index` (index_select on dim 0 of every buffer). The buffers are new
+        tensors: fixed-shape steps captured before must be captured again."""
         self.keys = [b.index_select(0, index) for b in self.keys]
         if self.values is not None:
             self.values = [b.index_select(0, index) for b in self.values]
@@ -149,53 +193,10 @@ def register_pytree(cls: type) -> None:
         n_layer, separate_values, length = context
         cache = cls.__new__(cls)
         leaves = list(leaves)
-        cache.keys, cache.values = leaves[:n_layer], (leaves[n_layer:] if separate_values else None)
-        cache.length, cache._pending, cache._tracked = length, 0, {}
+        cache._set_state(leaves[:n_layer], leaves[n_layer:] if separate_values else None, length)
         return cache
 
     _pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
 
 
 register_pytree(KVCache)
-
-
-class StaticWindow(KVCache):
-    """A fixed-shape decode view of a KVCache, for CUDA graphs: every step has the same shapes and pointers.
-
-    The new token is written at the device position `position` ([1] int64, index_copy_), and attention always
-    reads the first `window` positions; positions not yet written are masked by the caller's attention_mask (a
-    -inf logit gives beta = 0, which changes neither the weights nor the stick-breaking product). `length` is
-    window - 1 so the model expects an attention_mask of exactly [B, window].
-    """
-
-    def __init__(
-        self, cache: KVCache, window: int, position: torch.Tensor
-    ):  # super().__init__ not wanted: a view of `cache`
-        if window > cache.capacity:
-            raise ValueError(f"StaticWindow: window {window} exceeds the cache capacity {cache.capacity}")
-        self.cache, self.window, self.position = cache, window, position
-
-    @property
-    def keys(self):
-        return self.cache.keys
-
-    @property
-    def values(self):
-        return self.cache.values
-
-    @property
-    def length(self) -> int:
-        return self.window - 1
-
-    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor | None):
-        if keys.shape[1] != 1:
-            raise ValueError(f"StaticWindow takes one new position per step, got {keys.shape[1]}")
-        self.cache.keys[layer].index_copy_(1, self.position, keys.detach())
-        k = self.cache.keys[layer][:, : self.window]
-        if self.cache.values is None:
-            return k, None
-        self.cache.values[layer].index_copy_(1, self.position, values.detach())
-        return k, self.cache.values[layer][:, : self.window]
-
-    def advance(self) -> None:
-        """The caller moves `position` (no host state changes inside a captured step)."""

@@ -10,11 +10,10 @@ import warnings
 
 import torch
 
-from .config import DTYPES
+from .config import DTYPE_NAMES
 
 # A small MoE model trained on Shakespeare (experiments/run.py, stage 1), shipped so `molm generate` works as is.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
-DTYPE_NAMES = {"auto": None, **DTYPES}  # auto: as stored
 # Backslash escapes understood in --stop, so that `--stop "\n\n"` means two newlines as users expect.
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 

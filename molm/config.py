@@ -13,6 +13,7 @@ import torch
 MODEL_TYPE = "moduleformer"
 # config.json's torch_dtype names (and the --dtype choices) -> torch dtypes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {"auto": None, **DTYPES}  # what a user may ask a model to load as; auto: as stored
 # HF attribute_map of the original: alias -> field
 ALIASES = {
     "hidden_size": "n_embd",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import KVCache, StaticWindow
+from .cache import KVCache
 
 
 class StaticDecoder:
@@ -33,15 +33,15 @@ class StaticDecoder:
         return min(window, self.cache.capacity)
 
     def _forward(self, window: int) -> torch.Tensor:
-        view = StaticWindow(self.cache, window, self.position)
-        out = self.model(
-            self.tokens,
-            attention_mask=self.mask[:, :window],
-            past_key_values=view,
-            use_cache=True,
-            return_aux_loss=False,
-            logits_to_keep=1,
-        )
+        with self.cache.fixed_window(window, self.position):
+            out = self.model(
+                self.tokens,
+                attention_mask=self.mask[:, :window],
+                past_key_values=self.cache,
+                use_cache=True,
+                return_aux_loss=False,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1]  # [B, V] float32
 
     def _capture(self, window: int):
@@ -64,9 +64,11 @@ class StaticDecoder:
         self.position.fill_(position)
         window = self.window(position)
         if not self.cuda_graphs:
-            return self._forward(window)
-        if window not in self.graphs:
-            self.graphs[window] = self._capture(window)
-        graph, logits = self.graphs[window]
-        graph.replay()
+            logits = self._forward(window)
+        else:
+            if window not in self.graphs:
+                self.graphs[window] = self._capture(window)
+            graph, logits = self.graphs[window]
+            graph.replay()
+        self.cache.length = position + 1  # on the host: a replayed step moves no Python state
         return logits

@@ -1,4 +1,5 @@
-"""Evaluation: token log-likelihoods, strided-window perplexity of a text file, and the harness' metric definitions.
+"""Evaluation: token log-likelihoods, and the perplexities built on them: of a text (strided windows, the harness'
+metric definitions) and of a token stream (consecutive windows, the training loop's eval perplexity).
 
 Perplexity follows lm-evaluation-harness' wikitext task: the document is scored token by token (the first token
 conditioned on the eot token), then
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .data import token_windows
 from .generate import check_tokenizer_fits
 
 
@@ -41,7 +43,11 @@ def default_max_length(model) -> int:
 
 @torch.inference_mode()
 def token_logprobs(
-    model, inputs: list[list[int]], targets: list[list[int]], batch_size: int = 8, progress=None
+    model,
+    inputs: list[list[int]] | torch.Tensor,
+    targets: list[list[int]] | torch.Tensor,
+    batch_size: int = 8,
+    progress=None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each row: log p(target_j | inputs up to the position that predicts it), the targets being the tokens
     that follow the last len(target) inputs (targets = (inputs + next)[-len(target):]), and whether each target is
@@ -59,22 +65,45 @@ def token_logprobs(
         width = max(len(inputs[i]) for i in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         for r, i in enumerate(rows):
-            if not inputs[i] or not 0 < len(targets[i]) <= len(inputs[i]):
+            if not 0 < len(targets[i]) <= len(inputs[i]):
                 raise ValueError(
                     f"row {i}: need 1 <= len(target) <= len(input), got {len(targets[i])} targets "
                     f"for {len(inputs[i])} inputs"
                 )
-            ids[r, : len(inputs[i])] = torch.tensor(inputs[i])
+            ids[r, : len(inputs[i])] = torch.as_tensor(inputs[i])
         logits = model(ids.to(device), return_aux_loss=False).logits  # [B, T, V] float32
-        logprobs = F.log_softmax(logits.double(), dim=-1)
         for r, i in enumerate(rows):
             n, end = len(targets[i]), len(inputs[i])
-            want = torch.tensor(targets[i], device=device)
-            rows_lp = logprobs[r, end - n : end]  # [n, V]
+            want = torch.as_tensor(targets[i], device=device)
+            rows_lp = F.log_softmax(logits[r, end - n : end].double(), dim=-1)  # [n, V]: one row at a time in float64
             results[i] = (rows_lp.gather(1, want[:, None])[:, 0].cpu(), (rows_lp.argmax(-1) == want).cpu())
         if progress is not None:
             progress.update(len(rows))
     return results
+
+
+def perplexity_of_stream(
+    model, tokens, seq_len: int = 128, batch_size: int = 16, max_batches: int | None = None, tokenizer=None
+) -> float:
+    """exp(mean next-token cross entropy) over consecutive non-overlapping windows of seq_len tokens of `tokens` (a
+    tensor, token file or text file, see molm.data.load_tokens), each window predicting its own last seq_len - 1
+    tokens; aux losses excluded. At most max_batches batches of batch_size windows. This is `molm.perplexity` and
+    the training loop's eval perplexity."""
+    windows = token_windows(
+        tokens,
+        tokenizer,
+        seq_len,
+        model.config.vocab_size,
+        "evaluation data",
+        None if max_batches is None else max_batches * batch_size,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        scored = token_logprobs(model, windows[:, :-1], windows[:, 1:], batch_size)
+    finally:
+        model.train(was_training)
+    return math.exp(-float(sum(lp.sum() for lp, _ in scored)) / windows[:, 1:].numel())
 
 
 def strided_windows(ids: list[int], prefix: int, max_length: int, stride: int):

@@ -20,11 +20,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from . import config
+from .config import DTYPE_NAMES
 from .evaluate import default_max_length, eot_id, strided_windows, token_logprobs
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
-DTYPES = {"auto": None, **config.DTYPES}  # auto: as stored
 
 
 @register_model("molm")
@@ -52,9 +51,9 @@ class MolmLM(TemplateLM):
             # lm_eval's command line passes device=cuda unless told otherwise
             warnings.warn(f"device {device!r} asked for but CUDA is not available: evaluating on the CPU")
             device = "cpu"
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.model = molm.load(pretrained, dtype=DTYPES[dtype], device=device, backend=backend)
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+        self.model = molm.load(pretrained, dtype=DTYPE_NAMES[dtype], device=device, backend=backend)
         self.tokenizer = molm.load_tokenizer(tokenizer or self.model.name_or_path)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> a fixed size
         self.max_length = int(max_length) if max_length else default_max_length(self.model)

@@ -96,8 +96,7 @@ def trunk_forward(
     or None). Appends to `cache` when given."""
     x = trunk.wte(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, C]
     B, T = x.shape[:2]
-    past = cache.length if cache is not None else 0
-    bias = padding_bias(trunk, attention_mask, B, past + T)
+    bias = padding_bias(trunk, attention_mask, B, cache.read_length(T) if cache is not None else T)
     if token_type_ids is not None:  # the original's semantics: token types index the token embeddings
         x = x + trunk.wte(token_type_ids)
     x = trunk.drop(x)

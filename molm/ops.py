@@ -205,15 +205,19 @@ if _C is not None:
         ctx.n_rows, ctx.group = x.shape[0], group
 
     def _gather_rows_backward(ctx, grad):
-        """Rows that read the same source row (group > 1: the k slots of a token) sum, in fp32.
-
-        index_put_ with accumulate=True sums duplicates in index order (serially on CPU, after a stable sort on
-        CUDA), where index_add_ would use floating-point atomics on CUDA: the gradient is bitwise repeatable.
+        """Rows that read the same source row (group > 1: the k slots of a token) sum, in fp32, in index order, so
+        the gradient is bitwise repeatable: on CUDA index_put_ with accumulate=True (a stable sort, then serial
+        sums; index_add_ would use floating-point atomics), on the CPU index_add_ (one index after the other;
+        index_put_ accumulates from several threads at once there).
         """
         (index,) = ctx.saved_tensors
         rows = torch.div(index, ctx.group, rounding_mode="floor")  # [M]
         dx = grad.new_zeros((ctx.n_rows, grad.shape[1]), dtype=torch.promote_types(grad.dtype, torch.float32))
-        return dx.index_put_((rows,), grad.to(dx.dtype), accumulate=True).to(grad.dtype), None, None
+        if dx.is_cuda:
+            dx.index_put_((rows,), grad.to(dx.dtype), accumulate=True)
+        else:
+            dx.index_add_(0, rows, grad.to(dx.dtype))
+        return dx.to(grad.dtype), None, None
 
     torch.library.register_autograd("molm::gather_rows", _gather_rows_backward, setup_context=_gather_rows_setup)
 

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ModuleFormerConfig
-from .data import as_tokenizer, batch_windows, check_tokens, load_tokens, token_windows
+from .data import as_tokenizer, batch_windows, check_tokens, load_tokens
+from .evaluate import perplexity_of_stream as perplexity  # molm.train.perplexity: the eval perplexity logged here
 from .model import ModuleFormerForCausalLM
 from .modules import Router
 from .plotting import pyplot
@@ -74,32 +75,6 @@ def concentration_loss(routings) -> torch.Tensor:
         h = -(marginal * (marginal + 1e-8).log()).sum()
         total = h if total is None else total + h
     return total
-
-
-@torch.no_grad()
-def perplexity(
-    model, tokens, seq_len: int = 128, batch_size: int = 16, max_batches: int | None = None, tokenizer=None
-) -> float:
-    """exp(mean next-token cross entropy) over consecutive non-overlapping windows (aux losses excluded)."""
-    windows = token_windows(
-        tokens,
-        tokenizer,
-        seq_len,
-        model.config.vocab_size,
-        "evaluation data",
-        None if max_batches is None else max_batches * batch_size,
-    )
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        x = windows[i : i + batch_size].to(model.device)
-        logits = model(x, return_aux_loss=False).logits
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        total += float(ce)
-        count += x[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(total / count)
 
 
 # --- schedule, optimiser -----------------------------------------------------------------------------------------

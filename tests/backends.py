@@ -1,7 +1,8 @@
 """Backend parametrisation shared by the model-level tests.
 
-The extension backend is skipped when molm._C is not built, unless MOLM_REQUIRE_EXTENSION=1 (CI sets it), in
-which case a missing build fails loudly instead of hiding behind a skip.
+The extension backend carries the `extension` marker (tests/conftest.py): skipped when molm._C is not built,
+unless the extension is required (--require-extension, or MOLM_REQUIRE_EXTENSION=1 as CI sets), in which case a
+missing build fails loudly instead of hiding behind a skip.
 """
 
 import os
@@ -17,10 +18,5 @@ def extension_built() -> bool:
     return ops.extension_available()
 
 
-REQUIRE = os.environ.get("MOLM_REQUIRE_EXTENSION") == "1"
-BACKENDS = [
-    "reference",
-    pytest.param(
-        "extension", marks=pytest.mark.skipif(not extension_built() and not REQUIRE, reason="molm._C not built")
-    ),
-]
+REQUIRE = os.environ.get("MOLM_REQUIRE_EXTENSION") == "1"  # for tests that pick backends inside their body
+BACKENDS = ["reference", pytest.param("extension", marks=pytest.mark.extension)]

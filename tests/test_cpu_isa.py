@@ -1,6 +1,7 @@
-"""The CPU kernels' instruction-set bodies (molm.ops.set_cpu_isa) and their thread pool: every body this CPU
-supports against the reference ops, bitwise repeatability within a body at any thread count, refusal of sets the
-CPU lacks, and the pool under concurrent callers and after fork."""
+"""The switch between the CPU kernels' instruction-set bodies (molm.ops.set_cpu_isa) and their thread pool: the sets
+found match the CPU, refusal of sets the CPU lacks, bitwise repeatability within a body at any thread count, and the
+pool under concurrent callers and after fork. Each op against the reference on every body: tests/test_ops.py (its
+tests marked cpu_isas)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from molm import ops, reference
 
 from tolerances import assert_close
 
-pytestmark = pytest.mark.skipif(not ops.extension_available(), reason=f"molm._C not built: {ops.extension_error()}")
+pytestmark = pytest.mark.extension
 
 # /proc/cpuinfo flags each set needs (an independent reading of what the CPU has)
 CPU_FLAGS = {
@@ -46,17 +47,6 @@ def _restore_isa_and_threads():
     yield
     ops.set_cpu_isa(isa)
     torch.set_num_threads(threads)
-
-
-def _isa_params():
-    return (
-        [
-            pytest.param(name, marks=pytest.mark.skipif(name not in ops.cpu_isas(), reason=f"CPU lacks {name}"))
-            for name in ops.CPU_ISAS
-        ]
-        if ops.extension_available()
-        else ops.CPU_ISAS
-    )
 
 
 def test_supported_sets_match_the_cpu():
@@ -102,18 +92,7 @@ def test_isa_cap_refuses_newer_sets(cap):
     assert lines[1].startswith("refused:") and "'avx512' is not supported" in lines[1]
 
 
-# ---------------------------------------------------------------------------------------------- expert_gemm
-# decode-sized segments (rows per expert, some empty, up to the 16-row GEMV limit); odd depths and widths exercise
-# the bodies' row and column tails
-GEMM_CASES = [
-    ([1, 0, 1, 0], 1024, 512),
-    ([1, 2, 0, 3, 4], 257, 130),
-    ([0, 5, 16, 1], 64, 47),
-    ([2, 1], 513, 1031),
-    ([3], 7, 33),
-]
-
-
+# ---------------------------------------------------------------------------------------------- bodies
 def _gemm_inputs(rows, k_in, n_out, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     offsets = torch.tensor([0] + rows).cumsum(0)
@@ -122,25 +101,12 @@ def _gemm_inputs(rows, k_in, n_out, dtype, seed=0):
     return x, weight, offsets
 
 
+@pytest.mark.devices("cpu")
+@pytest.mark.cpu_isas
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows,k_in,n_out", GEMM_CASES)
-@pytest.mark.parametrize("isa", _isa_params())
-def test_expert_gemm_every_isa_matches_reference(isa, rows, k_in, n_out, dtype):
-    ops.set_cpu_isa(isa)
-    x, weight, offsets = _gemm_inputs(rows, k_in, n_out, dtype)
-    out = ops.expert_gemm(x, weight, offsets, "none")
-    ref = reference.expert_gemm_ref(x.float(), weight.float(), offsets, "none")
-    lowp = reference.expert_gemm_ref(x, weight, offsets, "none") if dtype != torch.float32 else None
-    assert out.dtype == dtype
-    assert_close(out, ref, lowp, dtype, f"expert_gemm [{isa}]")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("isa", _isa_params())
-def test_bitwise_repeatable_at_any_thread_count(isa, dtype):
+def test_bitwise_repeatable_at_any_thread_count(dtype, device):
     """Within one body, expert_gemm (several depth chunks and column blocks) and decode attention (several key
     chunks) are bitwise identical run after run and at 1, 2 and 3 threads."""
-    ops.set_cpu_isa(isa)
     x, weight, offsets = _gemm_inputs([1, 3, 0, 2, 16], 1000, 1100, dtype, seed=3)
     g = torch.Generator().manual_seed(4)
     q = torch.randn(2, 1, 2, 3, 64, generator=g).to(dtype)
@@ -216,36 +182,3 @@ def test_pool_works_in_a_forked_child():
         assert parent.recv() is True, "the child's result differs from the parent's"
         proc.join(10)
         assert proc.exitcode == 0
-
-
-# ------------------------------------------------------------------------------------------------------ linear, int8
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 3, 16, 40])  # the streaming dot products (<= 16 rows), then the GEMM of gemm.h
-@pytest.mark.parametrize("isa", _isa_params())
-def test_linear_every_isa_matches_reference(isa, m, dtype):
-    ops.set_cpu_isa(isa)
-    g = torch.Generator().manual_seed(m)
-    x = torch.randn(m, 200, generator=g).to(dtype)
-    w = (torch.randn(131, 200, generator=g) * 200**-0.5).to(dtype)  # 131 rows: a tail of 3 after the 4-row blocks
-    out = ops.linear(x, w)
-    exact = reference.linear_ref(x.double(), w.double())
-    assert_close(out, exact, reference.linear_ref(x.float(), w.float()).to(dtype), dtype, f"linear {isa} m={m}")
-    assert torch.equal(ops.linear(x, w), out)
-
-
-@pytest.mark.parametrize("isa", _isa_params())
-def test_int8_ops_every_isa_match_reference(isa):
-    ops.set_cpu_isa(isa)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 72, generator=g).to(torch.bfloat16)
-    q = torch.randint(-127, 128, (3, 40, 72), generator=g, dtype=torch.int8)  # experts as output rows [E, N, K]
-    scale = torch.rand(3, 40, generator=g) * 0.01 + 1e-3
-    offsets = torch.tensor([0, 2, 2, 5])
-    got = ops.expert_gemm_q8(x, q, scale, offsets, "gelu_new")
-    want = reference.expert_gemm_ref(
-        x.double(), (q.double() * scale.double()[:, :, None]).transpose(1, 2), offsets, "gelu_new"
-    )
-    assert_close(got, want, reference.expert_gemm_q8_ref(x, q, scale, offsets, "gelu_new"), torch.bfloat16, isa)
-    got = ops.linear_q8(x, q[0], scale[0])
-    want = reference.linear_ref(x.double(), q[0].double() * scale[0].double()[:, None])
-    assert_close(got, want, reference.linear_q8_ref(x, q[0], scale[0]), torch.bfloat16, isa)
