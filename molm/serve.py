@@ -794,10 +794,12 @@ def _sse(payload: dict) -> str:
 
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket (port 0: any free port; the caller reads the port from getsockname)."""
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    # protocol TCP, not 0: asyncio sets TCP_NODELAY only on such sockets' connections, and without it a streamed
+    # token waits for the client's delayed ACK of the previous write (40 ms) on a kept-alive connection
+    sock = socket.socket(family, kind, protocol)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(info[4])
+    sock.bind(address)
     sock.listen(2048)
     return sock
 

@@ -8,6 +8,7 @@ that holds the scheduler before each decode step (`Gate`), never by sleeping.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -430,6 +431,19 @@ def test_disconnect_mid_stream_frees_the_slot(live):
         gate.step(1)  # the step in which the cancelled row leaves
         wait_until(lambda: not engine.running, "the row to leave the batch")
     assert seq.finish_reason == "cancelled" and len(seq.tokens) <= 2
+
+
+def test_streams_are_not_held_back_by_nagle(live):
+    """Each token of a stream is its own small write: the server's connections must have TCP_NODELAY, or on a
+    kept-alive connection a write waits for the client's delayed ACK of the one before."""
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        for _ in range(2):  # the second request reuses the connection
+            assert client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2}).status_code == 200
+        connections = list(live.server.server_state.connections)
+        assert connections
+        for protocol in connections:
+            sock = protocol.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 def test_full_queue_answers_429(model, tokenizer):
