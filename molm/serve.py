@@ -204,6 +204,8 @@ class Sequence:
         self.row = 0  # its row in the decode batch (or in its prefill group's cache while prefilling)
         self.pending: int | None = None  # the sampled token not yet in the cache
         self.submitted = time.monotonic()
+        self.prompt_logprobs: list = []  # with echo and logprobs: per prompt token, gathered chunk by chunk
+        self.prompt_top: list = []
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -228,6 +230,7 @@ class PrefillGroup:
         self.cache = KVCache.for_model(model, len(sequences), width)
         self.chunk = max(1, budget // len(sequences)) if budget else width  # budget 0: all at once
         self.done = 0  # columns prefilled so far
+        self.last_logits: torch.Tensor | None = None  # [B, V] of the last column run: the first token's
 
     @property
     def width(self) -> int:
@@ -409,7 +412,7 @@ class Engine:
             following = group.ids[seq.row, first + 1 : first + 1 + logp.shape[0]]
             seq.prompt_logprobs += logp.gather(1, following[:, None])[:, 0].tolist()
             seq.prompt_top += self._top(logp, seq.sampling.logprobs)
-        group.last_logits = logits[:, -1]  # [B, V]: the first generated token's
+        group.last_logits = logits[:, -1]
 
     def _first_tokens(self, group: PrefillGroup) -> list[Sequence]:
         joining = []
