@@ -484,7 +484,7 @@ def _add_eval_parser(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    check_at_least(args, {"port": 0, "max_batch": 1, "max_queue": 1, "shutdown_timeout": 0})
+    check_at_least(args, {"port": 0, "max_batch": 1, "max_queue": 1, "prefill_tokens": 1, "shutdown_timeout": 0})
     if args.port > 65535:
         raise UsageError(f"--port must be <= 65535, got {args.port}")
     check_device(args.device)
@@ -504,6 +504,7 @@ def cmd_serve(args) -> int:
         port=args.port,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        prefill_tokens=args.prefill_tokens,
         dtype=DTYPE_NAMES[args.dtype],
         device=args.device,
         backend=args.backend,
@@ -521,6 +522,9 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--port", type=int, default=8000, help="0: any free port (printed at startup)")
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     s.add_argument("--max-queue", type=int, default=256, help="waiting sequences; beyond it requests get 429")
+    s.add_argument(
+        "--prefill-tokens", type=int, default=64, help="prompt tokens prefilled per scheduler step (batch x length)"
+    )
     s.add_argument(
         "--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM"
     )

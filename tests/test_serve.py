@@ -8,6 +8,7 @@ that holds the scheduler before each decode step (`Gate`), never by sleeping.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -269,6 +270,71 @@ def test_requests_join_and_leave_a_running_batch(live, model, tokenizer):
         assert text == reference(model, tokenizer, prompt, s.pop("max_tokens"), **s)
 
 
+def prompt_scores(model, ids):
+    """The log-probability of each prompt token after the ones before it: one full forward, no cache."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+    return logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_waiting_requests_are_prefilled_in_one_batch(live, model, tokenizer):
+    """Requests of different prompt lengths that wait at the same step are prefilled by one forward over their
+    left-padded prompts, then decode together; each returns what molm.generate (or a full forward) gives alone."""
+    engine = live.engine
+    jobs = [  # 6 rows x 10 columns: within the default budget of 64 prompt tokens a step
+        (PROMPTS[2], dict(max_tokens=9, temperature=0)),
+        ("Friends, Romans,", dict(max_tokens=14, temperature=0)),
+        ("The quality of mercy", dict(max_tokens=6, temperature=0)),
+        (PROMPTS[0], dict(max_tokens=11, temperature=0.8, seed=5)),
+        ("O", dict(max_tokens=1, temperature=0)),  # finishes at its first token
+        (PROMPTS[1], dict(max_tokens=0, echo=True, logprobs=1)),  # scores the prompt only
+    ]
+    assert len({len(tokenizer.encode(p).ids) for p, _ in jobs}) == len(jobs)
+    before = metric(live, "molm_prefill_batch_size_count"), metric(live, "molm_prefill_batch_size_sum")
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        with engine.lock:  # the scheduler is held: all of them wait for the same step
+            futures = [pool.submit(live.complete, p, **s) for p, s in jobs]
+            wait_until(lambda: len(engine.waiting) == len(jobs), "the requests to queue")
+        results = [f.result().choices[0] for f in futures]
+    assert metric(live, "molm_prefill_batch_size_count") - before[0] == 1  # one prefill forward ...
+    assert metric(live, "molm_prefill_batch_size_sum") - before[1] == len(jobs)  # ... of every request
+    for (prompt, s), choice in zip(jobs[:-1], results):
+        assert choice.text == reference(model, tokenizer, prompt, s.pop("max_tokens"), **s)
+    ids = tokenizer.encode(PROMPTS[1]).ids
+    scored = results[-1].logprobs.token_logprobs
+    assert results[-1].text == PROMPTS[1] and scored[0] is None
+    assert torch.allclose(torch.tensor(scored[1:]), prompt_scores(model, ids), atol=1e-5)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(model, tokenizer):
+    """With a budget of 16 prompt tokens a step, a 102-token prompt is prefilled in 7 chunks, one a step; the
+    running request decodes a token after each chunk, and both return what molm.generate gives alone (scoring
+    too)."""
+    server = LiveServer(serve.create_app(model, tokenizer, NAME, max_batch=8, max_queue=8, prefill_tokens=16))
+    engine, long_prompt = server.engine, " ".join(PROMPTS * 2)
+    ids = tokenizer.encode(long_prompt).ids
+    assert len(ids) == 102
+    try:
+        with Gate(engine) as gate, ThreadPoolExecutor(1) as pool:
+            stream = iter(server.complete(PROMPTS[5], max_tokens=30, temperature=0, stream=True))
+            pieces = [next(stream).choices[0].text]
+            gate.wait_blocked(0)
+            before = metric(server, "molm_prefill_batch_size_count")
+            future = pool.submit(server.complete, long_prompt, max_tokens=12, temperature=0)
+            wait_until(lambda: len(engine.waiting) == 1, "the long request to queue")
+            gate.step(10_000)
+            pieces += [c.choices[0].text for c in stream]
+            text = future.result().choices[0].text
+        assert metric(server, "molm_prefill_batch_size_count") - before == 7
+        assert gate.batches[:8] == [1] * 7 + [2]  # A's step, 6 steps beside a chunk each, then both rows
+        assert "".join(pieces) == reference(model, tokenizer, PROMPTS[5], 30)
+        assert text == reference(model, tokenizer, long_prompt, 12)
+        scored = server.complete(long_prompt, max_tokens=0, echo=True, logprobs=0).choices[0].logprobs
+        assert torch.allclose(torch.tensor(scored.token_logprobs[1:]), prompt_scores(model, ids), atol=1e-5)
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize(
     "body, param",
     [
@@ -323,22 +389,26 @@ def test_unknown_model_and_path(live):
 
 
 def test_a_failing_request_fails_alone(live, model, tokenizer):
-    """An exception in one request's prefill answers it with a JSON error; the request beside it completes."""
+    """An exception in one request's prefill answers it with a JSON error; the request prefilled in the same batch
+    (retried alone) completes."""
     engine, poison = live.engine, tokenizer.encode(PROMPTS[2]).ids
 
-    def prefill(seq):
-        if seq.prompt == poison:
+    def forward(ids, mask, cache, logits_to_keep):
+        if any(row[-len(poison) :] == poison for row in ids.tolist()):
             raise RuntimeError("injected failure")
-        return type(engine)._prefill(engine, seq)
+        return type(engine)._forward(engine, ids, mask, cache, logits_to_keep)
 
-    engine._prefill = prefill
+    engine._forward = forward
     try:
         with ThreadPoolExecutor(2) as pool:
-            good = pool.submit(live.complete, PROMPTS[0], max_tokens=12, temperature=0)
-            bad = live.post({"prompt": PROMPTS[2], "max_tokens": 4})
+            with engine.lock:  # both queue before the next step: they are prefilled as one batch
+                good = pool.submit(live.complete, PROMPTS[0], max_tokens=12, temperature=0)
+                bad = pool.submit(live.post, {"prompt": PROMPTS[2], "max_tokens": 4})
+                wait_until(lambda: len(engine.waiting) == 2, "both requests to queue")
             assert good.result().choices[0].text == reference(model, tokenizer, PROMPTS[0], 12)
+            bad = bad.result()
     finally:
-        del engine._prefill
+        del engine._forward
     assert bad.status_code == 500 and "injected failure" in bad.json()["error"]["message"]
     assert live.complete(PROMPTS[2], max_tokens=3, temperature=0).choices[0].text == reference(
         model, tokenizer, PROMPTS[2], 3
@@ -363,6 +433,19 @@ def test_disconnect_mid_stream_frees_the_slot(live):
     assert seq.finish_reason == "cancelled" and len(seq.tokens) <= 2
 
 
+def test_streams_are_not_held_back_by_nagle(live):
+    """Each token of a stream is its own small write: the server's connections must have TCP_NODELAY, or on a
+    kept-alive connection a write waits for the client's delayed ACK of the one before."""
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        for _ in range(2):  # the second request reuses the connection
+            assert client.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2}).status_code == 200
+        connections = list(live.server.server_state.connections)
+        assert connections
+        for protocol in connections:
+            sock = protocol.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 def test_full_queue_answers_429(model, tokenizer):
     server = LiveServer(serve.create_app(model, tokenizer, NAME, max_batch=2, max_queue=3))
     try:
@@ -380,9 +463,10 @@ def test_full_queue_answers_429(model, tokenizer):
 
 def test_bounded_load(live, model, tokenizer):
     """32 clients x 2 requests: every request is answered once, with the length and text molm.generate gives.
-    The first 32 are queued while the scheduler is held, so they decode as one batch of 32 rows."""
+    The first 32 are queued while the scheduler is held; they are prefilled a few per step (the prefill budget) and
+    live long enough to decode together in batches of more than 16 rows."""
     jobs = [
-        (f"{PROMPTS[i % len(PROMPTS)]} {word}", 1 + i % 7)
+        (f"{PROMPTS[i % len(PROMPTS)]} {word}", 8 + i % 7)
         for i, word in enumerate(
             (
                 "and",
