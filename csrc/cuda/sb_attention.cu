@@ -123,22 +123,17 @@ float early_exit_below() {
                                                                         : -std::numeric_limits<float>::infinity();
 }
 
-// Kernel 1's dynamic shared-memory limit, raised once per device to what the widest head (kMaxD) needs with chunk
-// bd (weights_chunk() picked bd so that this fits): a host call that must not run again during graph capture.
+// Kernel 1's dynamic shared-memory limit, raised once per device (sb_prefill::raise_weights_smem_limit): a host call
+// that must not run again during graph capture.
 template <typename T16>
 void raise_smem_limits(int bd) {
-  namespace sp = sb_prefill;
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> raised[2][kMaxDevices] = {};
   const int device = at::cuda::current_device();
   auto& flag = raised[bd == 64 ? 0 : 1][device % kMaxDevices];
   if (device < kMaxDevices && flag.load()) return;
-  const int64_t cap = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  const int smem = static_cast<int>(std::min<int64_t>(
-      cap, bd == 64 ? sp::WeightsTraits<64>::smem_bytes(sp::kMaxD) : sp::WeightsTraits<32>::smem_bytes(sp::kMaxD)));
-  for (auto kernel : {bd == 64 ? sp::sb_weights_kernel<T16, 64, true> : sp::sb_weights_kernel<T16, 32, true>,
-                      bd == 64 ? sp::sb_weights_kernel<T16, 64, false> : sp::sb_weights_kernel<T16, 32, false>})
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  C10_CUDA_CHECK(sb_prefill::raise_weights_smem_limit<T16>(
+      bd, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin));
   flag.store(true);
 }
 
@@ -253,9 +248,7 @@ bool sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   at::Tensor o_part = at::empty({B * T * H * G * plan.n_chunks, D}, acc_opts);
   at::Tensor s_part = at::empty({B * T * H * G * plan.n_chunks}, acc_opts);
   constexpr int64_t vec = 16 / sizeof(scalar_t);  // elements per 16-byte load of a K/V row
-  if (plan.smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(sb_decode::sb_decode_chunk_kernel<dev_t, acc_t>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)));
+  C10_CUDA_CHECK((sb_decode::raise_smem_limit<dev_t, acc_t>(plan)));
   sb_decode::DecodeArgs<dev_t, acc_t> a{};
   a.q = reinterpret_cast<const dev_t*>(q.data_ptr());
   a.k = reinterpret_cast<const dev_t*>(k.data_ptr());

@@ -255,7 +255,16 @@ struct DecodeArgs {
   scalar_t* out;
 };
 
-// The caller has raised the chunk kernel's shared-memory limit to plan.smem when it exceeds 48 KiB.
+// Raises the chunk kernel's dynamic shared-memory limit to pl.smem when that exceeds the default 48 KiB (the caller
+// has checked pl.smem against the device's opt-in maximum). A host call, before launch().
+template <typename scalar_t, typename acc_t>
+cudaError_t raise_smem_limit(const DecodePlan& pl) {
+  if (pl.smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(sb_decode_chunk_kernel<scalar_t, acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(pl.smem));
+}
+
+// After raise_smem_limit(pl).
 template <typename scalar_t, typename acc_t>
 void launch(const DecodeArgs<scalar_t, acc_t>& a, const DecodePlan& pl, stream_t stream) {
   const int64_t n_rows = int64_t(a.B) * a.T * a.H;

@@ -471,6 +471,21 @@ inline int weights_chunk(int D, int64_t max_smem) {
   return 0;
 }
 
+// Raises kernel 1's dynamic shared-memory limit (both kScan variants of chunk bd) to what the widest head (kMaxD)
+// needs, capped at the device's opt-in maximum (weights_chunk() picked bd so that the head at hand fits). A host call:
+// the caller makes it once per device, outside graph capture.
+template <typename T16>
+cudaError_t raise_weights_smem_limit(int bd, int64_t max_optin) {
+  const int64_t need = bd == 64 ? WeightsTraits<64>::smem_bytes(kMaxD) : WeightsTraits<32>::smem_bytes(kMaxD);
+  const int smem = static_cast<int>(need < max_optin ? need : max_optin);
+  for (auto kernel : {bd == 64 ? sb_weights_kernel<T16, 64, true> : sb_weights_kernel<T16, 32, true>,
+                      bd == 64 ? sb_weights_kernel<T16, 64, false> : sb_weights_kernel<T16, 32, false>}) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 // Shapes the fused path takes: 16-bit, D a multiple of kBNd (so of 64 and 32) up to kMaxD. Alignment of pointers
 // and strides (16 bytes) is the caller's check.
 inline bool supports(int D) { return D % ApplyTraits::kBNd == 0 && D <= kMaxD; }

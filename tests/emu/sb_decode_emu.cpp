@@ -33,6 +33,11 @@ int run(const void* q, const int64_t* qs, const void* k, const int64_t* ks, cons
   a.o_part = o_part.data();
   a.s_part = s_part.data();
   a.out = static_cast<scalar_t*>(out);
+  const cudaError_t err = sd::raise_smem_limit<scalar_t, acc_t>(plan);
+  if (err != cudaSuccess) {
+    g_error = std::to_string(plan.smem) + " bytes of shared memory for the decode kernel: " + cudaGetErrorString(err);
+    return -1;
+  }
   sd::launch(a, plan, nullptr);
   return static_cast<int>(plan.n_chunks);
 }

@@ -38,6 +38,11 @@ bool setup(const Inputs& in, sp::Params<T16>& p, int& bd) {
     g_error = "no kernel-1 variant fits " + std::to_string(in.max_smem) + " bytes of shared memory";
     return false;
   }
+  const cudaError_t err = sp::raise_weights_smem_limit<T16>(bd, in.max_smem);
+  if (err != cudaSuccess) {
+    g_error = std::string("raising kernel 1's shared-memory limit: ") + cudaGetErrorString(err);
+    return false;
+  }
   p.q = static_cast<const T16*>(in.q);
   p.k = static_cast<const T16*>(in.k);
   p.v = static_cast<const T16*>(in.v);
