@@ -41,8 +41,6 @@ def decode(lib, q, k, v, bias, scale, sms):
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b = None if bias is None else bias.to(acc).contiguous()
-    vec = 16 // q.element_size()
-    aligned = all(t.data_ptr() % 16 == 0 and all(s % vec == 0 for s in t.stride()[:-1]) for t in (k, v))
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     rc = lib.sb_decode_emu(
         DTYPE_CODE[q.dtype],
@@ -56,7 +54,6 @@ def decode(lib, q, k, v, bias, scale, sms):
         ctypes.c_double(scale),
         (ctypes.c_int * 6)(B, T, G, H, D, S),
         sms,
-        int(D % vec == 0 and aligned),
         ptr(out),
     )
     if rc < 0:

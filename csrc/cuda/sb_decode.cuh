@@ -249,11 +249,20 @@ struct DecodeArgs {
   acc_t scale;
   int B, T, G, H, D, S;
   int64_t qs0, qs1, qs2, qs3, ks0, ks1, ks2, vs0, vs1, vs2;
-  bool vec_ok;
+  bool vec_ok;    // vec_loads_ok()
   acc_t* o_part;  // [B * T * H * G * n_chunks, D]
   acc_t* s_part;  // [B * T * H * G * n_chunks]
   scalar_t* out;
 };
+
+// 16-byte loads of K / V rows (DecodeArgs::vec_ok): D a multiple of the vector and every row start 16-byte aligned
+// (16-byte aligned bases, strides multiples of the vector; the last dimension is contiguous).
+template <typename scalar_t, typename acc_t>
+bool vec_loads_ok(const DecodeArgs<scalar_t, acc_t>& a) {
+  constexpr int64_t kVec = 16 / sizeof(scalar_t);
+  return a.D % kVec == 0 && aligned16(a.k) && aligned16(a.v) && a.ks0 % kVec == 0 && a.ks1 % kVec == 0 &&
+         a.ks2 % kVec == 0 && a.vs0 % kVec == 0 && a.vs1 % kVec == 0 && a.vs2 % kVec == 0;
+}
 
 // Raises the chunk kernel's dynamic shared-memory limit to pl.smem when that exceeds the default 48 KiB (the caller
 // has checked pl.smem against the device's opt-in maximum). A host call, before launch().
