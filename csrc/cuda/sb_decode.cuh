@@ -233,7 +233,6 @@ struct DecodePlan {
 
 // Enough CTAs to fill the chip (about 4 per SM) with chunks of 64 .. 512 keys.
 inline DecodePlan plan(int64_t n_rows, int64_t G, int64_t D, int64_t S, int64_t sms, int64_t acc_size) {
-  const auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   const int64_t want_chunks = ceil_div(4 * sms, n_rows) > 1 ? ceil_div(4 * sms, n_rows) : 1;
   int64_t chunk = ceil_div(ceil_div(S, want_chunks), 32) * 32;
   chunk = chunk < 64 ? 64 : (chunk > 512 ? 512 : chunk);
