@@ -152,16 +152,25 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   }
   __syncthreads();
 
-  // 3. o = sum_jj A[g, jj] v_j, one thread per kVec output columns (16-byte loads) or per column, slots in groups
+  // 3. o = sum_jj A[g, jj] v_j, one thread per kVec output columns (16-byte loads) or per column, slots in groups.
+  // On the vector path, when D / kVec columns would leave half the block idle, the upper half of the threads takes
+  // the older half of the chunk's keys and leaves its sums in qsm (q is no longer needed); they are added to the lower
+  // half's after a barrier, in that fixed order.
   if (vec_ok) {
-    for (int dv = tid; dv < D / kVec; dv += blockDim.x) {
+    const int n_vec = D / kVec;
+    const int split = 2 * n_vec <= static_cast<int>(blockDim.x) ? 2 : 1;
+    const int jj_mid = split == 2 ? (n + 1) / 2 : n;
+    for (int t = tid; t < split * n_vec; t += blockDim.x) {
+      const int dv = t % n_vec;
+      const bool upper = t >= n_vec;
+      const int jj_begin = upper ? jj_mid : 0, jj_end = upper ? n : jj_mid;
       for (int g0 = 0; g0 < G; g0 += kMaxSlotsPerPass) {
         acc_t acc[kMaxSlotsPerPass][kVec];
 #pragma unroll
         for (int u = 0; u < kMaxSlotsPerPass; ++u)
 #pragma unroll
           for (int x = 0; x < kVec; ++x) acc[u][x] = acc_t(0);
-        for (int jj = 0; jj < n; ++jj) {
+        for (int jj = jj_begin; jj < jj_end; ++jj) {
           const int j = k_hi - 1 - jj;
           acc_t vx[kVec];
           unpack16<scalar_t, acc_t>(
@@ -178,11 +187,16 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
 #pragma unroll
         for (int u = 0; u < kMaxSlotsPerPass; ++u)
           if (g0 + u < G) {
-            acc_t* o = o_part + ((row * G + g0 + u) * n_chunks + c) * D + dv * kVec;
+            acc_t* o =
+                upper ? qsm + (g0 + u) * D + dv * kVec : o_part + ((row * G + g0 + u) * n_chunks + c) * D + dv * kVec;
 #pragma unroll
             for (int x = 0; x < kVec; ++x) o[x] = acc[u][x];
           }
       }
+    }
+    if (split == 2) {
+      __syncthreads();  // the older keys' sums are in qsm; o_part's rows are visible to the whole block
+      for (int x = tid; x < G * D; x += blockDim.x) o_part[((row * G + x / D) * n_chunks + c) * D + x % D] += qsm[x];
     }
     return;
   }
