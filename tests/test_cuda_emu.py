@@ -1,6 +1,9 @@
 """The CPU CUDA emulator (tests/cuda_emu/cuda_emu.h) through the CUDA-style kernels of tests/emu/selftest_kernels.cpp:
 warp shuffles and votes, smem + barriers, early exits, async copies, a WMMA GEMM, 16-bit conversions, traps,
-deadlocks and launch checks, each against numpy/torch references. Needs only a C++ compiler."""
+deadlocks and launch checks, each against numpy/torch references. Needs only a C++ compiler.
+The checks that model what a GPU does but a CPU would hide (async copies that land at their wait, CTAs in no fixed
+order and side by side, the 48 KiB default shared-memory limit, fragments holding only their lane's share) are each
+shown to catch a deliberately broken kernel."""
 
 from __future__ import annotations
 
@@ -31,6 +34,17 @@ SIGNATURES = {
     "emu_deadlock": [],
     "emu_launch_config": [I, I, I, I, LL],
     "emu_set_max_smem": [LL],
+    "emu_async_early_read": [P, P, I],
+    "emu_async_ring": [P, P, I, I],
+    "emu_async_global_dst": [P, P],
+    "emu_set_schedule": [ctypes.c_ulonglong, I, I],
+    "emu_cta_order": [P, I],
+    "emu_chain": [P, I],
+    "emu_coresident": [P, I],
+    "emu_smem_opt_in": [I, I],
+    "emu_smem_launch": [I, LL],
+    "emu_wmma_share": [P, P, I],
+    "emu_wmma_changed_operand": [P, P],
     "emu_f2bf": [P, P, LL],
     "emu_bf2f": [P, P, LL],
     "emu_f2h": [P, P, LL],
@@ -249,7 +263,7 @@ def test_deadlock_is_detected(lib):
 
 
 def test_launch_configuration_checks(lib):
-    check(lib, lib.emu_launch_config(32, 2, 1, 2, 232448))
+    check(lib, lib.emu_launch_config(32, 2, 1, 2, 48 * 1024))
     assert "whole warps" in error_of(lib, lib.emu_launch_config(48, 1, 1, 1, 0))
     assert "whole warps" in error_of(lib, lib.emu_launch_config(32, 33, 1, 1, 0))
     assert "grid" in error_of(lib, lib.emu_launch_config(32, 1, 1, 0, 0))
@@ -260,6 +274,108 @@ def test_launch_configuration_checks(lib):
         assert "1024" in error_of(lib, lib.emu_launch_config(32, 1, 1, 1, 2048))
     finally:
         check(lib, lib.emu_set_max_smem(232448))
+
+
+CUDA_SUCCESS, CUDA_ERROR_INVALID_VALUE = 0, 1
+
+
+def test_dynamic_smem_over_48k_needs_the_kernels_opt_in(lib):
+    """Above 48 KiB a launch fails unless cudaFuncSetAttribute(MaxDynamicSharedMemorySize) raised that kernel's limit
+    (a GPU refuses the launch; a forgotten opt-in passed the emulator before)."""
+    check(lib, lib.emu_smem_launch(1, 48 * 1024))
+    msg = error_of(lib, lib.emu_smem_launch(1, 48 * 1024 + 16))
+    assert "limit of 49152 B" in msg and "cudaFuncSetAttribute" in msg
+    assert lib.emu_smem_opt_in(0, 100_000) == CUDA_SUCCESS
+    check(lib, lib.emu_smem_launch(0, 100_000))
+    assert "limit of 100000 B" in error_of(lib, lib.emu_smem_launch(0, 100_001))
+    assert "limit of 49152 B" in error_of(lib, lib.emu_smem_launch(1, 100_000))  # the limit is per kernel
+    assert lib.emu_smem_opt_in(1, 232449) == CUDA_ERROR_INVALID_VALUE  # above the device's opt-in maximum
+    assert lib.emu_smem_opt_in(0, 232448) == CUDA_SUCCESS
+    check(lib, lib.emu_smem_launch(0, 232448))
+
+
+# ---- async copies land at their wait ---------------------------------------------------------------------------------
+
+
+def test_async_copy_lands_only_at_its_wait(lib):
+    src = aligned(np.arange(1, 17, dtype=np.uint8))
+    dst = np.zeros(16, np.uint8)
+    check(lib, lib.emu_async_early_read(ptr(src), ptr(dst), 0))
+    np.testing.assert_array_equal(dst, src)
+    check(lib, lib.emu_async_early_read(ptr(src), ptr(dst), 1))
+    assert (dst == 0xFF).all()  # read before the wait: poison, not the data
+
+
+def test_async_ring_with_a_wrong_wait_count_reads_poison(lib):
+    chunks = 6
+    x = aligned(np.random.default_rng(7).integers(-20, 20, (chunks, 32, 4)).astype(np.float32))
+    out = np.zeros(32, np.float32)
+    check(lib, lib.emu_async_ring(ptr(x), ptr(out), chunks, 1))
+    np.testing.assert_array_equal(out, x.sum((0, 2)))
+    check(lib, lib.emu_async_ring(ptr(x), ptr(out), chunks, 2))  # the broken wait count
+    assert np.isnan(out).all()
+
+
+def test_async_copy_destination_must_be_shared_memory(lib):
+    src = aligned(np.arange(16, dtype=np.uint8))
+    dst = aligned(np.zeros(16, np.uint8))
+    assert "must lie in the CTA's shared memory" in error_of(lib, lib.emu_async_global_dst(ptr(src), ptr(dst)))
+
+
+# ---- CTA order and concurrency ---------------------------------------------------------------------------------------
+
+
+def test_ctas_run_in_a_seeded_shuffled_order(lib):
+    ctas = 64
+    try:
+        orders = []
+        for seed in (1, 1, 2):
+            check(lib, lib.emu_set_schedule(seed, 1, 1))  # one slot: the order is the seeded permutation
+            order = np.zeros(ctas, np.uint32)
+            check(lib, lib.emu_cta_order(ptr(order), ctas))
+            assert sorted(order.tolist()) == list(range(ctas))
+            orders.append(order)
+        np.testing.assert_array_equal(orders[0], orders[1])  # reproducible from the seed
+        assert (orders[0] != np.arange(ctas)).any() and (orders[0] != orders[2]).any()
+        check(lib, lib.emu_set_schedule(1, 1, 0))  # unshuffled: index order, where the broken chain works
+        out = np.zeros(ctas, np.float32)
+        check(lib, lib.emu_chain(ptr(out), ctas))
+        np.testing.assert_array_equal(out, np.arange(1, ctas + 1))
+    finally:
+        check(lib, lib.emu_set_schedule(0x5EED, 2, 1))
+    out = np.zeros(ctas, np.float32)
+    check(lib, lib.emu_chain(ptr(out), ctas))
+    assert (out != np.arange(1, ctas + 1)).any(), "a kernel relying on CTA order passed"
+
+
+def test_two_ctas_are_resident_at_once(lib):
+    seen = np.zeros(2, np.int32)
+    check(lib, lib.emu_coresident(ptr(seen), 2))
+    assert seen.tolist() == [2, 2]
+
+
+# ---- WMMA fragments hold their lane's share --------------------------------------------------------------------------
+
+
+def test_wmma_fragment_holds_only_its_lanes_share(lib):
+    c = aligned(np.random.default_rng(8).standard_normal((16, 16)).astype(np.float32))
+    out = aligned(np.full((16, 16), np.nan, np.float32))
+    check(lib, lib.emu_wmma_share(ptr(c), ptr(out), 0))
+    np.testing.assert_array_equal(out, c)
+    check(lib, lib.emu_wmma_share(ptr(c), ptr(out), 1))  # elementwise on x[]: portable
+    np.testing.assert_array_equal(out, 2 * c)
+    out[...] = np.nan
+    check(lib, lib.emu_wmma_share(ptr(c), ptr(out), 2))  # lane 0 treats x[] as the row-major tile
+    assert not np.array_equal(out, c) and np.isnan(out).sum() == 256 - 8
+    msg = error_of(lib, lib.emu_wmma_share(ptr(c), ptr(out), 3))  # lanes 8..31 index past their share
+    index = re.search(r"fragment x\[(\d+)\]: a lane holds 8 elements", msg)
+    assert index and int(index[1]) >= 8, msg
+
+
+def test_wmma_changed_operand_elements_trap(lib):
+    a = bits16(torch.randn(16, 16).to(torch.bfloat16))
+    out = aligned(np.zeros((16, 16), np.float32))
+    assert "changed through x[]" in error_of(lib, lib.emu_wmma_changed_operand(ptr(a), ptr(out)))
 
 
 # ---- 16-bit conversions ----------------------------------------------------------------------------------------------

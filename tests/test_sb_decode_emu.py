@@ -41,8 +41,6 @@ def decode(lib, q, k, v, bias, scale, sms):
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b = None if bias is None else bias.to(acc).contiguous()
-    vec = 16 // q.element_size()
-    aligned = all(t.data_ptr() % 16 == 0 and all(s % vec == 0 for s in t.stride()[:-1]) for t in (k, v))
     ptr = lambda t: None if t is None else ctypes.c_void_p(t.data_ptr())  # noqa: E731
     rc = lib.sb_decode_emu(
         DTYPE_CODE[q.dtype],
@@ -56,7 +54,6 @@ def decode(lib, q, k, v, bias, scale, sms):
         ctypes.c_double(scale),
         (ctypes.c_int * 6)(B, T, G, H, D, S),
         sms,
-        int(D % vec == 0 and aligned),
         ptr(out),
     )
     if rc < 0:
@@ -121,3 +118,12 @@ def test_decode_strided_cache(lib):
     out, _ = decode(lib, q, kv, kv, None, 0.125, sms=8)
     exact = reference.sb_attention_ref(q.double(), kv.double(), kv.double(), None, 0.125)
     assert_close(out, exact, reference.sb_attention_ref(q, kv, kv, None, 0.125), torch.bfloat16, "strided cache")
+
+
+def test_decode_over_48k_of_shared_memory(lib):
+    """k = 8 slots of D = 1024 in fp64 need 68 KiB of shared memory: the launch code must raise the kernel's limit
+    (sb_decode::raise_smem_limit, which the CUDA entry point calls too) or the launch fails as it would on a GPU."""
+    q, k, v, bias = sb_inputs(1, 1, 100, 8, 1, 1024, torch.float64, True, shared_kv=False)
+    out, _ = decode(lib, q, k, v, bias, 1024**-0.5, sms=4)
+    exact = reference.sb_attention_ref(q, k, v, bias, 1024**-0.5)
+    assert_close(out, exact, dtype=torch.float64, what="decode k=8 D=1024 fp64")

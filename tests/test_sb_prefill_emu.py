@@ -208,6 +208,16 @@ def test_fused_prefill_refuses_unsupported_head(lib):
         fused_forward(lib, q, k, v, None, 0.125)
 
 
+def test_fused_prefill_refuses_misaligned_rows(lib):
+    """Rows that do not start on 16 bytes (here q sliced one element into a wider projection) are refused by the
+    entry point's check (sb_prefill::takes), which the CUDA build shares, before any 16-byte async copy."""
+    q, k, v, _ = sb_inputs(1, 8, 8, 1, 1, 128, torch.bfloat16)
+    wide = torch.zeros(*q.shape[:-1], 129, dtype=q.dtype)
+    wide[..., 1:] = q
+    with pytest.raises(RuntimeError, match="not taken by the fused path"):
+        fused_forward(lib, wide[..., 1:], k, v, None, 0.125)
+
+
 # (B, T, S, k slots, H, D): partial row tiles, a cache before the queries (T = 21: the rows of position 64 start at
 # row 30, just before a 32-row step of kernel 3), H > 1, the MoLM head
 BACKWARD_CASES = [

@@ -24,7 +24,10 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <atomic>
 #include <cstdint>
+
+#include "device.cuh"
 
 #if defined(MOLM_WITH_CUTLASS)
 #include "cute/tensor.hpp"
@@ -114,6 +117,20 @@ T* align_up(uint8_t*& cursor, int64_t count) {  // carve count Ts out of a byte 
   return reinterpret_cast<T*>(p);
 }
 
+// The GEMM kernel's dynamic shared-memory limit, raised once per device: Gemm::initialize would repeat this host call
+// on every call (and so also during graph capture).
+template <typename Gemm>
+void raise_smem_limit_once(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> raised[kMaxDevices] = {};
+  if (device < kMaxDevices && raised[device].load()) return;
+  constexpr int smem = Gemm::GemmKernel::SharedStorageSize;
+  if constexpr (smem >= (48 << 10))
+    C10_CUDA_CHECK(cudaFuncSetAttribute(cutlass::device_kernel<typename Gemm::GemmKernel>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  if (device < kMaxDevices) raised[device].store(true);
+}
+
 template <typename G>
 bool run_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& offsets, at::Tensor& out) {
   using Gemm = typename G::Gemm;
@@ -123,14 +140,32 @@ bool run_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   const int n_experts = static_cast<int>(weight.size(0));
   const auto stream = at::cuda::getCurrentCUDAStream();
 
-  // Per-expert arrays: shapes, 3 pointers and 3 strides each, plus alignment slack.
-  const int64_t bytes =
+  cutlass::KernelHardwareInfo hw;
+  hw.device_id = x.get_device();
+  hw.sm_count = at::cuda::getDeviceProperties(hw.device_id)->multiProcessorCount;
+
+  // The per-expert arrays are filled on the device (below); the checks and the workspace size depend on the group
+  // count and the device only, not on where the arrays live.
+  GroupArrays<G> g{};
+  typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped,
+                                {n_experts, nullptr, nullptr},  // no host copy of the problem shapes
+                                {nullptr, nullptr, nullptr, nullptr},
+                                {{}, nullptr, nullptr, nullptr, nullptr},
+                                hw};
+  args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.beta = 0.f;
+  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return false;
+
+  // One allocation (from the caching allocator: no cudaMalloc once warm, none in graph capture) for CUTLASS's
+  // workspace and the per-expert arrays: shapes, 3 pointers and 3 strides each, plus alignment slack.
+  const int64_t workspace_bytes = (static_cast<int64_t>(Gemm::get_workspace_size(args)) + 127) / 128 * 128;
+  const int64_t array_bytes =
       n_experts * int64_t(sizeof(typename ProblemShape::UnderlyingProblemShape) + 3 * sizeof(void*) +
                           sizeof(typename G::StrideA) + sizeof(typename G::StrideB) + sizeof(typename G::StrideD)) +
       7 * 16;
-  at::Tensor arrays = at::empty({bytes}, x.options().dtype(at::kByte));
-  uint8_t* cursor = arrays.data_ptr<uint8_t>();
-  GroupArrays<G> g;
+  at::Tensor buffer = at::empty({workspace_bytes + array_bytes}, x.options().dtype(at::kByte));
+  uint8_t* workspace = buffer.data_ptr<uint8_t>();
+  uint8_t* cursor = workspace + workspace_bytes;
   g.shapes = align_up<typename ProblemShape::UnderlyingProblemShape>(cursor, n_experts);
   g.a = align_up<const E*>(cursor, n_experts);
   g.b = align_up<const E*>(cursor, n_experts);
@@ -138,6 +173,10 @@ bool run_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   g.sa = align_up<typename G::StrideA>(cursor, n_experts);
   g.sb = align_up<typename G::StrideB>(cursor, n_experts);
   g.sd = align_up<typename G::StrideD>(cursor, n_experts);
+  args.problem_shape.problem_shapes = g.shapes;
+  args.mainloop = {g.a, g.sa, g.b, g.sb};
+  args.epilogue.ptr_D = g.d;
+  args.epilogue.dD = g.sd;
 
   // Strides are the same for every expert (only the pointers and M_e differ); the batch extent is 1.
   const auto sa = cutlass::make_cute_packed_stride(typename G::StrideA{}, cute::make_shape(1, k, 1));
@@ -148,31 +187,18 @@ bool run_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
       reinterpret_cast<E*>(out.data_ptr()), offsets.data_ptr<int64_t>(), n_experts, m, n, k, sa, sb, sd, g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  cutlass::KernelHardwareInfo hw;
-  hw.device_id = x.get_device();
-  hw.sm_count = at::cuda::getDeviceProperties(hw.device_id)->multiProcessorCount;
-
-  typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped,
-                                {n_experts, g.shapes, nullptr},  // no host copy of the problem shapes
-                                {g.a, g.sa, g.b, g.sb},
-                                {{}, nullptr, nullptr, g.d, g.sd},
-                                hw};
-  args.epilogue.thread.alpha = 1.f;
-  args.epilogue.thread.beta = 0.f;
-
+  // What Gemm::initialize does, less the shared-memory attribute (once per device): the workspace (stream-ordered)
+  // and the kernel parameters, which hold this call's pointers and so are built per call.
+  raise_smem_limit_once<Gemm>(hw.device_id);
   Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return false;
-  at::Tensor workspace =
-      at::empty({static_cast<int64_t>(Gemm::get_workspace_size(args)) + 1}, x.options().dtype(at::kByte));
-  TORCH_CHECK(gemm.initialize(args, workspace.data_ptr(), stream) == cutlass::Status::kSuccess,
+  TORCH_CHECK(Gemm::GemmKernel::initialize_workspace(args, workspace, stream) == cutlass::Status::kSuccess &&
+                  gemm.update(args, workspace) == cutlass::Status::kSuccess,
               "molm::expert_gemm: CUTLASS sm90 grouped GEMM failed to initialise");
   TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess,
               "molm::expert_gemm: CUTLASS sm90 grouped GEMM failed to launch");
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
 

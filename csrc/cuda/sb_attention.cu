@@ -105,15 +105,6 @@ void sb_forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   }
 }
 
-// Every row (last dimension, contiguous) of t starts on a 16-byte boundary: a 16-byte aligned base and all other
-// strides multiples of vec = 16 / element size.
-bool rows_aligned16(const at::Tensor& t, int64_t vec) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || t.stride(t.dim() - 1) != 1) return false;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d)
-    if (t.stride(d) % vec != 0) return false;
-  return true;
-}
-
 bool fused_prefill_enabled() { return kernel_options().sb_fused.load(std::memory_order_relaxed); }
 
 // Log-survival below which the fused prefill stops walking keys: -30 (the stick left is < 1e-13), or never with
@@ -123,41 +114,28 @@ float early_exit_below() {
                                                                         : -std::numeric_limits<float>::infinity();
 }
 
-// Kernel 1's dynamic shared-memory limit, raised once per device to what the widest head (kMaxD) needs with chunk
-// bd (weights_chunk() picked bd so that this fits): a host call that must not run again during graph capture.
+// Kernel 1's dynamic shared-memory limit, raised once per device (sb_prefill::raise_weights_smem_limit): a host call
+// that must not run again during graph capture.
 template <typename T16>
 void raise_smem_limits(int bd) {
-  namespace sp = sb_prefill;
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> raised[2][kMaxDevices] = {};
   const int device = at::cuda::current_device();
   auto& flag = raised[bd == 64 ? 0 : 1][device % kMaxDevices];
   if (device < kMaxDevices && flag.load()) return;
-  const int64_t cap = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  const int smem = static_cast<int>(std::min<int64_t>(
-      cap, bd == 64 ? sp::WeightsTraits<64>::smem_bytes(sp::kMaxD) : sp::WeightsTraits<32>::smem_bytes(sp::kMaxD)));
-  for (auto kernel : {bd == 64 ? sp::sb_weights_kernel<T16, 64, true> : sp::sb_weights_kernel<T16, 32, true>,
-                      bd == 64 ? sp::sb_weights_kernel<T16, 64, false> : sp::sb_weights_kernel<T16, 32, false>})
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  C10_CUDA_CHECK(
+      sb_prefill::raise_weights_smem_limit<T16>(bd, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin));
   flag.store(true);
 }
 
 // Checks and common parameters of the fused kernels (sb_prefill.cuh). Returns false, having done nothing, for inputs
-// they do not take: D not a multiple of 128 or above 1024, rows or strides not 16-byte aligned, too many (b, h)
-// pairs for the grid, or a device without the shared memory. Raises kernel 1's shared-memory limit.
+// they do not take (sb_prefill::takes: head size, 16-byte aligned rows, grid limits) or a device without the shared
+// memory. Raises kernel 1's shared-memory limit.
 template <typename T16>
 bool fused_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* grad_out,
                  const float* bias, double scale, sb_prefill::Params<T16>& p, int& bd) {
   namespace sp = sb_prefill;
-  const int64_t B = q.size(0), H = q.size(3), D = q.size(4);
-  if (!fused_prefill_enabled() || !sp::supports(static_cast<int>(D)) || B * H > kMaxGridX) return false;
-  // backward grids: key tiles on grid z of the key-gradient kernel, the batch on grid y of the bias gradient
-  if (grad_out && (ceil_div(k.size(1), int64_t(sp::kBN)) > kMaxGridYZ || (bias && B > kMaxGridYZ))) return false;
-  auto aligned = [](const at::Tensor& t) { return rows_aligned16(t, 8); };
-  if (!aligned(q) || !aligned(k) || !aligned(v) || (grad_out && !aligned(*grad_out))) return false;
-  bd = sp::weights_chunk(static_cast<int>(D), at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
-  if (bd == 0) return false;
-  raise_smem_limits<T16>(bd);
+  if (!fused_prefill_enabled()) return false;
   p = sp::Params<T16>{};
   p.q = reinterpret_cast<const T16*>(q.data_ptr());
   p.k = reinterpret_cast<const T16*>(k.data_ptr());
@@ -169,7 +147,16 @@ bool fused_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   p.scale = static_cast<float>(scale);
   p.exit_below = early_exit_below();
   p.out_scale = 1.f;
-  p.B = B, p.T = q.size(1), p.G = q.size(2), p.H = H, p.D = D, p.S = k.size(1);
+  p.B = q.size(0), p.T = q.size(1), p.G = q.size(2), p.H = q.size(3), p.D = q.size(4), p.S = k.size(1);
+  if (grad_out) {
+    const int64_t gs[4] = {grad_out->stride(0), grad_out->stride(1), grad_out->stride(2), grad_out->stride(3)};
+    if (!sp::takes(p, reinterpret_cast<const T16*>(grad_out->data_ptr()), gs)) return false;
+  } else if (!sp::takes<T16>(p, nullptr, nullptr)) {
+    return false;
+  }
+  bd = sp::weights_chunk(p.D, at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  if (bd == 0) return false;
+  raise_smem_limits<T16>(bd);
   return true;
 }
 
@@ -252,10 +239,7 @@ bool sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor o_part = at::empty({B * T * H * G * plan.n_chunks, D}, acc_opts);
   at::Tensor s_part = at::empty({B * T * H * G * plan.n_chunks}, acc_opts);
-  constexpr int64_t vec = 16 / sizeof(scalar_t);  // elements per 16-byte load of a K/V row
-  if (plan.smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(sb_decode::sb_decode_chunk_kernel<dev_t, acc_t>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)));
+  C10_CUDA_CHECK((sb_decode::raise_smem_limit<dev_t, acc_t>(plan)));
   sb_decode::DecodeArgs<dev_t, acc_t> a{};
   a.q = reinterpret_cast<const dev_t*>(q.data_ptr());
   a.k = reinterpret_cast<const dev_t*>(k.data_ptr());
@@ -266,7 +250,7 @@ bool sb_forward_decode(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   a.qs0 = q.stride(0), a.qs1 = q.stride(1), a.qs2 = q.stride(2), a.qs3 = q.stride(3);
   a.ks0 = k.stride(0), a.ks1 = k.stride(1), a.ks2 = k.stride(2);
   a.vs0 = v.stride(0), a.vs1 = v.stride(1), a.vs2 = v.stride(2);
-  a.vec_ok = D % vec == 0 && rows_aligned16(k, vec) && rows_aligned16(v, vec);
+  a.vec_ok = sb_decode::vec_loads_ok(a);
   a.o_part = o_part.data_ptr<acc_t>();
   a.s_part = s_part.data_ptr<acc_t>();
   a.out = reinterpret_cast<dev_t*>(out.data_ptr());

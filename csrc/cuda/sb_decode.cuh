@@ -152,16 +152,25 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   }
   __syncthreads();
 
-  // 3. o = sum_jj A[g, jj] v_j, one thread per kVec output columns (16-byte loads) or per column, slots in groups
+  // 3. o = sum_jj A[g, jj] v_j, one thread per kVec output columns (16-byte loads) or per column, slots in groups.
+  // On the vector path, when D / kVec columns would leave half the block idle, the upper half of the threads takes
+  // the older half of the chunk's keys and leaves its sums in qsm (q is no longer needed); they are added to the lower
+  // half's after a barrier, in that fixed order.
   if (vec_ok) {
-    for (int dv = tid; dv < D / kVec; dv += blockDim.x) {
+    const int n_vec = D / kVec;
+    const int split = 2 * n_vec <= static_cast<int>(blockDim.x) ? 2 : 1;
+    const int jj_mid = split == 2 ? (n + 1) / 2 : n;
+    for (int t = tid; t < split * n_vec; t += blockDim.x) {
+      const int dv = t % n_vec;
+      const bool upper = t >= n_vec;
+      const int jj_begin = upper ? jj_mid : 0, jj_end = upper ? n : jj_mid;
       for (int g0 = 0; g0 < G; g0 += kMaxSlotsPerPass) {
         acc_t acc[kMaxSlotsPerPass][kVec];
 #pragma unroll
         for (int u = 0; u < kMaxSlotsPerPass; ++u)
 #pragma unroll
           for (int x = 0; x < kVec; ++x) acc[u][x] = acc_t(0);
-        for (int jj = 0; jj < n; ++jj) {
+        for (int jj = jj_begin; jj < jj_end; ++jj) {
           const int j = k_hi - 1 - jj;
           acc_t vx[kVec];
           unpack16<scalar_t, acc_t>(
@@ -178,11 +187,16 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
 #pragma unroll
         for (int u = 0; u < kMaxSlotsPerPass; ++u)
           if (g0 + u < G) {
-            acc_t* o = o_part + ((row * G + g0 + u) * n_chunks + c) * D + dv * kVec;
+            acc_t* o =
+                upper ? qsm + (g0 + u) * D + dv * kVec : o_part + ((row * G + g0 + u) * n_chunks + c) * D + dv * kVec;
 #pragma unroll
             for (int x = 0; x < kVec; ++x) o[x] = acc[u][x];
           }
       }
+    }
+    if (split == 2) {
+      __syncthreads();  // the older keys' sums are in qsm; o_part's rows are visible to the whole block
+      for (int x = tid; x < G * D; x += blockDim.x) o_part[((row * G + x / D) * n_chunks + c) * D + x % D] += qsm[x];
     }
     return;
   }
@@ -233,7 +247,6 @@ struct DecodePlan {
 
 // Enough CTAs to fill the chip (about 4 per SM) with chunks of 64 .. 512 keys.
 inline DecodePlan plan(int64_t n_rows, int64_t G, int64_t D, int64_t S, int64_t sms, int64_t acc_size) {
-  const auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   const int64_t want_chunks = ceil_div(4 * sms, n_rows) > 1 ? ceil_div(4 * sms, n_rows) : 1;
   int64_t chunk = ceil_div(ceil_div(S, want_chunks), 32) * 32;
   chunk = chunk < 64 ? 64 : (chunk > 512 ? 512 : chunk);
@@ -249,13 +262,31 @@ struct DecodeArgs {
   acc_t scale;
   int B, T, G, H, D, S;
   int64_t qs0, qs1, qs2, qs3, ks0, ks1, ks2, vs0, vs1, vs2;
-  bool vec_ok;
+  bool vec_ok;    // vec_loads_ok()
   acc_t* o_part;  // [B * T * H * G * n_chunks, D]
   acc_t* s_part;  // [B * T * H * G * n_chunks]
   scalar_t* out;
 };
 
-// The caller has raised the chunk kernel's shared-memory limit to plan.smem when it exceeds 48 KiB.
+// 16-byte loads of K / V rows (DecodeArgs::vec_ok): D a multiple of the vector and every row start 16-byte aligned
+// (16-byte aligned bases, strides multiples of the vector; the last dimension is contiguous).
+template <typename scalar_t, typename acc_t>
+bool vec_loads_ok(const DecodeArgs<scalar_t, acc_t>& a) {
+  constexpr int64_t kVec = 16 / sizeof(scalar_t);
+  return a.D % kVec == 0 && aligned16(a.k) && aligned16(a.v) && a.ks0 % kVec == 0 && a.ks1 % kVec == 0 &&
+         a.ks2 % kVec == 0 && a.vs0 % kVec == 0 && a.vs1 % kVec == 0 && a.vs2 % kVec == 0;
+}
+
+// Raises the chunk kernel's dynamic shared-memory limit to pl.smem when that exceeds the default 48 KiB (the caller
+// has checked pl.smem against the device's opt-in maximum). A host call, before launch().
+template <typename scalar_t, typename acc_t>
+cudaError_t raise_smem_limit(const DecodePlan& pl) {
+  if (pl.smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(sb_decode_chunk_kernel<scalar_t, acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(pl.smem));
+}
+
+// After raise_smem_limit(pl).
 template <typename scalar_t, typename acc_t>
 void launch(const DecodeArgs<scalar_t, acc_t>& a, const DecodePlan& pl, stream_t stream) {
   const int64_t n_rows = int64_t(a.B) * a.T * a.H;

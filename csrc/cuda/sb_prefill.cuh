@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "sb_scan.cuh"
@@ -471,9 +472,43 @@ inline int weights_chunk(int D, int64_t max_smem) {
   return 0;
 }
 
-// Shapes the fused path takes: 16-bit, D a multiple of kBNd (so of 64 and 32) up to kMaxD. Alignment of pointers
-// and strides (16 bytes) is the caller's check.
+// Raises kernel 1's dynamic shared-memory limit (both kScan variants of chunk bd) to what the widest head (kMaxD)
+// needs, capped at the device's opt-in maximum (weights_chunk() picked bd so that the head at hand fits). A host call:
+// the caller makes it once per device, outside graph capture.
+template <typename T16>
+cudaError_t raise_weights_smem_limit(int bd, int64_t max_optin) {
+  const int64_t need = bd == 64 ? WeightsTraits<64>::smem_bytes(kMaxD) : WeightsTraits<32>::smem_bytes(kMaxD);
+  const int smem = static_cast<int>(need < max_optin ? need : max_optin);
+  for (auto kernel : {bd == 64 ? sb_weights_kernel<T16, 64, true> : sb_weights_kernel<T16, 32, true>,
+                      bd == 64 ? sb_weights_kernel<T16, 64, false> : sb_weights_kernel<T16, 32, false>}) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// Shapes the fused path takes: 16-bit, D a multiple of kBNd (so of 64 and 32) up to kMaxD.
 inline bool supports(int D) { return D % ApplyTraits::kBNd == 0 && D <= kMaxD; }
+
+// Whether the fused kernels take these inputs: p with everything but the pass fields, grad_out and its strides gs
+// for the backward (else null). Beyond supports(D): every row 16-byte aligned (16-byte aligned bases, strides
+// multiples of 8 elements), the (b, h) pairs within grid x and, for the backward, the key tiles within grid z and
+// the batch within grid y (bias gradient).
+template <typename T16>
+bool takes(const Params<T16>& p, const T16* grad_out, const int64_t* gs) {
+  auto rows16 = [](const void* base, std::initializer_list<int64_t> strides) {
+    for (const int64_t s : strides)
+      if (s % 8 != 0) return false;
+    return aligned16(base);
+  };
+  if (!supports(p.D) || int64_t(p.B) * p.H > kMaxGridX) return false;
+  if (!rows16(p.q, {p.qs0, p.qs1, p.qs2, p.qs3}) || !rows16(p.k, {p.ks0, p.ks1, p.ks2}) ||
+      !rows16(p.v, {p.vs0, p.vs1, p.vs2}))
+    return false;
+  if (grad_out == nullptr) return true;
+  return rows16(grad_out, {gs[0], gs[1], gs[2], gs[3]}) && ceil_div(p.S, kBN) <= kMaxGridYZ &&
+         (p.bias == nullptr || p.B <= kMaxGridYZ);
+}
 
 inline int64_t weights_width(int S, int T, int t0, int tn) {
   const int64_t keys = int64_t(S) - T + t0 + tn;

@@ -3,6 +3,7 @@
 // Compiles with nvcc and, with MOLM_CUDA_EMU, against the CPU emulator (tests/cuda_emu/cuda_emu.h).
 #pragma once
 
+#include "../cpu/core/sb_core.h"
 #include "device.cuh"
 
 // The launch macros under the names the stick-breaking headers use.
@@ -17,19 +18,8 @@ constexpr int kScanWarps = 8;  // rows per CTA in the scan kernels (one warp eac
 
 __device__ __forceinline__ float dev_exp(float x) { return expf(x); }
 __device__ __forceinline__ double dev_exp(double x) { return exp(x); }
-__device__ __forceinline__ float dev_log1p(float x) { return log1pf(x); }
-__device__ __forceinline__ double dev_log1p(double x) { return log1p(x); }
 
-// beta = sigmoid(l), survive = 1 - beta, log_survive = log(1 - beta) = -softplus(l); a masked key (l = -inf or
-// dtype-min) gives beta = 0, survive = 1, log_survive = 0 exactly. Same formulas as core::sb_terms3.
-template <typename acc_t>
-__device__ __forceinline__ void sb_terms(acc_t l, acc_t& beta, acc_t& survive, acc_t& log_survive) {
-  const acc_t e = dev_exp(-fabs(l));
-  const acc_t one = acc_t(1);
-  beta = (l >= acc_t(0) ? one : e) / (one + e);
-  survive = (l >= acc_t(0) ? e : one) / (one + e);
-  log_survive = -((l > acc_t(0) ? l : acc_t(0)) + dev_log1p(e));
-}
+using core::sb_terms;  // beta, survive, log(1 - beta) of a logit (csrc/cpu/core/sb_core.h)
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t x) {

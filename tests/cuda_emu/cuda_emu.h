@@ -1,5 +1,6 @@
 // CPU emulator of the CUDA subset molm's kernels use, so the same kernel source compiles with g++ (-DMOLM_CUDA_EMU
-// -pthread) and can be tested without a GPU. Every CUDA thread is a std::thread; CTAs run one after the other.
+// -pthread) and can be tested without a GPU. Every CUDA thread is a std::thread; CTAs run in a shuffled order, two at
+// a time.
 // Semantics and limits: tests/cuda_emu/README.md.
 #pragma once
 
@@ -14,8 +15,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -74,7 +78,8 @@ constexpr int warpSize = 32;
 
 namespace molm_emu {
 
-constexpr std::size_t kMaxDynamicSmem = 232448;  // H100/H200 opt-in limit per block (227 KiB)
+constexpr std::size_t kMaxDynamicSmem = 232448;         // H100/H200 opt-in limit per block (227 KiB)
+constexpr std::size_t kDefaultDynamicSmem = 48 * 1024;  // without cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
 
 namespace detail {
 
@@ -83,6 +88,14 @@ struct Trap {
   std::string msg;
 };
 struct Aborted {};  // unwinds threads blocked at a barrier after another thread trapped
+
+// The CTAs of one launch, in the (shuffled) order in which the concurrently running CTA slots take them.
+struct Schedule {
+  std::vector<std::size_t> order;
+  std::atomic<std::size_t> next{0};
+  std::atomic<bool> stop{false};  // a CTA failed: the other slots stop after their current CTA
+  std::uint64_t seed = 0;
+};
 
 // Generation-counting barrier with arrive-and-drop: `expected` is the number of live participants.
 struct Barrier {
@@ -108,6 +121,7 @@ struct Cta {
   unsigned char* smem = nullptr;
   std::size_t smem_bytes = 0;
   dim3 grid;
+  Schedule* schedule = nullptr;
   std::size_t cta_index = 0;  // linear index of the CTA being run
   // End-of-CTA gate: all threads meet there before the next CTA starts.
   int done = 0;
@@ -153,6 +167,23 @@ inline void tsan_acquire(void*) {}
 inline thread_local Cta* t_cta = nullptr;
 inline thread_local int t_tid = 0;
 inline thread_local unsigned t_xchg = 0;  // this lane's count of warp exchanges (selects the buffer half)
+
+// This thread's async copies (cp.async): issued but not committed, then committed groups, oldest first. A copy reads
+// its source when issued and lands in shared memory only when a wait retires its group.
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned n, zfill;
+  unsigned char data[16];
+};
+struct AsyncCopies {
+  std::vector<AsyncCopy> open;
+  std::deque<std::vector<AsyncCopy>> groups;
+  void clear() {
+    open.clear();
+    groups.clear();
+  }
+};
+inline thread_local AsyncCopies t_async;
 
 inline Cta& cta() {
   if (t_cta == nullptr) throw std::runtime_error("molm_emu: device function called outside an emulated kernel");
@@ -334,15 +365,25 @@ inline void reset_cta_locked(Cta& c) {
   poison_smem(c);
 }
 
-// Returns whether the launch stops (the CTA aborted); the last thread to arrive prepares the next CTA. Waiters read
-// `stop`, not `aborted`, which threads already running the next CTA may set.
+// Takes the next CTA of the schedule for c (false: none left, or another slot failed).
+inline bool take_next_locked(Cta& c) {
+  Schedule& s = *c.schedule;
+  if (s.stop.load()) return false;
+  const std::size_t i = s.next.fetch_add(1);
+  if (i >= s.order.size()) return false;
+  c.cta_index = s.order[i];
+  return true;
+}
+
+// Returns whether this slot stops (its CTA aborted, or no CTA is left); the last thread to arrive prepares the next
+// CTA. Waiters read `stop`, not `aborted`, which threads already running the next CTA may set.
 inline bool end_of_cta(Cta& c) {
   std::unique_lock<std::mutex> lk(c.m);
   if (++c.done == c.nthreads) {
     c.done = 0;
-    const bool stop = c.stop = c.aborted;
+    if (c.aborted) c.schedule->stop = true;
+    const bool stop = c.stop = c.aborted || !take_next_locked(c);
     if (!stop) reset_cta_locked(c);
-    ++c.cta_index;
     ++c.cta_gen;
     lk.unlock();
     c.gate.notify_all();
@@ -351,6 +392,39 @@ inline bool end_of_cta(Cta& c) {
   const unsigned long gen = c.cta_gen;
   c.gate.wait(lk, [&] { return c.cta_gen != gen; });
   return c.stop;
+}
+
+inline std::mutex& func_attr_mutex() {
+  static std::mutex m;
+  return m;
+}
+// Dynamic shared-memory limits raised by cudaFuncSetAttribute, per kernel.
+inline std::map<const void*, std::size_t>& func_smem_limits() {
+  static std::map<const void*, std::size_t> limits;
+  return limits;
+}
+inline std::size_t func_smem_limit(const void* kernel) {
+  std::lock_guard<std::mutex> lk(func_attr_mutex());
+  const auto it = func_smem_limits().find(kernel);
+  return it == func_smem_limits().end() ? kDefaultDynamicSmem : it->second;
+}
+
+struct ScheduleConfig {
+  std::uint64_t seed;
+  int concurrent_ctas;
+  bool shuffle;
+};
+inline ScheduleConfig& schedule_config() {
+  static ScheduleConfig cfg{[] {
+                              const char* env = std::getenv("MOLM_EMU_SEED");
+                              return env != nullptr ? std::strtoull(env, nullptr, 0) : 0x5eedULL;
+                            }(),
+                            2, true};
+  return cfg;
+}
+inline std::atomic<std::uint64_t>& launch_count() {
+  static std::atomic<std::uint64_t> n{0};
+  return n;
 }
 
 }  // namespace detail
@@ -364,7 +438,8 @@ inline bool end_of_cta(Cta& c) {
 // The current CTA's dynamic shared memory (128-byte aligned, poisoned with 0xFF bytes at the start of every CTA).
 inline unsigned char* dynamic_smem() { return detail::cta().smem; }
 
-// Mirrors cudaFuncSetAttribute(MaxDynamicSharedMemorySize): the limit checked by later launches (default: 227 KiB).
+// The device's opt-in maximum of dynamic shared memory per block (default: 227 KiB, an H100/H200), which bounds what
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) accepts and what later launches may use.
 inline void set_max_dynamic_smem(std::size_t bytes) {
   if (bytes > kMaxDynamicSmem)
     throw std::runtime_error("molm_emu: dynamic shared memory limit " + std::to_string(bytes) + " B > " +
@@ -372,9 +447,19 @@ inline void set_max_dynamic_smem(std::size_t bytes) {
   detail::max_smem() = bytes;
 }
 
-// Runs kernel(args...) on grid x block threads; CTAs in order (x fastest), each on block.x*block.y*block.z
-// std::threads that are reused from CTA to CTA. Throws std::runtime_error on a bad configuration, a trap, an
-// exception in the kernel, or a deadlock, after joining every thread.
+// How later launches order their CTAs: a permutation drawn from `seed` and the launch's number (or, with shuffle =
+// false, x fastest), taken by `concurrent_ctas` slots that run side by side, so that a kernel relying on the order of
+// its CTAs, or racing between them, shows it. Default: seed MOLM_EMU_SEED (or a fixed one), 2 slots, shuffled.
+inline void set_schedule(std::uint64_t seed, int concurrent_ctas, bool shuffle) {
+  if (concurrent_ctas < 1 || concurrent_ctas > 8)
+    throw std::runtime_error("molm_emu::set_schedule: concurrent_ctas must be 1..8");
+  detail::schedule_config() = {seed, concurrent_ctas, shuffle};
+  detail::launch_count() = 0;
+}
+
+// Runs kernel(args...) on grid x block threads. The CTAs run in a shuffled order (set_schedule), up to two at a time,
+// each slot on block.x*block.y*block.z std::threads that are reused from CTA to CTA. Throws std::runtime_error on a
+// bad configuration, a trap, an exception in the kernel, or a deadlock, after joining every thread.
 template <typename Kernel, typename... Args>
 void launch(dim3 grid, dim3 block, std::size_t smem_bytes, Kernel kernel, Args... args) {
   const std::size_t nthreads = std::size_t(block.x) * block.y * block.z;
@@ -385,32 +470,55 @@ void launch(dim3 grid, dim3 block, std::size_t smem_bytes, Kernel kernel, Args..
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
     fail("grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," + std::to_string(grid.z) +
          ") is out of CUDA's limits");
-  if (smem_bytes > detail::max_smem())
-    fail(std::to_string(smem_bytes) + " B of dynamic shared memory > the limit of " +
-         std::to_string(detail::max_smem().load()) + " B");
-
-  detail::Cta c;
-  c.nthreads = static_cast<int>(nthreads);
-  c.nwarps = c.nthreads / 32;
-  c.warp.reset(new detail::Barrier[c.nwarps]);
-  c.warp_live.assign(c.nwarps, 0xffffffffu);
-  c.xchg.assign(std::size_t(c.nwarps) * 64, 0);
-  c.smem_alloc.reset(new unsigned char[smem_bytes + 128]);
-  c.smem = c.smem_alloc.get() + (128 - reinterpret_cast<std::uintptr_t>(c.smem_alloc.get()) % 128) % 128;
-  c.smem_bytes = smem_bytes;
-  c.grid = grid;
-  detail::reset_cta_locked(c);
+  const std::size_t limit =
+      std::min(detail::func_smem_limit(reinterpret_cast<const void*>(kernel)), detail::max_smem().load());
+  if (smem_bytes > limit)
+    fail(std::to_string(smem_bytes) + " B of dynamic shared memory > the kernel's limit of " + std::to_string(limit) +
+         " B (above " + std::to_string(kDefaultDynamicSmem) +
+         " B a kernel needs cudaFuncSetAttribute(MaxDynamicSharedMemorySize) first; device maximum " +
+         std::to_string(detail::max_smem().load()) + " B)");
 
   const std::size_t ncta = std::size_t(grid.x) * grid.y * grid.z;
-  auto worker = [&](int tid) {
+  detail::Schedule schedule;
+  const detail::ScheduleConfig cfg = detail::schedule_config();
+  schedule.seed = cfg.seed ^ (0x9e3779b97f4a7c15ULL * (detail::launch_count().fetch_add(1) + 1));
+  schedule.order.resize(ncta);
+  for (std::size_t i = 0; i < ncta; ++i) schedule.order[i] = i;
+  if (cfg.shuffle) {
+    std::mt19937_64 rng(schedule.seed);
+    for (std::size_t i = ncta; i > 1; --i) std::swap(schedule.order[i - 1], schedule.order[rng() % i]);
+  }
+  const int nslots = static_cast<int>(std::min<std::size_t>(ncta, std::size_t(cfg.concurrent_ctas)));
+
+  std::vector<std::unique_ptr<detail::Cta>> slots;
+  for (int s = 0; s < nslots; ++s) {
+    slots.emplace_back(new detail::Cta);
+    detail::Cta& c = *slots.back();
+    c.nthreads = static_cast<int>(nthreads);
+    c.nwarps = c.nthreads / 32;
+    c.warp.reset(new detail::Barrier[c.nwarps]);
+    c.warp_live.assign(c.nwarps, 0xffffffffu);
+    c.xchg.assign(std::size_t(c.nwarps) * 64, 0);
+    c.smem_alloc.reset(new unsigned char[smem_bytes + 128]);
+    c.smem = c.smem_alloc.get() + (128 - reinterpret_cast<std::uintptr_t>(c.smem_alloc.get()) % 128) % 128;
+    c.smem_bytes = smem_bytes;
+    c.grid = grid;
+    c.schedule = &schedule;
+    detail::take_next_locked(c);  // nslots <= ncta: every slot starts with a CTA
+    detail::reset_cta_locked(c);
+  }
+
+  auto worker = [&](detail::Cta& c, int tid) {
     detail::t_cta = &c;
     detail::t_tid = tid;
     blockDim = block;
     gridDim = grid;
     threadIdx = {tid % block.x, (tid / block.x) % block.y, tid / (block.x * block.y)};
-    for (std::size_t b = 0; b < ncta; ++b) {
+    for (;;) {
+      const std::size_t b = c.cta_index;
       blockIdx = {unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (std::size_t(grid.x) * grid.y))};
       detail::t_xchg = 0;
+      detail::t_async.clear();
       std::string err;
       try {
         kernel(args...);
@@ -422,6 +530,7 @@ void launch(dim3 grid, dim3 block, std::size_t smem_bytes, Kernel kernel, Args..
       } catch (...) {
         err = "unknown exception in kernel";
       }
+      detail::t_async.clear();  // copies never waited for do not land (the CTA's shared memory is gone)
       if (!err.empty()) {
         std::lock_guard<std::mutex> lk(c.m);
         detail::abort_locked(c, err + " (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
@@ -433,24 +542,45 @@ void launch(dim3 grid, dim3 block, std::size_t smem_bytes, Kernel kernel, Args..
     detail::t_cta = nullptr;
   };
   std::vector<std::thread> threads;
-  threads.reserve(nthreads);
-  try {
-    for (int t = 0; t < c.nthreads; ++t) threads.emplace_back(worker, t);
-  } catch (const std::system_error& e) {  // out of threads: stop the started ones (the gate counts only them)
-    std::unique_lock<std::mutex> lk(c.m);
-    detail::abort_locked(c, std::string("molm_emu::launch: could not start a thread: ") + e.what());
-    c.nthreads = static_cast<int>(threads.size());
-    if (c.nthreads > 0 && c.done == c.nthreads) {
-      c.stop = true;
-      ++c.cta_gen;
-      c.gate.notify_all();
+  threads.reserve(nthreads * nslots);
+  for (auto& slot : slots) {
+    detail::Cta& c = *slot;
+    int started = 0;
+    try {
+      for (; started < c.nthreads; ++started) threads.emplace_back(worker, std::ref(c), started);
+    } catch (const std::system_error& e) {  // out of threads: stop the started ones (the gate counts only them)
+      std::unique_lock<std::mutex> lk(c.m);
+      detail::abort_locked(c, std::string("molm_emu::launch: could not start a thread: ") + e.what());
+      schedule.stop = true;
+      c.nthreads = started;
+      if (c.done == c.nthreads) {
+        c.stop = true;
+        ++c.cta_gen;
+        c.gate.notify_all();
+      }
+      break;
     }
   }
   for (auto& t : threads) t.join();
-  if (c.aborted) throw std::runtime_error(c.error);
+  for (auto& slot : slots)
+    if (slot->aborted) throw std::runtime_error(slot->error);
 }
 
 }  // namespace molm_emu
+
+// ---- cudaFuncSetAttribute (the dynamic shared-memory limit of one kernel) ------------------------------------------
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "invalid argument"; }
+template <typename T>
+cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      std::size_t(value) > molm_emu::detail::max_smem())
+    return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lk(molm_emu::detail::func_attr_mutex());
+  molm_emu::detail::func_smem_limits()[reinterpret_cast<const void*>(kernel)] = std::size_t(value);
+  return cudaSuccess;
+}
 
 inline void __trap() { molm_emu::trap("__trap()"); }
 
@@ -664,22 +794,50 @@ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 inline float to_float(__half v) { return __half2float(v); }
 }  // namespace molm_emu::detail
 
-// ---- async copies (cuda_pipeline primitives): synchronous here --------------------------------------------------
+// ---- async copies (cuda_pipeline primitives = cp.async) ---------------------------------------------------------
+// Asynchronous as on the hardware: the destination is poisoned (0xFF bytes) when the copy is issued and receives the
+// data only when __pipeline_wait_prior retires the copy's group, so reading a ring slot before its wait (a wrong wait
+// count) sees NaNs, and a refill that races with readers of the slot clobbers what they read.
 inline void __pipeline_memcpy_async(void* dst_shared, const void* src_global, std::size_t size_and_align,
                                     std::size_t zfill = 0) {
+  auto& c = molm_emu::detail::cta();
   const std::size_t n = size_and_align;
   if (n != 4 && n != 8 && n != 16) molm_emu::trap("__pipeline_memcpy_async: size must be 4, 8 or 16");
   if (zfill > n) molm_emu::trap("__pipeline_memcpy_async: zfill > size");
   if (reinterpret_cast<std::uintptr_t>(dst_shared) % n != 0 ||
       (zfill < n && reinterpret_cast<std::uintptr_t>(src_global) % n != 0))
     molm_emu::trap("__pipeline_memcpy_async: pointers must be aligned to the copy size");
-  std::memcpy(dst_shared, src_global, n - zfill);  // no bytes are read when zfill == size
-  std::memset(static_cast<unsigned char*>(dst_shared) + (n - zfill), 0, zfill);
+  auto* dst = static_cast<unsigned char*>(dst_shared);
+  if (dst < c.smem || dst + n > c.smem + c.smem_bytes)
+    molm_emu::trap("__pipeline_memcpy_async: the destination must lie in the CTA's shared memory");
+  molm_emu::detail::AsyncCopy copy{dst, unsigned(n), unsigned(zfill), {}};
+  std::memcpy(copy.data, src_global, n - zfill);  // no bytes are read when zfill == size
+  std::memset(dst, 0xFF, n);
+  molm_emu::detail::t_async.open.push_back(copy);
 }
-inline void __pipeline_commit() {}
-inline void __pipeline_wait_prior(std::size_t) {}
+inline void __pipeline_commit() {
+  auto& q = molm_emu::detail::t_async;
+  q.groups.push_back(std::move(q.open));
+  q.open.clear();
+}
+// Waits until at most `prior` of this thread's committed groups are still in flight (cp.async.wait_group).
+inline void __pipeline_wait_prior(std::size_t prior) {
+  auto& q = molm_emu::detail::t_async;
+  while (q.groups.size() > prior) {
+    for (const auto& copy : q.groups.front()) {
+      std::memcpy(copy.dst, copy.data, copy.n - copy.zfill);
+      std::memset(copy.dst + (copy.n - copy.zfill), 0, copy.zfill);
+    }
+    q.groups.pop_front();
+  }
+}
 
-// ---- WMMA: every lane holds the whole 16x16 tile (row-major logical order) ---------------------------------------
+// ---- WMMA 16x16x16: each lane holds its own share of the tile --------------------------------------------------
+// A lane's x[] holds num_elements elements as on the hardware (8; 16 for fp16 matrix_a/b, each element twice), at the
+// positions of the mma.sync m16n8k16 register layout. CUDA leaves that mapping unspecified: only elementwise work on
+// x[] (the same i in fragments of one type) is portable, and a kernel that assumes a mapping, or indexes x[] past
+// num_elements (a trap), fails here. matrix_a/b fragments also keep the whole tile as loaded, which mma_sync reads
+// instead of gathering the other lanes' shares; changing their x[] is therefore not emulated (mma_sync traps).
 namespace nvcuda {
 namespace wmma {
 struct matrix_a {};
@@ -689,6 +847,41 @@ struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
+namespace detail {
+// x[] of a fragment: bounds-checked, so an index outside the lane's share traps.
+template <typename T, int N>
+struct Elements {
+  T v[N];
+  T& operator[](std::ptrdiff_t i) { return v[check(i)]; }
+  const T& operator[](std::ptrdiff_t i) const { return v[check(i)]; }
+  T* begin() { return v; }
+  T* end() { return v + N; }
+  const T* begin() const { return v; }
+  const T* end() const { return v + N; }
+  static std::ptrdiff_t check(std::ptrdiff_t i) {
+    if (i < 0 || i >= N)
+      molm_emu::trap("fragment x[" + std::to_string(i) + "]: a lane holds " + std::to_string(N) +
+                     " elements of the 16x16 tile (num_elements), at positions CUDA leaves unspecified");
+    return i;
+  }
+};
+
+// Row-major index in the 16x16 tile of x[i] of `lane` (i < 8; fp16 matrix_a/b repeat x[0..7] in x[8..15]).
+template <typename Use>
+int tile_index(int lane, int i) {
+  const int g = lane / 4, t = lane % 4;  // the m16n8k16 "group" and "thread in group"
+  if constexpr (std::is_same_v<Use, matrix_a>) {
+    return (g + 8 * (i / 2 % 2)) * 16 + 2 * t + i % 2 + 8 * (i / 4);  // rows m, columns k
+  } else if constexpr (std::is_same_v<Use, matrix_b>) {
+    const int j = i % 4;
+    return (2 * t + j % 2 + 8 * (j / 2)) * 16 + g + 8 * (i / 4);  // rows k, columns n
+  } else {
+    const int j = i % 4;
+    return (g + 8 * (j / 2)) * 16 + 8 * (i / 4) + 2 * t + j % 2;  // rows m, columns n
+  }
+}
+}  // namespace detail
+
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "molm_emu: only the 16x16x16 WMMA shape is emulated");
@@ -697,9 +890,18 @@ struct fragment {
                     : (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) &&
                           (std::is_same_v<Layout, row_major> || std::is_same_v<Layout, col_major>),
                 "molm_emu: fragments are bf16/fp16 matrix_a/b with a layout, or float accumulators without one");
+  static constexpr bool kOperand = !std::is_same_v<Use, accumulator>;
   using element_type = T;
-  static constexpr int num_elements = 256;
-  T x[num_elements];
+  static constexpr int num_elements = kOperand && std::is_same_v<T, __half> ? 16 : 8;  // as CUDA's mma.h
+  detail::Elements<T, num_elements> x;
+  T emu_tile[kOperand ? 256 : 1];  // matrix_a/b: the whole tile as loaded (row-major logical order)
+
+  // Fills x[] from this fragment's whole-tile copy (matrix_a/b) or from tile(row-major index) (accumulators).
+  template <typename F>
+  void emu_share_from(F&& tile) {
+    const int lane = molm_emu::detail::lane_id();
+    for (int i = 0; i < num_elements; ++i) x.v[i] = tile(detail::tile_index<Use>(lane, i % 8));
+  }
 };
 
 namespace detail {
@@ -711,10 +913,21 @@ void check_ptr(const T* p, unsigned ldm, const char* fn) {
   if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0)
     molm_emu::trap(std::string(fn) + ": the pointer must be 256-bit (32-byte) aligned");
 }
-template <typename T>
-void load(T* x, const T* p, unsigned ldm, bool row) {
-  for (unsigned r = 0; r < 16; ++r)
-    for (unsigned c = 0; c < 16; ++c) x[r * 16 + c] = row ? p[r * ldm + c] : p[c * ldm + r];
+inline std::size_t offset(int index, unsigned ldm, bool row) {
+  const unsigned r = unsigned(index) / 16, c = unsigned(index) % 16;
+  return row ? std::size_t(r) * ldm + c : std::size_t(c) * ldm + r;
+}
+// The whole tile of a matrix_a/b fragment, after checking that its x[] still holds what was loaded.
+template <typename Use, typename T, typename L>
+const T* operand_tile(const fragment<Use, 16, 16, 16, T, L>& f, const char* which) {
+  const int lane = molm_emu::detail::lane_id();
+  for (int i = 0; i < f.num_elements; ++i) {
+    const T& tile = f.emu_tile[tile_index<Use>(lane, i % 8)];
+    if (std::memcmp(&f.x.v[i], &tile, sizeof(T)) != 0)
+      molm_emu::trap(std::string("mma_sync: elements of the ") + which +
+                     " fragment were changed through x[] (not emulated for matrix_a/b)");
+  }
+  return f.emu_tile;
 }
 }  // namespace detail
 
@@ -728,47 +941,50 @@ void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, const V& v) {
   else
     t = __float2bfloat16(float(v));
   for (auto& e : f.x) e = t;
+  for (auto& e : f.emu_tile) e = t;
 }
 
 template <typename Use, typename T, typename Layout>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(!std::is_same_v<Use, accumulator>, "accumulator loads take a layout_t");
   detail::check_ptr(p, ldm, "load_matrix_sync");
-  detail::load(f.x, p, ldm, std::is_same_v<Layout, row_major>);
+  for (int i = 0; i < 256; ++i) f.emu_tile[i] = p[detail::offset(i, ldm, std::is_same_v<Layout, row_major>)];
+  f.emu_share_from([&](int i) { return f.emu_tile[i]; });
 }
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
                              layout_t layout) {
   detail::check_ptr(p, ldm, "load_matrix_sync");
-  detail::load(f.x, p, ldm, layout == mem_row_major);
+  f.emu_share_from([&](int i) { return p[detail::offset(i, ldm, layout == mem_row_major)]; });
 }
 
-// Warp-collective: one live lane writes, between two warp barriers (no lane may still be reading the target, and
-// none may read it before it is written).
+// Each lane stores its own elements after the warp converges (reads of the target issued before the call are done);
+// other lanes see them only after a __syncwarp / __syncthreads.
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
   detail::check_ptr(p, ldm, "store_matrix_sync");
   __syncwarp();
-  if (molm_emu::detail::lane_id() == __builtin_ctz(__activemask())) {
-    for (unsigned r = 0; r < 16; ++r)
-      for (unsigned c = 0; c < 16; ++c) (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * 16 + c];
-  }
-  __syncwarp();
+  const int lane = molm_emu::detail::lane_id();
+  for (int i = 0; i < f.num_elements; ++i)
+    p[detail::offset(detail::tile_index<accumulator>(lane, i), ldm, layout == mem_row_major)] = f.x.v[i];
 }
 
-// d = a * b + c with fp32 accumulation (k ascending) of the exact 16-bit products; d may alias c.
+// d = a * b + c with fp32 accumulation (k ascending) of the exact 16-bit products; d may alias c. Each lane computes
+// its own elements of d from its own elements of c.
 template <typename T, typename LA, typename LB>
 void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
               const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
-  float fa[256], fb[256], out[256];
-  for (int i = 0; i < 256; ++i) {
-    fa[i] = molm_emu::detail::to_float(a.x[i]);
-    fb[i] = molm_emu::detail::to_float(b.x[i]);
-  }
-  std::memcpy(out, c.x, sizeof(out));
-  for (int m = 0; m < 16; ++m)  // n innermost: vectorisable, and each output still adds its products k ascending
+  const T* ta = detail::operand_tile(a, "matrix_a");
+  const T* tb = detail::operand_tile(b, "matrix_b");
+  const int lane = molm_emu::detail::lane_id();
+  float out[8];
+  for (int i = 0; i < 8; ++i) {
+    const int e = detail::tile_index<accumulator>(lane, i), m = e / 16, n = e % 16;
+    float acc = c.x.v[i];
     for (int k = 0; k < 16; ++k)
-      for (int n = 0; n < 16; ++n) out[m * 16 + n] += fa[m * 16 + k] * fb[k * 16 + n];
-  std::memcpy(d.x, out, sizeof(out));
+      acc += molm_emu::detail::to_float(ta[m * 16 + k]) * molm_emu::detail::to_float(tb[k * 16 + n]);
+    out[i] = acc;
+  }
+  std::memcpy(d.x.v, out, sizeof(out));
 }
 }  // namespace wmma
 }  // namespace nvcuda

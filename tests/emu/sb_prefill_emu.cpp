@@ -25,19 +25,12 @@ struct Inputs {
   int64_t max_smem, max_pass_bytes;
 };
 
+// The CUDA entry point's checks (sb_prefill::takes), the kernel-1 variant and its shared-memory opt-in; grad_out and
+// gs for the backward, else null.
 template <typename T16>
-bool setup(const Inputs& in, sp::Params<T16>& p, int& bd) {
+bool setup(const Inputs& in, sp::Params<T16>& p, int& bd, const void* grad_out = nullptr, const int64_t* gs = nullptr) {
   p = sp::Params<T16>{};
   p.B = in.shape[0], p.T = in.shape[1], p.G = in.shape[2], p.H = in.shape[3], p.D = in.shape[4], p.S = in.shape[5];
-  if (!sp::supports(p.D)) {
-    g_error = "D = " + std::to_string(p.D) + " is not taken by the fused path";
-    return false;
-  }
-  bd = sp::weights_chunk(p.D, in.max_smem);
-  if (bd == 0) {
-    g_error = "no kernel-1 variant fits " + std::to_string(in.max_smem) + " bytes of shared memory";
-    return false;
-  }
   p.q = static_cast<const T16*>(in.q);
   p.k = static_cast<const T16*>(in.k);
   p.v = static_cast<const T16*>(in.v);
@@ -47,6 +40,21 @@ bool setup(const Inputs& in, sp::Params<T16>& p, int& bd) {
   p.vs0 = in.vs[0], p.vs1 = in.vs[1], p.vs2 = in.vs[2];
   p.scale = in.scale;
   p.out_scale = 1.f;
+  if (!sp::takes(p, static_cast<const T16*>(grad_out), gs)) {
+    g_error = "not taken by the fused path: D = " + std::to_string(p.D) +
+              " (a multiple of 128 up to 1024), rows 16-byte aligned, grids within limits";
+    return false;
+  }
+  bd = sp::weights_chunk(p.D, in.max_smem);
+  if (bd == 0) {
+    g_error = "no kernel-1 variant fits " + std::to_string(in.max_smem) + " bytes of shared memory";
+    return false;
+  }
+  const cudaError_t err = sp::raise_weights_smem_limit<T16>(bd, in.max_smem);
+  if (err != cudaSuccess) {
+    g_error = std::string("raising kernel 1's shared-memory limit: ") + cudaGetErrorString(err);
+    return false;
+  }
   return true;
 }
 
@@ -87,7 +95,7 @@ int backward(const Inputs& in, const void* grad_out, const int64_t* gs, void* dq
              float* dbias) {
   sp::Params<T16> p;
   int bd = 0;
-  if (!setup(in, p, bd)) return -1;
+  if (!setup(in, p, bd, grad_out, gs)) return -1;
   const int tn_max = sp::pass_positions(p.B, p.H, p.G, p.S, p.T, in.max_pass_bytes, 12);
   const size_t n = static_cast<size_t>(sp::weights_elements(p.B, p.H, p.G, p.S, p.T, tn_max));
   const float nan = std::numeric_limits<float>::quiet_NaN();

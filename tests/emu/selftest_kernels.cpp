@@ -10,9 +10,11 @@
 #include <mma.h>
 #endif
 
+#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <string>
+#include <thread>
 
 using namespace nvcuda;
 
@@ -143,6 +145,111 @@ __global__ void async_copy_kernel(const unsigned char* src, unsigned char* dst, 
   }
 }
 
+// Thread 0 copies 16 bytes from src into smem and copies smem to dst before (early = 1) or after its wait: before
+// it the copy has not landed (the emulator shows poison, 0xFF bytes, as any undefined value could be on a GPU).
+__global__ void async_early_read_kernel(const unsigned char* src, unsigned char* dst, int early) {
+  unsigned char* s = molm_emu::dynamic_smem();
+  if (threadIdx.x != 0) return;
+  __pipeline_memcpy_async(s, src, 16);
+  __pipeline_commit();
+  if (!early) __pipeline_wait_prior(0);
+  for (int b = 0; b < 16; ++b) dst[b] = s[b];
+  __pipeline_wait_prior(0);
+}
+
+// out[lane] = sum over chunks c of x[c * 128 + 4 * lane .. + 3] through a 2-slot cp.async ring: chunk c + 1 is
+// issued before chunk c is read, after waiting until `wait` groups are left in flight. 1 is right (the group just
+// issued); 2 reads slot c % 2 before its copy lands, a wrong wait count that can pass on a GPU by timing alone.
+__global__ void async_ring_kernel(const float* x, float* out, int chunks, int wait) {
+  float* ring = reinterpret_cast<float*>(molm_emu::dynamic_smem());  // [2][128]
+  const int lane = threadIdx.x;
+  __pipeline_memcpy_async(ring + 4 * lane, x + 4 * lane, 16);
+  __pipeline_commit();
+  float sum = 0.f;
+  for (int c = 0; c < chunks; ++c) {
+    if (c + 1 < chunks) __pipeline_memcpy_async(ring + (c + 1) % 2 * 128 + 4 * lane, x + (c + 1) * 128 + 4 * lane, 16);
+    __pipeline_commit();
+    __pipeline_wait_prior(wait);
+    __syncwarp();
+    const float* slot = ring + c % 2 * 128 + 4 * lane;
+    sum += slot[0] + slot[1] + slot[2] + slot[3];
+    __syncwarp();  // slot c % 2 is refilled at step c + 1
+  }
+  __pipeline_wait_prior(0);
+  out[lane] = sum;
+}
+
+// cp.async writes shared memory only: dst is a global buffer here (a bug).
+__global__ void async_global_dst_kernel(const unsigned char* src, unsigned char* dst) {
+  if (threadIdx.x == 0) __pipeline_memcpy_async(dst, src, 16);
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+}
+
+// ---- CTA scheduling ----------------------------------------------------------------------------------------------
+// order[cta] = how many CTAs started before this one.
+__global__ void cta_order_kernel(unsigned* counter, unsigned* order) {
+  if (threadIdx.x == 0) order[blockIdx.x] = atomicAdd(counter, 1u);
+}
+
+// A broken kernel: CTA b continues CTA b - 1's count through global memory, which works only if the CTAs run one
+// after the other in index order (CUDA promises no order).
+__global__ void chain_kernel(float* out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = (blockIdx.x == 0 ? 0.f : out[blockIdx.x - 1]) + 1.f;
+}
+
+// Each CTA counts itself into *live, then waits (10 s at most) for every CTA of the grid to have arrived and records
+// the count it saw: the CTAs of a small grid are resident at the same time on a GPU.
+__global__ void coresident_kernel(int* live, int* seen) {
+  if (threadIdx.x != 0) return;
+  atomicAdd(live, 1);
+  const auto t0 = std::chrono::steady_clock::now();
+  while (__atomic_load_n(live, __ATOMIC_SEQ_CST) < int(gridDim.x) &&
+         std::chrono::steady_clock::now() - t0 < std::chrono::seconds(10))
+    std::this_thread::yield();
+  seen[blockIdx.x] = __atomic_load_n(live, __ATOMIC_SEQ_CST);
+}
+
+// Kernels that only take dynamic shared memory: their limits are raised (or not) one by one.
+template <int kWhich>
+__global__ void smem_user_kernel() {}
+
+// ---- WMMA fragments: each lane holds its share --------------------------------------------------------------------
+// Loads the 16x16 fp32 tile c (row-major) into an accumulator and writes it to out (row-major): mode 0 with
+// store_matrix_sync; 1 the same after doubling every x[i] (elementwise: portable); 2 lane 0 writes x[0 ..
+// num_elements) as if it held the whole tile row-major (a layout CUDA does not give); 3 each lane writes x[lane]
+// (past num_elements for lanes 8 and up).
+__global__ void wmma_share_kernel(const float* c, float* out, int mode) {
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> f;
+  wmma::load_matrix_sync(f, c, 16, wmma::mem_row_major);
+  const int lane = threadIdx.x % 32;
+  if (mode == 1)
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] *= 2.f;
+  if (mode == 2) {
+    if (lane == 0)
+      for (int i = 0; i < f.num_elements; ++i) out[i] = f.x[i];
+    return;
+  }
+  if (mode == 3) {
+    out[lane] = f.x[lane];
+    return;
+  }
+  wmma::store_matrix_sync(out, f, 16, wmma::mem_row_major);
+}
+
+// Zeroes x[0] of a loaded matrix_a fragment before mma_sync (not emulated: a trap).
+__global__ void wmma_changed_operand_kernel(const __nv_bfloat16* a, float* out) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::load_matrix_sync(fa, a, 16);
+  wmma::load_matrix_sync(fb, a, 16);
+  wmma::fill_fragment(acc, 0.f);
+  fa.x[0] = __float2bfloat16(0.f);
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(out, acc, 16, wmma::mem_row_major);
+}
+
 // ---- WMMA GEMM ----------------------------------------------------------------------------------------------------
 // D[M, N] = alpha * A[M, K] @ B + C0, A row-major, B row-major [K, N] or col-major (stored [N, K]); D row-major
 // [M, N] or col-major ([N, M]). CTA: 4 warps, a 32x32 tile; each warp one 16x16 tile. K-steps of 16 stage A and
@@ -152,8 +259,8 @@ constexpr int kBM = 32, kBN = 32, kBK = 16, kPad = 8;
 constexpr int kLdA = kBK + kPad, kLdBRow = kBN + kPad, kLdBCol = kBK + kPad;
 
 template <typename T, bool kBRow, bool kDRow>
-__global__ void __launch_bounds__(128) wmma_gemm_kernel(const T* A, const T* B, const float* C0, float* D, int M,
-                                                         int N, int K, float alpha) {
+__global__ void __launch_bounds__(128)
+    wmma_gemm_kernel(const T* A, const T* B, const float* C0, float* D, int M, int N, int K, float alpha) {
 #ifdef MOLM_CUDA_EMU
   unsigned char* smem = molm_emu::dynamic_smem();
 #else
@@ -262,8 +369,8 @@ void gemm(const T* A, const T* B, const float* C0, float* D, int M, int N, int K
 }
 
 template <typename T>
-int gemm_dispatch(const void* A, const void* B, const float* C0, float* D, int M, int N, int K, float alpha,
-                  int b_row, int d_row) {
+int gemm_dispatch(const void* A, const void* B, const float* C0, float* D, int M, int N, int K, float alpha, int b_row,
+                  int d_row) {
   const T* a = static_cast<const T*>(A);
   const T* b = static_cast<const T*>(B);
   return guarded([&] {
@@ -300,7 +407,8 @@ int emu_block_sum(const float* x, float* sums, unsigned* ids, int gx, int gy, in
 }
 
 int emu_early_return(const float* x, float* out, int rows) {
-  return guarded([&] { molm_emu::launch(dim3((rows + 7) / 8), dim3(256), 8 * sizeof(float), early_return_kernel, x, out, rows); });
+  return guarded(
+      [&] { molm_emu::launch(dim3((rows + 7) / 8), dim3(256), 8 * sizeof(float), early_return_kernel, x, out, rows); });
 }
 
 int emu_smem_poison(unsigned* out, int ctas) {
@@ -311,9 +419,66 @@ int emu_async_copy(const unsigned char* src, unsigned char* dst, int size, int z
   return guarded([&] { molm_emu::launch(dim3(1), dim3(32), 64, async_copy_kernel, src, dst, size, zfill); });
 }
 
+int emu_async_early_read(const unsigned char* src, unsigned char* dst, int early) {
+  return guarded([&] { molm_emu::launch(dim3(1), dim3(32), 16, async_early_read_kernel, src, dst, early); });
+}
+
+int emu_async_ring(const float* x, float* out, int chunks, int wait) {
+  return guarded(
+      [&] { molm_emu::launch(dim3(1), dim3(32), 2 * 128 * sizeof(float), async_ring_kernel, x, out, chunks, wait); });
+}
+
+int emu_async_global_dst(const unsigned char* src, unsigned char* dst) {
+  return guarded([&] { molm_emu::launch(dim3(1), dim3(32), 16, async_global_dst_kernel, src, dst); });
+}
+
+int emu_set_schedule(unsigned long long seed, int concurrent_ctas, int shuffle) {
+  return guarded([&] { molm_emu::set_schedule(seed, concurrent_ctas, shuffle != 0); });
+}
+
+int emu_cta_order(unsigned* order, int ctas) {
+  unsigned counter = 0;
+  return guarded([&] { molm_emu::launch(dim3(ctas), dim3(32), 0, cta_order_kernel, &counter, order); });
+}
+
+int emu_chain(float* out, int ctas) {
+  return guarded([&] { molm_emu::launch(dim3(ctas), dim3(32), 0, chain_kernel, out); });
+}
+
+int emu_coresident(int* seen, int ctas) {
+  int live = 0;
+  return guarded([&] { molm_emu::launch(dim3(ctas), dim3(32), 0, coresident_kernel, &live, seen); });
+}
+
+// which: 0 or 1 (two kernels with separate limits). Returns the cudaError_t of cudaFuncSetAttribute.
+int emu_smem_opt_in(int which, int bytes) {
+  const auto attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
+  return which == 0 ? cudaFuncSetAttribute(smem_user_kernel<0>, attr, bytes)
+                    : cudaFuncSetAttribute(smem_user_kernel<1>, attr, bytes);
+}
+
+int emu_smem_launch(int which, long long bytes) {
+  return guarded([&] {
+    if (which == 0)
+      molm_emu::launch(dim3(1), dim3(32), std::size_t(bytes), smem_user_kernel<0>);
+    else
+      molm_emu::launch(dim3(1), dim3(32), std::size_t(bytes), smem_user_kernel<1>);
+  });
+}
+
+int emu_wmma_share(const float* c, float* out, int mode) {
+  return guarded([&] { molm_emu::launch(dim3(1), dim3(32), 0, wmma_share_kernel, c, out, mode); });
+}
+
+int emu_wmma_changed_operand(const void* a, float* out) {
+  return guarded([&] {
+    molm_emu::launch(dim3(1), dim3(32), 0, wmma_changed_operand_kernel, static_cast<const __nv_bfloat16*>(a), out);
+  });
+}
+
 // dtype: 0 bf16, 1 fp16 (raw 16-bit patterns).
-int emu_wmma_gemm(int dtype, const void* A, const void* B, const float* C0, float* D, int M, int N, int K,
-                  float alpha, int b_row, int d_row) {
+int emu_wmma_gemm(int dtype, const void* A, const void* B, const float* C0, float* D, int M, int N, int K, float alpha,
+                  int b_row, int d_row) {
   if (dtype == 0) return gemm_dispatch<__nv_bfloat16>(A, B, C0, D, M, N, K, alpha, b_row, d_row);
   return gemm_dispatch<__half>(A, B, C0, D, M, N, K, alpha, b_row, d_row);
 }

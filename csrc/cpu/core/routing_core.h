@@ -6,11 +6,7 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__CUDACC__)
-#define MOLM_HOST_DEVICE __host__ __device__
-#else
-#define MOLM_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace molm::core {
 

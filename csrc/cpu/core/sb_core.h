@@ -10,16 +10,27 @@
 #include <cmath>
 #include <cstdint>
 
+#include "host_device.h"
+
 namespace molm::core {
 
-// beta = sigmoid(l) and log_survive = log(1 - beta) = -softplus(l), stable for all l. A masked key (l = -inf or
-// l = finfo.min) gives beta = 0 and log_survive = 0 exactly, as the reference's masked_fill does.
+// beta = sigmoid(l), survive = 1 - beta = sigmoid(-l) (exact even where beta rounds to 1) and log_survive =
+// log(1 - beta) = -softplus(l), stable for all l. A masked key (l = -inf or l = finfo.min) gives beta = 0, survive = 1
+// and log_survive = 0 exactly, as the reference's masked_fill does. The CUDA kernels use it too (std::exp, std::abs
+// and std::log1p are the same instructions as expf, fabsf and log1pf on the device).
 template <typename acc_t>
-inline void sb_terms(acc_t l, acc_t& beta, acc_t& log_survive) {
+MOLM_HOST_DEVICE inline void sb_terms(acc_t l, acc_t& beta, acc_t& survive, acc_t& log_survive) {
   const acc_t e = std::exp(-std::abs(l));  // in (0, 1]
   const acc_t one = acc_t(1);
   beta = (l >= acc_t(0) ? one : e) / (one + e);
-  log_survive = -(std::max(l, acc_t(0)) + std::log1p(e));
+  survive = (l >= acc_t(0) ? e : one) / (one + e);
+  log_survive = -((l > acc_t(0) ? l : acc_t(0)) + std::log1p(e));
+}
+
+template <typename acc_t>
+MOLM_HOST_DEVICE inline void sb_terms(acc_t l, acc_t& beta, acc_t& log_survive) {
+  acc_t survive;
+  sb_terms(l, beta, survive, log_survive);
 }
 
 // In place: raw scores l[0..i] (q.k of keys 0..i) -> stick-breaking weights A[0..i], with the logit
@@ -37,16 +48,6 @@ inline acc_t sb_scan_row(acc_t* l, int64_t i, int64_t width, acc_t scale, const 
   return cum;
 }
 
-// beta = sigmoid(l), survive = 1 - beta = sigmoid(-l) (exact even where beta rounds to 1), log_survive = log(survive).
-template <typename acc_t>
-inline void sb_terms3(acc_t l, acc_t& beta, acc_t& survive, acc_t& log_survive) {
-  const acc_t e = std::exp(-std::abs(l));
-  const acc_t one = acc_t(1);
-  beta = (l >= acc_t(0) ? one : e) / (one + e);
-  survive = (l >= acc_t(0) ? e : one) / (one + e);
-  log_survive = -(std::max(l, acc_t(0)) + std::log1p(e));
-}
-
 // Backward of one query row. On entry a[0..width) holds the raw scores q.k_j and g[0..width) holds
 // dA_j = dO . v_j; on exit a holds the weights A_j and g holds dl_j, the gradient of the logit
 // l_j = a_j * scale + bias[j] (entries i+1 .. width-1 of both are set to 0). With P_j = A_j dA_j:
@@ -61,7 +62,7 @@ inline void sb_backward_row(acc_t* a, acc_t* g, int64_t i, int64_t width, acc_t 
   acc_t cum = acc_t(0);
   for (int64_t j = i; j >= 0; --j) {
     acc_t ls;
-    sb_terms3(bias ? a[j] * scale + bias[j] : a[j] * scale, beta[j], survive[j], ls);
+    sb_terms(bias ? a[j] * scale + bias[j] : a[j] * scale, beta[j], survive[j], ls);
     a[j] = beta[j] * std::exp(cum);
     cum += ls;
   }
