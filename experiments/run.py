@@ -112,8 +112,9 @@ def split(docs: list[str], frac: float = 0.05) -> tuple[list[str], list[str]]:
     return train_docs, val_docs
 
 
-def tokenizer_for(texts: list[str], vocab: int):
-    path = os.path.join(DATA, f"tokenizer-{vocab}.json")
+def tokenizer_for(texts: list[str], vocab: int, name: str = "tokenizer"):
+    """Byte-level BPE with `vocab` ids trained on `texts`, cached as data/<name>-<vocab>.json."""
+    path = os.path.join(DATA, f"{name}-{vocab}.json")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if os.path.isfile(path):
@@ -266,10 +267,6 @@ def main() -> None:
         for name, m in (("moe", moe), ("dense", dense))
     }
     print(json.dumps(results["pretrain"]), flush=True)
-    if not args.quick:  # the embedded default model of `molm generate`: the MoE model, stored in bf16
-        out = os.path.join(HERE, "..", "molm", "default_model")
-        molm.load(os.path.join(RUNS, "moe_A"), dtype=torch.bfloat16).save_pretrained(out)
-        tok.save(os.path.join(out, "tokenizer.json"))
 
     # 2. extendability: continue on B
     ext = molm.extend(moe, new_att_experts=4, new_mlp_experts=4, freeze_old=True, seed=1)

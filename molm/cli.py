@@ -12,7 +12,8 @@ import torch
 
 from .config import DTYPE_NAMES
 
-# A small MoE model trained on Shakespeare (experiments/run.py, stage 1), shipped so `molm generate` works as is.
+# A small MoE model trained on Shakespeare, the King James Bible and Jane Austen (experiments/train_default.py),
+# shipped so `molm generate` works as is.
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 # Backslash escapes understood in --stop, so that `--stop "\n\n"` means two newlines as users expect.
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -556,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model",
         default=None,
-        help="model directory (HF format) or hub id (default: the embedded small Shakespeare model)",
+        help="model directory (HF format) or hub id (default: the embedded small model)",
     )
     g.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: the model's)")
     g.add_argument("--max-new-tokens", type=int, default=64)

@@ -73,7 +73,7 @@ def run_cli(capsys, *argv):
 
 def test_stop_reads_backslash_escapes(capsys):
     """`--stop "\\n\\n"` (as typed in a shell: backslash, n) stops at a blank line."""
-    prompt = "It was the"
+    prompt = "KING."
     model = molm.load(cli.DEFAULT_MODEL, dtype=torch.float32)
     full = molm.generate(model, prompt, max_new_tokens=40)
     assert "\n\n" in full  # otherwise this test could not tell the difference

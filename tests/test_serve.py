@@ -348,7 +348,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(model, tok
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": [4096]}, "prompt"),
         ({"prompt": [-1]}, "prompt"),
-        ({"prompt": [1] * 257}, "prompt"),
+        ({"prompt": [1] * 513}, "prompt"),  # one token more than the default model's context (256 + 256)
         ({"prompt": "a", "max_tokens": -1}, "max_tokens"),
         ({"prompt": "a", "max_tokens": 10**9}, "max_tokens"),
         ({"prompt": "a", "max_tokens": "3"}, "max_tokens"),
