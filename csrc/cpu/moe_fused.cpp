@@ -9,8 +9,9 @@
 //              in chunk order, and the k slots of a token are summed in slot order at the end.
 // Float weights [E, in, out] go through expert_gemm's GEMV (expert_gemv.h): same depth chunks, same sums in the same
 // order, so on this path the ops give bitwise what gather_rows -> expert_gemm -> scatter_ksum give. int8 weights
-// [E, out, in] with scales [E, out] go through expert_gemm_q8's dot rows. Routings with a segment too large for a
-// GEMV (prefill, training) run the composition of those ops instead (moe_compose.h).
+// [E, out, in] with scales [E, out] go through expert_gemm_q8's dot rows in moe_map and moe_reduce (moe_mlp composes
+// them, see there). Routings with a segment too large for a GEMV (prefill, training) run the composition of the
+// grouped-GEMM ops instead (moe_compose.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -250,14 +251,17 @@ void moe_mlp_gemv(const at::Tensor& x, const ExpertWeight<w_t>& W1, const Expert
 
 // Calls body.template operator()<scalar_t, w_t>() for the activations' dtype and the weight's kind (same dtype or
 // int8); false for the dtypes the GEMV does not serve (fp64).
-template <typename Body>
+template <bool kInt8Weights = true, typename Body>
 bool dispatch_gemv(const at::Tensor& x, bool int8, Body&& body) {
   const auto with = [&](auto tag) {
     using scalar_t = decltype(tag);
-    if (int8)
-      body.template operator()<scalar_t, int8_t>();
-    else
-      body.template operator()<scalar_t, scalar_t>();
+    if constexpr (kInt8Weights) {
+      if (int8) {
+        body.template operator()<scalar_t, int8_t>();
+        return true;
+      }
+    }
+    body.template operator()<scalar_t, scalar_t>();
     return true;
   };
   switch (x.scalar_type()) {
@@ -326,19 +330,19 @@ at::Tensor moe_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::opt
                        const at::Tensor& sorted_slots, const at::Tensor& slot_positions,
                        const at::Tensor& expert_offsets, c10::string_view activation) {
   check_moe_mlp(x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets, activation);
-  const bool int8 = scale1.has_value() && scale2.has_value();
   const std::vector<int64_t> b = read_expert_offsets("molm::moe_mlp", expert_offsets, gates.numel());
   check_permutation("molm::moe_mlp", sorted_slots);
   std::vector<Segment> segs;
   at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());  // [N, C]
   if (out.numel() == 0) return out;
-  const int64_t max_rows = max_rows_for(x, int8);
-  const at::Tensor s1 = scale_fp32(scale1), s2 = scale_fp32(scale2);
-  const bool same_kind = scale1.has_value() == scale2.has_value();
+  const int64_t max_rows = max_rows_for(x, false);
+  // int8 weights compose expert_gemm_q8: their down projection, stored as output rows [C, F], would be read here in
+  // 256-byte pieces of all C rows per hidden chunk, measured 1.4x slower than whole rows (decode, 2 threads)
+  const bool float_weights = !scale1.has_value() && !scale2.has_value();
   const bool done =
-      same_kind && gemv_weight(w1, x.size(1)) && gemv_weight(w2, int8 ? w1.size(1) : w1.size(2)) &&
-      small_segments(b, max_rows, segs) && dispatch_gemv(x, int8, [&]<typename scalar_t, typename w_t>() {
-        moe_mlp_gemv<scalar_t>(x, ExpertWeight<w_t>(w1, s1), ExpertWeight<w_t>(w2, s2), gates,
+      float_weights && gemv_weight(w1, x.size(1)) && gemv_weight(w2, w1.size(2)) && small_segments(b, max_rows, segs) &&
+      dispatch_gemv</*kInt8Weights=*/false>(x, false, [&]<typename scalar_t, typename w_t>() {
+        moe_mlp_gemv<scalar_t>(x, ExpertWeight<w_t>(w1, at::Tensor()), ExpertWeight<w_t>(w2, at::Tensor()), gates,
                                sorted_slots.data_ptr<int64_t>(), segs, max_rows, activation == "gelu_new", out);
       });
   return done ? out
