@@ -182,6 +182,7 @@ class MoE(nn.Module):
         """The MoE MLP: sum_j p_j * (gelu_new(h @ W1[e_j]) @ W2[e_j]). h [N, C] -> ([N, C], aux)."""
         r, aux = self.gate(h, ops, want_aux_loss)
         routing = (r.gates, r.sorted_slots, r.slot_positions, r.expert_offsets)
+        # one fused op needs both weights: it runs inside both experts' calls, so each one's parametrization applies
         out = self.experts(
             lambda w1, s1: self.output_experts(lambda w2, s2: ops.moe_mlp(h, w1, s1, w2, s2, *routing, "gelu_new"))
         )
