@@ -307,13 +307,13 @@ def test_waiting_requests_are_prefilled_in_one_batch(live, model, tokenizer):
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(model, tokenizer):
-    """With a budget of 16 prompt tokens a step, a 102-token prompt is prefilled in 7 chunks, one a step; the
+    """With a budget of 16 prompt tokens a step, a 100-token prompt is prefilled in 7 chunks, one a step; the
     running request decodes a token after each chunk, and both return what molm.generate gives alone (scoring
     too)."""
     server = LiveServer(serve.create_app(model, tokenizer, NAME, max_batch=8, max_queue=8, prefill_tokens=16))
     engine, long_prompt = server.engine, " ".join(PROMPTS * 2)
     ids = tokenizer.encode(long_prompt).ids
-    assert len(ids) == 102
+    assert -(-len(ids) // 16) == 7  # 7 chunks of at most 16 tokens
     try:
         with Gate(engine) as gate, ThreadPoolExecutor(1) as pool:
             stream = iter(server.complete(PROMPTS[5], max_tokens=30, temperature=0, stream=True))
@@ -330,7 +330,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_decodes(model, tok
         assert "".join(pieces) == reference(model, tokenizer, PROMPTS[5], 30)
         assert text == reference(model, tokenizer, long_prompt, 12)
         scored = server.complete(long_prompt, max_tokens=0, echo=True, logprobs=0).choices[0].logprobs
-        assert torch.allclose(torch.tensor(scored.token_logprobs[1:]), prompt_scores(model, ids), atol=1e-5)
+        # scored in 16-token chunks against one forward: other GEMM shapes, so bf16 logits can round one step apart
+        # (0.125 for a logit between 16 and 32)
+        atol = 1e-5 if model.dtype == torch.float32 else 0.125
+        err = (torch.tensor(scored.token_logprobs[1:]) - prompt_scores(model, ids)).abs().max().item()
+        assert err <= atol, err
     finally:
         server.close()
 
@@ -505,8 +509,27 @@ def test_bounded_load(live, model, tokenizer):
     assert len({a.id for a in answers}) == len(jobs)
     for (prompt, max_tokens), answer in zip(jobs, answers):
         choice = answer.choices[0]
-        assert choice.text == reference(model, tokenizer, prompt, max_tokens)
+        assert_greedy_equal_up_to_ties(
+            model, tokenizer, prompt, choice.text, reference(model, tokenizer, prompt, max_tokens)
+        )
         assert (answer.usage.completion_tokens == max_tokens) == (choice.finish_reason == "length")
+
+
+def assert_greedy_equal_up_to_ties(model, tokenizer, prompt, served: str, alone: str):
+    """Greedy text from a decode batch equals the lone request's, or first differs at a token where the two best
+    logits of the lone request are equal in the model's dtype (bf16 logits have 8 significant bits): a batch of more
+    than 16 rows runs lm_head as a GEMM, which sums in another order than the lone row's GEMV and can break an exact
+    tie the other way."""
+    if served == alone:
+        return
+    a, b = tokenizer.encode(prompt + served).ids, tokenizer.encode(prompt + alone).ids
+    first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    with torch.no_grad():
+        logits = model(torch.tensor([b[:first]])).logits[0, -1]
+    best = logits.topk(2).values
+    assert best[0] == best[1] and {a[first], b[first]} <= set(torch.nonzero(logits == best[0]).flatten().tolist()), (
+        f"{prompt!r}: served {served!r} differs from {alone!r} at a token without a tie"
+    )
 
 
 def test_sigterm_finishes_in_flight_work_and_exits_0(tmp_path):
