@@ -473,6 +473,13 @@ def expert_gemm_q8(
     return torch.ops.molm.expert_gemm_q8(x, qweight, scale, expert_offsets, activation)
 
 
+def _float_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The [E, K, Nout] weight in `dtype` that an int8 weight [E, Nout, K] with its scale stands for."""
+    if scale is None:
+        return weight
+    return (weight.float() * scale.float()[:, :, None]).transpose(1, 2).to(dtype)
+
+
 def linear_q8(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -505,7 +512,7 @@ if _C is not None:
         x, qweight, scale, expert_offsets = ctx.saved_tensors
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise RuntimeError("molm: int8 weights cannot be trained; dequantize the model first (molm.dequantize)")
-        weight = (qweight.float() * scale.float()[:, :, None]).transpose(1, 2).to(x.dtype)  # [E, K, N]
+        weight = _float_weight(qweight, scale, x.dtype)  # [E, K, N]
         grad = grad.contiguous()
         if ctx.activation == "gelu_new":
             pre = torch.ops.molm.expert_gemm(x, weight, expert_offsets, "none")
@@ -595,13 +602,6 @@ def moe_mlp(
     return torch.ops.molm.moe_mlp(
         x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets, activation
     )
-
-
-def _float_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The [E, K, Nout] weight in `dtype` that an int8 weight [E, Nout, K] with its scale stands for."""
-    if scale is None:
-        return weight
-    return (weight.float() * scale.float()[:, :, None]).transpose(1, 2).to(dtype)
 
 
 def _moe_map_grads(

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../moe_compose.h"
 
 namespace molm::cuda {
 namespace {
@@ -17,10 +18,7 @@ at::Tensor expert_gemm_q8_cuda(const at::Tensor& x, const at::Tensor& qweight, c
   const c10::cuda::CUDAGuard guard(x.device());
   // [E, N, K] -> the [E, K, N] view expert_gemm takes (a transposed weight is one of its supported layouts)
   const at::Tensor w = (qweight.to(at::kFloat) * scale.to(at::kFloat).unsqueeze(2)).to(x.scalar_type()).transpose(1, 2);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("molm::expert_gemm", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view)>();
-  return op.call(x, w, expert_offsets, activation);
+  return call_expert_projection(x, w, c10::nullopt, expert_offsets, activation);
 }
 
 at::Tensor linear_q8_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
