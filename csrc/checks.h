@@ -119,9 +119,13 @@ inline void check_expert_gemm(const at::Tensor& x, const at::Tensor& weight, con
                     ": activation must be 'none' or 'gelu_new', got '", std::string(activation), "'");
 }
 
-// x [M, K], weight [N, K] (nn.Linear layout, same dtype and device, stride(-1) == 1), bias [N] or none.
-inline void check_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+// x [M, K], weight [N, K] (nn.Linear layout, same dtype and device, stride(-1) == 1), bias [N] or none;
+// activation "none" | "gelu" (exact, erf-based: nn.GELU's default).
+inline void check_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         c10::string_view activation) {
   const char* op = "molm::linear";
+  TORCH_CHECK_VALUE(activation == "none" || activation == "gelu", op,
+                    ": activation must be 'none' or 'gelu', got '", std::string(activation), "'");
   check_rank(op, "x", x, 2);
   check_floating(op, "x", x);
   check_rank(op, "weight", weight, 2);

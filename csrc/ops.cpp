@@ -14,9 +14,9 @@ TORCH_LIBRARY(molm, m) {
   m.def("scatter_ksum(Tensor y, Tensor gates, Tensor slot_positions) -> Tensor");
   // out[rows of e] = act(x[rows of e] @ weight[e]) over contiguous expert segments; activation "none" | "gelu_new"
   m.def("expert_gemm(Tensor x, Tensor weight, Tensor expert_offsets, str activation) -> Tensor");
-  // y = x @ weight^T (+ bias) with nn.Linear weights [N, K]: lm_head, routers, K/V projections (decode-sized x
-  // streams the weight once, in its own dtype)
-  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // y = act(x @ weight^T (+ bias)) with nn.Linear weights [N, K]: lm_head, routers, K/V projections (decode-sized
+  // x streams the weight once, in its own dtype); activation "none" | "gelu" (exact GELU, the routers' first layer)
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias, str activation=\"none\") -> Tensor");
   // int8 weight-only variants (molm.quantize): y = (x @ qweight) * scale per output channel, fp32 accumulation;
   // qweight [E, N, K] int8 (experts stored as output rows) with scale [E, N] / qweight [N, K] int8 with scale [N]
   m.def("expert_gemm_q8(Tensor x, Tensor qweight, Tensor scale, Tensor expert_offsets, str activation) -> Tensor");

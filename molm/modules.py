@@ -128,11 +128,29 @@ class Router(nn.Module):
             self.temperature = nn.Parameter(torch.zeros(1))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_type == "mlp" and self._gelu_fusable():
+            first, last = self.w_gate[0], self.w_gate[3]
+            return last(first.kernel(x, first.weight, first.bias, "gelu"))  # [N, E]
         if self.gate_type != "gmm":
             return self.w_gate(x)  # [N, E]
         z = F.normalize(self.w_gate(x), p=2, dim=-1)
         centroids = F.normalize(self.expert_centroids, p=2, dim=-1)
         return (z @ centroids.t()) * self.temperature.exp()
+
+    def _gelu_fusable(self) -> bool:
+        """Whether the mlp router's first projection may apply its GELU itself (one op: ATen's GELU would wake
+        torch's OpenMP workers for a single row, which costs more than the projection). Only while the Sequential
+        holds molm's own modules, unwrapped (a PEFT adapter on w_gate.0 must see its output before the GELU) and
+        without hooks, and the dropout between them is inactive."""
+        first, gelu, dropout = self.w_gate[0], self.w_gate[1], self.w_gate[2]
+        return (
+            type(first) is Linear
+            and first.kernel is not None
+            and type(gelu) is nn.GELU
+            and gelu.approximate == "none"
+            and (not self.training or dropout.p == 0)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in (self.w_gate, first, gelu, dropout))
+        )
 
     def forward(self, x: torch.Tensor, ops: SimpleNamespace, want_aux_loss: bool = True):
         """x [N, C] -> (Routing, aux loss or None)."""

@@ -425,8 +425,11 @@ def _linear_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return x.shape[0], weight.shape[0]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight^T + bias with an nn.Linear weight [N, K]; x [..., K] -> [..., N] in x's dtype.
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none"
+) -> torch.Tensor:
+    """y = act(x @ weight^T + bias) with an nn.Linear weight [N, K]; x [..., K] -> [..., N] in x's dtype;
+    activation "none" or "gelu" (nn.GELU's exact GELU, applied before the result is rounded to x's dtype).
 
     On the CPU, decode-sized inputs (at most 16 rows) stream the weight once in its own dtype with fp32
     accumulation (bf16 dot products on CPUs with AVX-512-BF16), each output computed by one thread: results do not
@@ -434,28 +437,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     _require_extension()
     lead = x.shape[:-1]
-    y = torch.ops.molm.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    y = torch.ops.molm.linear(x.reshape(-1, x.shape[-1]), weight, bias, activation)
     return y.view(*lead, weight.shape[0])
 
 
 if _C is not None:
 
     @torch.library.register_fake("molm::linear")
-    def _linear_fake(x, weight, bias):
+    def _linear_fake(x, weight, bias, activation="none"):
+        torch._check(
+            activation in reference.LINEAR_ACTIVATIONS,
+            lambda: f"linear: activation must be one of {reference.LINEAR_ACTIVATIONS}, got {activation!r}",
+        )
         return x.new_empty(_linear_shape(x, weight, bias))
 
     def _linear_setup(ctx, inputs, output):
-        x, weight, bias = inputs
-        ctx.save_for_backward(x, weight)
+        x, weight, bias, *rest = inputs
+        ctx.activation = rest[0] if rest else "none"
+        ctx.save_for_backward(x, weight, bias if ctx.activation != "none" else None)
         ctx.has_bias = bias is not None
 
     def _linear_backward(ctx, grad):
-        """dx = grad @ W, dW = grad^T x, db = sum over rows (ATen's GEMMs: training shapes, not decode)."""
-        x, weight = ctx.saved_tensors
+        """dx = dz @ W, dW = dz^T x, db = sum of dz over rows, with dz = grad through the GELU at the recomputed
+        pre-activation (ATen's GEMMs: training shapes, not decode)."""
+        x, weight, bias = ctx.saved_tensors
+        if ctx.activation == "gelu":
+            grad = torch.ops.aten.gelu_backward(grad, torch.nn.functional.linear(x, weight, bias))
         d_x = grad @ weight if ctx.needs_input_grad[0] else None
         d_w = grad.t() @ x if ctx.needs_input_grad[1] else None
         d_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return d_x, d_w, d_b
+        return d_x, d_w, d_b, None
 
     torch.library.register_autograd("molm::linear", _linear_backward, setup_context=_linear_setup)
 

@@ -37,9 +37,18 @@ def sort_by_expert(experts: torch.Tensor, n_experts: int):
     return sorted_slots, slot_positions, expert_offsets
 
 
-def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight^T + bias. x [M, K], weight [N, K] (nn.Linear layout), bias [N] or None -> [M, N]."""
-    return torch.nn.functional.linear(x, weight, bias)
+LINEAR_ACTIVATIONS = ("none", "gelu")
+
+
+def linear_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none"
+) -> torch.Tensor:
+    """y = act(x @ weight^T + bias). x [M, K], weight [N, K] (nn.Linear layout), bias [N] or None -> [M, N];
+    activation "none" or "gelu" (nn.GELU: exact, erf-based)."""
+    if activation not in LINEAR_ACTIVATIONS:
+        raise ValueError(f"linear: activation must be one of {LINEAR_ACTIVATIONS}, got {activation!r}")
+    y = torch.nn.functional.linear(x, weight, bias)
+    return torch.nn.functional.gelu(y) if activation == "gelu" else y
 
 
 def expert_gemm_q8_ref(

@@ -21,6 +21,18 @@ inline float gelu_new(float x) {
   return x / (1.f + std::exp(-2.f * kBeta * (x + kKappa * x * x * x)));
 }
 
+// Exact GELU (nn.GELU's default) of one fp32 value: 0.5 x (1 + erf(x / sqrt 2)).
+inline float gelu_erf(float x) { return 0.5f * x * (1.f + std::erf(x * 0.7071067811865476f)); }
+
+// Exact GELU of n contiguous fp32 values, in place, on the molm pool (never an ATen region: ATen's GELU wakes its
+// OpenMP workers even for one router row, which costs more than the projection before it).
+inline void gelu_erf_inplace(float* p, int64_t n) {
+  constexpr int64_t kBlock = 16384;  // elements per work item
+  parallel_items((n + kBlock - 1) / kBlock, max_threads(), [&](int64_t item, int) {
+    for (int64_t i = item * kBlock; i < std::min(n, (item + 1) * kBlock); ++i) p[i] = gelu_erf(p[i]);
+  });
+}
+
 // rows [lo, hi) of out, in place
 template <typename scalar_t>
 void gelu_rows(at::Tensor& out, int64_t lo, int64_t hi) {

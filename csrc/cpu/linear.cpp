@@ -3,7 +3,8 @@
 // product over a contiguous weight row, computed for four weight rows at a time and all M input rows, with fp32
 // accumulators in registers and whole outputs per thread (no split-K, so results do not depend on the thread
 // count). 16-bit weights are read as they are stored (bf16 with AVX-512-BF16 dot products where the CPU has them),
-// never through ATen's 16-bit CPU GEMV. Larger M goes to the GEMM this CPU runs fastest (gemm.h).
+// never through ATen's 16-bit CPU GEMV. Larger M goes to the GEMM this CPU runs fastest (gemm.h). The optional GELU
+// is applied to the fp32 result, which is rounded once.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -11,8 +12,9 @@
 
 #include "../checks.h"
 #include "../dispatch.h"
-#include "gemm.h"
 #include "dot_rows.h"
+#include "gelu.h"
+#include "gemm.h"
 #include "thread_pool.h"
 #include "vec.h"
 
@@ -23,7 +25,7 @@ constexpr int64_t kGemvMaxRows = 16;  // input rows up to which the streaming pa
 constexpr int64_t kRowsPerItem = 64;  // weight rows (outputs) per parallel work item
 
 template <typename scalar_t>
-void linear_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+void linear_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool gelu,
                  at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const at::Tensor x32 = x.to(at::kFloat).contiguous();  // [M, K]: a few KB, read from L1 for every weight row
@@ -41,29 +43,41 @@ void linear_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optio
     dot_rows<scalar_t>(isa, xp, x16, M, K, wp + r0 * ldw, ldw, rows, yp + r0, N);
   });
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  if (gelu) gelu_erf_inplace(yp, y.numel());
   out.copy_(y);
 }
 
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_linear(x, weight, bias);
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                      c10::string_view activation) {
+  check_linear(x, weight, bias, activation);
+  const bool gelu = activation == "gelu";
   const int64_t M = x.size(0), N = weight.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
   if (out.numel() == 0) return out;
   const bool gemv = M <= kGemvMaxRows && x.scalar_type() != at::kDouble && weight.stride(1) == 1 && x.size(1) > 0;
   if (gemv) {
     MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::linear", [&] {
-      if constexpr (!std::is_same_v<scalar_t, double>) linear_gemv<scalar_t>(x, weight, bias, out);
+      if constexpr (!std::is_same_v<scalar_t, double>) linear_gemv<scalar_t>(x, weight, bias, gelu, out);
     });
     return out;
   }
-  if (!bias.has_value()) {
+  if (x.scalar_type() == at::kDouble) {
+    if (bias.has_value())
+      at::addmm_out(out, *bias, x, weight.t());
+    else
+      mm_into(out, x, weight.t());
+    return gelu ? out.copy_(at::gelu(out)) : out;  // fp64: ATen's GELU, in double
+  }
+  if (!gelu && !bias.has_value()) {
     mm_into(out, x, weight.t());
-  } else if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) {
+  } else if (!gelu && x.scalar_type() == at::kFloat) {
     at::addmm_out(out, *bias, x, weight.t());
-  } else {  // 16-bit with bias: add it in fp32, round once
+  } else {  // bias in 16 bits, or a GELU: finished in fp32, rounded once
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
     mm_into(y, x.to(at::kFloat), weight.t().to(at::kFloat));
-    out.copy_(y.add_(bias->to(at::kFloat)));
+    if (bias.has_value()) y.add_(bias->to(at::kFloat));
+    if (gelu) gelu_erf_inplace(y.data_ptr<float>(), y.numel());
+    out.copy_(y);
   }
   return out;
 }

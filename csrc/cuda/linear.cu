@@ -9,10 +9,12 @@
 namespace molm::cuda {
 namespace {
 
-at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_linear(x, weight, bias);
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       c10::string_view activation) {
+  check_linear(x, weight, bias, activation);
   const c10::cuda::CUDAGuard guard(x.device());
-  return at::linear(x, weight, bias);
+  at::Tensor y = at::linear(x, weight, bias);
+  return activation == "gelu" ? at::gelu_(y) : y;
 }
 
 }  // namespace
