@@ -42,6 +42,7 @@ class KVCache:
     def _set_state(self, keys: list[torch.Tensor], values: list[torch.Tensor] | None, length: int) -> None:
         self.keys, self.values, self.length = keys, values, length
         self._pending = 0  # positions appended in the current step, added to length by advance()
+        self._step_positions = None  # (length, end, arange(length, end)) of the current step
         self._tracked: dict[int, tuple] = {}  # layer -> (K, V) of all positions so far, still in the graph
         self.window: int | None = None  # inside fixed_window: the positions attention reads
         self.position: torch.Tensor | None = None  # inside fixed_window: [1] int64, where the new token goes
@@ -104,12 +105,23 @@ class KVCache:
         if end > self.capacity:
             self._grow(end)
         self._pending = T
-        positions = torch.arange(self.length, end, device=self.keys[layer].device)
+        positions = self._positions(end)
         k, v = self.update(layer, keys, values, positions, end)
         if torch.is_grad_enabled() and (keys.requires_grad or (values is not None and values.requires_grad)):
             return self._append_tracked(layer, keys, values)
         self._tracked.pop(layer, None)
         return k, v
+
+    def _positions(self, end: int) -> torch.Tensor:
+        """The step's new positions length .. end-1, made once per step (every layer writes the same ones)."""
+        cached = self._step_positions
+        if cached is None or cached[0] != self.length or cached[1] != end:
+            self._step_positions = cached = (
+                self.length,
+                end,
+                torch.arange(self.length, end, device=self.keys[0].device),
+            )
+        return cached[2]
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.capacity)

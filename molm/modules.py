@@ -129,7 +129,7 @@ class Router(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_type == "mlp" and self._gelu_fusable():
-            first, last = self.w_gate[0], self.w_gate[3]
+            first, last = self.w_gate._modules["0"], self.w_gate._modules["3"]
             return last(first.kernel(x, first.weight, first.bias, "gelu"))  # [N, E]
         if self.gate_type != "gmm":
             return self.w_gate(x)  # [N, E]
@@ -141,15 +141,19 @@ class Router(nn.Module):
         """Whether the mlp router's first projection may apply its GELU itself (one op: ATen's GELU would wake
         torch's OpenMP workers for a single row, which costs more than the projection). Only while the Sequential
         holds molm's own modules, unwrapped (a PEFT adapter on w_gate.0 must see its output before the GELU) and
-        without hooks, and the dropout between them is inactive."""
-        first, gelu, dropout = self.w_gate[0], self.w_gate[1], self.w_gate[2]
+        without hooks, and the dropout between them is inactive. Read from the Sequential on every call (modules
+        can be swapped or hooked at any time), through its module dict (its indexing costs more than the rest)."""
+        parts = self.w_gate._modules
+        first, gelu, dropout = parts["0"], parts["1"], parts["2"]
         return (
             type(first) is Linear
             and first.kernel is not None
             and type(gelu) is nn.GELU
             and gelu.approximate == "none"
             and (not self.training or dropout.p == 0)
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in (self.w_gate, first, gelu, dropout))
+            and not (first._forward_hooks or first._forward_pre_hooks or gelu._forward_hooks)
+            and not (gelu._forward_pre_hooks or self.w_gate._forward_hooks or self.w_gate._forward_pre_hooks)
+            and not (dropout._forward_hooks or dropout._forward_pre_hooks)
         )
 
     def forward(self, x: torch.Tensor, ops: SimpleNamespace, want_aux_loss: bool = True):
@@ -272,10 +276,14 @@ class Block(nn.Module):
         self.mlpf = MoE(config, config.n_mlp_experts, config.k_mlp, config.ffd_hidden)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        # skipped where it is the identity: a module call per residual is a measurable share of a decode step
+        return self.resid_dropout(x) if self.training and self.resid_dropout.p > 0 else x
+
     def forward(self, x: torch.Tensor, bias, cache, layer: int, ops: SimpleNamespace, want_aux_loss: bool = True):
         B, T, C = x.shape
         a, att_aux = self.attn(self.ln_1(x), bias, cache, layer, ops, want_aux_loss)
-        x = x + self.resid_dropout(a)
+        x = x + self._dropout(a)
         m, mlp_aux = self.mlpf.mlp(self.ln_2(x).reshape(B * T, C), ops, want_aux_loss)
-        x = x + self.resid_dropout(m.view(B, T, C))
+        x = x + self._dropout(m.view(B, T, C))
         return x, (att_aux + mlp_aux if want_aux_loss else None)

@@ -22,7 +22,7 @@ constexpr int64_t kGemvMaxRowsNativeBf16 = 4;
 constexpr int64_t kStreamMaxRows = 4;     // up to this many rows stream the weight block once ...
 constexpr int64_t kSubCols = 128;         // ... above that, 128-column sub-blocks are re-read from L2 per 4 rows
 constexpr int64_t kGemvDepthChunk = 256;  // weight rows per partial sum (fixed: results do not depend on threads)
-constexpr int64_t kGemvColBlock = 512;    // output columns per work item
+constexpr int64_t kGemvColBlock = 4096;   // output columns per work item
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

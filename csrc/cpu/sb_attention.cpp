@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <tuple>
@@ -26,7 +27,9 @@
 namespace molm::cpu {
 namespace {
 
-constexpr int64_t kKeyChunk = 512;        // keys per split-KV chunk in the direct path
+// Keys per split-KV chunk in the direct path: about S / 8, a multiple of 32 in [32, 512], so that even a short
+// decode context gives the pool several chunks to share. It depends on S only: never on the thread count.
+inline int64_t key_chunk(int64_t S) { return std::clamp<int64_t>((S + 8 * 32 - 1) / (8 * 32) * 32, 32, 512); }
 constexpr int64_t kDirectMaxQueries = 4;  // T <= this takes the direct path
 constexpr int64_t kTileRows = 128;        // query rows (positions x slots) per tile in the tiled path
 
@@ -45,7 +48,7 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                double scale_d, at::Tensor& out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), D = q.size(4), S = k.size(1);
-  const int64_t n_chunks = (S + kKeyChunk - 1) / kKeyChunk;
+  const int64_t chunk = key_chunk(S), n_chunks = (S + chunk - 1) / chunk;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -71,8 +74,8 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
     const int64_t row = item / n_chunks, c = item % n_chunks;
     const int64_t b = row / (T * H), t = (row / H) % T, h = row % H;
     const int64_t i = S - T + t;                 // absolute query position
-    const int64_t k_hi = i + 1 - c * kKeyChunk;  // keys [k_lo, k_hi) of this chunk, newest first
-    const int64_t k_lo = std::max<int64_t>(0, k_hi - kKeyChunk);
+    const int64_t k_hi = i + 1 - c * chunk;  // keys [k_lo, k_hi) of this chunk, newest first
+    const int64_t k_lo = std::max<int64_t>(0, k_hi - chunk);
     std::fill(obuf, obuf + G * D, acc_t(0));
     std::fill(cum, cum + G, acc_t(0));
     if (k_hi > 0) {

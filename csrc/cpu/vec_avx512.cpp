@@ -1,8 +1,8 @@
 // AVX-512 bodies of the vec.h GEMV (see vec_bodies.h):
 //  * avx512: the avx2 scheme over 16 lanes (four weight rows per step, y updated in place), masked column tails.
 //  * avx512_bf16: bf16 weights through _mm512_dpbf16_ps, which multiplies bf16 pairs and adds both products to an
-//    fp32 lane. Pairs run along the depth: rows r and r + 1 of a 32-column strip are interleaved by unpacklo/hi
-//    (within 128-bit lanes), accumulated in registers over the whole depth, and put back in column order once.
+//    fp32 lane. Pairs run along the depth: rows r and r + 1 are interleaved by unpacklo/hi (within 128-bit lanes),
+//    accumulated row pair after row pair over all columns, and put back in column order once.
 #include "vec_bodies.h"
 
 #ifdef MOLM_X86
@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace molm::cpu::bodies {
 namespace {
@@ -104,63 +105,63 @@ inline uint16_t bf16_bits(float v) {  // round to nearest even, as c10::BFloat16
   return bits;
 }
 
-// One pair step for all ROWS rows and NV strips: lo/hi accumulate the interleaved products of rows (w0, w1).
-template <int ROWS, int NV>
-MOLM_AVX512_BF16 inline void dp_step(__m512 (&lo)[ROWS][NV], __m512 (&hi)[ROWS][NV], const uint32_t* xpair,
-                                     int64_t pair_stride, const uint16_t* w0, const uint16_t* w1) {
-  __m512i xv[ROWS];
-  for (int m = 0; m < ROWS; ++m) xv[m] = _mm512_set1_epi32(static_cast<int>(xpair[m * pair_stride]));
-  for (int v = 0; v < NV; ++v) {
-    const __m512i a = _mm512_loadu_si512(w0 + 32 * v);
-    const __m512i b = w1 ? _mm512_loadu_si512(w1 + 32 * v) : _mm512_setzero_si512();
-    const __m512i il = _mm512_unpacklo_epi16(a, b), ih = _mm512_unpackhi_epi16(a, b);
-    for (int m = 0; m < ROWS; ++m) {
-      lo[m][v] = _mm512_dpbf16_ps(lo[m][v], (__m512bh)il, (__m512bh)xv[m]);
-      hi[m][v] = _mm512_dpbf16_ps(hi[m][v], (__m512bh)ih, (__m512bh)xv[m]);
-    }
-  }
-}
-
-// y[m, c0 .. c0 + 32 NV) += x[m] . w[:, strip] for one group of ROWS rows; xpair [ROWS, n_pairs].
-template <int ROWS, int NV>
-MOLM_AVX512_BF16 void dp_strips(const uint32_t* xpair, int64_t n_pairs, int64_t depth, const uint16_t* w, int64_t ldw,
-                                float* y, int64_t ldy) {
-  __m512 lo[ROWS][NV], hi[ROWS][NV];
-  for (int m = 0; m < ROWS; ++m)
-    for (int v = 0; v < NV; ++v) lo[m][v] = hi[m][v] = _mm512_setzero_ps();
-  const int64_t full = depth / 2;
-  for (int64_t p = 0; p < full; ++p)
-    dp_step<ROWS, NV>(lo, hi, xpair + p, n_pairs, w + 2 * p * ldw, w + (2 * p + 1) * ldw);
-  if (depth % 2) dp_step<ROWS, NV>(lo, hi, xpair + full, n_pairs, w + 2 * full * ldw, nullptr);
+// Rows [lo, hi) of a column-interleaved accumulator (see gemv_dp_t) back into column order, added to y.
+MOLM_AVX512_BF16 inline void add_deinterleaved(const float* acc, float* y, int64_t cols32) {
   // unpacklo holds columns 8j .. 8j+3 of 128-bit lane j, unpackhi columns 8j+4 .. 8j+7
   const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
   const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int m = 0; m < ROWS; ++m)
-    for (int v = 0; v < NV; ++v) {
-      float* yp = y + m * ldy + 32 * v;
-      _mm512_storeu_ps(yp, _mm512_add_ps(_mm512_loadu_ps(yp), _mm512_permutex2var_ps(lo[m][v], first, hi[m][v])));
-      _mm512_storeu_ps(yp + 16,
-                       _mm512_add_ps(_mm512_loadu_ps(yp + 16), _mm512_permutex2var_ps(lo[m][v], second, hi[m][v])));
-    }
+  for (int64_t c = 0; c < cols32; c += 32) {
+    const __m512 lo = _mm512_loadu_ps(acc + c), hi = _mm512_loadu_ps(acc + c + 16);
+    _mm512_storeu_ps(y + c, _mm512_add_ps(_mm512_loadu_ps(y + c), _mm512_permutex2var_ps(lo, first, hi)));
+    _mm512_storeu_ps(y + c + 16, _mm512_add_ps(_mm512_loadu_ps(y + c + 16), _mm512_permutex2var_ps(lo, second, hi)));
+  }
 }
 
-// ROWS <= 4 rows; strips of 128 / 64 / 32 columns keep 8 accumulators; columns past the last 32 use gemv_f32.
+// ROWS <= 4 rows. The weight is read as it lies in memory, one pair of rows after the other over all columns (a
+// column-strip walk, one 4 KB-strided row after another, starves the hardware prefetcher and halves the bandwidth
+// a core reaches). Rows r and r + 1 of each 32 columns are interleaved by unpacklo/hi (within 128-bit lanes) and
+// their products accumulated, pair after pair, in acc [ROWS, cols32] (L1-resident, interleaved lane order), which
+// is put back in column order once. Columns past the last 32 use gemv_f32.
+constexpr int64_t kPrefetchPairs = 8;
+
 template <int ROWS>
 MOLM_AVX512_BF16 void gemv_dp_t(const float* x, int64_t ldx, int64_t depth, const c10::BFloat16* w, int64_t ldw,
-                                float* y, int64_t ldy, int64_t cols, uint32_t* xpair, int64_t n_pairs) {
-  constexpr int kWide = ROWS == 1 ? 4 : ROWS == 2 ? 2 : 1;
+                                float* y, int64_t ldy, int64_t cols, const uint32_t* xpair, int64_t n_pairs,
+                                float* acc) {
   const uint16_t* wb = reinterpret_cast<const uint16_t*>(w);
-  int64_t c = 0;
-  for (; c + 32 * kWide <= cols; c += 32 * kWide)
-    dp_strips<ROWS, kWide>(xpair, n_pairs, depth, wb + c, ldw, y + c, ldy);
-  for (; c + 32 <= cols; c += 32) dp_strips<ROWS, 1>(xpair, n_pairs, depth, wb + c, ldw, y + c, ldy);
-  if (c < cols) gemv_f32_t<ROWS>(x, ldx, depth, w + c, ldw, y + c, ldy, cols - c);
+  const int64_t cols32 = cols / 32 * 32;
+  std::fill(acc, acc + ROWS * cols32, 0.f);
+  for (int64_t p = 0; p < n_pairs; ++p) {
+    const uint16_t* w0 = wb + 2 * p * ldw;
+    const uint16_t* w1 = w0 + ldw;
+    const bool odd_tail = 2 * p + 1 == depth;  // the last row has no partner: pair it with zeros
+    __m512i xv[ROWS];
+    for (int m = 0; m < ROWS; ++m) xv[m] = _mm512_set1_epi32(static_cast<int>(xpair[m * n_pairs + p]));
+    const uint16_t* ahead = w0 + kPrefetchPairs * 2 * ldw;
+    for (int64_t c = 0; c < cols32; c += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + c), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + ldw + c), _MM_HINT_T0);
+      const __m512i a = _mm512_loadu_si512(w0 + c);
+      const __m512i b = odd_tail ? _mm512_setzero_si512() : _mm512_loadu_si512(w1 + c);
+      const __m512i il = _mm512_unpacklo_epi16(a, b), ih = _mm512_unpackhi_epi16(a, b);
+      for (int m = 0; m < ROWS; ++m) {
+        float* am = acc + m * cols32 + c;
+        _mm512_storeu_ps(am, _mm512_dpbf16_ps(_mm512_loadu_ps(am), (__m512bh)il, (__m512bh)xv[m]));
+        _mm512_storeu_ps(am + 16, _mm512_dpbf16_ps(_mm512_loadu_ps(am + 16), (__m512bh)ih, (__m512bh)xv[m]));
+      }
+    }
+  }
+  for (int m = 0; m < ROWS; ++m) add_deinterleaved(acc + m * cols32, y + m * ldy, cols32);
+  if (cols32 < cols) gemv_f32_t<ROWS>(x, ldx, depth, w + cols32, ldw, y + cols32, ldy, cols - cols32);
 }
 
 MOLM_AVX512_BF16 void gemv_dp(const float* x, int64_t ldx, int64_t rows, int64_t depth, const c10::BFloat16* w,
                               int64_t ldw, float* y, int64_t ldy, int64_t cols) {
   constexpr int64_t kMaxPairs = 128;  // depth handled per pass (256 rows: the expert GEMM's depth chunk)
   uint32_t xpair[4 * kMaxPairs];
+  thread_local std::vector<float> acc_buffer;
+  acc_buffer.resize(4 * cols);
+  float* acc = acc_buffer.data();
   for (int64_t r0 = 0; r0 < depth; r0 += 2 * kMaxPairs) {
     const int64_t d = std::min<int64_t>(2 * kMaxPairs, depth - r0), n_pairs = (d + 1) / 2;
     for (int64_t m0 = 0; m0 < rows; m0 += 4) {
@@ -176,16 +177,16 @@ MOLM_AVX512_BF16 void gemv_dp(const float* x, int64_t ldx, int64_t rows, int64_t
       float* ym = y + m0 * ldy;
       switch (mm) {
         case 1:
-          gemv_dp_t<1>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs);
+          gemv_dp_t<1>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs, acc);
           break;
         case 2:
-          gemv_dp_t<2>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs);
+          gemv_dp_t<2>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs, acc);
           break;
         case 3:
-          gemv_dp_t<3>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs);
+          gemv_dp_t<3>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs, acc);
           break;
         default:
-          gemv_dp_t<4>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs);
+          gemv_dp_t<4>(xm, ldx, d, wr, ldw, ym, ldy, cols, xpair, n_pairs, acc);
           break;
       }
     }
