@@ -466,6 +466,21 @@ def test_peft_lora_on_lm_head_changes_the_forward():
         assert torch.allclose(merged(g["input_ids"]).logits, adapted, atol=1e-4)
 
 
+def test_peft_lora_on_the_routers_first_projection_is_used():
+    """The router's GELU runs inside its first projection only while that is molm's own Linear: an adapter on it
+    must see the projection before the GELU, so the adapted model equals PEFT's merged weights."""
+    g = golden("molm-tiny-a")
+    with torch.no_grad():
+        base = load_hf("molm-tiny-a")(g["input_ids"]).logits
+    model = _lora(load_hf("molm-tiny-a"), target_modules=["w_gate.0"])
+    with torch.no_grad():
+        adapted = model(input_ids=g["input_ids"]).logits
+    assert (adapted - base).abs().max() > 1e-3
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        assert torch.allclose(merged(g["input_ids"]).logits, adapted, atol=1e-4)
+
+
 def test_peft_modules_to_save_lm_head_is_used():
     peft = require("peft")
     g = golden("molm-tiny-a")

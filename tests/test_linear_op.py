@@ -1,6 +1,6 @@
 """molm::linear (nn.Linear layout: lm_head, routers, K/V projections) against F.linear in fp64: every dtype, the
-decode-sized streaming path and the at::mm path, bias, strided weights, thread-count independence, gradients, the
-fake kernel and bad inputs."""
+decode-sized streaming path and the at::mm path, bias, the exact GELU the routers apply, strided weights,
+thread-count independence, gradients, the fake kernel and bad inputs."""
 
 import pytest
 import torch
@@ -35,6 +35,38 @@ def test_linear_matches_reference(m, k, n, dtype, bias):
     exact = reference.linear_ref(x.double(), w.double(), None if b is None else b.double())
     lowp = reference.linear_ref(x.float(), w.float(), None if b is None else b.float()).to(dtype)
     assert_close(out, exact, lowp, dtype, f"linear {dtype} m={m} k={k} n={n}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("m,k,n", [(1, 1024, 256), (3, 64, 37), (16, 200, 33), (40, 96, 70)])  # GEMV, then at::mm
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_matches_reference(m, k, n, dtype, bias):
+    x, w, b = _inputs(m, k, n, dtype, bias, seed=m)
+    x = x * 3  # pre-activations across GELU's curved range
+    out = ops.linear(x, w, b, "gelu")
+    assert out.dtype == dtype and out.shape == (m, n)
+    exact = F.gelu(reference.linear_ref(x.double(), w.double(), None if b is None else b.double()))
+    lowp = reference.linear_ref(x.float(), w.float(), None if b is None else b.float(), "gelu").to(dtype)
+    assert_close(out, exact, lowp, dtype, f"linear gelu {dtype} m={m}")
+    assert (out.double() < 0).any() and (exact < 0).any()  # the negative lobe is there: not a ReLU, not the identity
+    assert torch.equal(ops.linear(x, w, b, "gelu"), out)
+
+
+def test_linear_gelu_gradients_and_opcheck():
+    x, w, b = (t.double().requires_grad_(True) for t in _inputs(3, 7, 5, torch.float64))
+    torch.autograd.gradcheck(lambda x, w, b: ops.linear(x, w, b, "gelu"), (x, w, b))
+    torch.library.opcheck(torch.ops.molm.linear.default, (*_inputs(2, 16, 8, torch.float32), "gelu"))
+    x, w, b = _inputs(2, 32, 16, torch.float32)
+    compiled = torch.compile(lambda x: ops.linear(x, w, b, "gelu"), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_unknown_activation_is_named():
+    x, w, b = _inputs(2, 8, 4, torch.float32)
+    with pytest.raises(ValueError, match="activation must be 'none' or 'gelu', got 'relu'"):
+        torch.ops.molm.linear(x, w, b, "relu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        reference.linear_ref(x, w, b, "relu")
 
 
 def test_linear_leading_dims_and_strided_weight():

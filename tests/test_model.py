@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import molm
@@ -158,6 +159,40 @@ def test_backends_agree_on_a_random_general_model():
             ext = model.set_backend("extension")(ids)
         assert (ref.logits - ext.logits).abs().max() <= 1e-4
         assert (ref.aux_loss - ext.aux_loss).abs() <= 1e-5
+
+
+def _router_and_input(backend):
+    config = ModuleFormerConfig(vocab_size=50, n_embd=32, n_layer=1, att_hidden=32, ffd_hidden=40, gating_size=24)
+    model = molm.ModuleFormerForCausalLM(config, backend=backend).init_weights(seed=3).eval()
+    return model.transformer.h[0].mlpf.gate, torch.randn(5, 32, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_router_with_its_gelu_in_the_projection_equals_the_sequential(backend):
+    """The mlp router's first projection applies the GELU itself (one op) only where that is the Sequential's math:
+    never past a hook, a wrapped module or an active dropout."""
+    router, x = _router_and_input(backend)
+    w = router.w_gate
+    with torch.no_grad():
+        assert router._gelu_fusable()
+        sequential = w[3](w[2](w[1](F.linear(x, w[0].weight, w[0].bias))))  # torch's own modules, one by one
+        torch.testing.assert_close(router.logits(x), sequential, rtol=1e-5, atol=1e-6)
+
+        handle = w[0].register_forward_hook(lambda module, args, out: out * 0 + 1)  # a hook the router must honour
+        assert not router._gelu_fusable()
+        torch.testing.assert_close(router.logits(x), w[3](torch.full((5, 24), F.gelu(torch.tensor(1.0)).item())))
+        handle.remove()
+
+        original = w[0]
+        w[0] = torch.nn.Sequential(original, torch.nn.Tanh())  # a wrapper (as an adapter would be) sees its output
+        assert not router._gelu_fusable()
+        torch.testing.assert_close(router.logits(x), w[3](F.gelu(torch.tanh(original(x)))), rtol=1e-5, atol=1e-6)
+        w[0] = original
+
+        router.train()
+        w[2].p = 1.0  # training with dropout: every hidden unit dropped, so the logits are exactly zero
+        assert not router._gelu_fusable()
+        assert torch.equal(router.logits(x), torch.zeros(5, router.num_experts))
 
 
 def test_bad_token_ids_and_shapes_raise_clear_errors():
