@@ -24,27 +24,35 @@ namespace {
 constexpr int64_t kGemvMaxRows = 16;  // input rows up to which the streaming path wins over at::mm
 constexpr int64_t kRowsPerItem = 64;  // weight rows (outputs) per parallel work item
 
+// Each work item finishes its own outputs (bias, GELU, rounding): no ATen op runs on the [M, N] result, so a
+// decode step's lm_head opens no OpenMP region (ATen parallelises a copy of more than 32768 elements).
 template <typename scalar_t>
 void linear_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool gelu,
                  at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const at::Tensor x32 = x.to(at::kFloat).contiguous();  // [M, K]: a few KB, read from L1 for every weight row
   const at::Tensor xc = x.contiguous();
+  const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, x32.options());  // fp32 dot products, rounded once below
   const float* xp = x32.data_ptr<float>();
   const scalar_t* x16 = xc.data_ptr<scalar_t>();
   const scalar_t* wp = weight.data_ptr<scalar_t>();
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t ldw = weight.stride(0);
   const int64_t n_items = (N + kRowsPerItem - 1) / kRowsPerItem;
   const Isa isa = active_isa();  // one body for the whole call
   parallel_items(n_items, max_threads(), [&](int64_t it, int) {
     const int64_t r0 = it * kRowsPerItem, rows = std::min(kRowsPerItem, N - r0);
     dot_rows<scalar_t>(isa, xp, x16, M, K, wp + r0 * ldw, ldw, rows, yp + r0, N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = r0; r < r0 + rows; ++r) {
+        float v = yp[m * N + r];
+        if (bp) v += bp[r];
+        op[m * N + r] = static_cast<scalar_t>(gelu ? gelu_erf(v) : v);
+      }
   });
-  if (bias.has_value()) y.add_(bias->to(at::kFloat));
-  if (gelu) gelu_erf_inplace(yp, y.numel());
-  out.copy_(y);
 }
 
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

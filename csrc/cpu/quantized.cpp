@@ -55,7 +55,7 @@ at::Tensor expert_gemm_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, co
       at::mm_out(seg, x32.narrow(0, b[e], rows), dequantize_rows(qweight[e], s32[e]).t());
     }
   }
-  const Isa isa = active_isa();  // one body for the whole call
+  const Isa isa = q8_isa(active_isa(), x.scalar_type());  // one body for the whole call
   parallel_items(static_cast<int64_t>(items.size()), max_threads(), [&](int64_t i, int) {
     const Item& it = items[i];
     gemv_rows_q8(isa, xp + it.lo * depth, it.rows, depth, qp + it.expert * qs0 + it.r0 * qs1, qs1,
@@ -73,17 +73,30 @@ at::Tensor linear_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
   const at::Tensor s32 = scale.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x32.options());
   if (y.numel() > 0 && M <= kGemvMaxRows && qweight.stride(1) == 1 && K > 0) {
+    // decode: each work item finishes its outputs (bias, rounding), so no ATen op runs on the [M, N] result (a copy
+    // of the lm_head's row would open an OpenMP region)
+    at::Tensor out = at::empty({M, N}, x.options());
+    const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
     const float* xp = x32.data_ptr<float>();
     const float* sp = s32.data_ptr<float>();
     const int8_t* qp = qweight.data_ptr<int8_t>();
     float* yp = y.data_ptr<float>();
     const int64_t ldq = qweight.stride(0), n_items = (N + kQ8RowBlock - 1) / kQ8RowBlock;
-    const Isa isa = active_isa();
-    parallel_items(n_items, max_threads(), [&](int64_t it, int) {
-      const int64_t r0 = it * kQ8RowBlock;
-      gemv_rows_q8(isa, xp, M, K, qp + r0 * ldq, ldq, sp + r0, std::min(kQ8RowBlock, N - r0), yp + r0, N);
+    const Isa isa = q8_isa(active_isa(), x.scalar_type());
+    MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::linear_q8", [&] {
+      scalar_t* op = out.data_ptr<scalar_t>();
+      parallel_items(n_items, max_threads(), [&](int64_t it, int) {
+        const int64_t r0 = it * kQ8RowBlock, rows = std::min(kQ8RowBlock, N - r0);
+        gemv_rows_q8(isa, xp, M, K, qp + r0 * ldq, ldq, sp + r0, rows, yp + r0, N);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t r = r0; r < r0 + rows; ++r)
+            op[m * N + r] = static_cast<scalar_t>(bp ? yp[m * N + r] + bp[r] : yp[m * N + r]);
+      });
     });
-  } else if (y.numel() > 0) {
+    return out;
+  }
+  if (y.numel() > 0) {
     constexpr int64_t kBlock = 4096;  // dequantise this many weight rows at a time: bounded extra memory
     for (int64_t r0 = 0; r0 < N; r0 += kBlock) {
       const int64_t rows = std::min(kBlock, N - r0);
