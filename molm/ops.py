@@ -429,7 +429,7 @@ def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "none"
 ) -> torch.Tensor:
     """y = act(x @ weight^T + bias) with an nn.Linear weight [N, K]; x [..., K] -> [..., N] in x's dtype;
-    activation "none" or "gelu" (nn.GELU's exact GELU, applied before the result is rounded to x's dtype).
+    activation "none" or "gelu" (nn.GELU's exact GELU of the result in x's dtype, as nn.Linear then nn.GELU).
 
     On the CPU, decode-sized inputs (at most 16 rows) stream the weight once in its own dtype with fp32
     accumulation (bf16 dot products on CPUs with AVX-512-BF16), each output computed by one thread: results do not

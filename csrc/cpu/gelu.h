@@ -24,12 +24,23 @@ inline float gelu_new(float x) {
 // Exact GELU (nn.GELU's default) of one fp32 value: 0.5 x (1 + erf(x / sqrt 2)).
 inline float gelu_erf(float x) { return 0.5f * x * (1.f + std::erf(x * 0.7071067811865476f)); }
 
-// Exact GELU of n contiguous fp32 values, in place, on the molm pool (never an ATen region: ATen's GELU wakes its
-// OpenMP workers even for one router row, which costs more than the projection before it).
-inline void gelu_erf_inplace(float* p, int64_t n) {
+// GELU of a projection's fp32 result as nn.Linear then nn.GELU compute it in x's dtype: the projection rounded to
+// scalar_t, its GELU in fp32, rounded again (for fp32 both roundings are exact).
+template <typename scalar_t>
+inline scalar_t gelu_after_rounding(float v) {
+  return static_cast<scalar_t>(gelu_erf(static_cast<float>(static_cast<scalar_t>(v))));
+}
+
+// The same over an fp32 tensor in place (values left as scalar_t-representable floats), on the molm pool: never an
+// ATen region, since ATen's GELU wakes its OpenMP workers even for one router row.
+template <typename scalar_t>
+void gelu_rows_after_rounding(at::Tensor& y) {
   constexpr int64_t kBlock = 16384;  // elements per work item
+  float* p = y.data_ptr<float>();
+  const int64_t n = y.numel();
   parallel_items((n + kBlock - 1) / kBlock, max_threads(), [&](int64_t item, int) {
-    for (int64_t i = item * kBlock; i < std::min(n, (item + 1) * kBlock); ++i) p[i] = gelu_erf(p[i]);
+    for (int64_t i = item * kBlock; i < std::min(n, (item + 1) * kBlock); ++i)
+      p[i] = static_cast<float>(gelu_after_rounding<scalar_t>(p[i]));
   });
 }
 

@@ -4,7 +4,7 @@
 // accumulators in registers and whole outputs per thread (no split-K, so results do not depend on the thread
 // count). 16-bit weights are read as they are stored (bf16 with AVX-512-BF16 dot products where the CPU has them),
 // never through ATen's 16-bit CPU GEMV. Larger M goes to the GEMM this CPU runs fastest (gemm.h). The optional GELU
-// is applied to the fp32 result, which is rounded once.
+// is applied as nn.Linear followed by nn.GELU computes it: to the result rounded to x's dtype, rounded again.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -50,7 +50,7 @@ void linear_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optio
       for (int64_t r = r0; r < r0 + rows; ++r) {
         float v = yp[m * N + r];
         if (bp) v += bp[r];
-        op[m * N + r] = static_cast<scalar_t>(gelu ? gelu_erf(v) : v);
+        op[m * N + r] = gelu ? gelu_after_rounding<scalar_t>(v) : static_cast<scalar_t>(v);
       }
   });
 }
@@ -84,7 +84,11 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
     mm_into(y, x.to(at::kFloat), weight.t().to(at::kFloat));
     if (bias.has_value()) y.add_(bias->to(at::kFloat));
-    if (gelu) gelu_erf_inplace(y.data_ptr<float>(), y.numel());
+    if (gelu) {
+      MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::linear", [&] {
+        if constexpr (!std::is_same_v<scalar_t, double>) gelu_rows_after_rounding<scalar_t>(y);
+      });
+    }
     out.copy_(y);
   }
   return out;

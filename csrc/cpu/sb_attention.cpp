@@ -27,9 +27,9 @@
 namespace molm::cpu {
 namespace {
 
-// Keys per split-KV chunk in the direct path: about S / 8, a multiple of 32 in [32, 512], so that even a short
-// decode context gives the pool several chunks to share. It depends on S only: never on the thread count.
-inline int64_t key_chunk(int64_t S) { return std::clamp<int64_t>((S + 8 * 32 - 1) / (8 * 32) * 32, 32, 512); }
+// Keys per split-KV chunk in the direct path. Fixed: chunks are counted from the query position, so left padding
+// only adds fully masked chunks (which add exactly zero) and a padded row's result equals the unpadded one's.
+constexpr int64_t kKeyChunk = 512;
 constexpr int64_t kDirectMaxQueries = 4;  // T <= this takes the direct path
 constexpr int64_t kTileRows = 128;        // query rows (positions x slots) per tile in the tiled path
 
@@ -48,46 +48,53 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
                double scale_d, at::Tensor& out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t B = q.size(0), T = q.size(1), G = q.size(2), H = q.size(3), D = q.size(4), S = k.size(1);
-  const int64_t chunk = key_chunk(S), n_chunks = (S + chunk - 1) / chunk;
+  const int64_t n_chunks = (S + kKeyChunk - 1) / kKeyChunk;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const bool kv_same = kp == vp && k.strides() == v.strides();
-  // scratch: partial outputs and log-survivals per (b, t, h, chunk, slot); per-thread key/value/output buffers
+  const int threads = max_threads();
   const int64_t n_rows = B * T * H;
+  // A row's k slots share every key read; with fewer (row, chunk) items than threads (batch-1 decode) each slot gets
+  // its own item instead. Slots never interact, so the results are the same either way.
+  const int64_t per_item = n_rows * n_chunks < threads ? 1 : G, n_slot_groups = G / per_item;
+  const int64_t n_groups = n_rows * n_slot_groups;  // (row, slot group) pairs
+  // scratch: partial outputs and log-survivals per (b, t, h, slot, chunk); per-thread key/value/output buffers
   std::vector<acc_t> o_part(n_chunks > 1 ? n_rows * n_chunks * G * D : 0);
   std::vector<acc_t> s_part(n_chunks > 1 ? n_rows * n_chunks * G : 0);
-  std::unique_ptr<std::atomic<int64_t>[]> chunks_left(new std::atomic<int64_t>[n_chunks > 1 ? n_rows : 0]);
-  for (int64_t r = 0; r < (n_chunks > 1 ? n_rows : 0); ++r) chunks_left[r].store(n_chunks, std::memory_order_relaxed);
-  const int threads = max_threads();
-  const int64_t per_thread = 2 * G * D + 2 * D + G;
+  std::unique_ptr<std::atomic<int64_t>[]> chunks_left(new std::atomic<int64_t>[n_chunks > 1 ? n_groups : 0]);
+  for (int64_t r = 0; r < (n_chunks > 1 ? n_groups : 0); ++r)
+    chunks_left[r].store(n_chunks, std::memory_order_relaxed);
+  const int64_t per_thread = 2 * per_item * D + 2 * D + per_item;
   std::vector<acc_t> scratch(threads * per_thread);
-  // One region: the chunk that finishes a row last combines its chunks, newest to oldest (a fixed order).
-  parallel_items(n_rows * n_chunks, threads, [&](int64_t item, int slot) {
-    acc_t* qbuf = scratch.data() + slot * per_thread;  // [G, D]
-    acc_t* obuf = qbuf + G * D;                        // [G, D]
-    acc_t* kbuf = obuf + G * D;                        // [D]
+  // One region: the chunk that finishes a (row, slot group) last combines its chunks, newest to oldest (a fixed
+  // order).
+  parallel_items(n_groups * n_chunks, threads, [&](int64_t item, int slot) {
+    acc_t* qbuf = scratch.data() + slot * per_thread;  // [per_item, D]
+    acc_t* obuf = qbuf + per_item * D;                 // [per_item, D]
+    acc_t* kbuf = obuf + per_item * D;                 // [D]
     acc_t* vbuf = kbuf + D;                            // [D]
-    acc_t* cum = vbuf + D;                             // [G]
-    const int64_t row = item / n_chunks, c = item % n_chunks;
+    acc_t* cum = vbuf + D;                             // [per_item]
+    const int64_t group = item / n_chunks, c = item % n_chunks;
+    const int64_t row = group / n_slot_groups, g0 = (group % n_slot_groups) * per_item;
     const int64_t b = row / (T * H), t = (row / H) % T, h = row % H;
     const int64_t i = S - T + t;                 // absolute query position
-    const int64_t k_hi = i + 1 - c * chunk;  // keys [k_lo, k_hi) of this chunk, newest first
-    const int64_t k_lo = std::max<int64_t>(0, k_hi - chunk);
-    std::fill(obuf, obuf + G * D, acc_t(0));
-    std::fill(cum, cum + G, acc_t(0));
+    const int64_t k_hi = i + 1 - c * kKeyChunk;  // keys [k_lo, k_hi) of this chunk, newest first
+    const int64_t k_lo = std::max<int64_t>(0, k_hi - kKeyChunk);
+    std::fill(obuf, obuf + per_item * D, acc_t(0));
+    std::fill(cum, cum + per_item, acc_t(0));
     if (k_hi > 0) {
-      for (int64_t g = 0; g < G; ++g) {
-        const scalar_t* qg = qp + b * q.stride(0) + t * q.stride(1) + g * q.stride(2) + h * q.stride(3);
+      for (int64_t g = 0; g < per_item; ++g) {
+        const scalar_t* qg = qp + b * q.stride(0) + t * q.stride(1) + (g0 + g) * q.stride(2) + h * q.stride(3);
         for (int64_t d = 0; d < D; ++d) qbuf[g * D + d] = static_cast<acc_t>(qg[d]);
       }
       for (int64_t j = k_hi - 1; j >= k_lo; --j) {
         const acc_t* kj = as_acc(kp + b * k.stride(0) + j * k.stride(1) + h * k.stride(2), kbuf, D);
         const acc_t* vj = kv_same ? kj : nullptr;
         const acc_t bj = bias ? bias[b * S + j] : acc_t(0);
-        for (int64_t g = 0; g < G; ++g) {
+        for (int64_t g = 0; g < per_item; ++g) {
           acc_t beta, ls;
           core::sb_terms(dot(qbuf + g * D, kj, D) * scale + bj, beta, ls);
           const acc_t a = beta * std::exp(cum[g]);
@@ -99,17 +106,20 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
       }
     }
     if (n_chunks > 1) {
-      for (int64_t g = 0; g < G; ++g) {
-        std::copy(obuf + g * D, obuf + (g + 1) * D, o_part.begin() + ((row * G + g) * n_chunks + c) * D);
-        s_part[(row * G + g) * n_chunks + c] = cum[g];
+      for (int64_t g = 0; g < per_item; ++g) {
+        const int64_t slot_row = row * G + g0 + g;
+        std::copy(obuf + g * D, obuf + (g + 1) * D, o_part.begin() + (slot_row * n_chunks + c) * D);
+        s_part[slot_row * n_chunks + c] = cum[g];
       }
-      if (chunks_left[row].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-      for (int64_t g = 0; g < G; ++g)
-        core::sb_combine_chunks(o_part.data() + (row * G + g) * n_chunks * D, s_part.data() + (row * G + g) * n_chunks,
+      if (chunks_left[group].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+      for (int64_t g = 0; g < per_item; ++g) {
+        const int64_t slot_row = row * G + g0 + g;
+        core::sb_combine_chunks(o_part.data() + slot_row * n_chunks * D, s_part.data() + slot_row * n_chunks,
                                 n_chunks, D, D, obuf + g * D);
+      }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      scalar_t* o = op + (((b * T + t) * G + g) * H + h) * D;
+    for (int64_t g = 0; g < per_item; ++g) {
+      scalar_t* o = op + (((b * T + t) * G + g0 + g) * H + h) * D;
       for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(obuf[g * D + d]);
     }
   });
