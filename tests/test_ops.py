@@ -470,8 +470,8 @@ def test_int8_ops(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k", [31, 64, 2100, 4133])  # below one 32-wide step, exact steps, past the int32 flush + tail
 def test_int8_linear_bodies(k, dtype, device):
-    """Every int8 GEMV body against the dequantised fp64 product. 16-bit activations may be quantised to int16 on
-    the way (VNNI): well inside their own precision, so the dtype's usual bound holds; fp32 ones keep fp32 math."""
+    """Every int8 GEMV body against the dequantised fp64 product, at depths below, at and past the vector widths,
+    with an all-zero row and a row of mixed magnitudes."""
     g = _gen(k)
     x = torch.randn(5, k, generator=g).to(dtype)
     x[1] = 0  # an all-zero row
@@ -484,18 +484,6 @@ def test_int8_linear_bodies(k, dtype, device):
     assert torch.equal(got[1], torch.zeros_like(got[1]))
     for i in range(5):  # a row's result does not depend on the other rows
         assert torch.equal(ops.linear_q8(x[i : i + 1], q, scale), got[i : i + 1])
-
-
-def test_int8_gemv_worst_case_sums_do_not_overflow():
-    """Largest inputs against the largest weights over a long row: the int32 partial sums must not wrap."""
-    k = 8192
-    x = torch.full((1, k), 3.0, dtype=torch.bfloat16)
-    q = torch.full((8, k), 127, dtype=torch.int8)
-    q[1] = -127
-    scale = torch.ones(8)
-    got = ops.linear_q8(x, q, scale).float()
-    assert torch.allclose(got[0, 0], torch.tensor(3.0 * 127 * k), rtol=1e-2)
-    assert torch.allclose(got[0, 1], torch.tensor(-3.0 * 127 * k), rtol=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------------- bitwise / graphs

@@ -1,18 +1,15 @@
 // Dot products of input rows with contiguous weight rows, the core of molm::linear and the int8 ops:
 //   y[m * ldy + r] = sum_k x[m * K + k] * w[r * ldw + k]   for m < M, r < R,
 // four weight rows at a time with fp32 accumulators in registers. w_t: float, bf16, fp16 (read as stored) or int8
-// (widened to fp32). Scalar, AVX2, AVX-512 and, on the avx512_bf16 set, bf16 pair dot products (bf16 weights with
-// bf16 inputs) and VNNI int16 dot products (int8 weights); the caller picks the instruction set once per call. Each
-// output is summed in a fixed order: results do not depend on threads, nor on the other input rows.
+// (widened to fp32). Scalar, AVX2, AVX-512 and (bf16 weights with bf16 inputs) AVX-512-BF16 bodies; the caller picks
+// the instruction set once per call. Each output is summed in a fixed order: results do not depend on threads.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <type_traits>
-#include <vector>
 
 #include "simd.h"
 #include "vec.h"
@@ -134,64 +131,6 @@ MOLM_TARGET_AVX512BF16 inline void dot_rows_avx512_bf16(const c10::BFloat16* x, 
   }
 }
 
-// ---------------------------------------------------------------- AVX-512-VNNI: int8 weights
-// Widening int8 weights to fp32 (two conversions and an FMA per 16 weights) is what bounds an int8 GEMV's speed.
-// Here each input row is quantised to int16 with one scale (amax / 32767: an absolute error of at most 1.5e-5 of the
-// row's largest value, far below the int8 weights' own rounding) and meets the weights, widened to int16, in
-// vpdpwssd: 32 exact products per instruction into int32 lanes, moved to fp32 every kVnniFlush elements so that no
-// lane can overflow (kVnniFlush * 127 * 32767 < 2^31).
-constexpr int64_t kVnniFlush = 2048;
-
-MOLM_TARGET_AVX512VNNI inline void dot_rows_avx512_vnni(const float* x, int64_t M, int64_t K, const int8_t* w,
-                                                        int64_t ldw, int64_t R, float* y, int64_t ldy) {
-  thread_local std::vector<int16_t> xq_buffer;
-  xq_buffer.resize(K);
-  int16_t* xq = xq_buffer.data();
-  const int64_t K32 = K / 32 * 32;
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * K;
-    __m512 vmax = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xm + k)));
-    float amax = _mm512_reduce_max_ps(vmax);
-    for (; k < K; ++k) amax = std::max(amax, std::abs(xm[k]));
-    if (!(amax > 0.f) || !std::isfinite(amax)) {  // all zeros (or a non-finite input): the fp32 body's result
-      dot_rows_avx512(x + m * K, 1, K, w, ldw, std::min<int64_t>(R, 4), y + m * ldy, ldy);
-      for (int64_t r = 4; r < R; r += 4)
-        dot_rows_avx512(x + m * K, 1, K, w + r * ldw, ldw, std::min<int64_t>(4, R - r), y + m * ldy + r, ldy);
-      continue;
-    }
-    const float inv = 32767.f / amax, sx = amax / 32767.f;
-    const __m512 vinv = _mm512_set1_ps(inv);
-    for (k = 0; k + 16 <= K; k += 16)  // round to nearest, saturate to int16
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k),
-                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xm + k), vinv))));
-    for (; k < K; ++k) xq[k] = static_cast<int16_t>(std::clamp(std::nearbyint(xm[k] * inv), -32768.f, 32767.f));
-    for (int64_t r0 = 0; r0 < R; r0 += 4) {
-      const int64_t rr = std::min<int64_t>(4, R - r0);
-      const int8_t* wr[4];
-      for (int r = 0; r < 4; ++r) wr[r] = w + (r0 + std::min<int64_t>(r, rr - 1)) * ldw;  // clamp: reads stay valid
-      __m512 f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t k0 = 0; k0 < K32; k0 += kVnniFlush) {
-        const int64_t k1 = std::min(K32, k0 + kVnniFlush);
-        __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
-        for (k = k0; k < k1; k += 32) {
-          const __m512i xv = _mm512_loadu_si512(xq + k);
-          for (int r = 0; r < 4; ++r)
-            a[r] = _mm512_dpwssd_epi32(
-                a[r], _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k))), xv);
-        }
-        for (int r = 0; r < 4; ++r) f[r] = _mm512_add_ps(f[r], _mm512_cvtepi32_ps(a[r]));
-      }
-      for (int r = 0; r < rr; ++r) {
-        int64_t tail = 0;  // the last K % 32 elements, exact in int64
-        for (k = K32; k < K; ++k) tail += int64_t(xq[k]) * wr[r][k];
-        y[m * ldy + r0 + r] = sx * (_mm512_reduce_add_ps(f[r]) + static_cast<float>(tail));
-      }
-    }
-  }
-}
-
 #endif
 
 // All outputs of weight rows [r0, r0 + R) for the M input rows, with the bodies of instruction set `isa`.
@@ -201,9 +140,6 @@ inline void dot_rows(Isa isa, const float* x, const w_t* x16, int64_t M, int64_t
 #ifdef MOLM_X86
   if constexpr (std::is_same_v<w_t, c10::BFloat16>) {
     if (isa == Isa::kAvx512Bf16) return dot_rows_avx512_bf16(x16, M, K, w, ldw, R, y, ldy);
-  }
-  if constexpr (std::is_same_v<w_t, int8_t>) {
-    if (isa == Isa::kAvx512Bf16) return dot_rows_avx512_vnni(x, M, K, w, ldw, R, y, ldy);
   }
   const bool wide = isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16;
   for (int64_t r = 0; r < R; r += 4) {

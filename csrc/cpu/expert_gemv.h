@@ -46,14 +46,6 @@ inline void gemv_chunk(GemvFn<w_t> gemv, const float* x, int64_t ldx, int64_t ro
 // GEMV takes this many output rows per work item.
 constexpr int64_t kQ8RowBlock = 64;
 
-// The instruction set an int8 GEMV runs for activations of `dtype`: the VNNI body (dot_rows.h) quantises its input
-// rows to int16, finer than 16-bit activations' own precision near a row's largest values but coarser than fp32, so
-// fp32 (and fp64) activations keep the body that widens the weights.
-inline Isa q8_isa(Isa isa, at::ScalarType dtype) {
-  const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
-  return isa == Isa::kAvx512Bf16 && !half ? Isa::kAvx512 : isa;
-}
-
 // y[m * ldy + r] = scale[r] * sum_k x[m * K + k] q[r * ldq + k] for the M rows of x and `rows` weight rows
 inline void gemv_rows_q8(Isa isa, const float* x, int64_t M, int64_t K, const int8_t* q, int64_t ldq,
                          const float* scale, int64_t rows, float* y, int64_t ldy) {

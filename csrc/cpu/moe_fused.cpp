@@ -129,7 +129,7 @@ std::vector<float> gather_fp32(const at::Tensor& x, const int64_t* slots, int64_
 // done(sorted row, first column, values, columns).
 template <typename w_t, typename Done>
 void project_segments(const ExpertWeight<w_t>& W, const std::vector<Segment>& segs, const float* xs, int64_t m,
-                      at::ScalarType act_dtype, Done done) {
+                      Done done) {
   const int64_t depth = W.in, cols = W.out, chunk = W.depth_chunk(), block = W.col_block();
   const int64_t n_kc = ceil_div(depth, chunk), n_cb = ceil_div(cols, block);
   const int64_t n_blocks = static_cast<int64_t>(segs.size()) * n_cb;
@@ -137,7 +137,7 @@ void project_segments(const ExpertWeight<w_t>& W, const std::vector<Segment>& se
   float* pp = partial.data();
   std::unique_ptr<std::atomic<int64_t>[]> chunks_left(new std::atomic<int64_t>[n_blocks]);
   for (int64_t i = 0; i < n_blocks; ++i) chunks_left[i].store(n_kc, std::memory_order_relaxed);
-  const Isa isa = q8_isa(active_isa(), act_dtype);  // one body for the whole call
+  const Isa isa = active_isa();  // one body for the whole call
   parallel_items(n_blocks * n_kc, max_threads(), [&](int64_t it, int) {
     const int64_t seg = it / (n_kc * n_cb), kc = (it / n_cb) % n_kc, cb = it % n_cb;
     const Segment& s = segs[seg];
@@ -182,7 +182,7 @@ void moe_map_gemv(const at::Tensor& x, const ExpertWeight<w_t>& W, const int64_t
   const int64_t m = out.size(0), cols = W.out;
   const std::vector<float> xs = gather_fp32<scalar_t>(x, slots, m, k);
   scalar_t* op = out.data_ptr<scalar_t>();
-  project_segments(W, segs, xs.data(), m, x.scalar_type(), [&](int64_t i, int64_t c0, const float* v, int64_t nc) {
+  project_segments(W, segs, xs.data(), m, [&](int64_t i, int64_t c0, const float* v, int64_t nc) {
     scalar_t* dst = op + slots[i] * cols + c0;
     for (int64_t c = 0; c < nc; ++c)
       dst[c] = static_cast<scalar_t>(finish_projection<scalar_t, ExpertWeight<w_t>::kInt8>(v[c], gelu));
@@ -195,7 +195,7 @@ void moe_reduce_gemv(const at::Tensor& x, const ExpertWeight<w_t>& W, const at::
   const int64_t m = x.size(0), cols = W.out;
   const std::vector<float> xs = gather_fp32<scalar_t>(x, slots, m, 1);
   std::vector<float> ys(m * cols);  // each slot's projection, rounded to the activations' dtype, slot order
-  project_segments(W, segs, xs.data(), m, x.scalar_type(), [&](int64_t i, int64_t c0, const float* v, int64_t nc) {
+  project_segments(W, segs, xs.data(), m, [&](int64_t i, int64_t c0, const float* v, int64_t nc) {
     float* dst = ys.data() + slots[i] * cols + c0;
     for (int64_t c = 0; c < nc; ++c) dst[c] = finish_projection<scalar_t, ExpertWeight<w_t>::kInt8>(v[c], false);
   });
@@ -216,7 +216,7 @@ void moe_mlp_gemv(const at::Tensor& x, const ExpertWeight<w_t>& W1, const Expert
   std::vector<float> scratch(threads * scratch_per_thread);
   std::unique_ptr<std::atomic<int64_t>[]> chunks_left(new std::atomic<int64_t>[segs.size()]);
   for (size_t i = 0; i < segs.size(); ++i) chunks_left[i].store(n_hc, std::memory_order_relaxed);
-  const Isa isa = q8_isa(active_isa(), x.scalar_type());
+  const Isa isa = active_isa();
   float* pp = partial.data();
   parallel_items(n_items, threads, [&](int64_t it, int slot) {
     const int64_t seg = it / n_hc, hc = it % n_hc;

@@ -55,7 +55,7 @@ at::Tensor expert_gemm_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, co
       at::mm_out(seg, x32.narrow(0, b[e], rows), dequantize_rows(qweight[e], s32[e]).t());
     }
   }
-  const Isa isa = q8_isa(active_isa(), x.scalar_type());  // one body for the whole call
+  const Isa isa = active_isa();  // one body for the whole call
   parallel_items(static_cast<int64_t>(items.size()), max_threads(), [&](int64_t i, int) {
     const Item& it = items[i];
     gemv_rows_q8(isa, xp + it.lo * depth, it.rows, depth, qp + it.expert * qs0 + it.r0 * qs1, qs1,
@@ -83,7 +83,7 @@ at::Tensor linear_q8_cpu(const at::Tensor& x, const at::Tensor& qweight, const a
     const int8_t* qp = qweight.data_ptr<int8_t>();
     float* yp = y.data_ptr<float>();
     const int64_t ldq = qweight.stride(0), n_items = (N + kQ8RowBlock - 1) / kQ8RowBlock;
-    const Isa isa = q8_isa(active_isa(), x.scalar_type());
+    const Isa isa = active_isa();
     MOLM_DISPATCH_FLOATING(x.scalar_type(), "molm::linear_q8", [&] {
       scalar_t* op = out.data_ptr<scalar_t>();
       parallel_items(n_items, max_threads(), [&](int64_t it, int) {

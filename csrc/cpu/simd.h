@@ -14,7 +14,6 @@
 #define MOLM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define MOLM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #define MOLM_TARGET_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")))
-#define MOLM_TARGET_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 namespace molm::cpu::simd {
 

@@ -38,8 +38,7 @@ GemvFn<w_t> gemv_body();
 // Instruction sets with their own bodies, in increasing order.
 //   avx2:        AVX2 + FMA + F16C
 //   avx512:      AVX-512 F/BW/DQ/VL (+ avx2): fp32 FMA over 16 lanes, bf16/fp16 weights converted to fp32
-//   avx512_bf16: + AVX512_BF16 and AVX512_VNNI: bf16 weights through _mm512_dpbf16_ps (pairs of depth rows per
-//                instruction), int8 weights through _mm512_dpwssd_epi32 with int16-quantised inputs (dot_rows.h)
+//   avx512_bf16: + AVX512_BF16: bf16 weights through _mm512_dpbf16_ps (pairs of depth rows per instruction)
 // dot / axpy / to_float use the avx2 bodies under both avx512 sets.
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 constexpr int kNumIsas = 4;
