@@ -124,8 +124,8 @@ inline void check_expert_gemm(const at::Tensor& x, const at::Tensor& weight, con
 inline void check_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          c10::string_view activation) {
   const char* op = "molm::linear";
-  TORCH_CHECK_VALUE(activation == "none" || activation == "gelu", op,
-                    ": activation must be 'none' or 'gelu', got '", std::string(activation), "'");
+  TORCH_CHECK_VALUE(activation == "none" || activation == "gelu", op, ": activation must be 'none' or 'gelu', got '",
+                    std::string(activation), "'");
   check_rank(op, "x", x, 2);
   check_floating(op, "x", x);
   check_rank(op, "weight", weight, 2);

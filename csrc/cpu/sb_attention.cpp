@@ -65,8 +65,7 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   std::vector<acc_t> o_part(n_chunks > 1 ? n_rows * n_chunks * G * D : 0);
   std::vector<acc_t> s_part(n_chunks > 1 ? n_rows * n_chunks * G : 0);
   std::unique_ptr<std::atomic<int64_t>[]> chunks_left(new std::atomic<int64_t>[n_chunks > 1 ? n_groups : 0]);
-  for (int64_t r = 0; r < (n_chunks > 1 ? n_groups : 0); ++r)
-    chunks_left[r].store(n_chunks, std::memory_order_relaxed);
+  for (int64_t r = 0; r < (n_chunks > 1 ? n_groups : 0); ++r) chunks_left[r].store(n_chunks, std::memory_order_relaxed);
   const int64_t per_thread = 2 * per_item * D + 2 * D + per_item;
   std::vector<acc_t> scratch(threads * per_thread);
   // One region: the chunk that finishes a (row, slot group) last combines its chunks, newest to oldest (a fixed
@@ -114,8 +113,8 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
       if (chunks_left[group].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
       for (int64_t g = 0; g < per_item; ++g) {
         const int64_t slot_row = row * G + g0 + g;
-        core::sb_combine_chunks(o_part.data() + slot_row * n_chunks * D, s_part.data() + slot_row * n_chunks,
-                                n_chunks, D, D, obuf + g * D);
+        core::sb_combine_chunks(o_part.data() + slot_row * n_chunks * D, s_part.data() + slot_row * n_chunks, n_chunks,
+                                D, D, obuf + g * D);
       }
     }
     for (int64_t g = 0; g < per_item; ++g) {
