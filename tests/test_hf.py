@@ -4,6 +4,7 @@ the cache, gradient checkpointing, Trainer's gradient accumulation), config edit
 PEFT adapters. Runs on transformers 4.x and 5.x (.ci/jobs/10-hf.sh); skipped when transformers is absent unless
 MOLM_REQUIRE_HF=1."""
 
+import copy
 import os
 
 import pytest
@@ -448,37 +449,35 @@ def _lora(model, **config):
     return model
 
 
-def test_peft_lora_on_lm_head_changes_the_forward():
+def _adapted_tiny_a(target: str):
+    """(golden inputs, base logits, LoRA-adapted model on `target`, its logits): the adapter changes the forward,
+    and merging it into the weights (PEFT's own arithmetic) gives the same logits."""
     g = golden("molm-tiny-a")
     with torch.no_grad():
         base = load_hf("molm-tiny-a")(g["input_ids"]).logits
-    model = _lora(load_hf("molm-tiny-a"), target_modules=["lm_head"])
+    model = _lora(load_hf("molm-tiny-a"), target_modules=[target])
     with torch.no_grad():
         adapted = model(input_ids=g["input_ids"]).logits
+    assert (adapted - base).abs().max() > 1e-3
+    merged = copy.deepcopy(model).merge_and_unload()
+    with torch.no_grad():
+        assert torch.allclose(merged(g["input_ids"]).logits, adapted, atol=1e-4)
+    return g, base, model, adapted
+
+
+def test_peft_lora_on_lm_head_changes_the_forward():
+    g, base, model, adapted = _adapted_tiny_a("lm_head")
     lora = model.base_model.model.lm_head
     delta = lora.lora_B["default"].weight @ lora.lora_A["default"].weight * lora.scaling["default"]  # [V, C]
     with torch.no_grad():
         hidden = model(input_ids=g["input_ids"], output_hidden_states=True).hidden_states[-1]
         assert torch.allclose(adapted, base + hidden @ delta.t(), atol=1e-4)
-    assert (adapted - base).abs().max() > 1e-3
-    merged = model.merge_and_unload()
-    with torch.no_grad():
-        assert torch.allclose(merged(g["input_ids"]).logits, adapted, atol=1e-4)
 
 
 def test_peft_lora_on_the_routers_first_projection_is_used():
     """The router's GELU runs inside its first projection only while that is molm's own Linear: an adapter on it
     must see the projection before the GELU, so the adapted model equals PEFT's merged weights."""
-    g = golden("molm-tiny-a")
-    with torch.no_grad():
-        base = load_hf("molm-tiny-a")(g["input_ids"]).logits
-    model = _lora(load_hf("molm-tiny-a"), target_modules=["w_gate.0"])
-    with torch.no_grad():
-        adapted = model(input_ids=g["input_ids"]).logits
-    assert (adapted - base).abs().max() > 1e-3
-    merged = model.merge_and_unload()
-    with torch.no_grad():
-        assert torch.allclose(merged(g["input_ids"]).logits, adapted, atol=1e-4)
+    _adapted_tiny_a("w_gate.0")
 
 
 def test_peft_modules_to_save_lm_head_is_used():
