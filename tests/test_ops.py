@@ -432,6 +432,30 @@ def test_sb_attention_left_padding_invariance(device):
     torch.testing.assert_close(ops.sb_attention(q, kp, vp, bias, 0.25), ops.sb_attention(q, k, v, None, 0.25))
 
 
+@pytest.mark.devices("cpu")
+@pytest.mark.parametrize("S", [80, 700])  # one key chunk, two (chunks hold 512 keys)
+def test_sb_decode_is_bitwise_independent_of_threads_and_left_padding(S, device):
+    """A batch-1 decode step splits its query slots over the pool's threads: any thread count, and left padding of
+    the cache (which serving adds when it batches requests of other lengths), give exactly the same output."""
+    q, k, v, _ = _sb_inputs(1, 1, S, 2, 1, 64, torch.float32, False, seed=S)  # fp32: no rounding hides a change
+    pad = 300
+    kp = torch.cat([torch.randn(1, pad, 1, 64, generator=_gen(1)), k], 1)
+    bias = torch.full((1, S), -4.0)  # small stick-breaking weights: the oldest keys still count in fp32
+    padded_bias = torch.cat([torch.full((1, pad), FMIN), bias], 1)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 8):  # 8 > this machine's cores on CI: more workers than (row, chunk) items
+            torch.set_num_threads(n)
+            outs += [ops.sb_attention(q, k, k, bias, 0.125), ops.sb_attention(q, kp, kp, padded_bias, 0.125)]
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    ref = reference.sb_attention_ref(q.double(), k.double(), k.double(), bias.double(), 0.125)
+    assert_close(outs[0], ref, reference.sb_attention_ref(q, k, k, bias, 0.125), torch.float32, "sb decode")
+
+
 # ------------------------------------------------------------------------------------------------------ linear, int8
 @pytest.mark.devices("cpu")
 @pytest.mark.cpu_isas
