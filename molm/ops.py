@@ -436,12 +436,15 @@ def linear(
     depend on the thread count or on the other rows.
     """
     _require_extension()
+    if x.dim() == 2:  # the routers' rows: no reshape, and the overload itself (called ~100 times per decode step)
+        return _linear_op(x, weight, bias, activation)
     lead = x.shape[:-1]
-    y = torch.ops.molm.linear(x.reshape(-1, x.shape[-1]), weight, bias, activation)
+    y = _linear_op(x.reshape(-1, x.shape[-1]), weight, bias, activation)
     return y.view(*lead, weight.shape[0])
 
 
 if _C is not None:
+    _linear_op = torch.ops.molm.linear.default
 
     @torch.library.register_fake("molm::linear")
     def _linear_fake(x, weight, bias, activation="none"):
