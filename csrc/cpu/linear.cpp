@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "../checks.h"
 #include "../dispatch.h"
@@ -24,33 +25,40 @@ namespace {
 constexpr int64_t kGemvMaxRows = 16;  // input rows up to which the streaming path wins over at::mm
 constexpr int64_t kRowsPerItem = 64;  // weight rows (outputs) per parallel work item
 
-// Each work item finishes its own outputs (bias, GELU, rounding): no ATen op runs on the [M, N] result, so a
-// decode step's lm_head opens no OpenMP region (ATen parallelises a copy of more than 32768 elements).
+// Each work item finishes its own outputs (bias, GELU, rounding) from a per-thread fp32 block: no ATen op runs on
+// the [M, N] result, so a decode step's lm_head opens no OpenMP region (ATen parallelises a copy of more than 32768
+// elements), and the inputs are read without ATen conversions (a decode step makes about a hundred of these calls).
 template <typename scalar_t>
 void linear_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool gelu,
                  at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();  // [M, K]: a few KB, read from L1 for every weight row
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor y = at::empty({M, N}, x32.options());  // fp32 dot products, rounded once below
-  const float* xp = x32.data_ptr<float>();
-  const scalar_t* x16 = xc.data_ptr<scalar_t>();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  std::vector<float> x32(M * K);      // [M, K] in fp32: a few KB, read from L1 for every weight row
+  std::vector<scalar_t> x16(M * K);  // [M, K] as stored, contiguous (the bf16 dot-product body's input)
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      x16[m * K + k] = xp[m * xs0 + k * xs1];
+      x32[m * K + k] = static_cast<float>(x16[m * K + k]);
+    }
+  const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+  const int64_t bs = bias.has_value() ? bias->stride(0) : 0;
   const scalar_t* wp = weight.data_ptr<scalar_t>();
-  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t ldw = weight.stride(0);
   const int64_t n_items = (N + kRowsPerItem - 1) / kRowsPerItem;
+  const int threads = max_threads();
+  std::vector<float> blocks(static_cast<size_t>(threads) * M * kRowsPerItem);  // per-thread [M, kRowsPerItem]
   const Isa isa = active_isa();  // one body for the whole call
-  parallel_items(n_items, max_threads(), [&](int64_t it, int) {
+  parallel_items(n_items, threads, [&](int64_t it, int slot) {
     const int64_t r0 = it * kRowsPerItem, rows = std::min(kRowsPerItem, N - r0);
-    dot_rows<scalar_t>(isa, xp, x16, M, K, wp + r0 * ldw, ldw, rows, yp + r0, N);
+    float* y = blocks.data() + slot * M * kRowsPerItem;
+    dot_rows<scalar_t>(isa, x32.data(), x16.data(), M, K, wp + r0 * ldw, ldw, rows, y, kRowsPerItem);
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t r = r0; r < r0 + rows; ++r) {
-        float v = yp[m * N + r];
-        if (bp) v += bp[r];
-        op[m * N + r] = gelu ? gelu_after_rounding<scalar_t>(v) : static_cast<scalar_t>(v);
+      for (int64_t r = 0; r < rows; ++r) {
+        float v = y[m * kRowsPerItem + r];
+        if (bp) v += static_cast<float>(bp[(r0 + r) * bs]);
+        op[m * N + r0 + r] = gelu ? gelu_after_rounding<scalar_t>(v) : static_cast<scalar_t>(v);
       }
   });
 }
