@@ -34,7 +34,7 @@ void linear_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optio
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  std::vector<float> x32(M * K);      // [M, K] in fp32: a few KB, read from L1 for every weight row
+  std::vector<float> x32(M * K);     // [M, K] in fp32: a few KB, read from L1 for every weight row
   std::vector<scalar_t> x16(M * K);  // [M, K] as stored, contiguous (the bf16 dot-product body's input)
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) {
@@ -49,7 +49,7 @@ void linear_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optio
   const int64_t n_items = (N + kRowsPerItem - 1) / kRowsPerItem;
   const int threads = max_threads();
   std::vector<float> blocks(static_cast<size_t>(threads) * M * kRowsPerItem);  // per-thread [M, kRowsPerItem]
-  const Isa isa = active_isa();  // one body for the whole call
+  const Isa isa = active_isa();                                                // one body for the whole call
   parallel_items(n_items, threads, [&](int64_t it, int slot) {
     const int64_t r0 = it * kRowsPerItem, rows = std::min(kRowsPerItem, N - r0);
     float* y = blocks.data() + slot * M * kRowsPerItem;
