@@ -88,7 +88,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::
     mm_into(out, x, weight.t());
   } else if (!gelu && x.scalar_type() == at::kFloat) {
     at::addmm_out(out, *bias, x, weight.t());
-  } else {  // bias in 16 bits, or a GELU: finished in fp32, rounded once
+  } else {  // bias in 16 bits, or a GELU: the bias added in fp32, then rounded as linear_gemv rounds
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
     mm_into(y, x.to(at::kFloat), weight.t().to(at::kFloat));
     if (bias.has_value()) y.add_(bias->to(at::kFloat));
