@@ -7,6 +7,8 @@
 - `@pytest.mark.extension`: needs the compiled molm._C. Skipped when it is not built, failed instead with
   --require-extension (MOLM_REQUIRE_EXTENSION=1 sets it, as CI does).
 - `kernel_options`: set molm's CUDA kernel options for one test.
+- `restore_isa_and_threads`: the test may change molm's CPU instruction set and torch's thread count; both are put
+  back afterwards (`pytestmark = pytest.mark.usefixtures("restore_isa_and_threads")` for a whole module).
 """
 
 import os
@@ -103,3 +105,14 @@ def kernel_options():
     saved = ops.kernel_options()
     yield lambda **options: ops.set_kernel_options(**options)
     ops.set_kernel_options(**saved)
+
+
+@pytest.fixture
+def restore_isa_and_threads():
+    """Puts molm's CPU instruction set and torch's thread count back after the test."""
+    from molm import ops
+
+    isa, threads = ops.cpu_isa(), torch.get_num_threads()
+    yield
+    ops.set_cpu_isa(isa)
+    torch.set_num_threads(threads)

@@ -19,7 +19,7 @@ from molm import ops, reference
 
 from tolerances import assert_close
 
-pytestmark = pytest.mark.extension
+pytestmark = [pytest.mark.extension, pytest.mark.usefixtures("restore_isa_and_threads")]
 
 # /proc/cpuinfo flags each set needs (an independent reading of what the CPU has)
 CPU_FLAGS = {
@@ -39,14 +39,6 @@ def _cpuinfo_flags() -> set[str] | None:
     except OSError:
         pass
     return None
-
-
-@pytest.fixture(autouse=True)
-def _restore_isa_and_threads():
-    isa, threads = ops.cpu_isa(), torch.get_num_threads()
-    yield
-    ops.set_cpu_isa(isa)
-    torch.set_num_threads(threads)
 
 
 def test_supported_sets_match_the_cpu():

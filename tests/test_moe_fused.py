@@ -12,20 +12,15 @@ from molm.quantization import quantize_tensor
 
 from tolerances import assert_close
 
-pytestmark = pytest.mark.skipif(not ops.extension_available(), reason=f"molm._C not built: {ops.extension_error()}")
+pytestmark = [
+    pytest.mark.skipif(not ops.extension_available(), reason=f"molm._C not built: {ops.extension_error()}"),
+    pytest.mark.usefixtures("restore_isa_and_threads"),
+]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # (tokens N, slots k, experts E, width C, hidden F): decode, odd sizes, k = E, several rows per expert, all rows
 # large enough for the composed path (N*k/E > 16 rows per expert)
 SHAPES = [(1, 2, 8, 64, 96), (3, 2, 4, 33, 300), (5, 4, 4, 17, 24), (8, 2, 16, 40, 520), (80, 2, 4, 24, 40)]
-
-
-@pytest.fixture(autouse=True)
-def _restore_isa_and_threads():
-    isa, threads = ops.cpu_isa(), torch.get_num_threads()
-    yield
-    ops.set_cpu_isa(isa)
-    torch.set_num_threads(threads)
 
 
 def routing(n, k, e, seed=0, one_expert=False):
