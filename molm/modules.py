@@ -37,6 +37,31 @@ BACKENDS = ("reference", "extension")
 # ops whose molm.ops wrapper only forwards its arguments (the model passes all of them, positionally)
 DIRECT_OPS = ("route_topk", "sb_attention", "moe_map", "moe_reduce", "moe_mlp")
 
+# torch's hooks on every module (nn.modules.module.register_module_forward_hook and friends)
+_GLOBAL_HOOKS = tuple(
+    getattr(torch.nn.modules.module, name, {})
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+)
+
+
+def _unhooked(module: nn.Module) -> bool:
+    """No hook on `module` and no forward patched onto the instance (as accelerate's offload hooks do): calling its
+    class's forward directly is the same as calling the module."""
+    d = module.__dict__
+    return not (
+        d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+    ) and ("forward" not in d)
+
+
+def _plain(module: nn.Module, cls: type) -> bool:
+    """`module` is exactly a `cls` and `_unhooked`."""
+    return type(module) is cls and _unhooked(module)
+
 
 def backend_ops(name: str) -> SimpleNamespace:
     """The ops of one backend, by name."""
@@ -151,19 +176,45 @@ class Router(nn.Module):
         parts = self.w_gate._modules
         first, gelu, dropout = parts["0"], parts["1"], parts["2"]
         return (
-            type(first) is Linear
+            _plain(self.w_gate, nn.Sequential)
+            and _plain(first, Linear)
             and first.kernel is not None
-            and type(gelu) is nn.GELU
+            and _plain(gelu, nn.GELU)
             and gelu.approximate == "none"
-            and (not self.training or dropout.p == 0)
-            and not (first._forward_hooks or first._forward_pre_hooks or gelu._forward_hooks)
-            and not (gelu._forward_pre_hooks or self.w_gate._forward_hooks or self.w_gate._forward_pre_hooks)
-            and not (dropout._forward_hooks or dropout._forward_pre_hooks)
+            and _plain(dropout, nn.Dropout)
+            and (not dropout.training or dropout.p == 0)
         )
+
+    def direct_ready(self) -> bool:
+        """Whether `direct_logits` + `route` may stand for this router's call: a plain Router routing greedily whose
+        gate is a plain single linear map or an mlp whose GELU fuses and whose last projection is plain."""
+        if not _plain(self, Router) or (self.training and self.sample_topk > 0):
+            return False
+        parts = self.w_gate._modules
+        if self.gate_type == "mlp":
+            last = parts["3"]
+            return self._gelu_fusable() and _plain(last, Linear) and last.kernel is not None
+        if self.gate_type == "linear":
+            only = parts["0"]
+            return _plain(self.w_gate, nn.Sequential) and _plain(only, Linear) and only.kernel is not None
+        return False
+
+    def direct_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """`logits` with the projections' kernels called here (only where `direct_ready`)."""
+        parts = self.w_gate._modules
+        if self.gate_type == "mlp":
+            first, last = parts["0"]._parameters, parts["3"]
+            h = parts["0"].kernel(x, first["weight"], first["bias"], "gelu")
+            return last.kernel(h, last._parameters["weight"], last._parameters["bias"])
+        only = parts["0"]
+        return only.kernel(x, only._parameters["weight"], only._parameters["bias"])
 
     def forward(self, x: torch.Tensor, ops: SimpleNamespace, want_aux_loss: bool = True):
         """x [N, C] -> (Routing, aux loss or None)."""
-        logits = self.logits(x)  # [N, E]
+        return self.route(self.logits(x), ops, want_aux_loss)
+
+    def route(self, logits: torch.Tensor, ops: SimpleNamespace, want_aux_loss: bool = True):
+        """logits [N, E] -> (Routing, aux loss or None)."""
         if self.training and self.sample_topk > 0:
             routing = self._sampled_routing(logits)
         else:
@@ -205,25 +256,48 @@ class MoE(nn.Module):
         self.output_experts = ParallelExperts(num_experts, hidden_size, C)
         self.gate = Router(config, num_experts, top_k)
 
-    def mlp(self, h: torch.Tensor, ops: SimpleNamespace, want_aux_loss: bool = True):
-        """The MoE MLP: sum_j p_j * (gelu_new(h @ W1[e_j]) @ W2[e_j]). h [N, C] -> ([N, C], aux)."""
-        r, aux = self.gate(h, ops, want_aux_loss)
+    def direct_ready(self) -> bool:
+        """Whether Block's direct path may run this MoE: plain, with a direct-ready router and unhooked experts
+        (whose own forward is then called: a parametrization of their weight still applies)."""
+        parts = self._modules
+        return (
+            _plain(self, MoE)
+            and parts["gate"].direct_ready()
+            and _unhooked(parts["experts"])
+            and _unhooked(parts["output_experts"])
+        )
+
+    def mlp(self, h: torch.Tensor, ops: SimpleNamespace, want_aux_loss: bool = True, direct: bool = False):
+        """The MoE MLP: sum_j p_j * (gelu_new(h @ W1[e_j]) @ W2[e_j]). h [N, C] -> ([N, C], aux).
+        direct: the submodules' forwards are called without their module calls (see Block.forward)."""
+        r, aux = self.route(h, ops, want_aux_loss, direct)
         routing = (r.gates, r.sorted_slots, r.slot_positions, r.expert_offsets)
+        experts, output_experts = self._experts(direct)
         # one fused op needs both weights: it runs inside both experts' calls, so each one's parametrization applies
-        out = self.experts(
-            lambda w1, s1: self.output_experts(lambda w2, s2: ops.moe_mlp(h, w1, s1, w2, s2, *routing, "gelu_new"))
+        out = experts(
+            lambda w1, s1: output_experts(lambda w2, s2: ops.moe_mlp(h, w1, s1, w2, s2, *routing, "gelu_new"))
         )
         return out, aux
 
-    def map(self, h: torch.Tensor, r: Routing, ops: SimpleNamespace) -> torch.Tensor:
+    def route(self, h: torch.Tensor, ops: SimpleNamespace, want_aux_loss: bool = True, direct: bool = False):
+        """The router's (Routing, aux loss or None) for h [N, C]."""
+        gate = self._modules["gate"]
+        return gate.route(gate.direct_logits(h), ops, want_aux_loss) if direct else gate(h, ops, want_aux_loss)
+
+    def _experts(self, direct: bool):
+        parts = self._modules
+        experts, output_experts = parts["experts"], parts["output_experts"]
+        return (experts.forward, output_experts.forward) if direct else (experts, output_experts)
+
+    def map(self, h: torch.Tensor, r: Routing, ops: SimpleNamespace, direct: bool = False) -> torch.Tensor:
         """Per-slot expert inputs projections, in slot order: h [N, C] -> [M, A] (row n*k+j = h[n] @ W[e_nj])."""
         routing = (r.sorted_slots, r.slot_positions, r.expert_offsets)
-        return self.experts(lambda w, s: ops.moe_map(h, w, s, *routing, r.k, "none"))
+        return self._experts(direct)[0](lambda w, s: ops.moe_map(h, w, s, *routing, r.k, "none"))
 
-    def reduce(self, o: torch.Tensor, r: Routing, ops: SimpleNamespace) -> torch.Tensor:
+    def reduce(self, o: torch.Tensor, r: Routing, ops: SimpleNamespace, direct: bool = False) -> torch.Tensor:
         """Output projections of slot-ordered rows, gate-weighted k-sum: o [M, A] -> [N, C]."""
         routing = (r.gates, r.sorted_slots, r.slot_positions, r.expert_offsets)
-        return self.output_experts(lambda w, s: ops.moe_reduce(o, w, s, *routing))
+        return self._experts(direct)[1](lambda w, s: ops.moe_reduce(o, w, s, *routing))
 
 
 class MoA(nn.Module):
@@ -240,6 +314,17 @@ class MoA(nn.Module):
             self.v_proj = Linear(config.n_embd, config.att_hidden)
         self.identity_kv = config.identity_kv
 
+    def direct_ready(self) -> bool:
+        """Whether Block's direct path may run this MoA (plain, K = V, a direct-ready query MoE)."""
+        parts = self._modules
+        return (
+            _plain(self, MoA)
+            and self.identity_kv
+            and _plain(parts["k_proj"], nn.Identity)
+            and _plain(parts["v_proj"], nn.Identity)
+            and parts["q_proj"].direct_ready()
+        )
+
     def forward(
         self,
         h: torch.Tensor,
@@ -248,13 +333,16 @@ class MoA(nn.Module):
         layer: int,
         ops: SimpleNamespace,
         want_aux_loss: bool = True,
+        direct: bool = False,
     ):
-        """h [B, T, C] (ln_1 output), bias [B, S] additive float32 or None -> ([B, T, C], aux)."""
+        """h [B, T, C] (ln_1 output), bias [B, S] additive float32 or None -> ([B, T, C], aux).
+        direct: the submodules' forwards are called without their module calls (see Block.forward)."""
         B, T, C = h.shape
         H, D, k = self.n_head, self.head_size, self.top_k
         h2 = h.reshape(B * T, C)  # [N, C]
-        r, aux = self.q_proj.gate(h2, ops, want_aux_loss)
-        q = self.q_proj.map(h2, r, ops).view(B, T, k, H, D)  # [B, T, k, H, D]
+        q_proj = self._modules["q_proj"]
+        r, aux = q_proj.route(h2, ops, want_aux_loss, direct)
+        q = q_proj.map(h2, r, ops, direct).view(B, T, k, H, D)  # [B, T, k, H, D]
         if self.identity_kv:
             keys, values = h, None  # K = V = ln_1 output: stored once
         else:
@@ -265,7 +353,7 @@ class MoA(nn.Module):
             values = keys
         S = keys.shape[1]
         o = ops.sb_attention(q, keys.view(B, S, H, D), values.view(B, S, H, D), bias, 1.0 / math.sqrt(D))
-        out = self.q_proj.reduce(o.reshape(B * T * k, H * D), r, ops)  # [N, C]
+        out = q_proj.reduce(o.reshape(B * T * k, H * D), r, ops, direct)  # [N, C]
         return out.view(B, T, C), aux
 
 
@@ -285,10 +373,41 @@ class Block(nn.Module):
         # skipped where it is the identity: a module call per residual is a measurable share of a decode step
         return self.resid_dropout(x) if self.training and self.resid_dropout.p > 0 else x
 
+    def direct_ready(self) -> bool:
+        """Whether forward may take the direct path: in eval mode, with every module it would call plain (exactly
+        molm's or torch's own class, no hook, no patched forward) and no global module hook."""
+        if self.training or any(_GLOBAL_HOOKS):
+            return False
+        parts = self._modules
+        return (
+            _plain(parts["ln_1"], nn.LayerNorm)
+            and _plain(parts["ln_2"], nn.LayerNorm)
+            and parts["attn"].direct_ready()
+            and parts["mlpf"].direct_ready()
+        )
+
     def forward(self, x: torch.Tensor, bias, cache, layer: int, ops: SimpleNamespace, want_aux_loss: bool = True):
+        """The direct path (where `direct_ready`) calls the submodules' forwards and the routers' kernels itself
+        instead of going through each module's call: the same ops on the same arguments, so the same results,
+        without the Python of a dozen module calls (a third of a small model's decode step). Any hook, wrapper
+        (PEFT), patched forward (accelerate) or training mode takes the module path."""
         B, T, C = x.shape
-        a, att_aux = self.attn(self.ln_1(x), bias, cache, layer, ops, want_aux_loss)
-        x = x + self._dropout(a)
-        m, mlp_aux = self.mlpf.mlp(self.ln_2(x).reshape(B * T, C), ops, want_aux_loss)
-        x = x + self._dropout(m.view(B, T, C))
+        parts = self._modules
+        if self.direct_ready():
+            attn, mlpf = parts["attn"], parts["mlpf"]
+            a, att_aux = attn.forward(_layer_norm(parts["ln_1"], x), bias, cache, layer, ops, want_aux_loss, True)
+            x = x + a
+            m, mlp_aux = mlpf.mlp(_layer_norm(parts["ln_2"], x).reshape(B * T, C), ops, want_aux_loss, True)
+            x = x + m.view(B, T, C)
+        else:
+            a, att_aux = self.attn(self.ln_1(x), bias, cache, layer, ops, want_aux_loss)
+            x = x + self._dropout(a)
+            m, mlp_aux = self.mlpf.mlp(self.ln_2(x).reshape(B * T, C), ops, want_aux_loss)
+            x = x + self._dropout(m.view(B, T, C))
         return x, (att_aux + mlp_aux if want_aux_loss else None)
+
+
+def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """nn.LayerNorm.forward of a plain LayerNorm, its parameters read without Module.__getattr__."""
+    p = ln._parameters
+    return F.layer_norm(x, ln.normalized_shape, p["weight"], p.get("bias"), ln.eps)

@@ -195,6 +195,91 @@ def test_router_with_its_gelu_in_the_projection_equals_the_sequential(backend):
         assert torch.equal(router.logits(x), torch.zeros(5, router.num_experts))
 
 
+def _forward_and_decode(model, ids, mask):
+    """(logits, aux loss) of a full forward, and the logits of a 3-token prefill followed by one-token steps."""
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        out = model(ids[:, :3], attention_mask=mask[:, :3], use_cache=True, return_aux_loss=False)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(3, ids.shape[1]):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    return full.logits, full.aux_loss, torch.cat(steps, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_direct_block_path_is_bitwise_the_module_path(backend, dtype, monkeypatch):
+    """Where nothing needs the module calls, Block.forward calls the submodules' forwards and the routers' kernels
+    itself: the same ops on the same arguments, so bitwise the same logits, aux loss and cached decode."""
+    g = golden("molm-tiny-a")
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    model = molm.load(os.path.join(DATA, "molm-tiny-a"), dtype=torch_dtype, backend=backend)
+    if dtype == "int8":
+        model = molm.quantize(model, "int8")
+    assert all(block.direct_ready() for block in model.transformer.h)
+    direct = _forward_and_decode(model, g["input_ids"], g["attention_mask"])
+    monkeypatch.setattr(molm.modules.Block, "direct_ready", lambda self: False)
+    modular = _forward_and_decode(model, g["input_ids"], g["attention_mask"])
+    for a, b in zip(direct, modular):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_direct_block_path_gives_way_to_hooks_patches_and_training(backend):
+    """A hook on any module the direct path would skip, a global module hook, a forward patched onto an instance
+    (accelerate's offloading does that) and training mode each take the module path; a parametrization of an
+    expert weight applies on both paths."""
+    model = molm.load(os.path.join(DATA, "molm-tiny-a"), dtype=torch.float32, backend=backend)
+    ids = golden("molm-tiny-a")["input_ids"]
+    block = model.transformer.h[0]
+    calls = []
+
+    def logits():
+        with torch.no_grad():
+            return model(ids).logits
+
+    base = logits()
+    attn_gate, mlp_gate = block.attn.q_proj.gate, block.mlpf.gate
+    skipped = [block.ln_1, block.attn, attn_gate, attn_gate.w_gate[0], block.attn.q_proj.experts]
+    skipped += [block.attn.q_proj.output_experts, block.ln_2, mlp_gate, mlp_gate.w_gate[3], block.mlpf.experts]
+    skipped += [block.mlpf.output_experts]
+    for module in skipped:
+        handle = module.register_forward_pre_hook(lambda m, args: calls.append(m))
+        assert not block.direct_ready()
+        torch.testing.assert_close(logits(), base)  # (a hooked w_gate.0 runs its GELU apart: not bitwise)
+        assert calls[-1] is module
+        handle.remove()
+    assert block.direct_ready()
+
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: calls.append(m))
+    assert not block.direct_ready()
+    logits()
+    assert block.ln_2 in calls and block.mlpf.output_experts in calls
+    handle.remove()
+
+    block.ln_2.forward = lambda x: calls.append("patched") or torch.nn.LayerNorm.forward(block.ln_2, x)
+    assert not block.direct_ready()
+    assert torch.equal(logits(), base) and calls[-1] == "patched"
+    del block.ln_2.forward
+    assert block.direct_ready()
+
+    model.train()
+    assert not block.direct_ready()
+    model.eval()
+
+    class Doubled(torch.nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    torch.nn.utils.parametrize.register_parametrization(block.mlpf.experts, "weight", Doubled())
+    assert block.direct_ready()  # the experts' own forward reads the parametrized weight
+    doubled = logits()
+    assert not torch.equal(doubled, base)
+    torch.nn.utils.parametrize.remove_parametrizations(block.mlpf.experts, "weight", leave_parametrized=True)
+    assert torch.equal(logits(), doubled)
+
+
 def test_bad_token_ids_and_shapes_raise_clear_errors():
     model = molm.load(os.path.join(DATA, "molm-tiny-a"), dtype=torch.float32, backend="reference")
     with pytest.raises(ValueError, match="out of range"):

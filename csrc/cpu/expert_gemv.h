@@ -44,7 +44,7 @@ inline void gemv_chunk(GemvFn<w_t> gemv, const float* x, int64_t ldx, int64_t ro
 
 // int8 weights (molm.quantize) are stored as output rows [out, in] with one fp32 scale per output row; a decode
 // GEMV takes this many output rows per work item.
-constexpr int64_t kQ8RowBlock = 64;
+constexpr int64_t kQ8RowBlock = 256;
 
 // y[m * ldy + r] = scale[r] * sum_k x[m * K + k] q[r * ldq + k] for the M rows of x and `rows` weight rows
 inline void gemv_rows_q8(Isa isa, const float* x, int64_t M, int64_t K, const int8_t* q, int64_t ldq,
