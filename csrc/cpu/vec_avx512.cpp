@@ -131,7 +131,33 @@ MOLM_AVX512_BF16 void gemv_dp_t(const float* x, int64_t ldx, int64_t depth, cons
   const uint16_t* wb = reinterpret_cast<const uint16_t*>(w);
   const int64_t cols32 = cols / 32 * 32;
   std::fill(acc, acc + ROWS * cols32, 0.f);
-  for (int64_t p = 0; p < n_pairs; ++p) {
+  int64_t p = 0;
+  // Two complete row pairs per sweep over the columns: each accumulator is loaded and stored once for both (its
+  // lane takes the same dpbf16 steps in the same order, so the result is bitwise the single-pair walk's).
+  for (; 2 * p + 4 <= depth; p += 2) {
+    const uint16_t* w0 = wb + 2 * p * ldw;
+    __m512i xa[ROWS], xb[ROWS];
+    for (int m = 0; m < ROWS; ++m) {
+      xa[m] = _mm512_set1_epi32(static_cast<int>(xpair[m * n_pairs + p]));
+      xb[m] = _mm512_set1_epi32(static_cast<int>(xpair[m * n_pairs + p + 1]));
+    }
+    const uint16_t* ahead = w0 + kPrefetchPairs * 2 * ldw;
+    for (int64_t c = 0; c < cols32; c += 32) {
+      for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * ldw + c), _MM_HINT_T0);
+      const __m512i a0 = _mm512_loadu_si512(w0 + c), a1 = _mm512_loadu_si512(w0 + ldw + c);
+      const __m512i b0 = _mm512_loadu_si512(w0 + 2 * ldw + c), b1 = _mm512_loadu_si512(w0 + 3 * ldw + c);
+      const __m512i ila = _mm512_unpacklo_epi16(a0, a1), iha = _mm512_unpackhi_epi16(a0, a1);
+      const __m512i ilb = _mm512_unpacklo_epi16(b0, b1), ihb = _mm512_unpackhi_epi16(b0, b1);
+      for (int m = 0; m < ROWS; ++m) {
+        float* am = acc + m * cols32 + c;
+        __m512 lo = _mm512_dpbf16_ps(_mm512_loadu_ps(am), (__m512bh)ila, (__m512bh)xa[m]);
+        __m512 hi = _mm512_dpbf16_ps(_mm512_loadu_ps(am + 16), (__m512bh)iha, (__m512bh)xa[m]);
+        _mm512_storeu_ps(am, _mm512_dpbf16_ps(lo, (__m512bh)ilb, (__m512bh)xb[m]));
+        _mm512_storeu_ps(am + 16, _mm512_dpbf16_ps(hi, (__m512bh)ihb, (__m512bh)xb[m]));
+      }
+    }
+  }
+  for (; p < n_pairs; ++p) {
     const uint16_t* w0 = wb + 2 * p * ldw;
     const uint16_t* w1 = w0 + ldw;
     const bool odd_tail = 2 * p + 1 == depth;  // the last row has no partner: pair it with zeros
