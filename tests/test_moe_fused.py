@@ -104,6 +104,21 @@ def test_fused_float_ops_equal_the_grouped_gemm_composition_bitwise(dtype, shape
     assert torch.equal(ops.moe_reduce(hm, w2, None, gates, ss, sp, off), reduced)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(6, 2, 4, 24, 40)], ids=str)
+def test_fused_int8_ops_equal_the_expert_gemm_q8_composition_bitwise(dtype, shape):
+    """int8 weights: moe_mlp (moe_map then moe_reduce on the CPU) gives bitwise what gather_rows -> expert_gemm_q8
+    -> expert_gemm_q8 -> scatter_ksum give."""
+    n, k, e, c, f = shape
+    gates, ss, sp, off = routing(n, k, e)
+    gates = gates.to(dtype)
+    (q1, s1), (q2, s2) = weights(e, c, f, dtype, int8=True)
+    x = torch.randn(n, c, generator=torch.Generator().manual_seed(2)).to(dtype)
+    h = ops.expert_gemm_q8(ops.gather_rows(x, ss, k), q1, s1, off, "gelu_new")  # expert order
+    mlp = ops.scatter_ksum(ops.expert_gemm_q8(h, q2, s2, off, "none"), gates, sp)
+    assert torch.equal(ops.moe_mlp(x, q1, s1, q2, s2, gates, ss, sp, off, "gelu_new"), mlp)
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
 def test_fused_ops_do_not_depend_on_threads_or_on_the_other_tokens(int8):
     e, c, f, k = 8, 64, 520, 2
