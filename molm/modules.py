@@ -96,6 +96,18 @@ class Routing(NamedTuple):
     k: int
 
 
+def _linear_kernel(linear: "Linear", x: torch.Tensor, *activation: str) -> torch.Tensor:
+    """A plain bound molm Linear's forward (its kernel on its parameters, read without Module.__getattr__), with
+    `activation` ("gelu") applied by the kernel when given."""
+    p = linear._parameters
+    return linear.kernel(x, p["weight"], p["bias"], *activation)
+
+
+def _direct_linear(module: nn.Module) -> bool:
+    """`module` is a plain molm Linear bound to a backend (see `_linear_kernel`)."""
+    return _plain(module, Linear) and module.kernel is not None
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, state_dict keys and PEFT targeting) whose product runs through the model's
     backend: with the extension, molm's linear op streams the weight once in its own dtype for decode-sized inputs.
@@ -192,22 +204,17 @@ class Router(nn.Module):
             return False
         parts = self.w_gate._modules
         if self.gate_type == "mlp":
-            last = parts["3"]
-            return self._gelu_fusable() and _plain(last, Linear) and last.kernel is not None
+            return self._gelu_fusable() and _direct_linear(parts["3"])
         if self.gate_type == "linear":
-            only = parts["0"]
-            return _plain(self.w_gate, nn.Sequential) and _plain(only, Linear) and only.kernel is not None
+            return _plain(self.w_gate, nn.Sequential) and _direct_linear(parts["0"])
         return False
 
     def direct_logits(self, x: torch.Tensor) -> torch.Tensor:
         """`logits` with the projections' kernels called here (only where `direct_ready`)."""
         parts = self.w_gate._modules
         if self.gate_type == "mlp":
-            first, last = parts["0"]._parameters, parts["3"]
-            h = parts["0"].kernel(x, first["weight"], first["bias"], "gelu")
-            return last.kernel(h, last._parameters["weight"], last._parameters["bias"])
-        only = parts["0"]
-        return only.kernel(x, only._parameters["weight"], only._parameters["bias"])
+            return _linear_kernel(parts["3"], _linear_kernel(parts["0"], x, "gelu"))
+        return _linear_kernel(parts["0"], x)
 
     def forward(self, x: torch.Tensor, ops: SimpleNamespace, want_aux_loss: bool = True):
         """x [N, C] -> (Routing, aux loss or None)."""
@@ -315,15 +322,11 @@ class MoA(nn.Module):
         self.identity_kv = config.identity_kv
 
     def direct_ready(self) -> bool:
-        """Whether Block's direct path may run this MoA (plain, K = V, a direct-ready query MoE)."""
+        """Whether Block's direct path may run this MoA (plain, K = V or plain K/V projections, a direct-ready query
+        MoE)."""
         parts = self._modules
-        return (
-            _plain(self, MoA)
-            and self.identity_kv
-            and _plain(parts["k_proj"], nn.Identity)
-            and _plain(parts["v_proj"], nn.Identity)
-            and parts["q_proj"].direct_ready()
-        )
+        kv_ready = self.identity_kv or (_direct_linear(parts["k_proj"]) and _direct_linear(parts["v_proj"]))
+        return _plain(self, MoA) and kv_ready and parts["q_proj"].direct_ready()
 
     def forward(
         self,
@@ -345,6 +348,8 @@ class MoA(nn.Module):
         q = q_proj.map(h2, r, ops, direct).view(B, T, k, H, D)  # [B, T, k, H, D]
         if self.identity_kv:
             keys, values = h, None  # K = V = ln_1 output: stored once
+        elif direct:
+            keys, values = _linear_kernel(self._modules["k_proj"], h), _linear_kernel(self._modules["v_proj"], h)
         else:
             keys, values = self.k_proj(h), self.v_proj(h)  # [B, T, A] each
         if cache is not None:

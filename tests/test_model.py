@@ -209,16 +209,24 @@ def _forward_and_decode(model, ids, mask):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_direct_block_path_is_bitwise_the_module_path(backend, dtype, monkeypatch):
+@pytest.mark.parametrize("name", FIXTURES)  # K = V (tiny-a) and projected K/V (tiny-b)
+def test_direct_block_path_is_bitwise_the_module_path(name, backend, dtype, monkeypatch):
     """Where nothing needs the module calls, Block.forward calls the submodules' forwards and the routers' kernels
     itself: the same ops on the same arguments, so bitwise the same logits, aux loss and cached decode."""
-    g = golden("molm-tiny-a")
+    g = golden(name)
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    model = molm.load(os.path.join(DATA, "molm-tiny-a"), dtype=torch_dtype, backend=backend)
+    model = molm.load(os.path.join(DATA, name), dtype=torch_dtype, backend=backend)
     if dtype == "int8":
         model = molm.quantize(model, "int8")
     assert all(block.direct_ready() for block in model.transformer.h)
     direct = _forward_and_decode(model, g["input_ids"], g["attention_mask"])
+    if not model.config.identity_kv:  # a hooked K projection takes the module path, with the same numbers
+        calls = []
+        handle = model.transformer.h[-1].attn.k_proj.register_forward_hook(lambda m, args, out: calls.append(m))
+        assert not model.transformer.h[-1].direct_ready()
+        hooked = _forward_and_decode(model, g["input_ids"], g["attention_mask"])
+        handle.remove()
+        assert calls and all(torch.equal(a, b) for a, b in zip(direct, hooked))
     monkeypatch.setattr(molm.modules.Block, "direct_ready", lambda self: False)
     modular = _forward_and_decode(model, g["input_ids"], g["attention_mask"])
     for a, b in zip(direct, modular):
