@@ -171,8 +171,7 @@ class Router(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_type == "mlp" and self._gelu_fusable():
-            first, last = self.w_gate._modules["0"], self.w_gate._modules["3"]
-            return last(first.kernel(x, first.weight, first.bias, "gelu"))  # [N, E]
+            return self.w_gate._modules["3"](_linear_kernel(self.w_gate._modules["0"], x, "gelu"))  # [N, E]
         if self.gate_type != "gmm":
             return self.w_gate(x)  # [N, E]
         z = F.normalize(self.w_gate(x), p=2, dim=-1)
@@ -189,8 +188,7 @@ class Router(nn.Module):
         first, gelu, dropout = parts["0"], parts["1"], parts["2"]
         return (
             _plain(self.w_gate, nn.Sequential)
-            and _plain(first, Linear)
-            and first.kernel is not None
+            and _direct_linear(first)
             and _plain(gelu, nn.GELU)
             and gelu.approximate == "none"
             and _plain(dropout, nn.Dropout)

@@ -332,9 +332,6 @@ at::Tensor moe_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::opt
   check_moe_mlp(x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets, activation);
   const std::vector<int64_t> b = read_expert_offsets("molm::moe_mlp", expert_offsets, gates.numel());
   check_permutation("molm::moe_mlp", sorted_slots);
-  std::vector<Segment> segs;
-  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());  // [N, C]
-  if (out.numel() == 0) return out;
   // int8 weights: moe_map (+ activation) then moe_reduce, two regions that each read whole output rows (the down
   // projection, stored as output rows [C, F], would be read in one region in 256-byte pieces of all C rows per hidden
   // chunk, measured 1.4x slower); the same dot rows and sums as the composition of expert_gemm_q8, without its
@@ -344,6 +341,9 @@ at::Tensor moe_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::opt
                                      activation);  // [M, F] slot order
     return moe_reduce_cpu(h, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets);
   }
+  std::vector<Segment> segs;
+  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());  // [N, C]
+  if (out.numel() == 0) return out;
   const int64_t max_rows = max_rows_for(x, false);
   const bool float_weights = !scale1.has_value() && !scale2.has_value();
   const bool done =
