@@ -63,6 +63,13 @@ def _cutlass_include_dirs():
     )
 
 
+# -lstdc++ names the shared C++ runtime, the one torch's libraries use, ahead of anything the linker adds: some
+# Python builds link extensions with -static-libstdc++, and a private copy of the runtime inside the extension
+# never initialises its locale facets, so formatting a number into an error message fails (a truncated message)
+# or crashes the process.
+LINK_ARGS = ["-fopenmp", "-lstdc++"]
+
+
 def cutlass_sm90a_usable(arch_list: str) -> tuple[bool, str]:
     """Whether the CUTLASS grouped GEMM may be built for this TORCH_CUDA_ARCH_LIST, and why not.
 
@@ -106,7 +113,7 @@ def _extension():
         )
         use_cuda = False
     if not use_cuda:
-        return CppExtension("molm._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+        return CppExtension("molm._C", cpu_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=LINK_ARGS)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc/cuda/**/*.cu"), recursive=True))
@@ -130,7 +137,7 @@ def _extension():
         cpu_sources + cuda_sources,
         include_dirs=_cuda_include_dirs() + cutlass_dirs,
         extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags + defines},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=LINK_ARGS,
     )
 
 

@@ -66,11 +66,11 @@ def _causal_pairs(t: int, s: int) -> int:
     return t * s - t * (t - 1) // 2
 
 
-# Prefill paths (molm.ops.set_kernel_options, read by the extension on every call).
+# Prefill and backward paths (molm.ops.set_kernel_options, read by the extension on every call).
 PATHS = {
-    "fused": dict(sb_fused=True, sb_early_exit=True),
-    "fused, no early exit": dict(sb_fused=True, sb_early_exit=False),
-    "tiled (cuBLAS)": dict(sb_fused=False, sb_early_exit=True),
+    "fused": dict(sb_fused=True, sb_fused_backward=True, sb_early_exit=True),
+    "fused, no early exit": dict(sb_fused=True, sb_fused_backward=True, sb_early_exit=False),
+    "tiled (cuBLAS)": dict(sb_fused=False, sb_fused_backward=False, sb_early_exit=True),
 }
 
 

@@ -10,17 +10,20 @@
 # receives summary.json, env.json, build.json, e2e.json, the expert-load PNG and results.tgz (everything).
 # Missing Python packages travel as wheels in .gpu-wheels/ (made by bench/fetch_gpu_wheels.sh).
 #
-# Usage: bash bench/gpu_check.sh [--quick] [--dry-run]
+# Usage: bash bench/gpu_check.sh [--quick] [--no-bench] [--dry-run]
 #   --quick    a subset of every step that fits in about 4 minutes (first contact with a new machine)
+#   --no-bench the correctness steps only (build, CUDA tests, sanitizers): a check of a fix, when the benchmarks'
+#              results are already in hand
 #   --dry-run  runs only the env step and records every other step as planned (no GPU needed; CI runs it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-QUICK=0 DRY_RUN=0
+QUICK=0 DRY_RUN=0 NO_BENCH=0
 for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
     --dry-run) DRY_RUN=1 ;;
-    *) echo "gpu_check.sh: unknown argument $arg (expected --quick or --dry-run)" >&2; exit 2 ;;
+    --no-bench) NO_BENCH=1 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (expected --quick, --no-bench or --dry-run)" >&2; exit 2 ;;
   esac
 done
 FINAL=${OUT:-out/gpu}
@@ -124,18 +127,26 @@ assert info['cutlass_sm90a'], 'the CUTLASS sm_90a GEMM was not built'"
 FAMILY_CASES="test_moe_layer_bitwise_repeatable_and_vs_reference or test_grad_layer_vs_reference or \
 test_cuda_matches_cpu_and_is_bitwise_repeatable or test_cuda_backward_matches_cpu_op or \
 test_expert_gemm_sm90_on_and_off_agree or test_gather_rows_gradient_is_bitwise_repeatable or graph_capture"
-PYTEST=("$PY" -m pytest -m cuda tests/ -q -rfE -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml")
+# through pytest_resume.sh: a test that kills the process is reported and the tests after it still run
+PYTEST=(env LOG_PREFIX="$OUT/pytest_cuda" bash bench/pytest_resume.sh "$PY" -m pytest -m cuda tests/ -rfE
+  -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml")
 if ((QUICK)); then
   step pytest_cuda 60 "${PYTEST[@]}" -k "$FAMILY_CASES"
   step gpu_sanitize 50 env MEMCHECK_S=20 RACECHECK_S=20 OOM_S=8 SANITIZE_CASES="$FAMILY_CASES" bash bench/gpu_sanitize.sh
+else
+  step pytest_cuda 120 "${PYTEST[@]}"
+  step gpu_sanitize 150 env MEMCHECK_S=45 RACECHECK_S=90 OOM_S=15 SANITIZE_CASES="$FAMILY_CASES" bash bench/gpu_sanitize.sh
+fi
+if ((NO_BENCH)); then
+  :
+elif ((QUICK)); then
   step e2e 50 "$PY" bench/e2e.py --models MoLM-350M-4B --impls extension reference --batches 1 8 --contexts 1024 \
     --json "$OUT/e2e.json" --png "$OUT/e2e_expert_load.png"
 else
-  step pytest_cuda 120 "${PYTEST[@]}"
-  step gpu_sanitize 70 env SANITIZE_CASES="$FAMILY_CASES" bash bench/gpu_sanitize.sh
   step e2e 150 "$PY" bench/e2e.py --json "$OUT/e2e.json" --png "$OUT/e2e_expert_load.png"
 fi
 for bench in bench/gpu_bench_*.py; do  # per-kernel benchmarks; each writes its JSON as it goes
+  ((NO_BENCH)) && break
   [ -e "$bench" ] || continue
   name=$(basename "$bench" .py)
   if ((QUICK)); then
@@ -146,7 +157,7 @@ for bench in bench/gpu_bench_*.py; do  # per-kernel benchmarks; each writes its 
 done
 
 {
-  echo "{\"total_seconds\": $((SECONDS - START)), \"quick\": $QUICK, \"dry_run\": $DRY_RUN, \"budget_s\": $BUDGET, \"steps\": ["
+  echo "{\"total_seconds\": $((SECONDS - START)), \"quick\": $QUICK, \"no_bench\": $NO_BENCH, \"dry_run\": $DRY_RUN, \"budget_s\": $BUDGET, \"steps\": ["
   for i in "${!STEPS[@]}"; do
     [ "$i" -gt 0 ] && echo ","
     echo "  ${STEPS[$i]}"

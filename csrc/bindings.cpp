@@ -42,6 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::dict d;
         d["sm90_gemm"] = o.sm90_gemm.load();
         d["sb_fused"] = o.sb_fused.load();
+        d["sb_fused_backward"] = o.sb_fused_backward.load();
         d["sb_early_exit"] = o.sb_early_exit.load();
         d["value_checks"] = o.value_checks.load();
         return d;
@@ -49,13 +50,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The CUDA kernel path choices (see molm.ops.set_kernel_options)");
   m.def(
       "set_kernel_options",
-      [](int sm90_gemm, bool sb_fused, bool sb_early_exit, bool value_checks) {
+      [](int sm90_gemm, bool sb_fused, bool sb_fused_backward, bool sb_early_exit, bool value_checks) {
         molm::KernelOptions& o = molm::kernel_options();
         o.sm90_gemm.store(sm90_gemm);
         o.sb_fused.store(sb_fused);
+        o.sb_fused_backward.store(sb_fused_backward);
         o.sb_early_exit.store(sb_early_exit);
         o.value_checks.store(value_checks);
       },
-      pybind11::arg("sm90_gemm"), pybind11::arg("sb_fused"), pybind11::arg("sb_early_exit"),
-      pybind11::arg("value_checks"));
+      pybind11::arg("sm90_gemm"), pybind11::arg("sb_fused"), pybind11::arg("sb_fused_backward"),
+      pybind11::arg("sb_early_exit"), pybind11::arg("value_checks"));
 }

@@ -55,7 +55,8 @@ def test_gpu_check_dry_run_plans_every_step_correctness_first(tmp_path):
     files the device tool brings back are written."""
     out = tmp_path / "gpu"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
-    for mode in ([], ["--quick"]):
+    correctness = ["env", "build", "check_registered", "pytest_cuda", "gpu_sanitize"]
+    for mode in ([], ["--quick"], ["--no-bench"]):
         proc = subprocess.run(
             ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run", *mode],
             env=env,
@@ -66,19 +67,13 @@ def test_gpu_check_dry_run_plans_every_step_correctness_first(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         summary = json.loads((out / "summary.json").read_text())
-        steps = [s["step"] for s in summary["steps"]]
-        assert steps == [
-            "env",
-            "build",
-            "check_registered",
-            "pytest_cuda",
-            "gpu_sanitize",
-            "e2e",
-            "gpu_bench_attention",
-            "gpu_bench_moe",
-        ]
-        assert summary["steps"][0]["rc"] == 0 and all(s.get("dry_run") for s in summary["steps"][1:])
-        assert summary["quick"] == (1 if mode else 0) and summary["budget_s"] <= (240 if mode else 480)
+        steps = [s for s in summary["steps"] if s["step"] != "wheels"]  # wheels: only where .gpu-wheels/ has some
+        benchmarks = [] if mode == ["--no-bench"] else ["e2e", "gpu_bench_attention", "gpu_bench_moe"]
+        assert [s["step"] for s in steps] == correctness + benchmarks
+        assert steps[0]["rc"] == 0 and all(s.get("dry_run") for s in steps[1:])
+        quick = mode == ["--quick"]
+        assert summary["quick"] == int(quick) and summary["budget_s"] <= (240 if quick else 480)
+        assert summary["no_bench"] == int(mode == ["--no-bench"])
         assert json.loads((out / "env.json").read_text())["torch_cuda_arch_list"] == "9.0a"
         assert (out / "results.tgz").stat().st_size > 0
     bad = subprocess.run(
@@ -90,3 +85,38 @@ def test_gpu_check_dry_run_plans_every_step_correctness_first(tmp_path):
         cwd=ROOT,
     )
     assert bad.returncode == 2 and "--fast" in bad.stderr
+
+
+def test_pytest_resume_runs_the_tests_after_one_that_kills_the_process(tmp_path):
+    """bench/pytest_resume.sh: a segfaulting test is named, and the tests after it still run and report."""
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_x.py").write_text(
+        "import os, signal\n"
+        "def test_before(): pass\n"
+        "def test_crash(): os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "def test_after(): pass\n"
+        "def test_fails(): assert False\n"
+    )
+    proc = subprocess.run(
+        [
+            "bash",
+            os.path.join(ROOT, "bench", "pytest_resume.sh"),
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests",
+            "-p",
+            "no:cacheprovider",
+        ],
+        env=dict(os.environ, LOG_PREFIX=str(tmp_path / "log")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 99, proc.stdout[-2000:]
+    assert (tmp_path / "log.crashes").read_text().count("CRASHED") == 1
+    assert "tests/test_x.py::test_crash" in (tmp_path / "log.crashes").read_text()
+    second = (tmp_path / "log.2.log").read_text()
+    assert "test_after PASSED" in second and "test_fails FAILED" in second and "1 deselected" in second

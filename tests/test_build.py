@@ -62,7 +62,13 @@ def test_kernel_options_set_restore_and_refuse_bad_values(kernel_options):
     ops = pytest.importorskip("molm.ops")
     if not ops.extension_available():
         pytest.skip("molm._C not built")
-    defaults = {"sm90_gemm": "auto", "sb_fused": True, "sb_early_exit": True, "value_checks": False}
+    defaults = {
+        "sm90_gemm": "auto",
+        "sb_fused": True,
+        "sb_fused_backward": False,
+        "sb_early_exit": True,
+        "value_checks": False,
+    }
     assert ops.kernel_options() == defaults
     with ops.kernel_options_scope(sm90_gemm="off", sb_fused=False):
         assert ops.kernel_options() == {**defaults, "sm90_gemm": "off", "sb_fused": False}
@@ -74,3 +80,42 @@ def test_kernel_options_set_restore_and_refuse_bad_values(kernel_options):
     assert ops.kernel_options() == defaults
     kernel_options(sb_early_exit=False)  # the fixture restores it after the test
     assert ops.kernel_options()["sb_early_exit"] is False
+
+
+def _extension_or_skip():
+    ops = pytest.importorskip("molm.ops")
+    if not ops.extension_available():
+        pytest.skip("molm._C not built")
+    from molm import _C
+
+    return ops, _C
+
+
+def test_error_messages_keep_their_numbers():
+    """The extension formats numbers into its errors with the C++ runtime torch uses. A private copy of that runtime
+    (an extension linked with -static-libstdc++) has no initialised locale: the message stops at the first number,
+    or the process crashes."""
+    import torch
+
+    ops, _ = _extension_or_skip()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        with pytest.raises(ValueError) as info:
+            ops.route_topk(torch.randn(3, 4, 2, device=device), 1)
+        assert "logits must have rank 2, got rank 3 (shape [3, 4, 2])" in str(info.value)
+        with pytest.raises(ValueError) as info:
+            ops.route_topk(torch.randn(3, 4, device=device), 5)
+        assert "k must be in 1..E = 1..4, got k = 5" in str(info.value)
+
+
+def test_extension_links_the_shared_cxx_runtime():
+    import shutil
+    import subprocess
+
+    _, _C = _extension_or_skip()
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf not installed")
+    dynamic = subprocess.run([readelf, "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    needed = [line.split("[", 1)[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert any(name.startswith("libstdc++.so") for name in needed), needed

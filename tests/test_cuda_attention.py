@@ -133,7 +133,7 @@ def test_cuda_prefill_fused_and_tiled(kernel_options, B, T, S, G, H, D, shift, d
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_cuda_backward_fused_and_tiled(kernel_options, fused):
-    kernel_options(sb_fused=fused)
+    kernel_options(sb_fused_backward=fused)
     for B, T, S, G, H, D, shared_kv in [(2, 150, 200, 2, 1, 1024, False), (1, 300, 300, 3, 2, 128, True)]:
         q, k, v, bias = _inputs(B, T, S, G, H, D, torch.bfloat16, True, shared_kv)
         grad = torch.randn(q.shape, device=DEV).to(torch.bfloat16)

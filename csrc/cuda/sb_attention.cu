@@ -106,6 +106,7 @@ void sb_forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 }
 
 bool fused_prefill_enabled() { return kernel_options().sb_fused.load(std::memory_order_relaxed); }
+bool fused_backward_enabled() { return kernel_options().sb_fused_backward.load(std::memory_order_relaxed); }
 
 // Log-survival below which the fused prefill stops walking keys: -30 (the stick left is < 1e-13), or never with
 // set_kernel_options(sb_early_exit=False).
@@ -135,7 +136,7 @@ template <typename T16>
 bool fused_setup(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* grad_out,
                  const float* bias, double scale, sb_prefill::Params<T16>& p, int& bd) {
   namespace sp = sb_prefill;
-  if (!fused_prefill_enabled()) return false;
+  if (!(grad_out != nullptr ? fused_backward_enabled() : fused_prefill_enabled())) return false;
   p = sp::Params<T16>{};
   p.q = reinterpret_cast<const T16*>(q.data_ptr());
   p.k = reinterpret_cast<const T16*>(k.data_ptr());
