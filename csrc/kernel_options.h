@@ -7,7 +7,7 @@
 namespace molm {
 
 struct KernelOptions {
-  // CUTLASS sm_90a grouped GEMM: 0 from 128 rows on (default), 1 for any M above the GEMV range, -1 never
+  // CUTLASS sm_90a grouped GEMM: 0 above the GEMV range (default), 1 for any M above the GEMV range, -1 never
   std::atomic<int> sm90_gemm{0};
   std::atomic<bool> sb_fused{true};  // fused tensor-core prefill (false: the cuBLAS-tiled path)
   // fused tensor-core backward; off by default: on an H200 the cuBLAS-tiled backward measured 3x faster

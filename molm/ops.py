@@ -58,8 +58,8 @@ def set_kernel_options(
 ) -> dict:
     """Choose the CUDA kernel paths (process-wide; returns the previous options, for restoring).
 
-    sm90_gemm: "auto" (the CUTLASS sm_90a grouped GEMM from 128 rows on, on compute capability 9.0 when built in),
-      "on" (for any row count above the GEMV range) or "off" (the WMMA tiles).
+    sm90_gemm: "auto" (the CUTLASS sm_90a grouped GEMM above the GEMV range of 32 rows, on compute capability 9.0
+      when built in), "on" (also for small row counts the GEMV declines) or "off" (the WMMA tiles).
     sb_fused: the fused tensor-core stick-breaking prefill (False: the cuBLAS-tiled path).
     sb_fused_backward: the fused tensor-core backward (default False: the cuBLAS-tiled backward, which measured
       about 3x faster on an H200 at B=8, T=2048, D=1024).

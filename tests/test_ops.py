@@ -301,9 +301,9 @@ def test_expert_gemm_wgrad_strided_x(device):
 
 
 # ------------------------------------------------------------------------------------------------------ sm_90a CUTLASS
-# The CUTLASS grouped GEMM (csrc/cuda/expert_gemm_sm90.cu) runs on compute capability 9.x for bf16/fp16 with M above
-# the GEMV range with set_kernel_options(sm90_gemm="on") (default: M >= 256); "off" forces the WMMA tiles. Elsewhere
-# both settings take the WMMA tiles, so the tests still hold. Cases: empty experts, M_e not a multiple of the 128-row
+# The CUTLASS grouped GEMM (csrc/cuda/expert_gemm_sm90.cu) runs on compute capability 9.0 for bf16/fp16 with M above
+# the GEMV range (set_kernel_options(sm90_gemm="on"), and by default); "off" forces the WMMA tiles. Elsewhere both
+# settings take the WMMA tiles, so the tests still hold. Cases: empty experts, M_e not a multiple of the 128-row
 # tile, the MoLM-350M shapes, 32 experts, and K/Nout not multiples of 8 (declined by the TMA path, falls back).
 SM90_CASES = [
     ([100, 0, 37, 300], 256, 320),

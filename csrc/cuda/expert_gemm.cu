@@ -17,10 +17,11 @@ namespace {
 
 using namespace expert_gemm;
 
-// CUTLASS sm_90a grouped GEMM (expert_gemm_sm90.cu) on compute capability 9.0 from this many rows on: on an H200
-// it beat the WMMA tiles 1.6-4x already at 128 rows (bench/gpu_bench_moe.py); fewer rows were not measured.
-// set_kernel_options(sm90_gemm="off") turns it off, "on" takes it for any M above the GEMV range (tests).
-constexpr int64_t kSm90MinM = 128;
+// CUTLASS sm_90a grouped GEMM (expert_gemm_sm90.cu) on compute capability 9.0 for every row count above the GEMV
+// range: on an H200 it beat the WMMA tiles 1.6-4x at 128 rows (bench/gpu_bench_moe.py), and below that both pad
+// each expert's rows to one 128-row tile, so neither gets cheaper. set_kernel_options(sm90_gemm="off") turns it
+// off; "on" also takes it for small M that the GEMV refuses (tests).
+constexpr int64_t kSm90MinM = kGemvMaxM + 1;
 
 bool use_sm90_gemm(const at::Tensor& x, int64_t m) {
   const int choice = kernel_options().sm90_gemm.load(std::memory_order_relaxed);
