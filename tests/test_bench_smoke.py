@@ -68,7 +68,9 @@ def test_gpu_check_dry_run_plans_every_step_correctness_first(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         summary = json.loads((out / "summary.json").read_text())
         steps = [s for s in summary["steps"] if s["step"] != "wheels"]  # wheels: only where .gpu-wheels/ has some
-        benchmarks = [] if mode == ["--no-bench"] else ["e2e", "gpu_bench_attention", "gpu_bench_moe"]
+        benchmarks = ["e2e", "gpu_bench_attention", "gpu_bench_decode_profile", "gpu_bench_moe"]
+        if mode == ["--no-bench"]:
+            benchmarks = []
         assert [s["step"] for s in steps] == correctness + benchmarks
         assert steps[0]["rc"] == 0 and all(s.get("dry_run") for s in steps[1:])
         quick = mode == ["--quick"]
@@ -120,3 +122,32 @@ def test_pytest_resume_runs_the_tests_after_one_that_kills_the_process(tmp_path)
     assert "tests/test_x.py::test_crash" in (tmp_path / "log.crashes").read_text()
     second = (tmp_path / "log.2.log").read_text()
     assert "test_after PASSED" in second and "test_fails FAILED" in second and "1 deselected" in second
+
+
+def test_decode_profile_counts_each_layers_ops_once_per_step(tmp_path):
+    """bench/gpu_bench_decode_profile.py on a tiny model on the CPU: per step, one moe_mlp and one sb_attention per
+    layer, and the two LayerNorms of each layer plus the final one."""
+    out = tmp_path / "profile.json"
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "gpu_bench_decode_profile.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--json",
+            str(out),
+        ],
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert [r["batch"] for r in result["records"]] == [1, 8]
+    layers = 2
+    for record in result["records"]:
+        calls = {k["name"]: k["calls_per_step"] for k in record["kernels"]}
+        assert calls["molm::moe_mlp"] == layers and calls["molm::sb_attention"] == layers
+        assert calls["aten::layer_norm"] == 2 * layers + 1
+        assert 0 < record["kernel_ms_per_step"] <= record["eager_step_ms"] * 1.5
