@@ -112,6 +112,20 @@ def test_bitwise_repeatable_at_any_thread_count(dtype, device):
         assert torch.equal(gemm, results[0][0]) and torch.equal(att, results[0][1])
 
 
+@pytest.mark.devices("cpu")
+@pytest.mark.cpu_isas
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_attention_at_head_sizes_off_the_vector_width(dtype, device):
+    """The decode attention's dot / axpy / widening bodies over head sizes that leave a partial vector (and none)."""
+    g = torch.Generator().manual_seed(6)
+    for head in (1, 7, 15, 16, 17, 33, 65, 130):
+        q = torch.randn(2, 1, 2, 3, head, generator=g).to(dtype)
+        k, v = (torch.randn(2, 40, 3, head, generator=g).to(dtype) for _ in range(2))
+        exact = reference.sb_attention_ref(q.double(), k.double(), v.double(), None, head**-0.5)
+        lowp = reference.sb_attention_ref(q, k, v, None, head**-0.5)
+        assert_close(ops.sb_attention(q, k, v, None, head**-0.5), exact, lowp, dtype, f"head size {head}")
+
+
 def test_bodies_agree_within_tolerance():
     """All supported bodies give the same decode GEMM up to rounding, so switching sets never changes a model's
     output beyond the usual tolerance."""

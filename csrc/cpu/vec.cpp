@@ -85,8 +85,9 @@ Isa detect_best() {
 const Isa kBestIsa = detect_best();
 std::atomic<int> g_active_isa{static_cast<int>(kBestIsa)};
 
-// The dot / axpy / to_float bodies: avx2 under every set from avx2 up.
+// The dot / axpy / to_float bodies: avx2 under avx2, avx512 under both avx512 sets.
 inline bool vector_helpers() { return active_isa() != Isa::kScalar; }
+inline bool avx512_helpers() { return active_isa() >= Isa::kAvx512; }
 
 }  // namespace
 
@@ -119,6 +120,7 @@ bool using_avx2() { return vector_helpers(); }
 
 float dot(const float* a, const float* b, int64_t n) {
 #ifdef MOLM_X86
+  if (avx512_helpers()) return bodies::dot_avx512(a, b, n);
   if (vector_helpers()) return bodies::dot_avx2(a, b, n);
 #endif
   return dot_scalar(a, b, n);
@@ -132,6 +134,7 @@ double dot(const double* a, const double* b, int64_t n) {
 
 void axpy(float alpha, const float* x, float* y, int64_t n) {
 #ifdef MOLM_X86
+  if (avx512_helpers()) return bodies::axpy_avx512(alpha, x, y, n);
   if (vector_helpers()) return bodies::axpy_avx2(alpha, x, y, n);
 #endif
   axpy_scalar(alpha, x, y, n);
@@ -143,6 +146,7 @@ void axpy(double alpha, const double* x, double* y, int64_t n) {
 
 void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
 #ifdef MOLM_X86
+  if (avx512_helpers()) return bodies::to_float_avx512(src, dst, n);
   if (vector_helpers()) return bodies::to_float_avx2(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
@@ -150,6 +154,7 @@ void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
 
 void to_float(const c10::Half* src, float* dst, int64_t n) {
 #ifdef MOLM_X86
+  if (avx512_helpers()) return bodies::to_float_avx512(src, dst, n);
   if (vector_helpers()) return bodies::to_float_avx2(src, dst, n);
 #endif
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);

@@ -39,7 +39,7 @@ GemvFn<w_t> gemv_body();
 //   avx2:        AVX2 + FMA + F16C
 //   avx512:      AVX-512 F/BW/DQ/VL (+ avx2): fp32 FMA over 16 lanes, bf16/fp16 weights converted to fp32
 //   avx512_bf16: + AVX512_BF16: bf16 weights through _mm512_dpbf16_ps (pairs of depth rows per instruction)
-// dot / axpy / to_float use the avx2 bodies under both avx512 sets.
+// dot / axpy / to_float have avx2 and avx512 bodies (the avx512 ones under both avx512 sets).
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 constexpr int kNumIsas = 4;
 

@@ -219,10 +219,58 @@ MOLM_AVX512_BF16 void gemv_dp(const float* x, int64_t ldx, int64_t rows, int64_t
   }
 }
 
+// ---------------------------------------------------------------- avx512: dot / axpy / to_float
+// Four independent accumulators of 16 lanes, summed in a fixed order: bitwise repeatable.
+MOLM_AVX512 float dot_f32(const float* a, const float* b, int64_t n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), acc2);
+    acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), acc3);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    acc0 = _mm512_fmadd_ps(load16(a + i, k), load16(b + i, k), acc0);
+  }
+  const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3));
+  __m256 half = _mm256_add_ps(_mm512_castps512_ps256(sum), _mm512_extractf32x8_ps(sum, 1));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+MOLM_AVX512 void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
+  const __m512 va = _mm512_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    _mm512_storeu_ps(y + i + 16, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(y + i + 16)));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    _mm512_mask_storeu_ps(y + i, k, _mm512_fmadd_ps(va, load16(x + i, k), load16(y + i, k)));
+  }
+}
+
+template <typename src_t>
+MOLM_AVX512 void widen(const src_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    _mm512_mask_storeu_ps(dst + i, k, load16(src + i, k));
+  }
+}
+
 #undef MOLM_AVX512
 #undef MOLM_AVX512_BF16
 
 }  // namespace
+
+float dot_avx512(const float* a, const float* b, int64_t n) { return dot_f32(a, b, n); }
+void axpy_avx512(float alpha, const float* x, float* y, int64_t n) { axpy_f32(alpha, x, y, n); }
+void to_float_avx512(const c10::BFloat16* src, float* dst, int64_t n) { widen(src, dst, n); }
+void to_float_avx512(const c10::Half* src, float* dst, int64_t n) { widen(src, dst, n); }
 
 #define MOLM_DEFINE_GEMV(W_T)                                                                                     \
   void gemv_avx512(const float* x, int64_t ldx, int64_t rows, int64_t depth, const W_T* w, int64_t ldw, float* y, \

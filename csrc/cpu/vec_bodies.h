@@ -20,6 +20,10 @@ float dot_avx2(const float* a, const float* b, int64_t n);
 void axpy_avx2(float alpha, const float* x, float* y, int64_t n);
 void to_float_avx2(const c10::BFloat16* src, float* dst, int64_t n);
 void to_float_avx2(const c10::Half* src, float* dst, int64_t n);
+float dot_avx512(const float* a, const float* b, int64_t n);
+void axpy_avx512(float alpha, const float* x, float* y, int64_t n);
+void to_float_avx512(const c10::BFloat16* src, float* dst, int64_t n);
+void to_float_avx512(const c10::Half* src, float* dst, int64_t n);
 MOLM_DECLARE_GEMV(gemv_avx2)
 MOLM_DECLARE_GEMV(gemv_avx512)
 // bf16 weights only; the x values are rounded to bf16 (exact when the op's input is bf16, as it is for bf16 weights)
