@@ -173,23 +173,34 @@ def dense_decode_bytes(model: DenseLM, batch: int, context: int, element: int = 
     )
 
 
+class RandomCacheDecoder:
+    """Greedy decode steps from `context` cached positions of random contents (timing only), with room for `room`
+    more; eager or replayed from CUDA graphs."""
+
+    def __init__(self, model, batch: int, context: int, room: int, graphs: bool):
+        cache = molm.KVCache.for_model(model, batch, context + room)
+        for buf in cache.keys:
+            buf.normal_()
+        self.mask = torch.zeros(batch, cache.capacity, dtype=torch.long, device=model.device)
+        self.mask[:, :context] = 1
+        self.decoder = StaticDecoder(model, cache, self.mask, cuda_graphs=graphs)
+        self.tokens = torch.randint(0, model.config.vocab_size, (batch,), device=model.device)
+        self.position = context
+
+    def step(self):
+        self.mask[:, self.position] = 1
+        self.tokens = self.decoder.step(self.tokens, self.position).argmax(-1)
+        self.position += 1
+
+
 def decode_molm(model, batch: int, context: int, steps: int, graphs: bool) -> float:
     """Seconds per decode step at `context` cached positions (random cache contents; timing only)."""
-    device = model.device
-    cache = molm.KVCache.for_model(model, batch, context + steps + 1)
-    for buf in cache.keys:
-        buf.normal_()
-    mask = torch.zeros(batch, cache.capacity, dtype=torch.long, device=device)
-    mask[:, :context] = 1
-    decoder = StaticDecoder(model, cache, mask, cuda_graphs=graphs)
-    tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device)
-    for i in range(2):  # warm-up (captures the graph of the window)
-        mask[:, context + i] = 1
-        tokens = decoder.step(tokens, context + i).argmax(-1)
-    with Timer(device) as t:
-        for i in range(2, steps + 1):
-            mask[:, context + i] = 1
-            tokens = decoder.step(tokens, context + i).argmax(-1)
+    decoder = RandomCacheDecoder(model, batch, context, steps + 1, graphs)
+    for _ in range(2):  # warm-up (captures the graph of the window)
+        decoder.step()
+    with Timer(model.device) as t:
+        for _ in range(steps - 1):
+            decoder.step()
     return t.seconds / (steps - 1)
 
 

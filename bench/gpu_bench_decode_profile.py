@@ -17,55 +17,26 @@ import collections
 import json
 import os
 import sys
-import time
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e import decode_bytes_per_step  # noqa: E402
+from e2e import RandomCacheDecoder, Timer, decode_bytes_per_step  # noqa: E402
 
-import molm  # noqa: E402
 from molm.config import PRESETS  # noqa: E402
-from molm.engine import StaticDecoder  # noqa: E402
 
 from common import random_model, run_metadata  # noqa: E402
 
 HBM_GBPS = 4300.0  # measured device copy bandwidth of an H200 (read + write)
 
 
-class Decoder:
-    """Decode steps at a fixed context over a random cache, eager or replayed from CUDA graphs."""
-
-    def __init__(self, model, batch: int, context: int, steps: int, graphs: bool):
-        self.cache = molm.KVCache.for_model(model, batch, context + steps + 4)
-        for buf in self.cache.keys:
-            buf.normal_()
-        self.mask = torch.zeros(batch, self.cache.capacity, dtype=torch.long, device=model.device)
-        self.mask[:, :context] = 1
-        self.decoder = StaticDecoder(model, self.cache, self.mask, cuda_graphs=graphs)
-        self.tokens = torch.randint(0, model.config.vocab_size, (batch,), device=model.device)
-        self.position = context
-
-    def step(self):
-        self.mask[:, self.position] = 1
-        self.tokens = self.decoder.step(self.tokens, self.position).argmax(-1)
-        self.position += 1
-
-
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def seconds_per_step(decoder: Decoder, steps: int, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        decoder.step()
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+def seconds_per_step(decoder: RandomCacheDecoder, steps: int, device: torch.device) -> float:
+    with Timer(device) as t:
+        for _ in range(steps):
+            decoder.step()
+    return t.seconds / steps
 
 
 def kernel_table(prof, steps: int, device: torch.device) -> list[dict]:
@@ -73,9 +44,10 @@ def kernel_table(prof, steps: int, device: torch.device) -> list[dict]:
     total, calls = collections.Counter(), collections.Counter()
     for event in prof.events():
         if device.type == "cuda":
-            if event.device_type != DeviceType.CUDA:
-                continue
-        elif event.device_type != DeviceType.CPU or event.cpu_parent is not None:
+            wanted = event.device_type == DeviceType.CUDA
+        else:
+            wanted = event.device_type == DeviceType.CPU and event.cpu_parent is None
+        if not wanted:
             continue
         total[event.name] += event.time_range.elapsed_us()
         calls[event.name] += 1
@@ -87,7 +59,7 @@ def kernel_table(prof, steps: int, device: torch.device) -> list[dict]:
 
 def profile_batch(model, batch: int, context: int, steps: int) -> dict:
     device = model.device
-    eager = Decoder(model, batch, context, 2 * steps + 8, graphs=False)
+    eager = RandomCacheDecoder(model, batch, context, 2 * steps + 12, graphs=False)
     for _ in range(3):  # warm-up
         eager.step()
     eager_s = seconds_per_step(eager, steps, device)
@@ -95,7 +67,8 @@ def profile_batch(model, batch: int, context: int, steps: int) -> dict:
     with profile(activities=activities) as prof:
         for _ in range(steps):
             eager.step()
-        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     kernels = kernel_table(prof, steps, device)
     record = dict(
         batch=batch,
@@ -106,7 +79,7 @@ def profile_batch(model, batch: int, context: int, steps: int) -> dict:
         kernels=kernels,
     )
     if device.type == "cuda":
-        replayed = Decoder(model, batch, context, steps + 8, graphs=True)
+        replayed = RandomCacheDecoder(model, batch, context, steps + 12, graphs=True)
         for _ in range(3):  # warm-up, captures the graph
             replayed.step()
         record["graph_step_ms"] = seconds_per_step(replayed, steps, device) * 1e3

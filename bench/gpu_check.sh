@@ -137,24 +137,23 @@ else
   step pytest_cuda 120 "${PYTEST[@]}"
   step gpu_sanitize 150 env MEMCHECK_S=45 RACECHECK_S=90 OOM_S=15 SANITIZE_CASES="$FAMILY_CASES" bash bench/gpu_sanitize.sh
 fi
-if ((NO_BENCH)); then
-  :
-elif ((QUICK)); then
-  step e2e 50 "$PY" bench/e2e.py --models MoLM-350M-4B --impls extension reference --batches 1 8 --contexts 1024 \
-    --json "$OUT/e2e.json" --png "$OUT/e2e_expert_load.png"
-else
-  step e2e 150 "$PY" bench/e2e.py --json "$OUT/e2e.json" --png "$OUT/e2e_expert_load.png"
-fi
-for bench in bench/gpu_bench_*.py; do  # per-kernel benchmarks; each writes its JSON as it goes
-  ((NO_BENCH)) && break
-  [ -e "$bench" ] || continue
-  name=$(basename "$bench" .py)
+if ((!NO_BENCH)); then
   if ((QUICK)); then
-    step "$name" 30 "$PY" "$bench" --quick --json "$OUT/$name.json"
+    step e2e 50 "$PY" bench/e2e.py --models MoLM-350M-4B --impls extension reference --batches 1 8 --contexts 1024 \
+      --json "$OUT/e2e.json" --png "$OUT/e2e_expert_load.png"
   else
-    step "$name" 90 "$PY" "$bench" --json "$OUT/$name.json"
+    step e2e 150 "$PY" bench/e2e.py --json "$OUT/e2e.json" --png "$OUT/e2e_expert_load.png"
   fi
-done
+  for bench in bench/gpu_bench_*.py; do  # per-kernel benchmarks; each writes its JSON as it goes
+    [ -e "$bench" ] || continue
+    name=$(basename "$bench" .py)
+    if ((QUICK)); then
+      step "$name" 30 "$PY" "$bench" --quick --json "$OUT/$name.json"
+    else
+      step "$name" 90 "$PY" "$bench" --json "$OUT/$name.json"
+    fi
+  done
+fi
 
 {
   echo "{\"total_seconds\": $((SECONDS - START)), \"quick\": $QUICK, \"no_bench\": $NO_BENCH, \"dry_run\": $DRY_RUN, \"budget_s\": $BUDGET, \"steps\": ["

@@ -16,6 +16,15 @@ def load_setup():
     return module
 
 
+def _extension_or_skip():
+    ops = pytest.importorskip("molm.ops")
+    if not ops.extension_available():
+        pytest.skip("molm._C not built")
+    from molm import _C
+
+    return ops, _C
+
+
 @pytest.mark.parametrize(
     "arch_list, usable",
     [
@@ -38,13 +47,9 @@ def test_cutlass_gemm_is_built_only_for_an_sm90a_target(arch_list, usable):
 
 
 def test_build_info_matches_the_torch_build():
-    ops = pytest.importorskip("molm.ops")
-    if not ops.extension_available():
-        pytest.skip("molm._C not built")
     import torch
 
-    from molm import _C
-
+    _, _C = _extension_or_skip()
     info = _C.build_info()
     cuda_build = torch.version.cuda is not None and os.environ.get("MOLM_CPU_ONLY", "0") != "1"
     assert set(info) == {"cuda", "cuda_archs", "cutlass_sm90a"}
@@ -80,15 +85,6 @@ def test_kernel_options_set_restore_and_refuse_bad_values(kernel_options):
     assert ops.kernel_options() == defaults
     kernel_options(sb_early_exit=False)  # the fixture restores it after the test
     assert ops.kernel_options()["sb_early_exit"] is False
-
-
-def _extension_or_skip():
-    ops = pytest.importorskip("molm.ops")
-    if not ops.extension_available():
-        pytest.skip("molm._C not built")
-    from molm import _C
-
-    return ops, _C
 
 
 def test_error_messages_keep_their_numbers():

@@ -16,6 +16,8 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace molm::cpu::bodies {
 namespace {
 
@@ -235,10 +237,7 @@ MOLM_AVX512 float dot_f32(const float* a, const float* b, int64_t n) {
     acc0 = _mm512_fmadd_ps(load16(a + i, k), load16(b + i, k), acc0);
   }
   const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3));
-  __m256 half = _mm256_add_ps(_mm512_castps512_ps256(sum), _mm512_extractf32x8_ps(sum, 1));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  return simd::hsum8(_mm256_add_ps(_mm512_extractf32x8_ps(sum, 0), _mm512_extractf32x8_ps(sum, 1)));
 }
 
 MOLM_AVX512 void axpy_f32(float alpha, const float* x, float* y, int64_t n) {
