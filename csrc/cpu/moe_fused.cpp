@@ -3,14 +3,11 @@
 // region over the active experts' weights:
 //   moe_map    out[s] = act(x[s / k] @ W[e(s)])                          [M, Nout], slot order
 //   moe_reduce out[n] = sum_j gates[n, j] * (x[n*k + j] @ W[e(n, j)])    [N, Nout]
-//   moe_mlp    moe_reduce(moe_map(x, W1, k, act), W2): a work item takes one expert segment and one 256-wide chunk
-//              of the hidden width, computes that hidden chunk and its share of the down projection, so both
-//              weights stream once with no barrier in between; the item that completes a segment sums its shares
-//              in chunk order, and the k slots of a token are summed in slot order at the end.
+//   moe_mlp    moe_reduce(moe_map(x, W1, k, act), W2): one region per weight, each streaming its active experts'
+//              depth chunks in memory order.
 // Float weights [E, in, out] go through expert_gemm's GEMV (expert_gemv.h): same depth chunks, same sums in the same
 // order, so on this path the ops give bitwise what gather_rows -> expert_gemm -> scatter_ksum give. int8 weights
-// [E, out, in] with scales [E, out] go through expert_gemm_q8's dot rows in moe_map and moe_reduce (moe_mlp runs
-// one, then the other). Routings with a segment too large for a GEMV (prefill, training) run the composition of the
+// [E, out, in] with scales [E, out] go through expert_gemm_q8's dot rows. Routings with a segment too large for a GEMV (prefill, training) run the composition of the
 // grouped-GEMM ops instead (moe_compose.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -29,8 +26,6 @@
 
 namespace molm::cpu {
 namespace {
-
-constexpr int64_t kHiddenChunk = kGemvDepthChunk;  // moe_mlp: hidden columns per item = one depth chunk of W2
 
 struct Segment {
   int64_t expert, lo, rows;  // rows lo .. lo + rows of the expert-sorted order
@@ -202,64 +197,15 @@ void moe_reduce_gemv(const at::Tensor& x, const ExpertWeight<w_t>& W, const at::
   ksum_slots<scalar_t>(ys, gates, out);
 }
 
-template <typename scalar_t, typename w_t>
-void moe_mlp_gemv(const at::Tensor& x, const ExpertWeight<w_t>& W1, const ExpertWeight<w_t>& W2,
-                  const at::Tensor& gates, const int64_t* slots, const std::vector<Segment>& segs, int64_t max_rows,
-                  bool gelu, at::Tensor& out) {
-  const int64_t k = gates.size(1), m = gates.numel(), width = W1.in, hidden = W1.out;
-  const int64_t n_hc = ceil_div(hidden, kHiddenChunk), n_items = static_cast<int64_t>(segs.size()) * n_hc;
-  const std::vector<float> xs = gather_fp32<scalar_t>(x, slots, m, k);  // [M, C] expert order
-  std::vector<float> partial(n_hc * m * width);  // [hidden chunks, M, C] shares of the down projection
-  std::vector<float> ys(m * width);              // each slot's down projection, rounded, slot order
-  const int threads = max_threads();
-  const int64_t scratch_per_thread = 2 * max_rows * kHiddenChunk;
-  std::vector<float> scratch(threads * scratch_per_thread);
-  std::unique_ptr<std::atomic<int64_t>[]> chunks_left(new std::atomic<int64_t>[segs.size()]);
-  for (size_t i = 0; i < segs.size(); ++i) chunks_left[i].store(n_hc, std::memory_order_relaxed);
-  const Isa isa = active_isa();
-  float* pp = partial.data();
-  parallel_items(n_items, threads, [&](int64_t it, int slot) {
-    const int64_t seg = it / n_hc, hc = it % n_hc;
-    const Segment& s = segs[seg];
-    const int64_t f0 = hc * kHiddenChunk, nf = std::min(kHiddenChunk, hidden - f0);
-    float* h = scratch.data() + slot * scratch_per_thread;  // [rows, nf] this hidden chunk
-    float* tmp = h + max_rows * kHiddenChunk;
-    const float* xr = xs.data() + s.lo * width;
-    // up projection, its depth chunks summed in order as expert_gemm sums them
-    const int64_t chunk = W1.depth_chunk();
-    for (int64_t d0 = 0; d0 < width; d0 += chunk) {
-      const int64_t nd = std::min(chunk, width - d0);
-      W1.project(isa, s.expert, xr + d0, width, s.rows, d0, nd, f0, nf, d0 == 0 ? h : tmp, nf);
-      if (d0 > 0)
-        for (int64_t i = 0; i < s.rows * nf; ++i) h[i] += tmp[i];
-    }
-    for (int64_t i = 0; i < s.rows * nf; ++i) h[i] = finish_projection<scalar_t, ExpertWeight<w_t>::kInt8>(h[i], gelu);
-    // this chunk's share of the down projection: h @ W2_e[f0 : f0 + nf, :]
-    W2.project(isa, s.expert, h, nf, s.rows, f0, nf, 0, width, pp + (hc * m + s.lo) * width, width);
-    if (chunks_left[seg].fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-    for (int64_t r = 0; r < s.rows; ++r) {  // last share of this segment: sum the shares in chunk order
-      float* dst = ys.data() + slots[s.lo + r] * width;
-      for (int64_t c = 0; c < width; ++c) {
-        float acc = 0.f;
-        for (int64_t j = 0; j < n_hc; ++j) acc += pp[(j * m + s.lo + r) * width + c];
-        dst[c] = static_cast<float>(static_cast<scalar_t>(acc));
-      }
-    }
-  });
-  ksum_slots<scalar_t>(ys, gates, out);
-}
-
 // Calls body.template operator()<scalar_t, w_t>() for the activations' dtype and the weight's kind (same dtype or
 // int8); false for the dtypes the GEMV does not serve (fp64).
-template <bool kInt8Weights = true, typename Body>
+template <typename Body>
 bool dispatch_gemv(const at::Tensor& x, bool int8, Body&& body) {
   const auto with = [&](auto tag) {
     using scalar_t = decltype(tag);
-    if constexpr (kInt8Weights) {
-      if (int8) {
-        body.template operator()<scalar_t, int8_t>();
-        return true;
-      }
+    if (int8) {
+      body.template operator()<scalar_t, int8_t>();
+      return true;
     }
     body.template operator()<scalar_t, scalar_t>();
     return true;
@@ -332,29 +278,20 @@ at::Tensor moe_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::opt
   check_moe_mlp(x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets, activation);
   const std::vector<int64_t> b = read_expert_offsets("molm::moe_mlp", expert_offsets, gates.numel());
   check_permutation("molm::moe_mlp", sorted_slots);
-  // int8 weights: moe_map (+ activation) then moe_reduce, two regions that each read whole output rows (the down
-  // projection, stored as output rows [C, F], would be read in one region in 256-byte pieces of all C rows per hidden
-  // chunk, measured 1.4x slower); the same dot rows and sums as the composition of expert_gemm_q8, without its
-  // gathered copies and four dispatcher calls (decode MLP of MoLM-350M-4B widths, 340 -> 300 us on 2 AMD EPYC cores)
-  if (scale1.has_value() && scale2.has_value()) {
-    const at::Tensor h = moe_map_cpu(x, w1, scale1, sorted_slots, slot_positions, expert_offsets, gates.size(1),
-                                     activation);  // [M, F] slot order
-    return moe_reduce_cpu(h, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets);
-  }
+  // Decode-sized routings: moe_map (+ activation) then moe_reduce, two regions that each stream whole depth chunks
+  // of their weight in memory order (one region over (expert, hidden chunk) items, which reads the up projection in
+  // 512-byte strips of 4 KB-strided rows, measured slower: the hardware prefetcher follows such strips badly).
+  // Larger routings keep the hidden rows in expert order between the two grouped GEMMs.
   std::vector<Segment> segs;
-  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());  // [N, C]
-  if (out.numel() == 0) return out;
-  const int64_t max_rows = max_rows_for(x, false);
-  const bool float_weights = !scale1.has_value() && !scale2.has_value();
-  const bool done =
-      float_weights && gemv_weight(w1, x.size(1)) && gemv_weight(w2, w1.size(2)) && small_segments(b, max_rows, segs) &&
-      dispatch_gemv</*kInt8Weights=*/false>(x, false, [&]<typename scalar_t, typename w_t>() {
-        moe_mlp_gemv<scalar_t>(x, ExpertWeight<w_t>(w1, at::Tensor()), ExpertWeight<w_t>(w2, at::Tensor()), gates,
-                               sorted_slots.data_ptr<int64_t>(), segs, max_rows, activation == "gelu_new", out);
-      });
-  return done ? out
-              : moe_mlp_composed(x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets,
-                                 activation);
+  const bool int8 = scale1.has_value();
+  const bool gemv = gemv_weight(w1, x.size(1)) && gemv_weight(w2, w1.size(int8 ? 1 : 2)) &&
+                    small_segments(b, max_rows_for(x, int8), segs) && x.scalar_type() != at::kDouble;
+  if (!gemv)
+    return moe_mlp_composed(x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets,
+                            activation);
+  const at::Tensor h = moe_map_cpu(x, w1, scale1, sorted_slots, slot_positions, expert_offsets, gates.size(1),
+                                   activation);  // [M, F] slot order
+  return moe_reduce_cpu(h, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets);
 }
 
 }  // namespace
