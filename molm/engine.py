@@ -1,6 +1,7 @@
-"""Fixed-shape decode steps for CUDA graphs.
+"""Decode-step engines: fixed-shape steps for CUDA graphs (StaticDecoder) and eager steps from a plan read once per
+generation (DecodePlan).
 
-A decode step reads the first `window` cache positions (powers of two, so at most 2x the live context) and
+A fixed-shape decode step reads the first `window` cache positions (powers of two, so at most 2x the live context) and
 writes the new token at a device-side position, so its shapes and pointers never change within a window: it is
 captured once per window as a CUDA graph and replayed every step (no Python, no allocations, no host syncs). The
 same code runs eagerly (`cuda_graphs=False`), which is how the CPU tests check its math against the plain path.
@@ -72,3 +73,195 @@ class StaticDecoder:
             graph.replay()
         self.cache.length = position + 1  # on the host: a replayed step moves no Python state
         return logits
+
+
+class DecodePlan:
+    """Eager decode steps without the per-step module walk, for one generation.
+
+    A model forward checks on every call that each block may take its direct path (no hooks, no wrappers, no patched
+    forwards, eval mode: `Block.direct_ready`) and reads every weight through its module: with 24 blocks that is
+    about 500 module lookups per step, and after a step's weights have streamed through the caches each one misses
+    them (about 1 ms of a 24 ms MoLM-350M-4B bf16 step on 2 CPU cores). A plan does those checks and reads once,
+    when generation starts, then runs each step as the same ops on the same tensors in the same order as the
+    model's direct path, so its logits are bitwise the model's. Like a captured CUDA graph, it keeps what it read:
+    hooks, module swaps or new parameter tensors set while a generation runs apply from the next generation on.
+    `capture` returns None where any module is not exactly molm's or torch's own, unhooked class (then generation
+    calls the model as usual)."""
+
+    def __init__(self, model, trunk, layers, lm_head_call):
+        self.model, self.trunk, self.layers, self.lm_head_call = model, trunk, layers, lm_head_call
+        self.ops = model._ops
+
+    @classmethod
+    def capture(cls, model) -> DecodePlan | None:
+        from torch import nn
+
+        from .model import ModuleFormerForCausalLM, ModuleFormerModel
+        from .modules import _GLOBAL_HOOKS, Block, _plain
+
+        if not _plain(model, ModuleFormerForCausalLM) or model.training or any(_GLOBAL_HOOKS):
+            return None
+        parts = model._modules
+        trunk = parts["transformer"]
+        if not _plain(trunk, ModuleFormerModel):
+            return None
+        t = trunk._modules
+        wte, drop, ln_f = t["wte"], t["drop"], t["ln_f"]
+        if not (
+            _plain(wte, nn.Embedding)
+            and wte.max_norm is None
+            and _plain(drop, nn.Dropout)
+            and (not drop.training or drop.p == 0)
+            and _plain(ln_f, nn.LayerNorm)
+            and type(t["h"]) is nn.ModuleList
+        ):
+            return None
+        head = _linear_call(parts["lm_head"])
+        if head is None:
+            return None
+        layers = []
+        for block in t["h"]:
+            if not _plain(block, Block) or not block.direct_ready():
+                return None
+            layer = _capture_block(block)
+            if layer is None:
+                return None
+            layers.append(layer)
+        plan = cls(model, trunk, layers, head)
+        plan.wte_weight, plan.ln_f = wte._parameters["weight"], _layer_norm_args(ln_f)
+        return plan
+
+    def step(self, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """tokens [B, T] (ids the model's vocabulary holds) appended to `cache`, attention_mask [B, past + T] or
+        None -> the last position's logits [B, V] float32, as model(tokens, attention_mask, cache, use_cache=True,
+        return_aux_loss=False, logits_to_keep=1).logits[:, -1]."""
+        from .model import float_logits
+
+        return float_logits(self.lm_head_call(self.hidden(tokens, cache, attention_mask)[:, -1:]))[:, -1]
+
+    def hidden(self, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The trunk's output [B, T, C] (after ln_f) for `step`."""
+        from .model import padding_bias
+
+        ops = self.ops
+        route_topk, moe_map, moe_reduce, moe_mlp, sb_attention = (
+            ops.route_topk,
+            ops.moe_map,
+            ops.moe_reduce,
+            ops.moe_mlp,
+            ops.sb_attention,
+        )
+        B, T = tokens.shape
+        x = torch.nn.functional.embedding(tokens, self.wte_weight)  # [B, T, C]
+        C = x.shape[-1]
+        bias = padding_bias(self.trunk, attention_mask, B, cache.read_length(T))
+        layer_norm = torch.nn.functional.layer_norm
+        for index, L in enumerate(self.layers):
+            h = layer_norm(x, *L.ln_1)
+            h2 = h.reshape(B * T, C)
+            _, gates, _, slots, positions, offsets = route_topk(L.att_router(h2), L.att_k)
+            q = moe_map(h2, *L.att_in, slots, positions, offsets, L.att_k, "none").view(B, T, *L.q_shape)
+            if L.kv is None:
+                keys, values = h, None
+            else:
+                keys, values = L.kv[0](h), L.kv[1](h)
+            keys, values = cache.append(index, keys, values)
+            if values is None:
+                values = keys
+            S = keys.shape[1]
+            o = sb_attention(q, keys.view(B, S, *L.q_shape[1:]), values.view(B, S, *L.q_shape[1:]), bias, L.scale)
+            a = moe_reduce(o.reshape(B * T * L.q_shape[0], L.att_width), *L.att_out, gates, slots, positions, offsets)
+            x = x + a.view(B, T, C)
+            h2 = layer_norm(x, *L.ln_2).reshape(B * T, C)
+            _, gates, _, slots, positions, offsets = route_topk(L.mlp_router(h2), L.mlp_k)
+            m = moe_mlp(h2, *L.mlp_in, *L.mlp_out, gates, slots, positions, offsets, "gelu_new")
+            x = x + m.view(B, T, C)
+        cache.advance()
+        return layer_norm(x, *self.ln_f)
+
+
+class _PlannedBlock:
+    """One block's tensors and kernels, as Block's direct path reads them."""
+
+    __slots__ = (
+        "ln_1",
+        "ln_2",
+        "att_router",
+        "att_k",
+        "att_in",
+        "att_out",
+        "q_shape",
+        "att_width",
+        "scale",
+        "kv",
+        "mlp_router",
+        "mlp_k",
+        "mlp_in",
+        "mlp_out",
+    )
+
+
+def _layer_norm_args(ln) -> tuple:
+    p = ln._parameters
+    return ln.normalized_shape, p["weight"], p.get("bias"), ln.eps
+
+
+def _linear_call(module):
+    """f(x) = the module's output, for a plain bound molm Linear or int8 linear (None for anything else)."""
+    from .modules import _direct_linear, _plain
+    from .quantization import QuantizedLinear
+
+    if _direct_linear(module):
+        kernel, p = module.kernel, module._parameters
+        weight, bias = p["weight"], p["bias"]
+        return lambda x: kernel(x, weight, bias)
+    if _plain(module, QuantizedLinear) and module.kernel is not None:
+        kernel, weight, scale, bias = module.kernel, module.weight, module.weight_scale, module.bias
+        return lambda x: kernel(x, weight, scale, bias)
+    return None
+
+
+def _expert_tensors(experts) -> tuple | None:
+    """(weight, scale) as the experts' forward hands them to the fused ops, for molm's own expert classes."""
+    from .modules import ParallelExperts
+    from .quantization import QuantizedExperts
+
+    if type(experts) not in (ParallelExperts, QuantizedExperts):
+        return None
+    return experts.forward(lambda weight, scale: (weight, scale))
+
+
+def _router_call(router):
+    """(f(h) = the router's logits as its direct path computes them, top_k); the caller has checked that the router
+    is direct-ready (an mlp gate whose GELU fuses into its first projection, or a single linear map)."""
+    parts = router.w_gate._modules
+    if router.gate_type == "mlp":
+        first, last = parts["0"], parts["3"]
+        k0, w0, b0 = first.kernel, first._parameters["weight"], first._parameters["bias"]
+        k3, w3, b3 = last.kernel, last._parameters["weight"], last._parameters["bias"]
+        return (lambda h: k3(k0(h, w0, b0, "gelu"), w3, b3)), router.top_k
+    return _linear_call(parts["0"]), router.top_k
+
+
+def _capture_block(block) -> _PlannedBlock | None:
+    """The tensors Block.forward's direct path reads (the caller has checked `direct_ready`)."""
+    import math
+
+    parts = block._modules
+    attn, mlpf = parts["attn"], parts["mlpf"]
+    q_proj = attn._modules["q_proj"]
+    tensors = [_expert_tensors(m._modules[name]) for m in (q_proj, mlpf) for name in ("experts", "output_experts")]
+    if any(t is None for t in tensors):
+        return None
+    L = _PlannedBlock()
+    L.ln_1, L.ln_2 = _layer_norm_args(parts["ln_1"]), _layer_norm_args(parts["ln_2"])
+    L.att_in, L.att_out, L.mlp_in, L.mlp_out = tensors
+    L.att_router, L.att_k = _router_call(q_proj._modules["gate"])
+    L.mlp_router, L.mlp_k = _router_call(mlpf._modules["gate"])
+    if L.att_k != attn.top_k:
+        return None
+    L.q_shape = (attn.top_k, attn.n_head, attn.head_size)
+    L.att_width = attn.n_head * attn.head_size
+    L.scale = 1.0 / math.sqrt(attn.head_size)
+    L.kv = None if attn.identity_kv else (_linear_call(attn._modules["k_proj"]), _linear_call(attn._modules["v_proj"]))
+    return L

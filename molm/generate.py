@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import torch
 
 from .cache import KVCache
-from .engine import StaticDecoder
+from .engine import DecodePlan, StaticDecoder
+from .model import _serial_slices
 from .tokenizer import load_tokenizer  # noqa: F401  (molm.load_tokenizer, callers below)
 
 
@@ -21,7 +22,7 @@ def sample_next(
 ) -> torch.Tensor:
     """logits [B, V] float32 -> next ids [B]. temperature 0 = greedy (argmax); no host sync."""
     if temperature <= 0.0:
-        return logits.argmax(dim=-1)
+        return greedy_ids(logits)
     logits = logits / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
@@ -34,6 +35,17 @@ def sample_next(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> argmax ids [B] (the first of equal maxima; NaN counts as the maximum, as torch.argmax), on
+    the CPU over column slices that ATen reduces serially (no OpenMP region: see model.ATEN_PARALLEL_GRAIN)."""
+    slices = _serial_slices(logits.shape[-1], logits.shape[0]) if logits.device.type == "cpu" else None
+    if slices is None or len(slices) == 1:
+        return logits.argmax(dim=-1)
+    best = torch.stack([logits[:, cols].max(dim=-1).values for cols in slices], dim=-1)  # [B, slices]
+    index = torch.stack([logits[:, cols].argmax(dim=-1) + cols.start for cols in slices], dim=-1)
+    return index.gather(1, best.argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
 def penalize_repeats(
@@ -142,6 +154,7 @@ def generate_ids(
         full_mask = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=device)  # set column by column
         full_mask[:, :T] = 1 if attention_mask is None else attention_mask.to(device)
     decoder = StaticDecoder(model, cache, full_mask, cuda_graphs=True) if cuda_graphs else None
+    plan = DecodePlan.capture(model) if decoder is None else None  # eager steps without the module walk
     pad = pad_token_id if pad_token_id is not None else eos_token_id
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     history = valid = seen = None  # what the repetition penalty and the n-gram ban look at
@@ -160,6 +173,8 @@ def generate_ids(
             full_mask[:, T + step - 1] = 1
         if step > 0 and decoder is not None:
             logits = decoder.step(tokens, T + step - 1)
+        elif step > 0 and plan is not None:
+            logits = plan.step(tokens, cache, None if full_mask is None else full_mask[:, : cache.length + 1])
         else:
             mask = None if full_mask is None else full_mask[:, : cache.length + tokens.shape[1]]
             logits = model(

@@ -306,6 +306,36 @@ class ModuleFormerForSequenceClassification(ModuleFormerPreTrainedModel):
 # at call time, so a replaced head or an edited config takes effect at once.
 
 
+# ATen runs an elementwise op or a reduction over at least this many elements as an OpenMP region (its grain size).
+# After a region its workers spin unless OMP_WAIT_POLICY=PASSIVE (what molm sets when it is imported before torch), and
+# spinning workers take a core from molm's own kernels: two regions at the end of each decode step (the logits'
+# widening, the greedy argmax) made a MoLM-350M-4B bf16 step on 2 cores 20 % slower.
+ATEN_PARALLEL_GRAIN = 32768
+
+
+def _serial_slices(length: int, rows: int):
+    """Column slices of a [rows, length] tensor small enough that ATen runs each op on them serially (none when the
+    rows alone are too large: then one parallel op is the better choice)."""
+    step = (ATEN_PARALLEL_GRAIN - 1) // max(rows, 1)
+    if step < 1024:
+        return None
+    return [slice(c, min(c + step, length)) for c in range(0, length, step)]
+
+
+def float_logits(logits: torch.Tensor) -> torch.Tensor:
+    """logits [..., V] in float32, widened without an OpenMP region on the CPU (see ATEN_PARALLEL_GRAIN)."""
+    if logits.dtype == torch.float32 or logits.device.type != "cpu" or logits.numel() < ATEN_PARALLEL_GRAIN:
+        return logits.float()
+    rows = logits.numel() // logits.shape[-1]
+    slices = _serial_slices(logits.shape[-1], rows)
+    if slices is None:
+        return logits.float()
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    for cols in slices:
+        out[..., cols].copy_(logits[..., cols])
+    return out
+
+
 def check_input_ids(input_ids, vocab_size: int) -> None:
     """input_ids must be an int64/int32 [batch, length] tensor of ids below the embedding's row count."""
     if not isinstance(input_ids, torch.Tensor):
@@ -410,7 +440,7 @@ def causal_lm_forward(
         output_hidden_states,
     )
     kept = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
-    logits = model.lm_head(kept).float()  # [B, T, V]
+    logits = float_logits(model.lm_head(kept))  # [B, T, V]
     loss = None
     if labels is not None or shift_labels is not None:
         given, name = (labels, "labels") if shift_labels is None else (shift_labels, "shift_labels")

@@ -7,7 +7,7 @@ import torch
 
 import molm
 from molm.cache import KVCache
-from molm.engine import StaticDecoder
+from molm.engine import DecodePlan, StaticDecoder
 
 from backends import BACKENDS
 
@@ -107,3 +107,131 @@ def test_finished_rows_are_dropped_without_changing_tokens(backend, monkeypatch)
     assert torch.equal(steps, expected[:, :n])
     assert n == 12 or bool((expected[:, n:] == pad).all())  # stopped early only once every row ended
     assert reorders and reorders[0] == [2, 3] or (free[2:] == eos).any()  # the two running rows were kept
+
+
+# ---------------------------------------------------------------------------------------------- DecodePlan
+def _planned_model(name, backend, dtype, gate_type=None, quantize=None):
+    model = molm.load(os.path.join(DATA, name), dtype=dtype, backend=backend, quantize=quantize)
+    if gate_type is not None:  # same widths, another router: a fresh model initialised from a seed
+        config = model.config.replace(gate_type=gate_type)
+        model = molm.ModuleFormerForCausalLM(config, backend=backend).init_weights(seed=0).to(dtype).eval()
+    return model
+
+
+@torch.inference_mode()
+def _plan_against_model(model, steps=12):
+    """Left-padded batch of 3: prefill through the model, then each step through the plan and through the model on
+    two caches; logits and caches must be bitwise equal."""
+    B, T = 3, 6
+    ids = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(B, T + steps, dtype=torch.long)
+    mask[:, :T] = 1
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    caches = [KVCache.for_model(model, B, T + 2), KVCache.for_model(model, B, T + 2)]  # both grow on the way
+    for cache in caches:
+        out = model(ids, attention_mask=mask[:, :T], past_key_values=cache, use_cache=True, return_aux_loss=False)
+    plan = DecodePlan.capture(model)
+    assert plan is not None
+    tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+    for step in range(steps):
+        mask[:, T + step] = 1
+        expected = model(
+            tokens,
+            attention_mask=mask[:, : T + step + 1],
+            past_key_values=caches[0],
+            use_cache=True,
+            return_aux_loss=False,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        got = plan.step(tokens, caches[1], mask[:, : T + step + 1])
+        assert got.dtype == torch.float32 and torch.equal(got, expected), f"step {step}"
+        assert caches[1].length == caches[0].length == T + step + 1
+        tokens = expected.argmax(-1, keepdim=True)
+    for a, b in zip(caches[0].keys, caches[1].keys):
+        assert torch.equal(a[:, : caches[0].length], b[:, : caches[1].length])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "name,dtype,gate_type",
+    [
+        ("molm-tiny-a", torch.float32, None),  # K = V = ln_1 output
+        ("molm-tiny-b", torch.float32, None),  # K/V projections, 4 heads
+        ("molm-tiny-a", torch.bfloat16, None),
+        ("molm-tiny-b", torch.float32, "linear"),
+    ],
+)
+def test_decode_plan_steps_are_bitwise_the_model_steps(backend, name, dtype, gate_type):
+    _plan_against_model(_planned_model(name, backend, dtype, gate_type))
+
+
+@pytest.mark.extension
+@pytest.mark.parametrize("name", ["molm-tiny-a", "molm-tiny-b"])
+def test_decode_plan_of_an_int8_model_is_bitwise_the_model(name):
+    _plan_against_model(_planned_model(name, "extension", torch.bfloat16, quantize="int8"))
+
+
+def test_decode_plan_declines_what_the_direct_path_declines():
+    """Any hook, wrapper, parametrization, other router kind or training mode: no plan (generation then calls the
+    model, which honours them)."""
+    from torch.nn.utils import parametrize
+
+    def fresh():
+        return _planned_model("molm-tiny-a", "reference", torch.float32)
+
+    assert DecodePlan.capture(fresh()) is not None
+    model = fresh()
+    model.transformer.h[1].ln_2.register_forward_hook(lambda *a: None)
+    assert DecodePlan.capture(model) is None
+    model = fresh()
+    model.transformer.h[0].register_forward_pre_hook(lambda *a: None)
+    assert DecodePlan.capture(model) is None
+    model = fresh()
+    model.register_forward_hook(lambda *a: None)
+    assert DecodePlan.capture(model) is None
+    model = fresh()
+    model.lm_head.forward = lambda x: x  # an instance-patched forward (as accelerate's offload sets)
+    assert DecodePlan.capture(model) is None
+    model = fresh()
+    model.lm_head = torch.nn.Linear(model.config.n_embd, model.config.vocab_size, bias=False)
+    assert DecodePlan.capture(model) is None
+    model = fresh()
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(model.transformer.h[0].mlpf.experts, "weight", Double())
+    assert DecodePlan.capture(model) is None
+    model = fresh()
+    model.transformer.h[0].attn.q_proj.gate.w_gate[1] = torch.nn.Identity()  # not the GELU the kernel fuses
+    assert DecodePlan.capture(model) is None
+    model = fresh().train()
+    assert DecodePlan.capture(model) is None
+    gmm = _planned_model("molm-tiny-a", "reference", torch.float32, gate_type="gmm")
+    assert DecodePlan.capture(gmm) is None
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert DecodePlan.capture(fresh()) is None
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generation_gives_the_same_tokens_with_and_without_a_plan(backend, monkeypatch):
+    model = _planned_model("molm-tiny-b", backend, torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    settings = dict(attention_mask=mask, max_new_tokens=10, temperature=0.8, top_k=20, seed=7)
+    captured = []
+    real_capture = DecodePlan.capture
+    monkeypatch.setattr(
+        DecodePlan, "capture", classmethod(lambda cls, m: captured.append(real_capture(m)) or captured[-1])
+    )
+    planned = torch.stack(list(molm.generate_ids(model, ids, **settings)))
+    assert captured and captured[-1] is not None
+    monkeypatch.setattr(DecodePlan, "capture", classmethod(lambda cls, m: None))
+    plain = torch.stack(list(molm.generate_ids(model, ids, **settings)))
+    assert torch.equal(planned, plain)

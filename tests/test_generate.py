@@ -270,3 +270,32 @@ def test_penalties_survive_dropping_finished_rows():
 def test_bad_penalty_settings(model, setting, message):
     with pytest.raises(ValueError, match=message):
         molm.generate(model, "It was", stream=True, **setting)
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 50295), (2, 50295), (1, 100), (3, 70000), (64, 50295)])
+def test_greedy_ids_is_argmax_over_sliced_rows(rows, vocab):
+    """The greedy pick reduces column slices serially: the same ids as torch.argmax, ties (first maximum) and NaN
+    (counts as the maximum) included."""
+    from molm.generate import greedy_ids
+
+    g = torch.Generator().manual_seed(rows * vocab)
+    for trial in range(12):
+        x = torch.randn(rows, vocab, generator=g)
+        if trial % 3 == 0:
+            x[:, ::7] = x.max()  # the maximum repeated in every slice
+        if trial % 4 == 1:
+            x[0, (2 * vocab) // 3] = float("nan")
+            x[0, vocab - 1] = float("nan")
+        if trial % 4 == 2:
+            x = torch.round(x * 2)  # many equal values
+        assert torch.equal(greedy_ids(x), x.argmax(-1)), trial
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 50295), (2, 1, 50295), (1, 3, 40000), (1, 1, 100), (40, 1, 50295)])
+def test_float_logits_widen_exactly(shape):
+    from molm.model import float_logits
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+        out = float_logits(x)
+        assert out.dtype == torch.float32 and out.shape == x.shape and torch.equal(out, x.float())

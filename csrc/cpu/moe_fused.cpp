@@ -7,8 +7,8 @@
 //              depth chunks in memory order.
 // Float weights [E, in, out] go through expert_gemm's GEMV (expert_gemv.h): same depth chunks, same sums in the same
 // order, so on this path the ops give bitwise what gather_rows -> expert_gemm -> scatter_ksum give. int8 weights
-// [E, out, in] with scales [E, out] go through expert_gemm_q8's dot rows. Routings with a segment too large for a GEMV (prefill, training) run the composition of the
-// grouped-GEMM ops instead (moe_compose.h).
+// [E, out, in] with scales [E, out] go through expert_gemm_q8's dot rows. Routings with a segment too large for a GEMV
+// (prefill, training) run the composition of the grouped-GEMM ops instead (moe_compose.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -287,8 +287,7 @@ at::Tensor moe_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::opt
   const bool gemv = gemv_weight(w1, x.size(1)) && gemv_weight(w2, w1.size(int8 ? 1 : 2)) &&
                     small_segments(b, max_rows_for(x, int8), segs) && x.scalar_type() != at::kDouble;
   if (!gemv)
-    return moe_mlp_composed(x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets,
-                            activation);
+    return moe_mlp_composed(x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets, activation);
   const at::Tensor h = moe_map_cpu(x, w1, scale1, sorted_slots, slot_positions, expert_offsets, gates.size(1),
                                    activation);  // [M, F] slot order
   return moe_reduce_cpu(h, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets);
