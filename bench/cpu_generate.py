@@ -3,7 +3,8 @@
     python bench/cpu_generate.py --layers 4 --json bench/results/cpu_generate.json
 
 Prints one row per (dtype, batch, backend): prefill tok/s, decode tok/s, and the extension/reference speedup.
-Decode is timed after a prefill of --prompt tokens, one token per sequence per step, with the KV cache.
+Decode is timed as molm.generate_ids runs it (greedy, one token per sequence per step, with the KV cache) after a
+prefill of --prompt tokens.
 
     python bench/cpu_generate.py --contention --builds old=../molm-old new=. --json bench/results/x.json
 
@@ -64,21 +65,21 @@ def read_bandwidth_gbs() -> float:
     return x.numel() * 4 / seconds / 1e9
 
 
+def generation_seconds(model, ids: torch.Tensor, steps: int) -> float:
+    """Seconds of `steps` greedy decode steps of molm.generate_ids (what molm.generate and the CLI run), after its
+    prefill and first token (untimed)."""
+    tokens = molm.generate_ids(model, ids, max_new_tokens=steps + 1)
+    next(tokens)
+    start = time.perf_counter()
+    for _ in tokens:
+        pass
+    return time.perf_counter() - start
+
+
 def decode_rate(model, batch: int, prompt: int, steps: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
-
-    def run():
-        cache = molm.KVCache.for_model(model, batch, prompt + steps)
-        model(ids, past_key_values=cache, use_cache=True, return_aux_loss=False, logits_to_keep=1)
-        token = ids[:, -1:]
-        start = time.perf_counter()
-        for _ in range(steps):
-            out = model(token, past_key_values=cache, use_cache=True, return_aux_loss=False, logits_to_keep=1)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-        return time.perf_counter() - start
-
-    run()  # warm-up
-    seconds = statistics.median(run() for _ in range(2))
+    generation_seconds(model, ids, steps)  # warm-up
+    seconds = statistics.median(generation_seconds(model, ids, steps) for _ in range(2))
     return batch * steps / seconds
 
 
@@ -89,16 +90,9 @@ def prefill_rate(model, batch: int, length: int) -> float:
 
 
 def decode_once(model, prompt: int, steps: int) -> float:
-    """Batch-1 decode tok/s of one run of `steps` tokens after an (untimed) prefill of `prompt` tokens."""
+    """Batch-1 decode tok/s of one generation of `steps` tokens after an (untimed) prefill of `prompt` tokens."""
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
-    cache = molm.KVCache.for_model(model, 1, prompt + steps)
-    model(ids, past_key_values=cache, use_cache=True, return_aux_loss=False, logits_to_keep=1)
-    token = ids[:, -1:]
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = model(token, past_key_values=cache, use_cache=True, return_aux_loss=False, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-    return steps / (time.perf_counter() - start)
+    return steps / generation_seconds(model, ids, steps)
 
 
 def expert_gemm_once(model, calls: int = 20) -> float:

@@ -1,8 +1,9 @@
 // CPU fused stick-breaking attention (ModuleFormer variant). Never materialises an S x S matrix.
 //  * direct path (decode, few new positions): per (b, t, h) the k slot queries of a token share every key read;
 //    keys are walked from the query position down to 0 in fixed-size chunks (split-KV), each chunk with its own
-//    running log-survival; chunks are combined newest to oldest (sb_combine_chunks). O(S * D) per query, one pass
-//    over K/V, no [T, S] buffer at all.
+//    running log-survival; chunks are combined newest to oldest (sb_combine_chunks). O(S * D) per query; a chunk's
+//    logits, then its weights, then its weighted value sum (a second read of at most 512 rows, from L2), so the
+//    largest buffer is [k, 512].
 //  * tiled path (prefill): for a tile of query rows, logits [rows, W] by one GEMM, the reverse scan per row in
 //    place (sb_scan_row), then weights @ V by a second GEMM. The largest buffer is [rows, S].
 // bf16/fp16 inputs are computed in fp32, fp64 in fp64. Chunk and tile sizes are fixed, so results do not depend on
@@ -54,7 +55,6 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  const bool kv_same = kp == vp && k.strides() == v.strides();
   const int threads = max_threads();
   const int64_t n_rows = B * T * H;
   // A row's k slots share every key read; with fewer (row, chunk) items than threads (batch-1 decode) each slot gets
@@ -66,7 +66,7 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   std::vector<acc_t> s_part(n_chunks > 1 ? n_rows * n_chunks * G : 0);
   std::unique_ptr<std::atomic<int64_t>[]> chunks_left(new std::atomic<int64_t>[n_chunks > 1 ? n_groups : 0]);
   for (int64_t r = 0; r < (n_chunks > 1 ? n_groups : 0); ++r) chunks_left[r].store(n_chunks, std::memory_order_relaxed);
-  const int64_t per_thread = 2 * per_item * D + 2 * D + per_item;
+  const int64_t per_thread = 2 * per_item * D + 2 * D + per_item + per_item * kKeyChunk;
   std::vector<acc_t> scratch(threads * per_thread);
   // One region: the chunk that finishes a (row, slot group) last combines its chunks, newest to oldest (a fixed
   // order).
@@ -76,6 +76,7 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
     acc_t* kbuf = obuf + per_item * D;                 // [D]
     acc_t* vbuf = kbuf + D;                            // [D]
     acc_t* cum = vbuf + D;                             // [per_item]
+    acc_t* weights = cum + per_item;                   // [per_item, kKeyChunk] logits, then weights
     const int64_t group = item / n_chunks, c = item % n_chunks;
     const int64_t row = group / n_slot_groups, g0 = (group % n_slot_groups) * per_item;
     const int64_t b = row / (T * H), t = (row / H) % T, h = row % H;
@@ -89,15 +90,29 @@ void sb_direct(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
         const scalar_t* qg = qp + b * q.stride(0) + t * q.stride(1) + (g0 + g) * q.stride(2) + h * q.stride(3);
         for (int64_t d = 0; d < D; ++d) qbuf[g * D + d] = static_cast<acc_t>(qg[d]);
       }
-      for (int64_t j = k_hi - 1; j >= k_lo; --j) {
+      // Three passes over the chunk: the logits (independent dot products, so the key reads overlap), the
+      // stick-breaking weights newest to oldest (scalar), then the weighted sum of the value rows, newest to oldest
+      // (the rows now come from L2). The same operations in the same order as one fused pass: bitwise its result.
+      const int64_t n = k_hi - k_lo;
+      for (int64_t j = k_lo; j < k_hi; ++j) {
         const acc_t* kj = as_acc(kp + b * k.stride(0) + j * k.stride(1) + h * k.stride(2), kbuf, D);
-        const acc_t* vj = kv_same ? kj : nullptr;
         const acc_t bj = bias ? bias[b * S + j] : acc_t(0);
-        for (int64_t g = 0; g < per_item; ++g) {
+        for (int64_t g = 0; g < per_item; ++g)
+          weights[g * kKeyChunk + (j - k_lo)] = dot(qbuf + g * D, kj, D) * scale + bj;
+      }
+      for (int64_t g = 0; g < per_item; ++g) {
+        acc_t* wg = weights + g * kKeyChunk;
+        for (int64_t r = n - 1; r >= 0; --r) {
           acc_t beta, ls;
-          core::sb_terms(dot(qbuf + g * D, kj, D) * scale + bj, beta, ls);
-          const acc_t a = beta * std::exp(cum[g]);
+          core::sb_terms(wg[r], beta, ls);
+          wg[r] = beta * std::exp(cum[g]);
           cum[g] += ls;
+        }
+      }
+      for (int64_t j = k_hi - 1; j >= k_lo; --j) {
+        const acc_t* vj = nullptr;
+        for (int64_t g = 0; g < per_item; ++g) {
+          const acc_t a = weights[g * kKeyChunk + (j - k_lo)];
           if (a == acc_t(0)) continue;  // masked or negligible key: adds exactly zero
           if (!vj) vj = as_acc(vp + b * v.stride(0) + j * v.stride(1) + h * v.stride(2), vbuf, D);
           axpy(a, vj, obuf + g * D, D);
