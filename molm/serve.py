@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache
-from .generate import _truncate_at_stop, load_tokenizer, sample_next
+from .engine import DecodePlan
+from .generate import _truncate_at_stop, greedy_ids, load_tokenizer, sample_next
 
 MAX_N = 64  # choices per request
 MAX_STOPS = 4
@@ -278,6 +279,8 @@ class Engine:
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="molm-scheduler", daemon=True)
+        # decode steps from a plan read now: the served model is the engine's alone (prefills call the model)
+        self.plan = DecodePlan.capture(model)
 
     def start(self) -> "Engine":
         self.thread.start()
@@ -481,10 +484,13 @@ class Engine:
         held = torch.tensor([seq.cache_length + 1 for seq in rows], device=self.model.device)
         positions = torch.arange(cache.length + 1, device=self.model.device)
         mask = (positions[None, :] >= cache.length + 1 - held[:, None]).long()  # [B, S + 1], left padding 0
-        logits = self._forward(tokens, mask, cache, logits_to_keep=1)[:, -1]
+        if self.plan is not None:
+            logits = self.plan.step(tokens, cache, mask)
+        else:
+            logits = self._forward(tokens, mask, cache, logits_to_keep=1)[:, -1]
         if self.metrics:
             self.metrics.batch_size.observe(len(rows))
-        greedy = logits.argmax(dim=-1).tolist()
+        greedy = greedy_ids(logits).tolist()
         for row, seq in enumerate(rows):
             seq.cache_length += 1
             self._accept(seq, logits[row : row + 1], greedy[row])
