@@ -22,7 +22,7 @@ from .tokenizer import load_tokenizer
 from .train import TrainConfig, train
 from .usage import ExpertUsage, expert_usage, plot_usage
 
-__version__ = "0.4.3"
+__version__ = "0.4.4"
 __all__ = [
     "KVCache",
     "PRESETS",

@@ -423,7 +423,7 @@ def _write_tokenizer_config(model, directory: str) -> None:
         return
     from tokenizers import Tokenizer
 
-    from .evaluate import eot_id
+    from .tokenizer import eot_id
 
     tokenizer = Tokenizer.from_file(tokenizer_json)
     eot = tokenizer.id_to_token(eot_id(model, tokenizer))

@@ -24,16 +24,7 @@ import torch.nn.functional as F
 
 from .data import token_windows
 from .generate import check_tokenizer_fits
-
-
-def eot_id(model, tokenizer=None) -> int:
-    """The token that conditions a document's first token: eos when the model has it, else the tokenizer's
-    <|endoftext|>, else 0."""
-    eos = model.config.eos_token_id
-    if eos is not None and 0 <= eos < model.config.vocab_size:
-        return eos
-    found = tokenizer.token_to_id("<|endoftext|>") if tokenizer is not None else None
-    return found if found is not None and found < model.config.vocab_size else 0
+from .tokenizer import eot_id  # noqa: F401  (molm.evaluate.eot_id, lm_eval)
 
 
 def default_max_length(model) -> int:

@@ -133,10 +133,11 @@ def generate_ids(
 
     input_ids [B, T] (left-padded when rows differ in length, with attention_mask [B, T]). Decode steps are
     replayed from CUDA graphs (`cuda_graphs`, default: on for a CUDA model with the extension backend); the
-    prefill and CPU steps run eagerly on the same preallocated cache. With `compact_finished`, once at most half
-    of the rows still run, finished rows are dropped from the batch (cache rows selected, graphs recaptured), so
-    they stop costing work. `repetition_penalty` and `no_repeat_ngram_size` follow transformers' definitions and
-    look at each row's prompt (left padding excluded) and generated tokens.
+    prefill runs eagerly on the same preallocated cache, and so do the other decode steps, from a `DecodePlan` of
+    the model read when generation starts (engine.py) where the model allows one. With `compact_finished`, once at
+    most half of the rows still run, finished rows are dropped from the batch (cache rows selected, graphs
+    recaptured), so they stop costing work. `repetition_penalty` and `no_repeat_ngram_size` follow transformers'
+    definitions and look at each row's prompt (left padding excluded) and generated tokens.
     """
     _check_settings(max_new_tokens, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size)
     model.check_input_ids(input_ids)

@@ -80,3 +80,13 @@ def _is_molm_vocab(directory) -> bool:
             return json.load(f).get("vocab_size") == MOLM_VOCAB_SIZE
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def eot_id(model, tokenizer=None) -> int:
+    """The token that conditions a document's first token: eos when the model has it, else the tokenizer's
+    <|endoftext|>, else 0."""
+    eos = model.config.eos_token_id
+    if eos is not None and 0 <= eos < model.config.vocab_size:
+        return eos
+    found = tokenizer.token_to_id("<|endoftext|>") if tokenizer is not None else None
+    return found if found is not None and found < model.config.vocab_size else 0
