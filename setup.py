@@ -98,6 +98,7 @@ def _extension():
         "csrc/ops.cpp",
         "csrc/bindings.cpp",
         "csrc/kernel_options.cpp",
+        "csrc/decode_runner.cpp",
         *_rel(glob.glob(os.path.join(ROOT, "csrc/cpu/*.cpp"))),
     ]
     cxx_flags = ["-O3", "-fopenmp"]  # the -std flag comes from torch (C++17 code; torch >= 2.10 headers need C++20)

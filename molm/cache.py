@@ -101,16 +101,25 @@ class KVCache:
                 raise ValueError(f"KVCache.fixed_window takes one new position per step, got {T}")
             self._tracked.pop(layer, None)
             return self.update(layer, keys, values, self.position, self.window)
-        end = self.length + T
-        if end > self.capacity:
-            self._grow(end)
-        self._pending = T
-        positions = self._positions(end)
+        positions, end = self.reserve(T)
         k, v = self.update(layer, keys, values, positions, end)
         if torch.is_grad_enabled() and (keys.requires_grad or (values is not None and values.requires_grad)):
             return self._append_tracked(layer, keys, values)
         self._tracked.pop(layer, None)
         return k, v
+
+    def reserve(self, new: int) -> tuple[torch.Tensor, int]:
+        """The step's `new` positions, made room for (the buffers grow when full) and pending until `advance`:
+        -> (positions [new] int64, end = length + new). Every layer of a step writes the same positions."""
+        end = self.length + new
+        if end > self.capacity:
+            self._grow(end)
+        self._pending = new
+        return self._positions(end), end
+
+    def untrack(self) -> None:
+        """Forget the autograd-tracked K/V of earlier steps (a step written without autograd replaces them)."""
+        self._tracked.clear()
 
     def _positions(self, end: int) -> torch.Tensor:
         """The step's new positions length .. end-1, made once per step (every layer writes the same ones)."""

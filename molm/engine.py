@@ -91,6 +91,7 @@ class DecodePlan:
     def __init__(self, model, trunk, layers, lm_head_call):
         self.model, self.trunk, self.layers, self.lm_head_call = model, trunk, layers, lm_head_call
         self.ops = model._ops
+        self.runner = None  # the trunk in C++ (extension backend): the same ops without the Python between them
 
     @classmethod
     def capture(cls, model) -> DecodePlan | None:
@@ -129,6 +130,7 @@ class DecodePlan:
             layers.append(layer)
         plan = cls(model, trunk, layers, head)
         plan.wte_weight, plan.ln_f = wte._parameters["weight"], _layer_norm_args(ln_f)
+        plan.runner = _runner(model, layers)
         return plan
 
     def step(self, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -156,6 +158,19 @@ class DecodePlan:
         C = x.shape[-1]
         bias = padding_bias(self.trunk, attention_mask, B, cache.read_length(T))
         layer_norm = torch.nn.functional.layer_norm
+        if (
+            self.runner is not None
+            and cache.window is None
+            and not torch.is_grad_enabled()
+            and not torch._C._is_torch_function_mode_enabled()
+        ):
+            if B != cache.batch:
+                raise ValueError(f"KVCache: batch {B} does not match the cache's batch {cache.batch}")
+            positions, end = cache.reserve(T)
+            cache.untrack()
+            x = self.runner.run(x, bias, cache.keys, cache.values or [], positions, end)
+            cache.advance()
+            return layer_norm(x, *self.ln_f)
         for index, L in enumerate(self.layers):
             h = layer_norm(x, *L.ln_1)
             h2 = h.reshape(B * T, C)
@@ -194,6 +209,9 @@ class _PlannedBlock:
         "att_width",
         "scale",
         "kv",
+        "kv_parts",
+        "att_router_parts",
+        "mlp_router_parts",
         "mlp_router",
         "mlp_k",
         "mlp_in",
@@ -232,15 +250,16 @@ def _expert_tensors(experts) -> tuple | None:
 
 
 def _router_call(router):
-    """(f(h) = the router's logits as its direct path computes them, top_k); the caller has checked that the router
-    is direct-ready (an mlp gate whose GELU fuses into its first projection, or a single linear map)."""
+    """(f(h) = the router's logits as its direct path computes them, top_k, its linear maps as (kernel, weight,
+    bias)); the caller has checked that the router is direct-ready (an mlp gate whose GELU fuses into its first
+    projection, or a single linear map)."""
     parts = router.w_gate._modules
+    maps = [parts["0"], parts["3"]] if router.gate_type == "mlp" else [parts["0"]]
+    linears = [(m.kernel, m._parameters["weight"], m._parameters["bias"]) for m in maps]
     if router.gate_type == "mlp":
-        first, last = parts["0"], parts["3"]
-        k0, w0, b0 = first.kernel, first._parameters["weight"], first._parameters["bias"]
-        k3, w3, b3 = last.kernel, last._parameters["weight"], last._parameters["bias"]
-        return (lambda h: k3(k0(h, w0, b0, "gelu"), w3, b3)), router.top_k
-    return _linear_call(parts["0"]), router.top_k
+        (k0, w0, b0), (k3, w3, b3) = linears
+        return (lambda h: k3(k0(h, w0, b0, "gelu"), w3, b3)), router.top_k, linears
+    return _linear_call(parts["0"]), router.top_k, linears
 
 
 def _capture_block(block) -> _PlannedBlock | None:
@@ -256,12 +275,67 @@ def _capture_block(block) -> _PlannedBlock | None:
     L = _PlannedBlock()
     L.ln_1, L.ln_2 = _layer_norm_args(parts["ln_1"]), _layer_norm_args(parts["ln_2"])
     L.att_in, L.att_out, L.mlp_in, L.mlp_out = tensors
-    L.att_router, L.att_k = _router_call(q_proj._modules["gate"])
-    L.mlp_router, L.mlp_k = _router_call(mlpf._modules["gate"])
+    L.att_router, L.att_k, L.att_router_parts = _router_call(q_proj._modules["gate"])
+    L.mlp_router, L.mlp_k, L.mlp_router_parts = _router_call(mlpf._modules["gate"])
     if L.att_k != attn.top_k:
         return None
     L.q_shape = (attn.top_k, attn.n_head, attn.head_size)
     L.att_width = attn.n_head * attn.head_size
     L.scale = 1.0 / math.sqrt(attn.head_size)
-    L.kv = None if attn.identity_kv else (_linear_call(attn._modules["k_proj"]), _linear_call(attn._modules["v_proj"]))
+    kv = () if attn.identity_kv else (attn._modules["k_proj"], attn._modules["v_proj"])
+    L.kv = tuple(_linear_call(m) for m in kv) or None
+    L.kv_parts = [(m.kernel, m._parameters["weight"], m._parameters["bias"]) for m in kv]
     return L
+
+
+def _runner(model, layers):
+    """The C++ trunk (csrc/decode_runner.h) for these blocks, where every op they call is the extension's registered
+    op (it calls those ops itself): None otherwise (the reference backend, a rebound kernel)."""
+    try:
+        from . import _C, ops
+    except ImportError:
+        return None
+    if not ops.extension_available() or not hasattr(_C, "DecodeRunner"):
+        return None
+    registered = torch.ops.molm
+    if any(getattr(model._ops, n) is not getattr(registered, n).default for n in _RUNNER_OPS):
+        return None
+    runner = _C.DecodeRunner()
+    for L in layers:
+        linears = [*L.att_router_parts, *L.mlp_router_parts, *L.kv_parts]
+        if any(kernel is not ops.linear for kernel, _, _ in linears):
+            return None
+        shape = L.ln_1[0]
+        if tuple(L.ln_2[0]) != tuple(shape):
+            return None
+        kv = [(w, b) for _, w, b in L.kv_parts] or [None, None]
+        runner.add_block(
+            norm_shape=list(shape),
+            ln1_weight=L.ln_1[1],
+            ln1_bias=L.ln_1[2],
+            ln1_eps=L.ln_1[3],
+            ln2_weight=L.ln_2[1],
+            ln2_bias=L.ln_2[2],
+            ln2_eps=L.ln_2[3],
+            att_router=[(w, b) for _, w, b in L.att_router_parts],
+            att_k=L.att_k,
+            att_in=L.att_in[0],
+            att_in_scale=L.att_in[1],
+            att_out=L.att_out[0],
+            att_out_scale=L.att_out[1],
+            heads=L.q_shape[1],
+            head_size=L.q_shape[2],
+            scale=L.scale,
+            k_proj=kv[0],
+            v_proj=kv[1],
+            mlp_router=[(w, b) for _, w, b in L.mlp_router_parts],
+            mlp_k=L.mlp_k,
+            mlp_in=L.mlp_in[0],
+            mlp_in_scale=L.mlp_in[1],
+            mlp_out=L.mlp_out[0],
+            mlp_out_scale=L.mlp_out[1],
+        )
+    return runner
+
+
+_RUNNER_OPS = ("route_topk", "moe_map", "moe_reduce", "moe_mlp", "sb_attention")

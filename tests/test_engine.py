@@ -119,9 +119,9 @@ def _planned_model(name, backend, dtype, gate_type=None, quantize=None):
 
 
 @torch.inference_mode()
-def _plan_against_model(model, steps=12):
-    """Left-padded batch of 3: prefill through the model, then each step through the plan and through the model on
-    two caches; logits and caches must be bitwise equal."""
+def _plan_against_model(model, steps=12, runner=True):
+    """Left-padded batch of 3: prefill through the model, then each step through the plan (its C++ trunk, or its
+    Python one with runner=False) and through the model on two caches; logits and caches must be bitwise equal."""
     B, T = 3, 6
     ids = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
     mask = torch.zeros(B, T + steps, dtype=torch.long)
@@ -133,6 +133,9 @@ def _plan_against_model(model, steps=12):
         out = model(ids, attention_mask=mask[:, :T], past_key_values=cache, use_cache=True, return_aux_loss=False)
     plan = DecodePlan.capture(model)
     assert plan is not None
+    assert (plan.runner is not None) == (model.backend == "extension")  # the extension's ops: the C++ trunk
+    if not runner:
+        plan.runner = None
     tokens = out.logits[:, -1].argmax(-1, keepdim=True)
     for step in range(steps):
         mask[:, T + step] = 1
@@ -163,13 +166,18 @@ def _plan_against_model(model, steps=12):
     ],
 )
 def test_decode_plan_steps_are_bitwise_the_model_steps(backend, name, dtype, gate_type):
-    _plan_against_model(_planned_model(name, backend, dtype, gate_type))
+    model = _planned_model(name, backend, dtype, gate_type)
+    _plan_against_model(model)
+    if backend == "extension":
+        _plan_against_model(model, runner=False)
 
 
 @pytest.mark.extension
 @pytest.mark.parametrize("name", ["molm-tiny-a", "molm-tiny-b"])
 def test_decode_plan_of_an_int8_model_is_bitwise_the_model(name):
-    _plan_against_model(_planned_model(name, "extension", torch.bfloat16, quantize="int8"))
+    model = _planned_model(name, "extension", torch.bfloat16, quantize="int8")
+    _plan_against_model(model)
+    _plan_against_model(model, runner=False)
 
 
 def test_decode_plan_declines_what_the_direct_path_declines():
