@@ -231,6 +231,30 @@ at::Tensor scale_fp32(const c10::optional<at::Tensor>& scale) {
   return scale.has_value() ? scale->to(at::kFloat).contiguous() : at::Tensor();
 }
 
+// The GEMV paths of moe_map and moe_reduce for routings whose segments `small_segments` accepted: the output, or an
+// undefined tensor for a dtype the GEMV does not serve.
+at::Tensor map_by_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+                       const at::Tensor& sorted_slots, const std::vector<Segment>& segs, int64_t k, bool gelu) {
+  const bool int8 = scale.has_value();
+  at::Tensor out = at::empty({x.size(0) * k, int8 ? weight.size(1) : weight.size(2)}, x.options());  // slot order
+  const at::Tensor s32 = scale_fp32(scale);
+  const bool done = dispatch_gemv(x, int8, [&]<typename scalar_t, typename w_t>() {
+    moe_map_gemv<scalar_t>(x, ExpertWeight<w_t>(weight, s32), sorted_slots.data_ptr<int64_t>(), segs, k, gelu, out);
+  });
+  return done ? out : at::Tensor();
+}
+
+at::Tensor reduce_by_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
+                          const at::Tensor& gates, const at::Tensor& sorted_slots, const std::vector<Segment>& segs) {
+  const bool int8 = scale.has_value();
+  at::Tensor out = at::empty({gates.size(0), int8 ? weight.size(1) : weight.size(2)}, x.options());  // [N, Nout]
+  const at::Tensor s32 = scale_fp32(scale);
+  const bool done = dispatch_gemv(x, int8, [&]<typename scalar_t, typename w_t>() {
+    moe_reduce_gemv<scalar_t>(x, ExpertWeight<w_t>(weight, s32), gates, sorted_slots.data_ptr<int64_t>(), segs, out);
+  });
+  return done ? out : at::Tensor();
+}
+
 at::Tensor moe_map_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
                        const at::Tensor& sorted_slots, const at::Tensor& slot_positions,
                        const at::Tensor& expert_offsets, int64_t k, c10::string_view activation) {
@@ -239,16 +263,13 @@ at::Tensor moe_map_cpu(const at::Tensor& x, const at::Tensor& weight, const c10:
   const int64_t m = x.size(0) * k, cols = int8 ? weight.size(1) : weight.size(2);
   const std::vector<int64_t> b = read_expert_offsets("molm::moe_map", expert_offsets, m);
   check_permutation("molm::moe_map", sorted_slots);
+  if (m * cols == 0) return at::empty({m, cols}, x.options());
   std::vector<Segment> segs;
-  at::Tensor out = at::empty({m, cols}, x.options());  // [M, Nout] slot order
-  if (out.numel() == 0) return out;
-  const at::Tensor s32 = scale_fp32(scale);
-  const bool done = gemv_weight(weight, x.size(1)) && small_segments(b, max_rows_for(x, int8), segs) &&
-                    dispatch_gemv(x, int8, [&]<typename scalar_t, typename w_t>() {
-                      moe_map_gemv<scalar_t>(x, ExpertWeight<w_t>(weight, s32), sorted_slots.data_ptr<int64_t>(), segs,
-                                             k, activation == "gelu_new", out);
-                    });
-  return done ? out : moe_map_composed(x, weight, scale, sorted_slots, slot_positions, expert_offsets, k, activation);
+  if (gemv_weight(weight, x.size(1)) && small_segments(b, max_rows_for(x, int8), segs)) {
+    at::Tensor out = map_by_gemv(x, weight, scale, sorted_slots, segs, k, activation == "gelu_new");
+    if (out.defined()) return out;
+  }
+  return moe_map_composed(x, weight, scale, sorted_slots, slot_positions, expert_offsets, k, activation);
 }
 
 at::Tensor moe_reduce_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& scale,
@@ -259,16 +280,13 @@ at::Tensor moe_reduce_cpu(const at::Tensor& x, const at::Tensor& weight, const c
   const int64_t cols = int8 ? weight.size(1) : weight.size(2);
   const std::vector<int64_t> b = read_expert_offsets("molm::moe_reduce", expert_offsets, x.size(0));
   check_permutation("molm::moe_reduce", sorted_slots);
+  if (gates.size(0) * cols == 0) return at::empty({gates.size(0), cols}, x.options());
   std::vector<Segment> segs;
-  at::Tensor out = at::empty({gates.size(0), cols}, x.options());  // [N, Nout]
-  if (out.numel() == 0) return out;
-  const at::Tensor s32 = scale_fp32(scale);
-  const bool done = gemv_weight(weight, x.size(1)) && small_segments(b, max_rows_for(x, int8), segs) &&
-                    dispatch_gemv(x, int8, [&]<typename scalar_t, typename w_t>() {
-                      moe_reduce_gemv<scalar_t>(x, ExpertWeight<w_t>(weight, s32), gates,
-                                                sorted_slots.data_ptr<int64_t>(), segs, out);
-                    });
-  return done ? out : moe_reduce_composed(x, weight, scale, gates, sorted_slots, slot_positions, expert_offsets);
+  if (gemv_weight(weight, x.size(1)) && small_segments(b, max_rows_for(x, int8), segs)) {
+    at::Tensor out = reduce_by_gemv(x, weight, scale, gates, sorted_slots, segs);
+    if (out.defined()) return out;
+  }
+  return moe_reduce_composed(x, weight, scale, gates, sorted_slots, slot_positions, expert_offsets);
 }
 
 at::Tensor moe_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::optional<at::Tensor>& scale1,
@@ -278,19 +296,18 @@ at::Tensor moe_mlp_cpu(const at::Tensor& x, const at::Tensor& w1, const c10::opt
   check_moe_mlp(x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets, activation);
   const std::vector<int64_t> b = read_expert_offsets("molm::moe_mlp", expert_offsets, gates.numel());
   check_permutation("molm::moe_mlp", sorted_slots);
-  // Decode-sized routings: moe_map (+ activation) then moe_reduce, two regions that each stream whole depth chunks
-  // of their weight in memory order (one region over (expert, hidden chunk) items, which reads the up projection in
-  // 512-byte strips of 4 KB-strided rows, measured slower: the hardware prefetcher follows such strips badly).
-  // Larger routings keep the hidden rows in expert order between the two grouped GEMMs.
+  // Decode-sized routings: moe_map's GEMV (+ activation) then moe_reduce's, two regions that each stream whole depth
+  // chunks of their weight in memory order (one region over (expert, hidden chunk) items, which reads the up
+  // projection in 512-byte strips of 4 KB-strided rows, measured slower: the hardware prefetcher follows such strips
+  // badly). Larger routings keep the hidden rows in expert order between the two grouped GEMMs.
   std::vector<Segment> segs;
   const bool int8 = scale1.has_value();
-  const bool gemv = gemv_weight(w1, x.size(1)) && gemv_weight(w2, w1.size(int8 ? 1 : 2)) &&
-                    small_segments(b, max_rows_for(x, int8), segs) && x.scalar_type() != at::kDouble;
-  if (!gemv)
-    return moe_mlp_composed(x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets, activation);
-  const at::Tensor h = moe_map_cpu(x, w1, scale1, sorted_slots, slot_positions, expert_offsets, gates.size(1),
-                                   activation);  // [M, F] slot order
-  return moe_reduce_cpu(h, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets);
+  if (gemv_weight(w1, x.size(1)) && gemv_weight(w2, w1.size(int8 ? 1 : 2)) &&
+      small_segments(b, max_rows_for(x, int8), segs)) {
+    const at::Tensor h = map_by_gemv(x, w1, scale1, sorted_slots, segs, gates.size(1), activation == "gelu_new");
+    if (h.defined()) return reduce_by_gemv(h, w2, scale2, gates, sorted_slots, segs);  // h: [M, F] slot order
+  }
+  return moe_mlp_composed(x, w1, scale1, w2, scale2, gates, sorted_slots, slot_positions, expert_offsets, activation);
 }
 
 }  // namespace
