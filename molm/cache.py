@@ -94,8 +94,7 @@ class KVCache:
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor | None):
         """keys/values [B, T, A] for the new positions -> (K, V) [B, S, A] (V is None when K = V)."""
         B, T, _ = keys.shape
-        if B != self.batch:
-            raise ValueError(f"KVCache: batch {B} does not match the cache's batch {self.batch}")
+        self.check_batch(B)
         if self.window is not None:
             if T != 1:
                 raise ValueError(f"KVCache.fixed_window takes one new position per step, got {T}")
@@ -107,6 +106,10 @@ class KVCache:
             return self._append_tracked(layer, keys, values)
         self._tracked.pop(layer, None)
         return k, v
+
+    def check_batch(self, batch: int) -> None:
+        if batch != self.batch:
+            raise ValueError(f"KVCache: batch {batch} does not match the cache's batch {self.batch}")
 
     def reserve(self, new: int) -> tuple[torch.Tensor, int]:
         """The step's `new` positions, made room for (the buffers grow when full) and pending until `advance`:

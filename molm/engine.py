@@ -145,14 +145,6 @@ class DecodePlan:
         """The trunk's output [B, T, C] (after ln_f) for `step`."""
         from .model import padding_bias
 
-        ops = self.ops
-        route_topk, moe_map, moe_reduce, moe_mlp, sb_attention = (
-            ops.route_topk,
-            ops.moe_map,
-            ops.moe_reduce,
-            ops.moe_mlp,
-            ops.sb_attention,
-        )
         B, T = tokens.shape
         x = torch.nn.functional.embedding(tokens, self.wte_weight)  # [B, T, C]
         C = x.shape[-1]
@@ -164,31 +156,32 @@ class DecodePlan:
             and not torch.is_grad_enabled()
             and not torch._C._is_torch_function_mode_enabled()
         ):
-            if B != cache.batch:
-                raise ValueError(f"KVCache: batch {B} does not match the cache's batch {cache.batch}")
+            cache.check_batch(B)
             positions, end = cache.reserve(T)
             cache.untrack()
             x = self.runner.run(x, bias, cache.keys, cache.values or [], positions, end)
             cache.advance()
             return layer_norm(x, *self.ln_f)
+        ops = self.ops
+        route_topk, moe_map, moe_reduce, moe_mlp = ops.route_topk, ops.moe_map, ops.moe_reduce, ops.moe_mlp
         for index, L in enumerate(self.layers):
             h = layer_norm(x, *L.ln_1)
             h2 = h.reshape(B * T, C)
-            _, gates, _, slots, positions, offsets = route_topk(L.att_router(h2), L.att_k)
+            _, gates, _, slots, positions, offsets = route_topk(_router_logits(L.att_router, h2), L.att_k)
             q = moe_map(h2, *L.att_in, slots, positions, offsets, L.att_k, "none").view(B, T, *L.q_shape)
-            if L.kv is None:
+            if not L.kv:
                 keys, values = h, None
             else:
-                keys, values = L.kv[0](h), L.kv[1](h)
+                keys, values = (kernel(h, weight, bias) for kernel, weight, bias in L.kv)
             keys, values = cache.append(index, keys, values)
             if values is None:
                 values = keys
             S = keys.shape[1]
-            o = sb_attention(q, keys.view(B, S, *L.q_shape[1:]), values.view(B, S, *L.q_shape[1:]), bias, L.scale)
+            o = ops.sb_attention(q, keys.view(B, S, *L.q_shape[1:]), values.view(B, S, *L.q_shape[1:]), bias, L.scale)
             a = moe_reduce(o.reshape(B * T * L.q_shape[0], L.att_width), *L.att_out, gates, slots, positions, offsets)
             x = x + a.view(B, T, C)
             h2 = layer_norm(x, *L.ln_2).reshape(B * T, C)
-            _, gates, _, slots, positions, offsets = route_topk(L.mlp_router(h2), L.mlp_k)
+            _, gates, _, slots, positions, offsets = route_topk(_router_logits(L.mlp_router, h2), L.mlp_k)
             m = moe_mlp(h2, *L.mlp_in, *L.mlp_out, gates, slots, positions, offsets, "gelu_new")
             x = x + m.view(B, T, C)
         cache.advance()
@@ -196,7 +189,8 @@ class DecodePlan:
 
 
 class _PlannedBlock:
-    """One block's tensors and kernels, as Block's direct path reads them."""
+    """One block's tensors and kernels, as Block's direct path reads them. Routers and K/V projections are lists of
+    (kernel, weight, bias) linear maps (an mlp router's GELU runs inside its first one)."""
 
     __slots__ = (
         "ln_1",
@@ -209,9 +203,6 @@ class _PlannedBlock:
         "att_width",
         "scale",
         "kv",
-        "kv_parts",
-        "att_router_parts",
-        "mlp_router_parts",
         "mlp_router",
         "mlp_k",
         "mlp_in",
@@ -249,17 +240,25 @@ def _expert_tensors(experts) -> tuple | None:
     return experts.forward(lambda weight, scale: (weight, scale))
 
 
-def _router_call(router):
-    """(f(h) = the router's logits as its direct path computes them, top_k, its linear maps as (kernel, weight,
-    bias)); the caller has checked that the router is direct-ready (an mlp gate whose GELU fuses into its first
+def _linear_maps(*modules) -> list:
+    """(kernel, weight, bias) of bound molm Linears, as `_linear_kernel` calls them."""
+    return [(m.kernel, m._parameters["weight"], m._parameters["bias"]) for m in modules]
+
+
+def _router_maps(router) -> list:
+    """A direct-ready router's linear maps (the caller has checked: an mlp gate whose GELU fuses into its first
     projection, or a single linear map)."""
     parts = router.w_gate._modules
-    maps = [parts["0"], parts["3"]] if router.gate_type == "mlp" else [parts["0"]]
-    linears = [(m.kernel, m._parameters["weight"], m._parameters["bias"]) for m in maps]
-    if router.gate_type == "mlp":
-        (k0, w0, b0), (k3, w3, b3) = linears
-        return (lambda h: k3(k0(h, w0, b0, "gelu"), w3, b3)), router.top_k, linears
-    return _linear_call(parts["0"]), router.top_k, linears
+    return _linear_maps(parts["0"], parts["3"]) if router.gate_type == "mlp" else _linear_maps(parts["0"])
+
+
+def _router_logits(maps: list, h: torch.Tensor) -> torch.Tensor:
+    """Router.direct_logits on captured maps."""
+    if len(maps) == 1:
+        kernel, weight, bias = maps[0]
+        return kernel(h, weight, bias)
+    (k0, w0, b0), (k1, w1, b1) = maps
+    return k1(k0(h, w0, b0, "gelu"), w1, b1)
 
 
 def _capture_block(block) -> _PlannedBlock | None:
@@ -275,16 +274,15 @@ def _capture_block(block) -> _PlannedBlock | None:
     L = _PlannedBlock()
     L.ln_1, L.ln_2 = _layer_norm_args(parts["ln_1"]), _layer_norm_args(parts["ln_2"])
     L.att_in, L.att_out, L.mlp_in, L.mlp_out = tensors
-    L.att_router, L.att_k, L.att_router_parts = _router_call(q_proj._modules["gate"])
-    L.mlp_router, L.mlp_k, L.mlp_router_parts = _router_call(mlpf._modules["gate"])
+    att_gate, mlp_gate = q_proj._modules["gate"], mlpf._modules["gate"]
+    L.att_router, L.att_k = _router_maps(att_gate), att_gate.top_k
+    L.mlp_router, L.mlp_k = _router_maps(mlp_gate), mlp_gate.top_k
     if L.att_k != attn.top_k:
         return None
     L.q_shape = (attn.top_k, attn.n_head, attn.head_size)
     L.att_width = attn.n_head * attn.head_size
     L.scale = 1.0 / math.sqrt(attn.head_size)
-    kv = () if attn.identity_kv else (attn._modules["k_proj"], attn._modules["v_proj"])
-    L.kv = tuple(_linear_call(m) for m in kv) or None
-    L.kv_parts = [(m.kernel, m._parameters["weight"], m._parameters["bias"]) for m in kv]
+    L.kv = [] if attn.identity_kv else _linear_maps(attn._modules["k_proj"], attn._modules["v_proj"])
     return L
 
 
@@ -302,13 +300,12 @@ def _runner(model, layers):
         return None
     runner = _C.DecodeRunner()
     for L in layers:
-        linears = [*L.att_router_parts, *L.mlp_router_parts, *L.kv_parts]
-        if any(kernel is not ops.linear for kernel, _, _ in linears):
+        if any(kernel is not ops.linear for kernel, _, _ in [*L.att_router, *L.mlp_router, *L.kv]):
             return None
         shape = L.ln_1[0]
         if tuple(L.ln_2[0]) != tuple(shape):
             return None
-        kv = [(w, b) for _, w, b in L.kv_parts] or [None, None]
+        kv = [(w, b) for _, w, b in L.kv] or [None, None]
         runner.add_block(
             norm_shape=list(shape),
             ln1_weight=L.ln_1[1],
@@ -317,7 +314,7 @@ def _runner(model, layers):
             ln2_weight=L.ln_2[1],
             ln2_bias=L.ln_2[2],
             ln2_eps=L.ln_2[3],
-            att_router=[(w, b) for _, w, b in L.att_router_parts],
+            att_router=[(w, b) for _, w, b in L.att_router],
             att_k=L.att_k,
             att_in=L.att_in[0],
             att_in_scale=L.att_in[1],
@@ -328,7 +325,7 @@ def _runner(model, layers):
             scale=L.scale,
             k_proj=kv[0],
             v_proj=kv[1],
-            mlp_router=[(w, b) for _, w, b in L.mlp_router_parts],
+            mlp_router=[(w, b) for _, w, b in L.mlp_router],
             mlp_k=L.mlp_k,
             mlp_in=L.mlp_in[0],
             mlp_in_scale=L.mlp_in[1],
